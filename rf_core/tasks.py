@@ -1,0 +1,86 @@
+"""Messages between the fit loop and the code that trains: what to train, and what came of it.
+
+Both are plain, JSON-able dataclasses so they can cross a process boundary (slot worker pipes) unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+WarmStartMode = Literal["off", "weights", "weights+optimizer"]
+ChunkStatus = Literal["ok", "completed", "failed"]
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One chunk of one run: a contiguous range of whole optimizer steps inside one epoch."""
+
+    index: int  # 0-based over the whole run (epoch-major)
+    epoch: int  # 0-based
+    chunk_in_epoch: int  # 0-based, < num_chunks
+    num_chunks: int  # chunks per epoch
+    start_step: int  # global optimizer step at which the chunk starts (0-based)
+    end_step: int  # exclusive; a run with max_steps ends inside its last chunk
+    start_sample: int  # offset into this epoch's shuffled order
+    end_sample: int  # exclusive
+
+    @property
+    def num_steps(self) -> int:
+        return self.end_step - self.start_step
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Initial state of a clone: the parent's checkpoint taken at the boundary where the clone op was applied."""
+
+    parent_run_id: int
+    parent_checkpoint: str  # path of the parent's checkpoint file at parent_step
+    parent_step: int
+    mode: WarmStartMode  # "weights": fresh optimizer and schedule; "weights+optimizer": optimizer state too
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    experiment: str
+    run_id: int
+    config: dict[str, Any]  # normalised config (defaults filled in)
+    chunk: ChunkSpec
+    run_dir: str  # the run's checkpoint/artifact folder; the trainer reads and writes its state here
+    seed: int  # experiment seed; the run's own `seed` knob, when set, wins
+    warm_start: WarmStart | None = None  # only for a clone's first chunk
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainTask:
+        warm = data.get("warm_start")
+        return cls(
+            experiment=data["experiment"],
+            run_id=data["run_id"],
+            config=data["config"],
+            chunk=ChunkSpec(**data["chunk"]),
+            run_dir=data["run_dir"],
+            seed=data["seed"],
+            warm_start=WarmStart(**warm) if warm else None,
+        )
+
+
+@dataclass
+class ChunkOutcome:
+    run_id: int
+    chunk_index: int
+    status: ChunkStatus  # "completed": the run has nothing left to train (max_steps or last chunk reached)
+    step: int  # global optimizer steps done after this chunk
+    epoch: int
+    samples: int  # samples consumed in total by the run
+    checkpoint: str | None = None  # checkpoint written at this boundary
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    last_train_loss: float | None = None
+    error: str | None = None  # one-line reason when failed
+    traceback: str | None = None
+    train_seconds: float = 0.0  # wall time spent inside the training loop for this chunk
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
