@@ -1,0 +1,9 @@
+"""rf engine: config knobs and generators, chunking, run states and IC Ops, scheduling, checkpoints, the store.
+
+Importing it is cheap (no torch, Prefect or Dash): the CLI and the server import it too.
+"""
+
+from rf_core.experiment import Experiment, ExperimentSpec
+from rf_core.knobs import GridSearch, List, RandomSearch, Range
+
+__all__ = ["Experiment", "ExperimentSpec", "GridSearch", "List", "RandomSearch", "Range"]

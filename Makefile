@@ -1,0 +1,28 @@
+# Two commands a fresh machine needs: `make demo` (the main job) and `make test` (the whole suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install demo test lint bench
+
+install: $(VENV)/.installed
+
+# torch first, pinned: the CPU build lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/rf demo $(DEMO_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/orchestration.py

@@ -1,0 +1,229 @@
+"""The rf server's JSON API, registered on the Dash app's Flask server. Every route goes through rf_core.ops.
+
+Errors are JSON: {"error": message, "problems": [...], "type": exception class}. Bad input (malformed JSON,
+wrong types, unknown experiment or run, an illegal op) is always a 4xx, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from flask import Blueprint, Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from rf_core import ops
+from rf_core.store import Store, StoreError
+
+API_PREFIX = "/api"
+
+# Exception class -> HTTP status. The class name travels in the body so the client raises the same class.
+_STATUS = (
+    (ops.OpRejected, 422),
+    (ops.ExperimentExists, 409),
+    (ops.IllegalTransition, 409),
+    (ops.InvalidRequest, 400),
+    (ops.NotFound, 404),
+)
+
+
+def register_routes(server: Flask, store: Store) -> None:
+    """Add the /api routes to `server`; they read and write `store` through rf_core.ops."""
+    api = Blueprint("rf_api", __name__, url_prefix=API_PREFIX)
+
+    @api.get("/health")
+    def health() -> Response:
+        return _json({"ok": True, "pid": os.getpid(), "db": str(getattr(store, "path", ""))})
+
+    @api.get("/experiments")
+    def list_experiments() -> Response:
+        return _json(ops.list_experiments(store))
+
+    @api.post("/experiments")
+    def create_experiment() -> Response:
+        body = _body()
+        _require(body, "name", "configs", "num_chunks")
+        created = ops.create_experiment(
+            store,
+            body["name"],
+            body["configs"],
+            body["num_chunks"],
+            seed=body.get("seed", 42),
+            metric=body.get("metric") or "eval_loss",
+            mode=body.get("mode") or "min",
+            spec_ref=body.get("spec_ref"),
+        )
+        return _json(created, 201)
+
+    @api.get("/experiments/<name>")
+    def get_experiment(name: str) -> Response:
+        return _json(ops.get_experiment(store, name))
+
+    @api.get("/experiments/<name>/snapshot")
+    def snapshot(name: str) -> Response:
+        return _json(ops.experiment_snapshot(store, name, include_deleted=_flag("all")))
+
+    @api.post("/experiments/<name>/status")
+    def set_status(name: str) -> Response:
+        body = _body()
+        _require(body, "status")
+        return _json(ops.set_experiment_status(store, name, body["status"]))
+
+    @api.get("/experiments/<name>/runs")
+    def list_runs(name: str) -> Response:
+        return _json(ops.list_runs(store, name, include_deleted=_flag("all")))
+
+    @api.get("/experiments/<name>/runs/<int:run_id>")
+    def get_run(name: str, run_id: int) -> Response:
+        return _json(ops.get_run(store, name, run_id))
+
+    @api.post("/experiments/<name>/ops")
+    def submit_op(name: str) -> Response:
+        body = _body()
+        _require(body, "kind", "run_id")
+        op = ops.submit_op(
+            store,
+            name,
+            body["kind"],
+            body["run_id"],
+            payload=body.get("payload"),
+            source=body.get("source") or "user",
+            who=body.get("who"),
+        )
+        return _json(op, 201)
+
+    @api.get("/experiments/<name>/ops")
+    def list_ops(name: str) -> Response:
+        run_ids = _int_args("run")
+        if len(run_ids) > 1:
+            raise ops.InvalidRequest(["give at most one run= filter for ops"])
+        run_id = run_ids[0] if run_ids else None
+        return _json(ops.list_ops(store, name, run_id=run_id, status=request.args.get("status")))
+
+    @api.post("/experiments/<name>/apply-ops")
+    def apply_ops(name: str) -> Response:
+        body = _body()
+        _require(body, "idle_run_ids")
+        return _json(ops.apply_due_ops(store, name, body["idle_run_ids"]))
+
+    @api.post("/experiments/<name>/chunk-start")
+    def chunk_start(name: str) -> Response:
+        body = _body()
+        _require(body, "run_id", "chunk_index", "slot", "total_chunks")
+        timeline_id = ops.record_chunk_start(
+            store, name, body["run_id"], body["chunk_index"], body["slot"], body["total_chunks"]
+        )
+        return _json({"timeline_id": timeline_id}, 201)
+
+    @api.post("/experiments/<name>/chunk-end")
+    def chunk_end(name: str) -> Response:
+        body = _body()
+        _require(body, "timeline_id", "outcome")
+        return _json(ops.record_chunk_end(store, name, body["timeline_id"], body["outcome"]))
+
+    @api.get("/experiments/<name>/timeline")
+    def timeline(name: str) -> Response:
+        return _json(ops.timeline(store, name))
+
+    @api.post("/metrics")
+    def log_metrics() -> Response:
+        body = _body()
+        _require(body, "batch_id", "rows")
+        return _json(ops.log_metrics(store, body["batch_id"], body["rows"]))
+
+    @api.get("/experiments/<name>/metrics")
+    def get_metrics(name: str) -> Response:
+        run_ids = _int_args("run") or None
+        names = [item for value in request.args.getlist("name") for item in value.split(",") if item] or None
+        since = request.args.get("since")
+        since_time = None
+        if since:
+            try:
+                since_time = float(since)
+            except ValueError:
+                raise ops.InvalidRequest([f"since must be a number (epoch seconds), got {since!r}"]) from None
+        return _json(ops.metrics(store, name, run_ids=run_ids, names=names, since_time=since_time))
+
+    @api.route("/<path:unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def unknown_route(unknown: str) -> Response:
+        # Without this, Dash's catch-all page route would answer unknown API paths with HTML and a 200.
+        return _error(f"no API route {request.method} /api/{unknown}", [], "NotFound", 404)
+
+    server.register_blueprint(api)
+    _register_error_handlers(server)
+
+
+def _register_error_handlers(server: Flask) -> None:
+    for error_class, status in _STATUS:
+        server.register_error_handler(error_class, _handler(status))
+
+    @server.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        if not request.path.startswith(API_PREFIX + "/"):
+            return exc  # the Dash pages keep Flask's own error pages
+        return _error(exc.description or exc.name, [], type(exc).__name__, exc.code or 500)
+
+    @server.errorhandler(StoreError)
+    def store_error(exc: StoreError) -> Response:
+        return _error(str(exc), [], type(exc).__name__, 503)
+
+
+def _handler(status: int) -> Any:
+    def handle(exc: Exception) -> Response:
+        problems = list(getattr(exc, "problems", []) or [str(exc)])
+        message = "; ".join(problems) if problems else str(exc)
+        return _error(message, problems, type(exc).__name__, status)
+
+    return handle
+
+
+def _error(message: str, problems: list[str], error_type: str, status: int) -> Response:
+    return _json({"error": message, "problems": problems, "type": error_type}, status)
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    # Strict JSON for browsers: NaN and infinities (a diverged loss) become null.
+    return Response(json.dumps(_finite(data), allow_nan=False), status=status, mimetype="application/json")
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
+
+
+def _body() -> dict[str, Any]:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise ops.InvalidRequest(["the request body is empty: send a JSON object"])
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ops.InvalidRequest([f"the request body is not valid JSON: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ops.InvalidRequest([f"the request body must be a JSON object, got {type(data).__name__}"])
+    return data
+
+
+def _require(body: dict[str, Any], *names: str) -> None:
+    missing = [name for name in names if name not in body]
+    if missing:
+        raise ops.InvalidRequest([f"missing field {name!r}" for name in missing])
+
+
+def _flag(name: str) -> bool:
+    return request.args.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def _int_args(name: str) -> list[int]:
+    values = [item for value in request.args.getlist(name) for item in value.split(",") if item]
+    try:
+        return [int(value) for value in values]
+    except ValueError:
+        raise ops.InvalidRequest([f"{name} must be integers, got {values!r}"]) from None

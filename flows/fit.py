@@ -1,0 +1,238 @@
+"""The Prefect fit flow: a loop of plan → train chunks on free slots → record, with no barrier across runs.
+
+Runs reach chunk boundaries at different times; each finished chunk frees its slot and triggers a new plan at
+once. IC Ops queued in the store are applied by the plan step, at each run's chunk boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from rf_core import paths
+from rf_core.client import RFClient
+from rf_core.experiment import ExperimentSpec, load_entrypoint
+from rf_core.fitloop import FitLoop, Plan
+from rf_core.knobs import expand_config_group
+from rf_core.report import format_chunk_line, format_results_table
+from rf_core.server_process import ensure_server, stop_server
+from rf_core.tasks import ChunkOutcome, TrainTask
+from rf_core.worker import SlotPool, SlotWorker, SpecSource
+
+# Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
+_IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
+POLL_SECONDS = 0.5
+
+
+@task(task_run_name="plan-{experiment}-{tick}", cache_policy=NONE, retries=2, retry_delay_seconds=[0.5, 2])
+def plan_step(loop: FitLoop, experiment: str, tick: int, in_flight: dict[int, int]) -> Plan:
+    """Apply due IC Ops for idle runs, then choose runs for the free slots."""
+    return loop.plan(in_flight)
+
+
+@task(task_run_name="train-run-{run_id}-chunk-{chunk_number}", cache_policy=NONE)
+def train_chunk(
+    client: RFClient,
+    worker: SlotWorker,
+    train_task: TrainTask,
+    run_id: int,
+    chunk_number: int,
+    total_chunks: int,
+) -> ChunkOutcome:
+    """Train one chunk of one run on its slot's worker and record the outcome in the store."""
+    timeline_id = client.chunk_start(
+        train_task.experiment, run_id, train_task.chunk.index, worker.slot, total_chunks
+    )
+    outcome = worker.train(train_task)
+    client.chunk_end(train_task.experiment, timeline_id, outcome.to_dict())
+    return outcome
+
+
+def default_slots() -> int:
+    """Two CPU slots: on a small machine a second slot overlaps one run's Python overhead with another's maths."""
+    return 2
+
+
+@flow(
+    name="rf-fit",
+    flow_run_name="fit-{experiment}",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+)
+def rf_fit(
+    experiment: str,
+    entrypoint: str | None = None,
+    cpu_slots: int | None = None,
+    idle_timeout: float = 30.0,
+    server_url: str | None = None,
+    num_chunks: int | None = None,
+    max_configs: int | None = None,
+) -> dict[str, Any]:
+    """Train an experiment's runs in chunks until every run is final, or all are stopped and `idle_timeout` passes.
+
+    Args:
+        experiment: experiment name in the store (created here if new).
+        entrypoint: `module:function` returning the ExperimentSpec; omitted only when called from `run_fit` in
+            the same process.
+        cpu_slots: number of CPU device slots (one worker process each).
+        idle_timeout: seconds to wait, with every remaining run stopped, for an op before ending.
+        server_url: the store server; by default the one found for RF_HOME, or a temporary one.
+        num_chunks: overrides the spec's chunks per epoch.
+        max_configs: train only the first N configs of the spec's config group.
+    """
+    spec = load_entrypoint(entrypoint) if entrypoint else _IN_MEMORY_SPECS[experiment]
+    if num_chunks is not None:
+        spec.num_chunks = num_chunks
+    home = paths.rf_home()
+    home.mkdir(parents=True, exist_ok=True)
+    temporary_server = None
+    if server_url is None:
+        server_url, temporary_server = ensure_server(home)
+        kind = "temporary, exits with this flow" if temporary_server else "already running"
+        print(f"rf server ({kind}): {server_url}  (DB {paths.db_path(home)})")
+    client = RFClient(server_url)
+    try:
+        configs = expand_config_group(spec.config_group)[:max_configs]
+        created = client.create_experiment(
+            experiment,
+            configs=configs,
+            num_chunks=spec.num_chunks,
+            seed=spec.seed,
+            metric=spec.metric,
+            mode=spec.mode,
+            spec_ref=entrypoint,
+        )
+        print(f"experiment {experiment!r}: {len(created['runs'])} runs, {spec.num_chunks} chunks per epoch")
+        num_slots = cpu_slots or default_slots()
+        threads = max(1, (os.cpu_count() or 1) // num_slots)
+        source = SpecSource.for_spec(spec, entrypoint)
+        loop = FitLoop(client, experiment, spec, num_slots, home)
+        with SlotPool(
+            num_slots, source, server_url, paths.experiment_dir(experiment, home) / "spool", threads
+        ) as pool:
+            print(f"{num_slots} slot workers ready ({threads} CPU threads each)")
+            _drive(loop, pool, client, experiment, idle_timeout)
+        client.set_experiment_status(experiment, "finished")
+        snapshot = client.experiment_snapshot(experiment)
+        print(format_results_table(snapshot))
+        return snapshot
+    finally:
+        if temporary_server is not None:
+            stop_server(temporary_server)
+
+
+def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idle_timeout: float) -> None:
+    futures: dict[int, PrefectFuture] = {}  # slot -> future of the chunk it trains
+    running: dict[int, TrainTask] = {}  # slot -> that chunk's task
+    deferred_releases: dict[int, list[int]] = {}  # busy slots get their releases once free
+    crashes: dict[int, int] = {}
+    tick = 0
+    need_plan = True
+    idle_since: float | None = None
+    while True:
+        if need_plan:
+            need_plan = False
+            tick += 1
+            plan = plan_step(loop, experiment, tick, {slot: task.run_id for slot, task in running.items()})
+            for op in plan.applied_ops:
+                print(_describe_op(op))
+            for slot, run_ids in plan.releases.items():
+                deferred_releases.setdefault(slot, []).extend(run_ids)
+            for outcome in plan.unplannable:
+                timeline_id = client.chunk_start(experiment, outcome.run_id, outcome.chunk_index, -1, 0)
+                client.chunk_end(experiment, timeline_id, outcome.to_dict())
+                print(f"run {outcome.run_id} failed: {outcome.error}")
+                need_plan = True
+            for slot, train_task in plan.tasks:
+                _flush_releases(pool, slot, deferred_releases)
+                chunk_number = train_task.chunk.index + 1
+                total = len(loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
+                futures[slot] = train_chunk.with_options(
+                    task_run_name=f"train-run-{train_task.run_id}-chunk-{chunk_number}"
+                ).submit(client, pool[slot], train_task, train_task.run_id, chunk_number, total)
+                running[slot] = train_task
+            if running:
+                idle_since = None
+            elif plan.all_final:
+                return
+            elif not plan.tasks and not plan.unplannable:
+                # Nothing can train: every remaining run is stopped. Wait for a Resume or a Clone, or give up.
+                now = time.monotonic()
+                if idle_since is None or plan.applied_ops:
+                    idle_since = now
+                    print(f"every remaining run is stopped; waiting up to {idle_timeout:.0f} s for an op")
+                elif now - idle_since >= idle_timeout:
+                    print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
+                    return
+        if running:
+            done = wait(list(futures.values()), timeout=POLL_SECONDS).done
+            for slot in [slot for slot, future in futures.items() if future in done]:
+                future, train_task = futures.pop(slot), running.pop(slot)
+                _flush_releases(pool, slot, deferred_releases)
+                need_plan = True
+                try:
+                    outcome = future.result()
+                except (
+                    Exception
+                ) as exc:  # recording failed (e.g. the server was unreachable): retry the chunk
+                    loop.forget(train_task.run_id)
+                    crashes[train_task.run_id] = crashes.get(train_task.run_id, 0) + 1
+                    print(f"run {train_task.run_id} chunk {train_task.chunk.index + 1}: {exc}")
+                    if crashes[train_task.run_id] >= 3:
+                        raise
+                    continue
+                if outcome.status == "failed":
+                    loop.forget(train_task.run_id)
+                total = len(loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
+                print(format_chunk_line(outcome, total, slot))
+            if not need_plan and len(running) < loop.num_slots:
+                need_plan = _has_pending_ops(client, experiment)
+        else:
+            time.sleep(POLL_SECONDS)
+            need_plan = True
+
+
+def _flush_releases(pool: SlotPool, slot: int, deferred: dict[int, list[int]]) -> None:
+    run_ids = deferred.pop(slot, None)
+    if run_ids:
+        pool[slot].release(run_ids)
+
+
+def _has_pending_ops(client: RFClient, experiment: str) -> bool:
+    return any(op.get("status") == "pending" for op in client.list_ops(experiment))
+
+
+def _describe_op(op: dict[str, Any]) -> str:
+    verb = "applied" if op.get("status") == "applied" else f"skipped ({op.get('reason')})"
+    created = (op.get("result") or {}).get("created_run_ids")
+    extra = f" -> new runs {created}" if created else ""
+    return f"op {op['op_id']} {op['kind']} run {op['run_id']} from {op.get('source')}: {verb}{extra}"
+
+
+def run_fit(
+    experiment: str,
+    spec: ExperimentSpec,
+    *,
+    entrypoint: str | None = None,
+    cpu_slots: int | None = None,
+    idle_timeout: float = 30.0,
+    server_url: str | None = None,
+) -> dict[str, Any]:
+    """Run the fit flow for an in-memory spec (the `Experiment.run_fit` path)."""
+    _IN_MEMORY_SPECS[experiment] = spec
+    try:
+        return rf_fit(
+            experiment,
+            entrypoint=entrypoint,
+            cpu_slots=cpu_slots,
+            idle_timeout=idle_timeout,
+            server_url=server_url,
+        )
+    finally:
+        _IN_MEMORY_SPECS.pop(experiment, None)

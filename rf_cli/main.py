@@ -1,0 +1,393 @@
+"""`rf`: steer experiments from a terminal.
+
+    rf server start [--rf-home DIR] [--host H] [--port P]     run the dashboard + API (owns the store)
+    rf demo [--experiment NAME] [--chunks K] ...              train the demo experiment
+    rf experiments | rf runs EXP [--all] | rf ops EXP         look
+    rf stop|resume|delete EXP RUN                             queue an IC Op
+    rf clone EXP RUN [--set k=v ...] [--config FILE.json] [--warm-start[=weights|weights+optimizer]]
+
+Every listing and op command takes --json (for scripts) and --server URL (else $RF_SERVER_URL, else the server
+recorded in $RF_HOME/server.json). Only the standard library and rf_core.client are imported up front, so the
+command starts fast; the server and the demo import their heavy dependencies when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rf_core.client import InvalidRequest, NotFound, OpRejected, RFClient, ServerError, ServerUnavailable
+from rf_core.config import apply_overrides, parse_set_overrides
+from rf_core.knobs import ConfigError
+
+EXIT_OK = 0
+EXIT_REJECTED = 1  # the server refused the request (an illegal op, bad input, unknown experiment or run)
+EXIT_UNAVAILABLE = 3  # no server to talk to
+
+
+class UsageError(Exception):
+    """A mistake in the command line that argparse cannot see (a bad --set, an unreadable --config)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rf", description="Interactive control of fine-tuning experiments.", formatter_class=_Formatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server", metavar="URL", help="rf server URL (default: $RF_SERVER_URL or server.json)"
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    server = commands.add_parser("server", help="run the rf server (dashboard + JSON API)")
+    server_commands = server.add_subparsers(dest="server_command", required=True, metavar="ACTION")
+    start = server_commands.add_parser("start", help="start the server in the foreground")
+    start.add_argument("--rf-home", type=Path, default=None, help="store folder (default: $RF_HOME or ~/.rf)")
+    start.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default 0)")
+    start.add_argument("--exit-with-pid", type=int, default=None, metavar="PID", help="exit when PID is gone")
+    start.set_defaults(handler=cmd_server_start)
+
+    demo = commands.add_parser("demo", help="train the demo experiment (a tiny model on CPU)")
+    demo.add_argument("--experiment", default=None, help="experiment name (default: demo-<timestamp>)")
+    demo.add_argument("--chunks", type=int, default=4, help="chunks per epoch (default 4)")
+    demo.add_argument("--max-configs", type=int, default=None, help="train at most N of the demo's configs")
+    demo.add_argument("--cpu-slots", type=int, default=None, help="CPU slot workers")
+    demo.add_argument(
+        "--idle-timeout", type=float, default=30.0, help="seconds to wait for an op once every run is stopped"
+    )
+    demo.set_defaults(handler=cmd_demo)
+
+    experiments = commands.add_parser("experiments", parents=[common], help="list experiments")
+    experiments.set_defaults(handler=cmd_experiments)
+
+    runs = commands.add_parser("runs", parents=[common], help="list an experiment's runs")
+    runs.add_argument("experiment")
+    runs.add_argument("--all", action="store_true", help="include deleted runs")
+    runs.set_defaults(handler=cmd_runs)
+
+    for kind, text in (
+        ("stop", "stop a run"),
+        ("resume", "resume a stopped run"),
+        ("delete", "delete a run"),
+    ):
+        op = commands.add_parser(kind, parents=[common], help=f"{text} at its next chunk boundary")
+        op.add_argument("experiment")
+        op.add_argument("run_id", type=int, metavar="RUN")
+        op.set_defaults(handler=cmd_simple_op, kind=kind)
+
+    clone = commands.add_parser(
+        "clone", parents=[common], help="clone a run with changes (applied at its next chunk boundary)"
+    )
+    clone.add_argument("experiment")
+    clone.add_argument("run_id", type=int, metavar="RUN")
+    clone.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a knob (VALUE is JSON, else a string); repeatable; a tagged value like "
+        "'{\"$list\": [1e-4, 3e-4]}' makes one clone per value",
+    )
+    clone.add_argument(
+        "--config", type=Path, metavar="FILE.json", help="the clone's full config as a JSON file"
+    )
+    clone.add_argument(
+        "--warm-start",
+        nargs="?",
+        const="weights",
+        default="off",
+        choices=["off", "weights", "weights+optimizer"],
+        help="start from the parent's weights (bare flag: weights)",
+    )
+    clone.set_defaults(handler=cmd_clone, kind="clone")
+
+    op_log = commands.add_parser("ops", parents=[common], help="list an experiment's IC Ops (the audit log)")
+    op_log.add_argument("experiment")
+    op_log.set_defaults(handler=cmd_ops)
+    return parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except OpRejected as exc:
+        return _fail(f"op rejected: {'; '.join(exc.problems) or exc}", EXIT_REJECTED)
+    except (InvalidRequest, NotFound, UsageError, ConfigError) as exc:
+        return _fail(str(exc), EXIT_REJECTED)
+    except ServerUnavailable as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    except ServerError as exc:
+        return _fail(f"server error: {exc}", EXIT_REJECTED)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"rf: {message}", file=sys.stderr)
+    return code
+
+
+# -- commands -----------------------------------------------------------------------------------------------
+
+
+def cmd_server_start(args: argparse.Namespace) -> int:
+    from rf_core import paths
+
+    server = importlib.import_module("dash_app.server")  # Dash is heavy: only this command pays for it
+    home = args.rf_home if args.rf_home is not None else paths.rf_home()
+    return server.serve(Path(home), args.host, args.port, args.exit_with_pid)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    demo = importlib.import_module("flows.demo")  # Prefect and torch load only for the demo
+    return int(demo.main(args) or 0)
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    experiments = _client(args).list_experiments()
+    if args.json:
+        return _print_json(experiments)
+    if not experiments:
+        print("no experiments yet")
+        return EXIT_OK
+    rows = [
+        [
+            row["name"],
+            row["status"],
+            sum(row.get("run_counts", {}).values()),
+            ", ".join(f"{count} {status}" for status, count in sorted(row.get("run_counts", {}).items())),
+            row["num_chunks"],
+            f"{row['metric']} ({row['mode']})",
+            _when(row["created_at"]),
+        ]
+        for row in experiments
+    ]
+    print(format_table(["experiment", "status", "runs", "by status", "chunks", "metric", "created"], rows))
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    snapshot = _client(args).experiment_snapshot(args.experiment, include_deleted=args.all)
+    if args.json:
+        return _print_json(snapshot["runs"])
+    print(format_runs(snapshot))
+    return EXIT_OK
+
+
+def cmd_simple_op(args: argparse.Namespace) -> int:
+    return _submit(args, payload=None)
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"warm_start": args.warm_start}
+    if args.config is not None:
+        try:
+            payload["config"] = json.loads(args.config.read_text())
+        except OSError as exc:
+            raise UsageError(f"cannot read --config {args.config}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageError(f"--config {args.config} is not valid JSON: {exc}") from None
+    if args.overrides:
+        overrides = parse_set_overrides(args.overrides)
+        if args.config is not None:
+            # A saved config plus --set tweaks is the natural way to edit one: merge them here.
+            if not isinstance(payload["config"], dict):
+                raise UsageError(f"--config {args.config} must hold a JSON object to apply --set to")
+            payload["config"] = apply_overrides(payload["config"], overrides)
+        else:
+            payload["overrides"] = overrides
+    return _submit(args, payload)
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    op_rows = _client(args).list_ops(args.experiment)
+    if args.json:
+        return _print_json(op_rows)
+    if not op_rows:
+        print(f"no ops for experiment {args.experiment} yet")
+        return EXIT_OK
+    print(format_ops(op_rows))
+    return EXIT_OK
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> RFClient:
+    return RFClient(args.server)
+
+
+def _submit(args: argparse.Namespace, payload: dict[str, Any] | None) -> int:
+    op = _client(args).submit_op(args.experiment, args.kind, args.run_id, payload, source="cli", who=_who())
+    if args.json:
+        return _print_json(op)
+    print(describe_queued_op(op))
+    return EXIT_OK
+
+
+def describe_queued_op(op: dict[str, Any]) -> str:
+    run_id = op["run_id"]
+    what = f"{op['kind']} run {run_id}"
+    if op["kind"] == "clone":
+        count = int(op["payload"].get("count") or len(op["payload"].get("configs", [])))
+        warm = op["payload"].get("warm_start", "off")
+        what += f" into {count} new run{'s' if count != 1 else ''}"
+        if warm != "off":
+            what += f", warm-started ({warm})"
+    return f"op {op['op_id']} queued: {what} (applies at run {run_id}'s next chunk boundary)"
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER") or "unknown"
+
+
+def _print_json(data: Any) -> int:
+    print(json.dumps(data, indent=2))
+    return EXIT_OK
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(header) for header in headers]] + [
+        ["-" if cell is None else str(cell) for cell in row] for row in rows
+    ]
+    widths = [max(len(row[index]) for row in cells) for index in range(len(headers))]
+    lines = ["  ".join(cell.ljust(widths[index]) for index, cell in enumerate(row)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_runs(snapshot: dict[str, Any]) -> str:
+    experiment = snapshot["experiment"]
+    runs = snapshot["runs"]
+    if not runs:
+        return f"experiment {experiment['name']} has no runs to show (--all includes deleted runs)"
+    knobs = list(snapshot.get("varying_knobs") or [])
+    metric = experiment["metric"]
+    headers = [
+        "run",
+        "status",
+        "source",
+        "parent",
+        "progress",
+        "train loss",
+        metric,
+        f"best {metric}",
+        *knobs,
+    ]
+    rows = []
+    for run in runs:
+        status = run["status"]
+        if run.get("pending_ops"):
+            status += f" ({', '.join(run.get('pending_op_kinds') or [])} queued)"
+        rows.append(
+            [
+                run["run_id"],
+                status,
+                run["source"],
+                run.get("parent_id"),
+                _progress(run),
+                _number(run.get("train_loss")),
+                _number(run.get("latest_metric")),
+                _number(run.get("best_metric")),
+                *(_knob(_lookup(run["config"], knob)) for knob in knobs),
+            ]
+        )
+    header = (
+        f"experiment {experiment['name']} ({experiment['status']}, {experiment['num_chunks']} chunks/epoch)"
+    )
+    return header + "\n" + format_table(headers, rows)
+
+
+def format_ops(op_rows: Sequence[dict[str, Any]]) -> str:
+    headers = ["op", "run", "kind", "source", "who", "status", "reason / result", "submitted", "applied"]
+    rows = [
+        [
+            op["op_id"],
+            op["run_id"],
+            _op_kind(op),
+            op["source"],
+            op.get("who"),
+            op["status"],
+            op.get("reason") or _result(op.get("result")),
+            _when(op["submitted_at"]),
+            _when(op.get("applied_at")),
+        ]
+        for op in op_rows
+    ]
+    return format_table(headers, rows)
+
+
+def _op_kind(op: dict[str, Any]) -> str:
+    if op["kind"] != "clone":
+        return op["kind"]
+    payload = op.get("payload") or {}
+    warm = payload.get("warm_start", "off")
+    return f"clone x{payload.get('count', 1)}" + ("" if warm == "off" else f" ({warm})")
+
+
+def _result(result: Any) -> str | None:
+    if not result:
+        return None
+    if result.get("created_run_ids"):
+        return "created runs " + ", ".join(str(run_id) for run_id in result["created_run_ids"])
+    if "to" in result:
+        return f"{result.get('from')} -> {result['to']}"
+    return json.dumps(result)
+
+
+def _progress(run: dict[str, Any]) -> str:
+    total = run.get("total_chunks") or "?"
+    return f"ep {run.get('epoch', 0)} {run.get('chunks_done', 0)}/{total} step {run.get('step', 0)}"
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    """A knob's value; dotted keys reach into nested config sections."""
+    if key in config:
+        return config[key]
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _number(value: Any) -> str | None:
+    return None if value is None else f"{value:.4f}"
+
+
+def _knob(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _when(epoch_seconds: float | None) -> str | None:
+    if epoch_seconds is None:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_seconds))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The user-facing experiment: what to train (`ExperimentSpec`) and `Experiment.run_fit` to train it."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rf_core.paths import check_name
+
+
+@dataclass
+class ExperimentSpec:
+    """Everything a fit needs besides the store: configs, the base-model factory, data and chunking.
+
+    `create_model_fn(config) -> (base_model, tokenizer)` builds the *base*; the engine applies LoRA from the
+    config's adapter knobs, so runs on the same base share one frozen copy per worker.
+    """
+
+    config_group: Any
+    create_model_fn: Callable[[dict[str, Any]], tuple[Any, Any]]
+    train_dataset: Sequence[Any]
+    eval_dataset: Sequence[Any]
+    num_chunks: int
+    seed: int = 42
+    compute_metrics: Callable[..., dict[str, float]] | None = None
+    metric: str = "eval_loss"
+    mode: str = "min"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not callable(self.create_model_fn):
+            raise ValueError(f"create_model_fn must be callable, got {self.create_model_fn!r}")
+        if not isinstance(self.num_chunks, int) or isinstance(self.num_chunks, bool) or self.num_chunks < 1:
+            raise ValueError(f"num_chunks must be an integer >= 1, got {self.num_chunks=}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode=}")
+        if len(self.train_dataset) == 0:
+            raise ValueError("train_dataset is empty")
+        if len(self.eval_dataset) == 0:
+            raise ValueError("eval_dataset is empty")
+
+
+def load_entrypoint(ref: str) -> ExperimentSpec:
+    """Import `module:function` and call it; it must return an ExperimentSpec.
+
+    This is how deployments, `rf continue` and worker processes get an experiment: by import path, never by
+    code sent over the wire.
+    """
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"experiment entrypoint must look like 'package.module:function', got {ref!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import experiment module {module_name!r} from {ref!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (entrypoint {ref!r})")
+    spec = factory() if callable(factory) and not isinstance(factory, ExperimentSpec) else factory
+    if not isinstance(spec, ExperimentSpec):
+        raise ValueError(f"entrypoint {ref!r} returned {type(spec).__name__}, expected an ExperimentSpec")
+    return spec
+
+
+class Experiment:
+    """A named experiment in the store. `run_fit` trains its config group in chunks through the Prefect fit flow."""
+
+    def __init__(self, name: str, *, server_url: str | None = None) -> None:
+        self.name = check_name("experiment", name)
+        self.server_url = server_url
+
+    def run_fit(
+        self,
+        config_group: Any,
+        create_model_fn: Callable[[dict[str, Any]], tuple[Any, Any]],
+        train_dataset: Sequence[Any],
+        eval_dataset: Sequence[Any],
+        num_chunks: int,
+        seed: int = 42,
+        *,
+        compute_metrics: Callable[..., dict[str, float]] | None = None,
+        cpu_slots: int | None = None,
+        idle_timeout: float = 30.0,
+        entrypoint: str | None = None,
+    ) -> dict[str, Any]:
+        """Train every config of `config_group` in `num_chunks` chunks per epoch; returns the final snapshot.
+
+        Functions defined in a notebook or script travel to the slot workers by cloudpickle. Give `entrypoint`
+        (`module:function` returning the same ExperimentSpec) to make the experiment resumable by
+        `rf continue` and runnable as a Prefect deployment.
+        """
+        spec = ExperimentSpec(
+            config_group=config_group,
+            create_model_fn=create_model_fn,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            num_chunks=num_chunks,
+            seed=seed,
+            compute_metrics=compute_metrics,
+        )
+        # The orchestration layer is imported only here, when a fit is asked for: the engine itself stays
+        # free of Prefect, and `import rf_core` stays cheap.
+        fit = importlib.import_module("flows.fit")
+        return fit.run_fit(
+            self.name,
+            spec,
+            entrypoint=entrypoint,
+            cpu_slots=cpu_slots,
+            idle_timeout=idle_timeout,
+            server_url=self.server_url,
+        )

@@ -1,0 +1,143 @@
+"""The fit loop's decisions, free of Prefect: apply due ops, pick runs for free slots, build train tasks.
+
+`flows/fit.py` wraps these steps in Prefect tasks; everything here is testable with a fake client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rf_core.chunks import ChunkingError, plan_chunks
+from rf_core.experiment import ExperimentSpec
+from rf_core.paths import run_dir
+from rf_core.scheduler import RunnableRun, assign
+from rf_core.states import RunStatus
+from rf_core.tasks import ChunkOutcome, ChunkSpec, TrainTask, WarmStart
+
+TRAINABLE = {RunStatus.NEW, RunStatus.ONGOING}
+FINAL = {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.DELETED}
+
+
+@dataclass
+class Plan:
+    tasks: list[tuple[int, TrainTask]] = field(default_factory=list)  # (slot, task)
+    applied_ops: list[dict[str, Any]] = field(default_factory=list)
+    releases: dict[int, list[int]] = field(default_factory=dict)  # slot -> runs whose warm state can go
+    unplannable: list[ChunkOutcome] = field(default_factory=list)  # runs whose chunks cannot be planned
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def all_final(self) -> bool:
+        """Every run is Completed, Failed or Deleted: nothing can train again."""
+        return all(RunStatus(run["status"]) in FINAL for run in self.runs)
+
+    @property
+    def has_stopped(self) -> bool:
+        return any(RunStatus(run["status"]) == RunStatus.STOPPED for run in self.runs)
+
+
+class FitLoop:
+    """Per-fit bookkeeping: chunk plans per run and which slot holds which run's state warm."""
+
+    def __init__(
+        self, client: Any, experiment: str, spec: ExperimentSpec, num_slots: int, home: Path
+    ) -> None:
+        self.client = client
+        self.experiment = experiment
+        self.spec = spec
+        self.num_slots = num_slots
+        self.home = home
+        self._chunk_plans: dict[int, list[ChunkSpec]] = {}
+        self.warm_slot: dict[int, int] = {}
+
+    def chunk_plan(self, run: Mapping[str, Any]) -> list[ChunkSpec]:
+        run_id = int(run["run_id"])
+        if run_id not in self._chunk_plans:
+            self._chunk_plans[run_id] = plan_chunks(
+                len(self.spec.train_dataset), run["config"], self.spec.num_chunks
+            )
+        return self._chunk_plans[run_id]
+
+    def plan(self, in_flight: Mapping[int, int]) -> Plan:
+        """One planning step. `in_flight` maps busy slots to the run each is training."""
+        busy_runs = set(in_flight.values())
+        runs = self.client.list_runs(self.experiment, include_deleted=True)
+        idle_ids = [int(run["run_id"]) for run in runs if int(run["run_id"]) not in busy_runs]
+        plan = Plan()
+        plan.applied_ops = self.client.apply_due_ops(self.experiment, idle_ids) if idle_ids else []
+        if plan.applied_ops:
+            runs = self.client.list_runs(self.experiment, include_deleted=True)
+        plan.runs = runs
+
+        runnable: list[RunnableRun] = []
+        for run in runs:
+            run_id = int(run["run_id"])
+            status = RunStatus(run["status"])
+            if status not in TRAINABLE:
+                slot = self.warm_slot.pop(run_id, None)
+                if slot is not None:
+                    plan.releases.setdefault(slot, []).append(run_id)
+                continue
+            if run_id in busy_runs:
+                continue
+            try:
+                chunks = self.chunk_plan(run)
+            except (ChunkingError, ValueError) as exc:
+                plan.unplannable.append(_failed(run, f"cannot split run {run_id} into chunks: {exc}"))
+                continue
+            done = int(run.get("chunks_done") or 0)
+            if done < len(chunks):
+                runnable.append(RunnableRun(run_id, done, len(chunks), self.warm_slot.get(run_id)))
+
+        free_slots = [slot for slot in range(self.num_slots) if slot not in in_flight]
+        by_id = {int(run["run_id"]): run for run in runs}
+        for assignment in assign(runnable, free_slots):
+            run = by_id[assignment.run_id]
+            previous_slot = self.warm_slot.get(assignment.run_id)
+            if previous_slot is not None and previous_slot != assignment.slot:
+                # The state moves to another worker: the old copy must not be used again.
+                plan.releases.setdefault(previous_slot, []).append(assignment.run_id)
+            self.warm_slot[assignment.run_id] = assignment.slot
+            plan.tasks.append((assignment.slot, self.train_task(run)))
+        return plan
+
+    def train_task(self, run: Mapping[str, Any]) -> TrainTask:
+        run_id = int(run["run_id"])
+        done = int(run.get("chunks_done") or 0)
+        chunk = self.chunk_plan(run)[done]
+        warm = None
+        if done == 0 and run.get("warm_start") not in (None, "", "off"):
+            warm = WarmStart(
+                parent_run_id=int(run["parent_id"]),
+                parent_checkpoint=str(run["warm_start_checkpoint"]),
+                parent_step=int(run.get("parent_step") or 0),
+                mode=run["warm_start"],
+            )
+        return TrainTask(
+            experiment=self.experiment,
+            run_id=run_id,
+            config=run["config"],
+            chunk=chunk,
+            run_dir=str(run_dir(self.experiment, run_id, self.home)),
+            seed=self.spec.seed,
+            warm_start=warm,
+        )
+
+    def forget(self, run_id: int) -> None:
+        """The run's worker died or failed: its warm copy, if any, is gone."""
+        self.warm_slot.pop(run_id, None)
+
+
+def _failed(run: Mapping[str, Any], reason: str) -> ChunkOutcome:
+    return ChunkOutcome(
+        run_id=int(run["run_id"]),
+        chunk_index=int(run.get("chunks_done") or 0),
+        status="failed",
+        step=int(run.get("step") or 0),
+        epoch=int(run.get("epoch") or 0),
+        samples=int(run.get("samples") or 0),
+        error=reason,
+    )

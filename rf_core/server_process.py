@@ -1,0 +1,150 @@
+"""Finding, starting and stopping the rf server process (the single owner of the DuckDB file).
+
+Standard library only: the CLI and the fit flow import this before anything heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rf_core import paths
+
+SERVER_START_TIMEOUT_S = 30.0
+SERVER_LOG_NAME = "server.log"
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def is_process_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs: trust kill()
+    return state != "Z"
+
+
+def read_server_info(home: Path | None = None) -> dict[str, Any] | None:
+    """server.json's {"url", "pid", "db"}, or None when absent or unreadable."""
+    try:
+        info = json.loads(paths.server_info_path(home).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "url" in info and "pid" in info else None
+
+
+def write_server_info(info: dict[str, Any], home: Path | None = None) -> Path:
+    """Write server.json atomically: a reader never sees half a file."""
+    target = paths.server_info_path(home)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(info))
+    os.replace(temporary, target)
+    return target
+
+
+def health_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/health", timeout=timeout) as response:
+            return response.status == 200 and bool(json.loads(response.read()).get("ok"))
+    except (OSError, ValueError):
+        return False
+
+
+def find_live_server(home: Path | None = None) -> dict[str, Any] | None:
+    """The server.json of a server that runs and answers for this RF_HOME, or None."""
+    info = read_server_info(home)
+    if info and is_process_alive(int(info["pid"])) and health_ok(str(info["url"])):
+        return info
+    return None
+
+
+def ensure_server(
+    home: Path | None = None, timeout: float = SERVER_START_TIMEOUT_S
+) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """The URL of the rf server for `home`, starting a temporary one if none runs.
+
+    Returns (url, process): process is None when an existing server was found; otherwise it is the server we
+    started, which exits by itself when this process exits (`--exit-with-pid`) and which the caller may stop
+    earlier with `stop_server`. Its output goes to `home/server.log`.
+    """
+    home = Path(home) if home is not None else paths.rf_home()
+    home.mkdir(parents=True, exist_ok=True)
+    live = find_live_server(home)
+    if live:
+        return str(live["url"]), None
+
+    log_path = home / SERVER_LOG_NAME
+    command = [
+        sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", "0",
+        "--exit-with-pid", str(os.getpid()),
+    ]  # fmt: skip
+    env = dict(os.environ, RF_HOME=str(home))
+    # The server must import dash_app even when the project is not installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+    with open(log_path, "ab") as log:
+        # Its own session: a Ctrl-C meant for the flow must not kill the server before the flow's last writes.
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            live = find_live_server(home)  # another process won the race to start one: use it
+            if live:
+                return str(live["url"]), None
+            raise ServerStartError(
+                f"the rf server exited while starting (code {code}): {_log_tail(log_path)}"
+            )
+        info = read_server_info(home)
+        if info and info.get("pid") == process.pid and health_ok(str(info["url"]), timeout=1.0):
+            return str(info["url"]), process
+        time.sleep(0.1)
+    stop_server(process)
+    raise ServerStartError(f"the rf server did not answer within {timeout:.0f} s; see {log_path}")
+
+
+def stop_server(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> int | None:
+    """Stop a server started by `ensure_server` (SIGTERM: it closes the DB cleanly); returns its exit code."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+    return process.returncode
+
+
+def _log_tail(log_path: Path, lines: int = 5) -> str:
+    try:
+        text = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return f"(no log at {log_path})"
+    return " | ".join(text[-lines:]) or f"(empty log {log_path})"

@@ -1,0 +1,116 @@
+"""Run states and what moves them: IC Ops (from users or policies) and system events (chunk bookkeeping).
+
+Every status change in the engine is looked up here. `OP_TABLE` is the state × op table, `EVENT_TABLE` the
+state × system-event table, and `TRANSITIONS` (derived from both) lists every legal move.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    NEW = "New"  # never trained
+    ONGOING = "Ongoing"  # has trained, or is training, and will train more
+    STOPPED = "Stopped"  # paused by an op; Resume sends it back to Ongoing
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    DELETED = "Deleted"
+
+    def is_terminal(self) -> bool:
+        """Nothing can ever train this run again (it can still be cloned unless Deleted)."""
+        return self in _TERMINAL
+
+    def is_trainable(self) -> bool:
+        """The scheduler may give this run its next chunk."""
+        return self in _TRAINABLE
+
+    def is_idle(self) -> bool:
+        """Not training and not waiting to train: Stopped, or terminal."""
+        return not self.is_trainable()
+
+
+_TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.DELETED})
+_TRAINABLE = frozenset({RunStatus.NEW, RunStatus.ONGOING})
+
+
+class OpKind(StrEnum):
+    STOP = "stop"
+    RESUME = "resume"
+    CLONE = "clone"
+    DELETE = "delete"
+
+
+class SystemEvent(StrEnum):
+    START = "start"  # a chunk of the run was dispatched
+    COMPLETE = "complete"  # the run has nothing left to train
+    FAIL = "fail"  # a chunk failed
+
+
+# The IC Op table: state -> op -> the run's state after the op. A missing cell means the op is rejected.
+# Clone leaves the parent as it is. Warm clones also need the parent's trained state (a checkpoint): a New
+# run has none yet, and a Failed run warm-starts from its last good checkpoint; rf_core.ops checks that.
+OP_TABLE: dict[RunStatus, dict[OpKind, RunStatus]] = {
+    RunStatus.NEW: {
+        OpKind.STOP: RunStatus.STOPPED,
+        OpKind.CLONE: RunStatus.NEW,
+        OpKind.DELETE: RunStatus.DELETED,
+    },
+    RunStatus.ONGOING: {
+        OpKind.STOP: RunStatus.STOPPED,
+        OpKind.CLONE: RunStatus.ONGOING,
+        OpKind.DELETE: RunStatus.DELETED,
+    },
+    RunStatus.STOPPED: {
+        OpKind.RESUME: RunStatus.ONGOING,
+        OpKind.CLONE: RunStatus.STOPPED,
+        OpKind.DELETE: RunStatus.DELETED,
+    },
+    RunStatus.COMPLETED: {OpKind.CLONE: RunStatus.COMPLETED, OpKind.DELETE: RunStatus.DELETED},
+    RunStatus.FAILED: {OpKind.CLONE: RunStatus.FAILED, OpKind.DELETE: RunStatus.DELETED},
+    RunStatus.DELETED: {},
+}
+
+# The system-event table, in the same shape.
+EVENT_TABLE: dict[SystemEvent, dict[RunStatus, RunStatus]] = {
+    SystemEvent.START: {RunStatus.NEW: RunStatus.ONGOING, RunStatus.ONGOING: RunStatus.ONGOING},
+    SystemEvent.COMPLETE: {RunStatus.ONGOING: RunStatus.COMPLETED},
+    SystemEvent.FAIL: {RunStatus.NEW: RunStatus.FAILED, RunStatus.ONGOING: RunStatus.FAILED},
+}
+
+
+def _legal_moves() -> dict[RunStatus, frozenset[RunStatus]]:
+    moves: dict[RunStatus, set[RunStatus]] = {state: set() for state in RunStatus}
+    for state, cells in OP_TABLE.items():
+        moves[state].update(cells.values())
+    for cells in EVENT_TABLE.values():
+        for state, target in cells.items():
+            moves[state].add(target)
+    return {state: frozenset(targets - {state}) for state, targets in moves.items()}
+
+
+# Every legal status change (staying put is not a move), derived from the two tables above.
+TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = _legal_moves()
+
+
+def allowed_ops(state: RunStatus | str) -> list[OpKind]:
+    return list(OP_TABLE[RunStatus(state)])
+
+
+def op_result(state: RunStatus | str, kind: OpKind | str) -> RunStatus | None:
+    """The run's state after `kind` is applied to a run in `state`; None when the table rejects the op."""
+    return OP_TABLE[RunStatus(state)].get(OpKind(kind))
+
+
+def op_rejection(state: RunStatus | str, kind: OpKind | str, run_id: int) -> str | None:
+    """Why the table rejects `kind` on a run in `state`, naming what is allowed instead; None when allowed."""
+    state, kind = RunStatus(state), OpKind(kind)
+    if kind in OP_TABLE[state]:
+        return None
+    allowed = ", ".join(op.value for op in OP_TABLE[state]) or "nothing"
+    return f"cannot {kind.value} run {run_id}: it is {state.value} (a {state.value} run allows: {allowed})"
+
+
+def event_result(state: RunStatus | str, event: SystemEvent | str) -> RunStatus | None:
+    """The run's state after a system event; None when the event is not legal in `state`."""
+    return EVENT_TABLE[SystemEvent(event)].get(RunStatus(state))

@@ -1,0 +1,575 @@
+"""Training one chunk of one run inside a slot worker, exactly resumable at every chunk boundary.
+
+A `SlotTrainer` lives in one worker process for a whole experiment. It caches base models and tokenized
+data, and keeps the state of the runs it trained (adapter or full weights, optimizer, LR schedule, RNG) in
+memory, so the next chunk of a run it trained last needs no disk read. Any other chunk starts from the run's
+checkpoint on disk, a warm-start parent's checkpoint, or a fresh seed.
+
+Exactness contract: with a fixed thread count on CPU, training a config in k chunks (state kept in memory,
+interleaved with other runs, or swapped through disk by another trainer) gives bitwise the same per-step
+losses and final weights as one chunk. That is why every chunk restores the run's RNG state, why the data
+order is a pure function of (seed, epoch), and why the LR schedule spans the whole run.
+
+LoRA runs on the same base share one frozen copy of it: a single PEFT model per base holds one adapter per run
+and switches the active adapter per chunk. A full fine-tune run trains its own copy of the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import get_scheduler
+
+from rf_core import chunks
+from rf_core.checkpoints import (
+    capture_rng_state,
+    init_checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    step_checkpoint_path,
+)
+from rf_core.data import IGNORE_INDEX, TokenizedData, tokenize_examples
+from rf_core.tasks import ChunkOutcome, ChunkSpec, TrainTask
+
+CreateModelFn = Callable[[dict[str, Any]], tuple[Any, Any]]
+ComputeMetricsFn = Callable[[Any, Any, Any], Mapping[str, float]]
+EmitFn = Callable[[list[dict[str, Any]]], None]
+
+_MAX_LISTED_KEYS = 5  # how many mismatching keys an error message names before summarising
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: a micro-batch loss was NaN or infinite."""
+
+
+@dataclass
+class _BaseEntry:
+    """One base model: the single copy of its weights, its tokenizer, and the LoRA host wrapping it."""
+
+    model: Any
+    tokenizer: Any
+    lora_host: PeftModel | None = None
+
+
+@dataclass
+class _RunState:
+    """Everything needed to continue a run at its next chunk boundary without touching disk."""
+
+    run_id: int
+    base_key: str
+    model: Any  # what to call: the shared LoRA host, or the run's own full copy
+    adapter_name: str | None  # the run's adapter inside the LoRA host; None for a full fine-tune
+    trainable: dict[str, torch.nn.Parameter]  # checkpoint key -> parameter, in the optimizer's order
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    chunk_index: int = -1
+    rng: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None  # the file this state was last written to
+    checkpoint_mtime_ns: int | None = None
+    chunk_started: tuple[int, int] | None = None  # (chunk index, step) of the chunk being trained
+    samples_at_chunk_start: int = 0
+
+    @property
+    def is_lora(self) -> bool:
+        return self.adapter_name is not None
+
+
+class SlotTrainer:
+    """Trains chunks of many runs in one process; see the module docstring for the exactness contract.
+
+    Args:
+        create_model_fn: config -> (base_model, tokenizer); called once per distinct `model_name_or_path`.
+        train_dataset: examples with "text", or "prompt" and "completion" (list, `datasets.Dataset`, ...).
+        eval_dataset: same forms; evaluated at every chunk end. None or empty: no evaluation.
+        compute_metrics: optional (model, tokenizer, eval_dataset) -> {name: value}, run after eval_loss.
+        num_threads: torch intra-op threads for this process. Fix it: float sums differ across thread counts.
+        step_delay_s: sleep after every optimizer step (tests use it so operations arrive mid-chunk).
+    """
+
+    def __init__(
+        self,
+        create_model_fn: CreateModelFn,
+        train_dataset: Iterable[Mapping[str, Any]],
+        eval_dataset: Iterable[Mapping[str, Any]] | None,
+        compute_metrics: ComputeMetricsFn | None = None,
+        *,
+        num_threads: int | None = None,
+        step_delay_s: float = 0.0,
+    ) -> None:
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"{num_threads=} must be >= 1")
+        if step_delay_s < 0:
+            raise ValueError(f"{step_delay_s=} must be >= 0")
+        self._create_model_fn = create_model_fn
+        self._train_examples = list(train_dataset)
+        self._eval_examples = list(eval_dataset) if eval_dataset is not None else []
+        if not self._train_examples:
+            raise ValueError("train_dataset is empty")
+        self._compute_metrics = compute_metrics
+        self._step_delay_s = step_delay_s
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self._bases: dict[str, _BaseEntry] = {}
+        self._tokenized: dict[tuple[str, int, int], TokenizedData] = {}
+        self._runs: dict[int, _RunState] = {}
+
+    # ----------------------------------------------------------------------------------------------- public
+
+    def train(self, task: TrainTask, emit: EmitFn) -> ChunkOutcome:
+        """Train `task.chunk` of run `task.run_id`. Never raises: a failure comes back as status "failed"."""
+        try:
+            return self._train_chunk(task, emit)
+        except Exception as error:
+            state = self._runs.get(task.run_id)
+            samples = 0  # unknown unless the chunk got as far as starting
+            if state is not None and state.chunk_started == (task.chunk.index, task.chunk.start_step):
+                samples = state.samples_at_chunk_start
+            details = traceback.format_exc()
+            # The in-memory state may be half-updated: drop it; a retry resumes from the last good checkpoint.
+            with contextlib.suppress(Exception):
+                self.release(task.run_id)
+            return ChunkOutcome(
+                run_id=task.run_id,
+                chunk_index=task.chunk.index,
+                status="failed",
+                step=task.chunk.start_step,
+                epoch=task.chunk.epoch,
+                samples=samples,
+                error=_one_line(error),
+                traceback=details,
+            )
+
+    def release(self, run_id: int) -> None:
+        """Forget a run's in-memory state (stopped, deleted, completed or failed); its checkpoints stay."""
+        self._runs.pop(run_id, None)
+        adapter_name = _adapter_name(run_id)
+        for base in self._bases.values():
+            if base.lora_host is not None and adapter_name in base.lora_host.peft_config:
+                base.lora_host.delete_adapter(adapter_name)
+
+    # --------------------------------------------------------------------------------------- the chunk loop
+
+    def _train_chunk(self, task: TrainTask, emit: EmitFn) -> ChunkOutcome:
+        config, chunk = task.config, task.chunk
+        base = self._base(config)
+        train_data = self._tokenized_data("train", self._train_examples, base.tokenizer, config["max_length"])
+        run_total_steps = chunks.total_steps(len(train_data), config)
+        if not 0 <= chunk.start_step < chunk.end_step <= run_total_steps:
+            raise ValueError(
+                f"chunk {chunk.index} spans steps {chunk.start_step}-{chunk.end_step}, "
+                f"outside the run's {run_total_steps} steps"
+            )
+        seed = _run_seed(task)
+
+        # 1. Get the run's state at the chunk's first step, and make it the one the model trains.
+        state = self._state_at_chunk_start(task, base, seed, run_total_steps)
+        if state.step != chunk.start_step:
+            raise ValueError(
+                f"run {task.run_id} is at step {state.step} but chunk {chunk.index} starts at step {chunk.start_step}"
+            )
+        state.chunk_started, state.samples_at_chunk_start = (chunk.index, chunk.start_step), state.samples
+        model = self._activate(state)
+
+        # 2. Train: this chunk's slice of the epoch's order, in optimizer steps of accumulated micro-batches.
+        order = chunks.epoch_order(len(train_data), seed, chunk.epoch)
+        step_batches = _step_batches(
+            order, chunk, config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
+        )
+        device = _model_device(model)
+        parameters = list(state.trainable.values())
+        last_train_loss: float | None = None
+        loop_started = time.perf_counter()
+        for micro_batches in step_batches:
+            step_number = state.step + 1  # 1-based number of the update being computed
+            state.optimizer.zero_grad(set_to_none=True)
+            micro_losses: list[float] = []
+            for indices in micro_batches:
+                batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
+                loss = model(**batch, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
+                (loss / len(micro_batches)).backward()
+                micro_losses.append(loss.item())
+            if config["max_grad_norm"] > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, config["max_grad_norm"])
+            learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this update uses
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.step = step_number
+            state.samples += sum(len(indices) for indices in micro_batches)
+            last_train_loss = sum(micro_losses) / len(micro_losses)
+            now = time.time()
+            emit(
+                [
+                    _metric_row(state.step, "train_loss", last_train_loss, chunk.index, now),
+                    _metric_row(state.step, "learning_rate", learning_rate, chunk.index, now),
+                ]
+            )
+            if self._step_delay_s > 0:
+                time.sleep(self._step_delay_s)
+        train_seconds = time.perf_counter() - loop_started
+        state.epoch = chunk.epoch
+        state.chunk_index = chunk.index
+        # Captured before evaluation so a compute_metrics that draws random numbers can't change training.
+        state.rng = capture_rng_state()
+
+        # 3. Evaluate, then checkpoint the boundary.
+        eval_metrics = self._evaluate(model, base.tokenizer, config)
+        restore_rng_state(state.rng)
+        if eval_metrics:
+            now = time.time()
+            emit([_metric_row(state.step, name, value, chunk.index, now) for name, value in eval_metrics.items()])
+        checkpoint = self._save(state, config, step_checkpoint_path(task.run_dir, state.step))
+
+        return ChunkOutcome(
+            run_id=task.run_id,
+            chunk_index=chunk.index,
+            status="completed" if chunk.end_step == run_total_steps else "ok",
+            step=state.step,
+            epoch=state.epoch,
+            samples=state.samples,
+            checkpoint=str(checkpoint),
+            eval_metrics=eval_metrics,
+            last_train_loss=last_train_loss,
+            train_seconds=train_seconds,
+        )
+
+    # ---------------------------------------------------------------------------------------- run state
+
+    def _state_at_chunk_start(self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int) -> _RunState:
+        chunk = task.chunk
+        in_memory = self._runs.get(task.run_id)
+        if in_memory is not None and self._is_current(in_memory, task):
+            return in_memory
+        self.release(task.run_id)  # stale or absent: rebuild from disk, the parent, or the seed
+
+        if chunk.index > 0:
+            path = step_checkpoint_path(task.run_dir, chunk.start_step)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"run {task.run_id}: chunk {chunk.index} starts at step {chunk.start_step} but there is "
+                    f"no checkpoint {path} (latest: {latest_checkpoint(task.run_dir)})"
+                )
+            state = self._new_state(task, base, seed, run_total_steps)
+            self._restore(state, load_checkpoint(path), str(path))
+            state.checkpoint = path
+            state.checkpoint_mtime_ns = path.stat().st_mtime_ns
+        elif task.warm_start is not None and task.warm_start.mode != "off":
+            state = self._new_state(task, base, seed, run_total_steps)
+            parent = load_checkpoint(task.warm_start.parent_checkpoint)
+            source = f"parent run {task.warm_start.parent_run_id} checkpoint {task.warm_start.parent_checkpoint}"
+            _load_trainable(state, parent["trainable"], source)
+            if task.warm_start.mode == "weights+optimizer":
+                _load_optimizer_moments(state, parent["optimizer"], source)
+            # The schedule stays fresh: the clone's own warmup and decay over its own total steps.
+            state.rng = capture_rng_state()
+            self._save(state, task.config, init_checkpoint_path(task.run_dir))
+        else:
+            state = self._new_state(task, base, seed, run_total_steps)
+            state.rng = capture_rng_state()
+        self._runs[task.run_id] = state
+        return state
+
+    def _is_current(self, state: _RunState, task: TrainTask) -> bool:
+        """True when the in-memory state is what the chunk expects and no newer checkpoint was written."""
+        if task.chunk.index == 0 or state.chunk_index != task.chunk.index - 1 or state.step != task.chunk.start_step:
+            return False
+        if state.checkpoint is None or latest_checkpoint(task.run_dir) != state.checkpoint:
+            return False
+        try:
+            return state.checkpoint.stat().st_mtime_ns == state.checkpoint_mtime_ns
+        except OSError:
+            return False
+
+    def _new_state(self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int) -> _RunState:
+        """A freshly initialised run: seeded, then adapter (or full copy), optimizer and LR schedule."""
+        config = task.config
+        _seed_everything(seed)  # adapter init draws random numbers: seed first so it is the same everywhere
+        if config["use_peft"]:
+            adapter_name = _adapter_name(task.run_id)
+            model = self._add_adapter(base, adapter_name, config)
+            trainable = _adapter_parameters(model, adapter_name)
+        else:
+            adapter_name = None
+            model = self._full_copy(base)
+            trainable = dict(model.named_parameters())
+        optimizer = torch.optim.AdamW(
+            list(trainable.values()), lr=config["learning_rate"], weight_decay=config["weight_decay"]
+        )
+        scheduler = get_scheduler(
+            config["lr_scheduler_type"],
+            optimizer,
+            num_warmup_steps=config["warmup_steps"],
+            num_training_steps=run_total_steps,
+        )
+        return _RunState(
+            run_id=task.run_id,
+            base_key=config["model_name_or_path"],
+            model=model,
+            adapter_name=adapter_name,
+            trainable=trainable,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+
+    def _restore(self, state: _RunState, checkpoint: dict[str, Any], source: str) -> None:
+        _load_trainable(state, checkpoint["trainable"], source)
+        # Optimizer before scheduler: the optimizer's state carries the current learning rate.
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+        state.step = int(checkpoint["step"])
+        state.epoch = int(checkpoint["epoch"])
+        state.samples = int(checkpoint["samples"])
+        state.chunk_index = int(checkpoint["chunk_index"])
+        state.rng = checkpoint["rng"]
+
+    def _activate(self, state: _RunState) -> Any:
+        """Make `state` the one that trains: its adapter active and alone trainable, train mode, its RNG."""
+        model = state.model
+        if state.is_lora:
+            model.set_adapter(state.adapter_name)
+            trainable_ids = {id(parameter) for parameter in state.trainable.values()}
+            for parameter in model.parameters():
+                parameter.requires_grad_(id(parameter) in trainable_ids)
+        model.train()
+        restore_rng_state(state.rng)
+        return model
+
+    def _save(self, state: _RunState, config: dict[str, Any], path: Path) -> Path:
+        save_checkpoint(
+            {
+                "config": config,
+                "step": state.step,
+                "epoch": state.epoch,
+                "samples": state.samples,
+                "chunk_index": state.chunk_index,
+                "trainable": {key: parameter.detach() for key, parameter in state.trainable.items()}
+                if state.is_lora
+                else state.model.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "rng": state.rng,
+            },
+            path,
+        )
+        state.checkpoint = path
+        state.checkpoint_mtime_ns = path.stat().st_mtime_ns
+        return path
+
+    # ------------------------------------------------------------------------------------ models and data
+
+    def _base(self, config: dict[str, Any]) -> _BaseEntry:
+        key = config["model_name_or_path"]
+        if key not in self._bases:
+            model, tokenizer = self._create_model_fn(config)
+            if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self._bases[key] = _BaseEntry(model=model, tokenizer=tokenizer)
+        return self._bases[key]
+
+    def _add_adapter(self, base: _BaseEntry, adapter_name: str, config: dict[str, Any]) -> PeftModel:
+        lora_config = LoraConfig(
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=config["lora_dropout"],
+            target_modules=config["target_modules"],
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        with warnings.catch_warnings():
+            # peft 0.21 calls a transformers API that transformers 5 deprecates; nothing for us to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if base.lora_host is None:
+                # Wraps the base in place: from here on it is the one frozen copy all LoRA runs on it share.
+                base.lora_host = get_peft_model(base.model, lora_config, adapter_name=adapter_name)
+            else:
+                base.lora_host.add_adapter(adapter_name, lora_config)
+        return base.lora_host
+
+    def _full_copy(self, base: _BaseEntry) -> Any:
+        if base.lora_host is None:
+            model = copy.deepcopy(base.model)
+        else:
+            # Base weights under the LoRA layers are never trained, so unloading a copy gives the original.
+            model = copy.deepcopy(base.lora_host).unload()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+
+    def _tokenized_data(self, split: str, examples: list[Any], tokenizer: Any, max_length: int) -> TokenizedData:
+        # Keyed by tokenizer identity: tokenizers live as long as their base entry, i.e. as long as self.
+        key = (split, id(tokenizer), int(max_length))
+        if key not in self._tokenized:
+            self._tokenized[key] = tokenize_examples(examples, tokenizer, int(max_length))
+        return self._tokenized[key]
+
+    def _evaluate(self, model: Any, tokenizer: Any, config: dict[str, Any]) -> dict[str, float]:
+        if not self._eval_examples:
+            return {}
+        eval_data = self._tokenized_data("eval", self._eval_examples, tokenizer, config["max_length"])
+        device = _model_device(model)
+        batch_size = config["per_device_eval_batch_size"]
+        loss_sum = 0.0
+        token_count = 0
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(eval_data), batch_size):
+                batch = eval_data.batch(list(range(start, min(start + batch_size, len(eval_data)))))
+                batch = {name: tensor.to(device) for name, tensor in batch.items()}
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+                targets = batch["labels"][:, 1:]
+                losses = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(),
+                    targets.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                loss_sum += float(losses)
+                token_count += int((targets != IGNORE_INDEX).sum())
+            metrics = {"eval_loss": loss_sum / max(token_count, 1)}
+            if self._compute_metrics is not None:
+                extra = self._compute_metrics(model, tokenizer, self._eval_examples)
+                metrics.update({str(name): float(value) for name, value in dict(extra).items()})
+        model.train()
+        return metrics
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _run_seed(task: TrainTask) -> int:
+    seed = task.config.get("seed")
+    return int(task.seed if seed is None else seed)
+
+
+def _adapter_name(run_id: int) -> str:
+    return f"run-{int(run_id)}"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _adapter_parameters(host: PeftModel, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters keyed without the adapter name, so a parent's keys match a clone's."""
+    parameters: dict[str, torch.nn.Parameter] = {}
+    for name, parameter in host.named_parameters():
+        parts = name.split(".")
+        if adapter_name in parts:
+            parameters[".".join(part for part in parts if part != adapter_name)] = parameter
+    if not parameters:
+        raise ValueError(f"adapter {adapter_name!r} has no parameters: do its target_modules match the model?")
+    return parameters
+
+
+def _load_trainable(state: _RunState, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy checkpoint weights into the run, insisting on equal keys and shapes (PEFT skips mismatches)."""
+    expected = (
+        {key: parameter.detach() for key, parameter in state.trainable.items()}
+        if state.is_lora
+        else state.model.state_dict()
+    )
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = [
+        f"{key}: {tuple(weights[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(weights))
+        if weights[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_summarise(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_summarise(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches (checkpoint vs run) {_summarise(mismatched)}")
+        raise ValueError(
+            f"weights from {source} do not fit run {state.run_id}'s "
+            f"{'LoRA adapter' if state.is_lora else 'model'}: {'; '.join(problems)}. Warm starts need the "
+            "same base model, fine-tuning kind, target_modules and rank"
+        )
+    with torch.no_grad():
+        if state.is_lora:
+            for key, parameter in state.trainable.items():
+                parameter.copy_(weights[key])
+        else:
+            state.model.load_state_dict(dict(weights), strict=True)
+
+
+def _load_optimizer_moments(state: _RunState, parent_optimizer: Mapping[str, Any], source: str) -> None:
+    """Take the parent's per-parameter AdamW state but keep the clone's own hyperparameters (lr, decay)."""
+    parent_moments = parent_optimizer["state"]
+    parameters = list(state.trainable.values())
+    for index, parameter in enumerate(parameters):
+        moment = parent_moments.get(index, {}).get("exp_avg")
+        if moment is not None and moment.shape != parameter.shape:
+            raise ValueError(
+                f"optimizer state from {source} does not fit run {state.run_id}: parameter {index} has "
+                f"moments of shape {tuple(moment.shape)}, the run's parameter {tuple(parameter.shape)}"
+            )
+    if len(parent_moments) > len(parameters):
+        raise ValueError(
+            f"optimizer state from {source} has {len(parent_moments)} parameters; "
+            f"run {state.run_id} has {len(parameters)}"
+        )
+    merged = state.optimizer.state_dict()
+    merged["state"] = dict(parent_moments)
+    state.optimizer.load_state_dict(merged)
+
+
+def _step_batches(order: list[int], chunk: ChunkSpec, batch_size: int, accumulation: int) -> list[list[list[int]]]:
+    """Per optimizer step of the chunk, its micro-batches of sample indices (an epoch's last may be short)."""
+    samples_per_step = batch_size * accumulation
+    steps: list[list[list[int]]] = []
+    for step_in_chunk in range(chunk.num_steps):
+        start = chunk.start_sample + step_in_chunk * samples_per_step
+        indices = order[start : min(start + samples_per_step, chunk.end_sample)]
+        if not indices:
+            raise ValueError(
+                f"chunk {chunk.index} has {chunk.num_steps} steps but samples {chunk.start_sample}-"
+                f"{chunk.end_sample} fill only {step_in_chunk} steps of {samples_per_step} samples"
+            )
+        steps.append([indices[offset : offset + batch_size] for offset in range(0, len(indices), batch_size)])
+    return steps
+
+
+def _metric_row(step: int, name: str, value: float, chunk_index: int, at: float) -> dict[str, Any]:
+    return {"step": step, "name": name, "value": float(value), "chunk": chunk_index, "time": at}
+
+
+def _summarise(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED_KEYS])
+    more = len(items) - _MAX_LISTED_KEYS
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}".rstrip(": ")

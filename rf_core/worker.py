@@ -1,0 +1,262 @@
+"""Persistent slot workers: one process per device slot, alive for the whole fit.
+
+A worker imports torch/transformers once, caches base models, and keeps the runs it trained warm in memory.
+The fit loop talks to it through a pipe with three messages: train a chunk, release runs, stop. Experiments
+travel by import path (`module:function`) or, for functions defined in a notebook, by cloudpickle.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from rf_core.tasks import ChunkOutcome, TrainTask
+
+STEP_DELAY_ENV = "RF_TEST_STEP_DELAY_S"  # test-only slow-down so IC Ops reliably arrive mid-chunk
+WORKER_START_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class SpecSource:
+    """How a worker obtains the experiment: an importable entrypoint, or a cloudpickled ExperimentSpec."""
+
+    entrypoint: str | None = None
+    pickled: bytes | None = None
+
+    def load(self) -> Any:
+        if self.entrypoint:
+            from rf_core.experiment import load_entrypoint
+
+            return load_entrypoint(self.entrypoint)
+        if self.pickled is None:
+            raise ValueError("a SpecSource needs an entrypoint or a pickled spec")
+        import cloudpickle
+
+        return cloudpickle.loads(self.pickled)
+
+    @classmethod
+    def for_spec(cls, spec: Any, entrypoint: str | None) -> SpecSource:
+        if entrypoint:
+            return cls(entrypoint=entrypoint)
+        import cloudpickle
+
+        return cls(pickled=cloudpickle.dumps(spec))
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+def _serve(
+    conn: Connection,
+    slot: int,
+    source: SpecSource,
+    server_url: str,
+    spool_dir: str,
+    num_threads: int,
+) -> None:
+    """Worker process main loop."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import torch
+
+        from rf_core.client import MetricWriter
+        from rf_core.trainer import SlotTrainer
+
+        torch.set_num_threads(num_threads)
+        spec = source.load()
+        trainer = SlotTrainer(
+            spec.create_model_fn,
+            spec.train_dataset,
+            spec.eval_dataset,
+            spec.compute_metrics,
+            num_threads=num_threads,
+            step_delay_s=float(os.environ.get(STEP_DELAY_ENV, "0") or 0),
+        )
+        writer = MetricWriter(server_url, spool_dir=Path(spool_dir))
+    except Exception as exc:  # report start-up failures instead of dying silently
+        conn.send(("error", f"slot {slot} worker failed to start: {exc}", traceback.format_exc()))
+        return
+    conn.send(("ready", None, None))
+    try:
+        while True:
+            kind, payload = conn.recv()
+            if kind == "train":
+                task = TrainTask.from_dict(payload)
+
+                def emit(rows: list[dict[str, Any]], task: TrainTask = task) -> None:
+                    writer.add(
+                        [{"experiment": task.experiment, "run_id": task.run_id, **row} for row in rows]
+                    )
+
+                outcome = trainer.train(task, emit)
+                # The chunk's metric rows are committed before the chunk is recorded as done.
+                writer.flush()
+                conn.send(("result", outcome.to_dict(), None))
+            elif kind == "release":
+                for run_id in payload:
+                    trainer.release(run_id)
+                conn.send(("released", None, None))
+            elif kind == "stop":
+                break
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        writer.close()
+
+
+class SlotWorker:
+    """The fit loop's handle on one slot's worker process. Not thread-safe: one caller at a time."""
+
+    def __init__(
+        self, slot: int, source: SpecSource, server_url: str, spool_dir: Path, num_threads: int
+    ) -> None:
+        self.slot = slot
+        self._source = source
+        self._server_url = server_url
+        self._spool_dir = spool_dir
+        self._num_threads = num_threads
+        self._process: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent_conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_serve,
+            args=(
+                child_conn,
+                self.slot,
+                self._source,
+                self._server_url,
+                str(self._spool_dir),
+                self._num_threads,
+            ),
+            name=f"rf-slot-{self.slot}",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        self._conn = parent_conn
+
+    def wait_ready(self, timeout: float = WORKER_START_TIMEOUT_S) -> None:
+        assert self._conn is not None
+        if not self._conn.poll(timeout):
+            raise WorkerDied(f"slot {self.slot} worker did not start within {timeout:.0f} s")
+        kind, message, trace = self._recv()
+        if kind != "ready":
+            raise WorkerDied(f"{message}\n{trace or ''}")
+
+    def _recv(self) -> tuple[str, Any, Any]:
+        assert self._conn is not None and self._process is not None
+        while not self._conn.poll(1.0):
+            if not self._process.is_alive():
+                raise WorkerDied(f"slot {self.slot} worker exited with code {self._process.exitcode}")
+        try:
+            return self._conn.recv()
+        except (EOFError, ConnectionResetError) as exc:
+            raise WorkerDied(f"slot {self.slot} worker closed its pipe: {exc}") from exc
+
+    def train(self, task: TrainTask) -> ChunkOutcome:
+        """Train one chunk; if the worker process dies, restart it once and retry from the saved state."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    assert self._conn is not None
+                    self._conn.send(("train", task.to_dict()))
+                    kind, payload, _ = self._recv()
+                    return ChunkOutcome(**payload)
+                except (WorkerDied, BrokenPipeError, OSError) as exc:
+                    if attempt == 2:
+                        return ChunkOutcome(
+                            run_id=task.run_id,
+                            chunk_index=task.chunk.index,
+                            status="failed",
+                            step=task.chunk.start_step,
+                            epoch=task.chunk.epoch,
+                            samples=0,
+                            error=f"slot {self.slot} worker died twice training this chunk: {exc}",
+                        )
+                    self._restart()
+        raise AssertionError("unreachable")
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        self._kill()
+        self.start()
+        self.wait_ready()
+
+    def release(self, run_ids: list[int]) -> None:
+        if not run_ids:
+            return
+        with self._lock:
+            try:
+                assert self._conn is not None
+                self._conn.send(("release", list(run_ids)))
+                self._recv()
+            except (WorkerDied, BrokenPipeError, OSError):
+                pass  # a dead worker holds no state to release
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            if self._process is None:
+                return
+            try:
+                assert self._conn is not None
+                self._conn.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self._process.join(timeout)
+            self._kill()
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._process, self._conn = None, None
+
+
+class SlotPool:
+    """All slot workers of one fit, started in parallel (each pays its imports once)."""
+
+    def __init__(
+        self, num_slots: int, source: SpecSource, server_url: str, spool_root: Path, threads_per_slot: int
+    ):
+        if num_slots < 1:
+            raise ValueError(f"need at least one slot, got {num_slots=}")
+        self.workers = [
+            SlotWorker(slot, source, server_url, spool_root / f"slot-{slot}", threads_per_slot)
+            for slot in range(num_slots)
+        ]
+
+    def __enter__(self) -> SlotPool:
+        for worker in self.workers:
+            worker.start()
+        try:
+            for worker in self.workers:
+                worker.wait_ready()
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+    def __getitem__(self, slot: int) -> SlotWorker:
+        return self.workers[slot]

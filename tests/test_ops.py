@@ -1,0 +1,339 @@
+"""rf_core.ops on a real DuckDBStore: validation against pending ops, applying at boundaries, bookkeeping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rf_core import ops
+from rf_core.config import normalize_config
+from rf_core.states import RunStatus
+from rf_core.store import DuckDBStore
+
+BASE = {"model_name_or_path": "rf-tiny-llama", "learning_rate": 1e-3, "r": 8, "lora_alpha": 16}
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    opened = DuckDBStore(tmp_path / "rf.duckdb")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def exp(store: DuckDBStore) -> str:
+    """An experiment with three New runs (learning rates 1e-3, 1e-4, 1e-5)."""
+    configs = [{**BASE, "learning_rate": lr} for lr in (1e-3, 1e-4, 1e-5)]
+    ops.create_experiment(store, "exp", configs, num_chunks=4, seed=1)
+    return "exp"
+
+
+def train_chunk(
+    store: DuckDBStore, run_id: int, chunk: int, status: str = "ok", **extra: Any
+) -> dict[str, Any]:
+    """Record one chunk of `run_id` as the fit flow would."""
+    timeline_id = ops.record_chunk_start(store, "exp", run_id, chunk, slot=0, total_chunks=4)
+    outcome = {
+        "run_id": run_id,
+        "chunk_index": chunk,
+        "status": status,
+        "step": 10 * (chunk + 1),
+        "epoch": 0,
+        "samples": 80 * (chunk + 1),
+        "checkpoint": f"/ckpt/run-{run_id}/chunk-{chunk}.pt" if status != "failed" else None,
+        **extra,
+    }
+    return ops.record_chunk_end(store, "exp", timeline_id, outcome)
+
+
+def submit(store: DuckDBStore, kind: str, run_id: int, payload: Any = None) -> dict[str, Any]:
+    return ops.submit_op(store, "exp", kind, run_id, payload, source="cli", who="tester")
+
+
+def rejected(store: DuckDBStore, kind: str, run_id: int, payload: Any = None) -> list[str]:
+    before = len(store.list_ops("exp"))
+    with pytest.raises(ops.OpRejected) as info:
+        submit(store, kind, run_id, payload)
+    assert len(store.list_ops("exp")) == before, "a rejected op must not write a row"
+    return info.value.problems
+
+
+# -- validation --------------------------------------------------------------------------------------------
+
+
+def test_a_second_stop_while_one_is_pending_names_the_pending_op(store: DuckDBStore, exp: str) -> None:
+    first = submit(store, "stop", 3)
+    assert rejected(store, "stop", 3) == [f"run 3 will already be stopped by op {first['op_id']}"]
+
+
+def test_stop_then_resume_is_allowed_and_a_second_resume_is_not(store: DuckDBStore, exp: str) -> None:
+    submit(store, "stop", 1)
+    resume = submit(store, "resume", 1)
+    assert resume["status"] == "pending"
+    assert rejected(store, "resume", 1) == [f"run 1 will already be resumed by op {resume['op_id']}"]
+
+
+def test_resume_of_a_new_run_is_rejected_naming_its_state(store: DuckDBStore, exp: str) -> None:
+    (problem,) = rejected(store, "resume", 2)
+    assert "it is New" in problem
+
+
+def test_ops_on_a_deleted_run_are_rejected_naming_the_state(store: DuckDBStore, exp: str) -> None:
+    delete = submit(store, "delete", 2)
+    assert rejected(store, "stop", 2) == [
+        f"cannot stop run 2: it will be Deleted once pending op {delete['op_id']} (delete) applies"
+    ]
+    ops.apply_due_ops(store, "exp", [2])
+    for kind in ("stop", "resume", "clone", "delete"):
+        (problem,) = rejected(store, kind, 2)
+        assert "it is Deleted" in problem
+
+
+def test_unknown_run_and_unknown_experiment(store: DuckDBStore, exp: str) -> None:
+    assert rejected(store, "stop", 9) == ["experiment exp has no run 9"]
+    with pytest.raises(ops.NotFound, match="no experiment named 'nope'"):
+        ops.submit_op(store, "nope", "stop", 1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "run_id", "payload", "source", "expected"),
+    [
+        ("pause", 1, None, "cli", "unknown op kind 'pause'"),
+        ("stop", "1", None, "cli", "run_id must be an integer"),
+        ("stop", 1, None, "robot", "source must be 'user', 'cli' or 'policy:<name>'"),
+        ("stop", 1, [1, 2], "cli", "payload must be a JSON object or null"),
+        ("clone", 1, "lr=1", "cli", "clone payload must be a JSON object"),
+        ("clone", 1, {"overrides": [1]}, "cli", "'overrides' must be a JSON object"),
+        ("clone", 1, {"config": BASE, "overrides": {}}, "cli", "either 'config'"),
+        ("clone", 1, {"warm_start": "yes"}, "cli", "warm_start must be one of"),
+        ("clone", 1, {"overides": {}}, "cli", "unknown clone payload keys ['overides']"),
+    ],
+)
+def test_malformed_ops_are_rejected_clearly(
+    store: DuckDBStore, exp: str, kind: str, run_id: Any, payload: Any, source: str, expected: str
+) -> None:
+    with pytest.raises(ops.OpRejected) as info:
+        ops.submit_op(store, "exp", kind, run_id, payload, source=source)
+    assert any(expected in problem for problem in info.value.problems), info.value.problems
+    assert store.list_ops("exp") == []
+
+
+def test_clone_with_an_unknown_config_key_names_the_key(store: DuckDBStore, exp: str) -> None:
+    problems = rejected(store, "clone", 1, {"overrides": {"learning_rat": 1e-4}})
+    assert any("learning_rat" in problem for problem in problems), problems
+
+
+def test_clone_with_a_range_whose_low_exceeds_high_is_rejected(store: DuckDBStore, exp: str) -> None:
+    payload = {"overrides": {"learning_rate": {"$range": {"low": 1e-3, "high": 1e-5}}}}
+    assert rejected(store, "clone", 1, payload) == ["Range low must be <= high, got low=0.001 > high=1e-05"]
+
+
+def test_a_tagged_list_clone_expands_to_one_config_per_value(store: DuckDBStore, exp: str) -> None:
+    op = submit(store, "clone", 1, {"overrides": {"learning_rate": {"$list": [1e-4, 2e-4, 3e-4]}}})
+    assert op["payload"]["count"] == 3
+    assert [config["learning_rate"] for config in op["payload"]["configs"]] == [1e-4, 2e-4, 3e-4]
+    assert all(config["r"] == 8 for config in op["payload"]["configs"])
+
+
+def test_a_full_config_clone_is_stored_normalised(store: DuckDBStore, exp: str) -> None:
+    op = submit(store, "clone", 2, {"config": {**BASE, "learning_rate": 5e-4}})
+    (config,) = op["payload"]["configs"]
+    assert config["learning_rate"] == 5e-4
+    assert config == normalize_config(config)
+
+
+def test_warm_clone_of_a_new_run_is_rejected(store: DuckDBStore, exp: str) -> None:
+    assert rejected(store, "clone", 2, {"warm_start": "weights"}) == [
+        "run 2 has no trained state yet: clone it cold (warm_start off) or after a chunk"
+    ]
+    assert submit(store, "clone", 2, {"warm_start": "off"})["status"] == "pending"
+
+
+def test_warm_clone_with_another_rank_is_rejected_naming_r(store: DuckDBStore, exp: str) -> None:
+    train_chunk(store, 1, 0)
+    problems = rejected(store, "clone", 1, {"overrides": {"r": 16}, "warm_start": "weights"})
+    assert problems == ["warm start needs the parent's architecture: r differs: parent 8, clone 16"]
+    cold = submit(store, "clone", 1, {"overrides": {"r": 16}})
+    assert cold["payload"]["configs"][0]["r"] == 16
+
+
+def test_failed_run_warm_clones_from_its_last_good_checkpoint(store: DuckDBStore, exp: str) -> None:
+    train_chunk(store, 1, 0)
+    train_chunk(store, 1, 1, status="failed", error="CUDA out of memory", traceback="Traceback ...")
+    run = store.get_run("exp", 1)
+    assert run["status"] == "Failed" and run["error"] == "CUDA out of memory"
+    assert run["checkpoint"] == "/ckpt/run-1/chunk-0.pt" and run["chunks_done"] == 1
+    op = submit(store, "clone", 1, {"warm_start": "weights+optimizer"})
+    (applied,) = ops.apply_due_ops(store, "exp", [1])
+    (clone_id,) = applied["result"]["created_run_ids"]
+    clone = store.get_run("exp", clone_id)
+    assert applied["op_id"] == op["op_id"]
+    assert clone["warm_start_checkpoint"] == "/ckpt/run-1/chunk-0.pt" and clone["parent_step"] == 10
+
+
+def test_a_failed_run_without_checkpoint_cannot_be_warm_cloned(store: DuckDBStore, exp: str) -> None:
+    train_chunk(store, 2, 0, status="failed", error="boom")
+    (problem,) = rejected(store, "clone", 2, {"warm_start": "weights"})
+    assert "failed before saving any checkpoint" in problem
+
+
+def test_validate_op_is_pure_and_folds_pending_ops() -> None:
+    run = {"run_id": 3, "status": "Ongoing", "config": BASE, "checkpoint": None}
+    pending = [{"op_id": 17, "kind": "stop"}, {"op_id": 18, "kind": "resume"}, {"op_id": 19, "kind": "stop"}]
+    assert ops.validate_op("stop", run, pending) == ["run 3 will already be stopped by op 19"]
+    assert ops.validate_op("resume", run, pending) == []
+    assert ops.validate_op("stop", None, [], experiment="X", run_id=9) == ["experiment X has no run 9"]
+
+
+def test_several_clones_of_one_run_are_never_duplicates(store: DuckDBStore, exp: str) -> None:
+    first = submit(store, "clone", 1, {"overrides": {}})
+    second = submit(store, "clone", 1, {"overrides": {}})
+    applied = ops.apply_due_ops(store, "exp", [1])
+    assert [op["op_id"] for op in applied] == [first["op_id"], second["op_id"]]
+    assert [op["result"]["created_run_ids"] for op in applied] == [[4], [5]]
+
+
+# -- applying ----------------------------------------------------------------------------------------------
+
+
+def test_ops_apply_in_submission_order_only_for_idle_runs(store: DuckDBStore, exp: str) -> None:
+    stop = submit(store, "stop", 1)
+    resume = submit(store, "resume", 1)
+    other = submit(store, "stop", 2)
+    applied = ops.apply_due_ops(store, "exp", [1])
+    assert [op["op_id"] for op in applied] == [stop["op_id"], resume["op_id"]]
+    assert all(op["status"] == "applied" for op in applied)
+    assert store.get_run("exp", 1)["status"] == "Ongoing"  # a resumed run goes back to Ongoing
+    assert store.get_op(other["op_id"])["status"] == "pending"  # run 2 is busy: its op waits
+    assert ops.apply_due_ops(store, "exp", [2])[0]["result"] == {"from": "New", "to": "Stopped"}
+    run = store.get_run("exp", 2)
+    assert run["status"] == "Stopped" and run["ended_by"] == str(other["op_id"])
+
+
+def test_an_op_no_longer_legal_is_skipped_with_the_reason(store: DuckDBStore, exp: str) -> None:
+    train_chunk(store, 1, 0)
+    stop = submit(store, "stop", 1)
+    train_chunk(store, 1, 1, status="completed")  # the run finished its last chunk before the boundary
+    (skipped,) = ops.apply_due_ops(store, "exp", [1])
+    assert skipped["op_id"] == stop["op_id"] and skipped["status"] == "skipped"
+    assert skipped["reason"] == "run 1 is Completed now: stop no longer applies"
+    assert store.get_run("exp", 1)["status"] == "Completed"
+
+
+def test_clones_are_created_with_parent_and_warm_start_fields(store: DuckDBStore, exp: str) -> None:
+    train_chunk(store, 1, 0)
+    train_chunk(store, 1, 1)
+    payload = {"overrides": {"learning_rate": {"$list": [1e-4, 2e-4]}}, "warm_start": "weights"}
+    warm = ops.submit_op(store, "exp", "clone", 1, payload, source="policy:pbt")
+    cold = submit(store, "clone", 1, {"overrides": {"learning_rate": 7e-4}})
+    applied = ops.apply_due_ops(store, "exp", [1, 2, 3])
+    assert [op["op_id"] for op in applied] == [warm["op_id"], cold["op_id"]]
+    assert applied[0]["result"] == {"created_run_ids": [4, 5]}
+    assert applied[1]["result"] == {"created_run_ids": [6]}
+    runs = {run["run_id"]: run for run in ops.list_runs(store, "exp")}
+    for run_id, lr in ((4, 1e-4), (5, 2e-4)):
+        clone = runs[run_id]
+        assert clone["status"] == "New" and clone["parent_id"] == 1 and clone["source"] == "policy:pbt"
+        assert clone["warm_start"] == "weights" and clone["warm_start_checkpoint"] == "/ckpt/run-1/chunk-1.pt"
+        assert clone["parent_step"] == 20 and clone["config"]["learning_rate"] == lr
+    assert runs[6]["warm_start"] == "off" and runs[6]["warm_start_checkpoint"] is None
+    assert runs[6]["source"] == "cli" and runs[6]["parent_step"] == 20
+
+
+def test_a_warm_clone_of_a_run_in_its_first_chunk_waits_for_its_checkpoint(
+    store: DuckDBStore, exp: str
+) -> None:
+    timeline_id = ops.record_chunk_start(store, "exp", 1, 0, slot=0, total_chunks=4)
+    op = submit(store, "clone", 1, {"warm_start": "weights"})  # Ongoing: it will have state at its boundary
+    ops.record_chunk_end(
+        store, "exp", timeline_id,
+        {"status": "ok", "step": 10, "epoch": 0, "samples": 80, "checkpoint": "/ckpt/run-1/chunk-0.pt"},
+    )  # fmt: skip
+    (applied,) = ops.apply_due_ops(store, "exp", [1])
+    assert applied["op_id"] == op["op_id"] and applied["status"] == "applied"
+
+
+# -- bookkeeping -------------------------------------------------------------------------------------------
+
+
+def test_chunk_bookkeeping_moves_new_to_ongoing_to_completed(store: DuckDBStore, exp: str) -> None:
+    run = train_chunk(store, 1, 0)
+    assert run["status"] == "Ongoing" and run["chunks_done"] == 1 and run["total_chunks"] == 4
+    assert run["step"] == 10 and run["samples"] == 80 and run["checkpoint"] == "/ckpt/run-1/chunk-0.pt"
+    run = train_chunk(store, 1, 1, status="completed")
+    assert run["status"] == "Completed" and run["ended_by"] == "completed" and run["chunks_done"] == 2
+    timeline = ops.timeline(store, "exp")
+    assert [(entry["chunk"], entry["outcome"]) for entry in timeline] == [(0, "ok"), (1, "completed")]
+    with pytest.raises(ops.IllegalTransition):
+        ops.record_chunk_start(store, "exp", 1, 2, slot=0, total_chunks=4)
+
+
+def test_recording_a_chunk_end_twice_changes_nothing(store: DuckDBStore, exp: str) -> None:
+    timeline_id = ops.record_chunk_start(store, "exp", 2, 0, slot=1, total_chunks=4)
+    outcome = {"status": "ok", "step": 5, "epoch": 0, "samples": 40, "checkpoint": "/c.pt"}
+    first = ops.record_chunk_end(store, "exp", timeline_id, outcome)
+    again = ops.record_chunk_end(store, "exp", timeline_id, {**outcome, "step": 999})
+    assert again["step"] == first["step"] == 5
+
+
+def test_bad_chunk_outcomes_are_invalid_requests(store: DuckDBStore, exp: str) -> None:
+    timeline_id = ops.record_chunk_start(store, "exp", 2, 0, slot=1, total_chunks=4)
+    with pytest.raises(ops.InvalidRequest, match="outcome status must be one of"):
+        ops.record_chunk_end(
+            store, "exp", timeline_id, {"status": "great", "step": 1, "epoch": 0, "samples": 1}
+        )
+    with pytest.raises(ops.NotFound):
+        ops.record_chunk_end(store, "exp", 999, {"status": "ok", "step": 1, "epoch": 0, "samples": 1})
+
+
+# -- experiments, listings, metrics ------------------------------------------------------------------------
+
+
+def test_create_experiment_validates_every_config_and_refuses_a_used_name(
+    store: DuckDBStore, exp: str
+) -> None:
+    with pytest.raises(ops.InvalidRequest) as info:
+        ops.create_experiment(store, "other", [BASE, {**BASE, "learning_rat": 1}], num_chunks=0)
+    assert any("num_chunks" in problem for problem in info.value.problems)
+    assert any(problem.startswith("config 2:") for problem in info.value.problems)
+    with pytest.raises(ops.ExperimentExists, match="choose another name, e.g. 'exp-2'"):
+        ops.create_experiment(store, "exp", [BASE], num_chunks=2)
+    assert store.get_experiment("other") is None
+
+
+def test_deleted_runs_and_runs_being_deleted_are_hidden_by_default(store: DuckDBStore, exp: str) -> None:
+    submit(store, "delete", 2)
+    assert [run["run_id"] for run in ops.list_runs(store, "exp")] == [1, 3]
+    ops.apply_due_ops(store, "exp", [2])
+    assert [run["run_id"] for run in ops.list_runs(store, "exp")] == [1, 3]
+    assert [run["run_id"] for run in ops.list_runs(store, "exp", include_deleted=True)] == [1, 2, 3]
+    assert store.get_run("exp", 2)["status"] == RunStatus.DELETED
+
+
+def test_snapshot_has_losses_best_metric_pending_ops_and_varying_knobs(store: DuckDBStore, exp: str) -> None:
+    rows = [
+        {"experiment": "exp", "run_id": 1, "step": step, "name": name, "value": value, "chunk": 0}
+        for step, name, value in [(1, "train_loss", 2.0), (2, "train_loss", 1.5), (2, "eval_loss", 1.8),
+                                  (4, "eval_loss", 1.2), (6, "eval_loss", 1.4)]
+    ]  # fmt: skip
+    assert ops.log_metrics(store, "batch-a", rows) == {"batch_id": "batch-a", "inserted": True, "rows": 5}
+    assert ops.log_metrics(store, "batch-a", rows)["inserted"] is False
+    submit(store, "stop", 2)
+    snapshot = ops.experiment_snapshot(store, "exp")
+    first, second, _ = snapshot["runs"]
+    assert (first["train_loss"], first["latest_metric"], first["best_metric"]) == (1.5, 1.4, 1.2)
+    assert second["pending_ops"] == 1 and second["pending_op_kinds"] == ["stop"]
+    assert second["train_loss"] is None
+    assert snapshot["varying_knobs"] == ["learning_rate"]
+    assert len(ops.metrics(store, "exp", run_ids=[1], names=["eval_loss"])) == 3
+
+
+def test_metric_rows_are_validated(store: DuckDBStore, exp: str) -> None:
+    with pytest.raises(ops.InvalidRequest, match="row 0: run_id must be an integer"):
+        ops.log_metrics(
+            store, "b", [{"experiment": "exp", "run_id": "one", "step": 1, "name": "x", "value": 1}]
+        )
+    with pytest.raises(ops.NotFound):
+        ops.log_metrics(store, "b", [{"experiment": "nope", "run_id": 1, "step": 1, "name": "x", "value": 1}])
