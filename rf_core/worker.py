@@ -63,6 +63,8 @@ def _serve(
 ) -> None:
     """Worker process main loop."""
     os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
+    # Spinning OpenMP threads slow every other slot's worker several-fold on a shared CPU.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import torch
@@ -70,6 +72,9 @@ def _serve(
         from rf_core.client import MetricWriter
         from rf_core.trainer import SlotTrainer
 
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(num_threads)
         spec = source.load()
         trainer = SlotTrainer(
