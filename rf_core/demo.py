@@ -11,9 +11,10 @@ from rf_core.knobs import GridSearch, List
 
 DEMO_GRID = {
     "model_name_or_path": "rf-tiny-llama",
-    "learning_rate": List([2e-3, 2e-5]),
+    "learning_rate": List([1e-2, 1e-5]),
     "r": List([16, 4]),
-    "lora_alpha": 16,
+    "lora_alpha": 32,
+    "num_train_epochs": 2,
     "per_device_train_batch_size": 8,
     "max_length": 64,
     "lr_scheduler_type": "linear",
