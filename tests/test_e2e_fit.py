@@ -1,0 +1,200 @@
+"""End to end through the real parts: an `rf server` process, the Prefect fit flow, slot worker processes,
+real LoRA training, and IC Ops typed into the real `rf` CLI while chunks are in flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rf_core import paths
+from rf_core.checkpoints import init_checkpoint_path, load_checkpoint, step_checkpoint_path
+from rf_core.client import RFClient
+from rf_core.worker import STEP_DELAY_ENV
+from tests.e2e_experiment import MODEL_CACHE_ENV
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "e2e"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def rf_server(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.setenv(STEP_DELAY_ENV, "0.4")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", "0"],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not paths.server_info_path(home).exists():
+        assert process.poll() is None, "rf server exited during start-up"
+        assert time.monotonic() < deadline, "rf server did not start"
+        time.sleep(0.1)
+    url = json.loads(paths.server_info_path(home).read_text())["url"]
+    yield home, url
+    process.terminate()
+    process.wait(15)
+
+
+def rf(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, RF_SERVER_URL=url)
+    return subprocess.run(
+        [sys.executable, "-m", "rf_cli.main", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
+    )
+
+
+class Steerer(threading.Thread):
+    """Plays the user: watches the experiment and types IC Ops into the CLI at the right moments."""
+
+    def __init__(self, url: str, tmp_path: Path) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.client = RFClient(url)
+        self.tmp_path = tmp_path
+        self.accepted: dict[str, subprocess.CompletedProcess[str]] = {}
+        self.rejected: dict[str, tuple[subprocess.CompletedProcess[str], int, int]] = {}
+        self.streamed_mid_chunk = False
+        self.errors: list[str] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._steer()
+        except Exception as exc:  # surfaced by the test's assertions
+            self.errors.append(repr(exc))
+
+    def _reject(self, label: str, *args: str) -> None:
+        before = len(self.client.list_ops(EXPERIMENT))
+        result = rf(self.url, *args)
+        self.rejected[label] = (result, before, len(self.client.list_ops(EXPERIMENT)))
+
+    def _steer(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                runs = {r["run_id"]: r for r in self.client.list_runs(EXPERIMENT, include_deleted=True)}
+            except Exception:
+                time.sleep(0.1)
+                continue
+            self._check_streaming()
+            if "stop" not in self.accepted and runs.get(1, {}).get("chunks_done", 0) >= 1:
+                self.accepted["stop"] = rf(self.url, "stop", EXPERIMENT, "1")
+                self._reject("second stop", "stop", EXPERIMENT, "1")
+                self._reject("resume ongoing", "resume", EXPERIMENT, "3")
+            if "clone" not in self.accepted and runs.get(2, {}).get("chunks_done", 0) >= 1:
+                self.accepted["clone"] = rf(
+                    self.url, "clone", EXPERIMENT, "2", "--set", "learning_rate=3e-4", "--warm-start"
+                )
+                self._reject("warm clone other r", "clone", EXPERIMENT, "2", "--set", "r=8", "--warm-start")
+                self._reject("unknown key", "clone", EXPERIMENT, "2", "--set", "learnin_rate=0.1")
+                bad = self.tmp_path / "bad.json"
+                bad.write_text('{"learning_rate": 0.1,')
+                self._reject("malformed json", "clone", EXPERIMENT, "2", "--config", str(bad))
+                self._reject(
+                    "range low > high", "clone", EXPERIMENT, "2", "--set",
+                    'learning_rate={"$range": {"low": 0.2, "high": 0.1}}',
+                )  # fmt: skip
+            time.sleep(0.1)
+
+    def _check_streaming(self) -> None:
+        if self.streamed_mid_chunk:
+            return
+        for entry in self.client.timeline(EXPERIMENT):
+            if entry["end"] is None:
+                rows = self.client.get_metrics(EXPERIMENT, run_ids=[entry["run_id"]], names=["train_loss"])
+                still_open = any(
+                    e["id"] == entry["id"] and e["end"] is None for e in self.client.timeline(EXPERIMENT)
+                )
+                if still_open and any(row["chunk"] == entry["chunk"] for row in rows):
+                    self.streamed_mid_chunk = True
+
+
+def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
+    from flows.fit import rf_fit
+
+    home, url = rf_server
+    steerer = Steerer(url, tmp_path)
+    steerer.start()
+    try:
+        rf_fit(EXPERIMENT, entrypoint="tests.e2e_experiment:spec", cpu_slots=2, idle_timeout=3, server_url=url)
+    finally:
+        steerer.stop_event.set()
+        steerer.join(10)
+    client = RFClient(url)
+    assert steerer.errors == []
+
+    # Every op typed was either accepted (exit 0) or rejected with its reason, adding no op row.
+    for label, result in steerer.accepted.items():
+        assert result.returncode == 0, (label, result.stderr)
+    expected_reasons = {
+        "second stop": "already be stopped by op",
+        "resume ongoing": "Ongoing",
+        "warm clone other r": "r differs",
+        "unknown key": "learnin_rate",
+        "malformed json": "JSON",
+        "range low > high": "low",
+    }
+    assert set(steerer.rejected) == set(expected_reasons)
+    for label, (result, before, after) in steerer.rejected.items():
+        assert result.returncode != 0, label
+        assert expected_reasons[label] in result.stderr, (label, result.stderr)
+        assert after == before, f"{label}: a rejected op added a row"
+
+    runs = {run["run_id"]: run for run in client.list_runs(EXPERIMENT, include_deleted=True)}
+    timeline = client.timeline(EXPERIMENT)
+
+    # Run 1 stopped at a chunk boundary, having finished every chunk it started.
+    started_by_run_1 = [entry for entry in timeline if entry["run_id"] == 1]
+    assert runs[1]["status"] == "Stopped"
+    assert 1 <= runs[1]["chunks_done"] == len(started_by_run_1) < 4
+    assert all(entry["outcome"] == "ok" for entry in started_by_run_1)
+
+    # The warm clone of run 2 records its lineage and starts from the parent's weights at that step.
+    clone_id = max(runs)
+    clone = runs[clone_id]
+    assert clone_id == 4
+    assert (clone["parent_id"], clone["warm_start"], clone["source"]) == (2, "weights", "cli")
+    assert clone["config"]["learning_rate"] == 3e-4
+    assert clone["status"] == "Completed"
+    assert runs[2]["status"] == runs[3]["status"] == "Completed"
+    parent_state = load_checkpoint(step_checkpoint_path(paths.run_dir(EXPERIMENT, 2, home), clone["parent_step"]))
+    clone_start = load_checkpoint(init_checkpoint_path(paths.run_dir(EXPERIMENT, clone_id, home)))
+    assert clone["parent_step"] > 0
+    assert parent_state["trainable"].keys() == clone_start["trainable"].keys()
+    for key, tensor in parent_state["trainable"].items():
+        assert torch.equal(tensor, clone_start["trainable"][key]), key
+
+    # Every trained chunk has its metric rows, and some arrived while their chunk was still training.
+    metrics = client.get_metrics(EXPERIMENT)
+    for entry in timeline:
+        rows = [m for m in metrics if m["run_id"] == entry["run_id"] and m["chunk"] == entry["chunk"]]
+        assert {m["name"] for m in rows} >= {"train_loss", "learning_rate", "eval_loss"}, entry
+        assert sum(m["name"] == "train_loss" for m in rows) == 3, entry  # 96 samples / batch 8 / 4 chunks
+    assert steerer.streamed_mid_chunk
+
+    # The ops log shows each accepted op and what became of it.
+    ops = {op["kind"]: op for op in client.list_ops(EXPERIMENT)}
+    assert ops["stop"]["status"] == "applied" and ops["stop"]["source"] == "cli"
+    assert ops["clone"]["status"] == "applied"
+    assert ops["clone"]["result"]["created_run_ids"] == [clone_id]
+    assert client.get_experiment(EXPERIMENT)["status"] == "finished"
+
+
