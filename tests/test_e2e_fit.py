@@ -198,3 +198,39 @@ def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
     assert client.get_experiment(EXPERIMENT)["status"] == "finished"
 
 
+
+
+def test_run_fit_from_python_with_notebook_functions(prefect_harness, tmp_path, monkeypatch):
+    """`Experiment.run_fit` with functions defined in place (sent to workers by cloudpickle) and a temporary
+    server; a run whose model cannot be built fails alone, with its reason, while the other completes."""
+    from rf_core import Experiment, List
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    broken_name = "no-such-model"
+
+    def create_model_fn(config: dict) -> tuple:
+        if config["model_name_or_path"] == broken_name:
+            raise FileNotFoundError(f"model folder {broken_name!r} does not exist")
+        return e2e_experiment.create_model_fn(config)
+
+    data = e2e_experiment.spec()
+    snapshot = Experiment("notebook").run_fit(
+        {"model_name_or_path": List(["rf-tiny-llama", broken_name]), "r": 4, "max_length": 32},
+        create_model_fn,
+        data.train_dataset[:48],
+        data.eval_dataset,
+        num_chunks=2,
+        seed=3,
+        cpu_slots=1,
+        idle_timeout=1,
+    )
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert runs[1]["status"] == "Completed" and runs[1]["chunks_done"] == 2
+    assert runs[1]["latest_metric"] is not None
+    assert runs[2]["status"] == "Failed" and runs[2]["chunks_done"] == 0
+    assert broken_name in runs[2]["error"]
+    # The temporary server went away with the fit.
+    assert not paths.server_info_path(tmp_path / "home").exists()

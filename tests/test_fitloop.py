@@ -1,0 +1,108 @@
+"""The fit loop's planning step with a fake store client: no Prefect, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rf_core.config import normalize_config
+from rf_core.experiment import ExperimentSpec
+from rf_core.fitloop import FitLoop
+
+
+class FakeClient:
+    def __init__(self, runs: list[dict[str, Any]], due_ops: dict[int, list[dict[str, Any]]] | None = None):
+        self.runs = {run["run_id"]: run for run in runs}
+        self.due_ops = due_ops or {}
+        self.apply_calls: list[list[int]] = []
+
+    def list_runs(self, experiment: str, include_deleted: bool = False) -> list[dict[str, Any]]:
+        return [dict(run) for run in self.runs.values()]
+
+    def apply_due_ops(self, experiment: str, idle_run_ids: list[int]) -> list[dict[str, Any]]:
+        self.apply_calls.append(list(idle_run_ids))
+        applied = []
+        for run_id in idle_run_ids:
+            for op in self.due_ops.pop(run_id, []):
+                self.runs[run_id]["status"] = op["new_status"]
+                applied.append(op)
+        return applied
+
+
+def make_run(run_id: int, status: str = "New", done: int = 0, **extra: Any) -> dict[str, Any]:
+    config = normalize_config({"per_device_train_batch_size": 4})
+    return {"run_id": run_id, "status": status, "chunks_done": done, "config": config, **extra}
+
+
+def make_loop(client: FakeClient, slots: int = 2, samples: int = 32) -> FitLoop:
+    spec = ExperimentSpec(
+        config_group={},
+        create_model_fn=lambda cfg: (None, None),
+        train_dataset=[{"text": "x"}] * samples,
+        eval_dataset=[{"text": "y"}],
+        num_chunks=4,
+        seed=5,
+    )
+    return FitLoop(client, "exp", spec, slots, Path("/tmp/rf-home"))
+
+
+def test_ops_are_applied_only_to_runs_not_in_flight():
+    client = FakeClient([make_run(1, "Ongoing", 1), make_run(2, "Ongoing", 1), make_run(3)])
+    loop = make_loop(client)
+    loop.plan(in_flight={0: 1})
+    assert client.apply_calls == [[2, 3]]
+
+
+def test_least_progress_first_and_chunk_specs():
+    client = FakeClient([make_run(1, "Ongoing", 2), make_run(2, "Ongoing", 1), make_run(3)])
+    plan = make_loop(client).plan(in_flight={})
+    assert [(slot, task.run_id, task.chunk.index) for slot, task in plan.tasks] == [(0, 3, 0), (1, 2, 1)]
+    task = plan.tasks[0][1]
+    assert (task.chunk.start_step, task.chunk.end_step, task.seed) == (0, 2, 5)  # 8 steps / 4 chunks
+    assert task.run_dir.endswith("experiments/exp/runs/run-3")
+
+
+@pytest.mark.parametrize("status", ["Stopped", "Completed", "Failed", "Deleted"])
+def test_runs_that_cannot_train_are_not_scheduled(status):
+    plan = make_loop(FakeClient([make_run(1, status, 1)])).plan(in_flight={})
+    assert plan.tasks == []
+
+
+def test_a_stop_applied_at_the_boundary_releases_the_warm_state():
+    client = FakeClient([make_run(1, "Ongoing", 0)])
+    loop = make_loop(client)
+    first = loop.plan(in_flight={})
+    assert [slot for slot, _ in first.tasks] == [0]
+    client.runs[1]["chunks_done"] = 1
+    client.due_ops[1] = [{"op_id": 7, "kind": "stop", "new_status": "Stopped"}]
+    second = loop.plan(in_flight={})
+    assert second.tasks == [] and second.releases == {0: [1]}
+    assert second.has_stopped and not second.all_final
+
+
+def test_warm_clone_gets_its_parents_checkpoint_on_its_first_chunk_only():
+    clone = make_run(
+        4, "New", 0, parent_id=2, warm_start="weights", warm_start_checkpoint="/ckpt/step-6.pt", parent_step=6
+    )
+    plan = make_loop(FakeClient([clone])).plan(in_flight={})
+    warm = plan.tasks[0][1].warm_start
+    assert warm is not None and (warm.parent_run_id, warm.parent_checkpoint, warm.parent_step) == (
+        2,
+        "/ckpt/step-6.pt",
+        6,
+    )
+    clone.update(status="Ongoing", chunks_done=1)
+    assert make_loop(FakeClient([clone])).plan(in_flight={}).tasks[0][1].warm_start is None
+
+
+def test_a_run_that_cannot_be_chunked_is_reported_not_scheduled():
+    plan = make_loop(FakeClient([make_run(1)]), samples=8).plan(in_flight={})  # 2 steps < 4 chunks
+    assert plan.tasks == []
+    assert len(plan.unplannable) == 1 and "num_chunks=4 exceeds" in plan.unplannable[0].error
+
+
+def test_all_final_when_every_run_is_done():
+    plan = make_loop(FakeClient([make_run(1, "Completed", 4), make_run(2, "Deleted", 1)])).plan(in_flight={})
+    assert plan.all_final and plan.tasks == []
