@@ -43,6 +43,7 @@ def results_rows(snapshot: Mapping[str, Any]) -> tuple[list[str], list[list[Any]
         "status",
         "source",
         "parent",
+        "warm start",
         *knobs,
         "chunks",
         "step",
@@ -57,6 +58,7 @@ def results_rows(snapshot: Mapping[str, Any]) -> tuple[list[str], list[list[Any]
                 run["status"],
                 run.get("source"),
                 run.get("parent_id"),
+                _warm(run),
                 *[_knob(run["config"].get(k)) for k in knobs],
                 f"{run.get('chunks_done', 0)}/{run.get('total_chunks') or '-'}",
                 run.get("step"),
@@ -65,6 +67,11 @@ def results_rows(snapshot: Mapping[str, Any]) -> tuple[list[str], list[list[Any]
             ]
         )
     return headers, rows
+
+
+def _warm(run: Mapping[str, Any]) -> str:
+    mode = run.get("warm_start") or "off"
+    return "-" if mode == "off" else f"{mode} @ step {run.get('parent_step')}"
 
 
 def _knob(value: Any) -> str:

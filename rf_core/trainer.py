@@ -162,7 +162,10 @@ class SlotTrainer:
         adapter_name = _adapter_name(run_id)
         for base in self._bases.values():
             if base.lora_host is not None and adapter_name in base.lora_host.peft_config:
-                base.lora_host.delete_adapter(adapter_name)
+                # PEFT warns when the deleted adapter was the active one; each chunk activates its own anyway.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+                    base.lora_host.delete_adapter(adapter_name)
 
     # --------------------------------------------------------------------------------------- the chunk loop
 

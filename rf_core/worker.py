@@ -68,11 +68,10 @@ def _serve(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import torch
+        import transformers
 
         from rf_core.client import MetricWriter
         from rf_core.trainer import SlotTrainer
-
-        import transformers
 
         transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(num_threads)

@@ -1,0 +1,29 @@
+from rf_core.report import format_chunk_line, format_results_table
+from rf_core.tasks import ChunkOutcome
+
+SNAPSHOT = {
+    "experiment": {"name": "exp", "metric": "eval_loss"},
+    "runs": [
+        {"run_id": 1, "status": "Completed", "source": "initial", "config": {"r": 4, "learning_rate": 1e-3},
+         "chunks_done": 4, "total_chunks": 4, "step": 40, "latest_metric": 2.5, "best_metric": 2.4},
+        {"run_id": 2, "status": "Stopped", "source": "cli", "parent_id": 1, "warm_start": "weights",
+         "parent_step": 20, "config": {"r": 4, "learning_rate": 3e-4}, "chunks_done": 1, "total_chunks": 4,
+         "step": 10, "latest_metric": None, "best_metric": None},
+    ],
+}  # fmt: skip
+
+
+def test_results_table_shows_varying_knobs_lineage_and_metrics():
+    lines = format_results_table(SNAPSHOT).strip().splitlines()
+    header = lines[1].split()
+    assert "learning_rate" in header and "r" not in header  # only knobs that differ between runs
+    assert lines[3].split()[:2] == ["1", "Completed"] and "2.5000" in lines[3]
+    assert "weights @ step 20" in lines[4] and "1/4" in lines[4]
+
+
+def test_chunk_line_names_run_chunk_and_losses():
+    ok = ChunkOutcome(1, 2, "completed", 40, 0, 320, eval_metrics={"eval_loss": 2.5}, last_train_loss=2.25)
+    line = format_chunk_line(ok, 3, slot=1)
+    assert "chunk 3/3" in line and "eval_loss 2.5000" in line and "(completed)" in line
+    failed = ChunkOutcome(2, 0, "failed", 0, 0, 0, error="loss became nan at step 3")
+    assert "FAILED: loss became nan at step 3" in format_chunk_line(failed, 3, slot=0)
