@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -144,9 +145,10 @@ def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
     # Every op typed was either accepted (exit 0) or rejected with its reason, adding no op row.
     for label, result in steerer.accepted.items():
         assert result.returncode == 0, (label, result.stderr)
+    # A second stop meets either the pending stop or, if the boundary came first, the Stopped run.
     expected_reasons = {
-        "second stop": "already be stopped by op",
-        "resume ongoing": "Ongoing",
+        "second stop": r"already be stopped by op \d+|cannot stop run 1: it is Stopped",
+        "resume ongoing": "cannot resume run 3: it is (Ongoing|New)",
         "warm clone other r": "r differs",
         "unknown key": "learnin_rate",
         "malformed json": "JSON",
@@ -155,7 +157,7 @@ def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
     assert set(steerer.rejected) == set(expected_reasons)
     for label, (result, before, after) in steerer.rejected.items():
         assert result.returncode != 0, label
-        assert expected_reasons[label] in result.stderr, (label, result.stderr)
+        assert re.search(expected_reasons[label], result.stderr), (label, result.stderr)
         assert after == before, f"{label}: a rejected op added a row"
 
     runs = {run["run_id"]: run for run in client.list_runs(EXPERIMENT, include_deleted=True)}
