@@ -16,7 +16,7 @@ from typing import Any
 
 from rf_core import paths
 
-SERVER_START_TIMEOUT_S = 30.0
+SERVER_START_TIMEOUT_S = 60.0  # a loaded 2-core machine can take several seconds to import Dash
 SERVER_LOG_NAME = "server.log"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
