@@ -1,6 +1,9 @@
 """Deterministic chunking: each epoch's seeded sample order cut into contiguous pieces of whole optimizer steps.
 
-A run's cursor counts samples, so the same order serves every run of an experiment whatever its batch size.
+An optimizer step consumes `per_device_train_batch_size * gradient_accumulation_steps` samples; an epoch's
+incomplete last step is dropped. Each epoch's S steps are split into `num_chunks` contiguous pieces whose sizes
+differ by at most one (the first S % num_chunks pieces get the extra step). Steps are global over the run, sample
+offsets are local to the epoch's order (`epoch_order`), and the LR schedule spans `total_steps` — the whole run.
 """
 
 from __future__ import annotations
@@ -14,53 +17,62 @@ from rf_core.tasks import ChunkSpec
 
 
 class ChunkingError(ValueError):
-    pass
+    """A run cannot be split as asked; the message names the numbers involved."""
 
 
 def samples_per_step(config: Mapping[str, Any]) -> int:
+    """Samples consumed by one optimizer step (batch × gradient accumulation); `config` is normalised."""
     return int(config["per_device_train_batch_size"]) * int(config["gradient_accumulation_steps"])
 
 
 def steps_per_epoch(num_samples: int, config: Mapping[str, Any]) -> int:
     """Whole optimizer steps in one epoch; an incomplete last step is dropped."""
-    return num_samples // samples_per_step(config)
+    return max(0, num_samples) // samples_per_step(config)
 
 
 def total_steps(num_samples: int, config: Mapping[str, Any]) -> int:
-    """Optimizer steps of the whole run (the LR schedule spans these), capped by max_steps."""
+    """Optimizer steps of the whole run (the LR schedule spans these): epochs × steps per epoch, capped by max_steps."""
     steps = steps_per_epoch(num_samples, config) * int(config["num_train_epochs"])
-    max_steps = int(config.get("max_steps", -1))
+    max_steps = int(config["max_steps"])
     return min(steps, max_steps) if max_steps > 0 else steps
 
 
 def plan_chunks(num_samples: int, config: Mapping[str, Any], num_chunks: int) -> list[ChunkSpec]:
-    """Every chunk of a run, epoch-major. With max_steps the run ends inside the chunk that reaches it."""
+    """Every chunk of a run, epoch-major; `config` is normalised.
+
+    With max_steps > 0 the run ends inside the chunk where the global step reaches max_steps: that chunk ends at
+    max_steps and later chunks are dropped.
+    """
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-        raise ChunkingError(f"num_chunks must be an integer >= 1, got {num_chunks!r}")
+        raise ChunkingError(f"num_chunks must be an integer >= 1, got {num_chunks=}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ChunkingError(f"num_samples must be an integer >= 0, got {num_samples=}")
     per_step = samples_per_step(config)
     steps = steps_per_epoch(num_samples, config)
-    batch, accumulation = config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
+    step_shape = (
+        f"batch {config['per_device_train_batch_size']} × accumulation {config['gradient_accumulation_steps']}"
+    )
     if steps == 0:
         raise ChunkingError(
-            f"an epoch has no optimizer step: {num_samples} samples < one step of "
-            f"{per_step} samples (batch {batch} x accumulation {accumulation})"
+            f"an epoch of {num_samples} samples has no whole optimizer step of {per_step} samples ({step_shape})"
         )
     if num_chunks > steps:
         raise ChunkingError(
             f"num_chunks={num_chunks} exceeds the {steps} optimizer steps in one epoch "
-            f"({num_samples} samples / (batch {batch} x accumulation {accumulation}))"
+            f"({num_samples} samples / ({step_shape}))"
         )
-    last_step = total_steps(num_samples, config)
-    base, extra = divmod(steps, num_chunks)
+
+    run_end = total_steps(num_samples, config)
+    base_size, extra = divmod(steps, num_chunks)
     chunks: list[ChunkSpec] = []
     for epoch in range(int(config["num_train_epochs"])):
-        offset = 0
+        step_in_epoch = 0
         for chunk_in_epoch in range(num_chunks):
-            size = base + (1 if chunk_in_epoch < extra else 0)
-            start = epoch * steps + offset
-            end = min(start + size, last_step)
-            if start >= last_step:
+            size = base_size + (1 if chunk_in_epoch < extra else 0)
+            start = epoch * steps + step_in_epoch
+            if start >= run_end:
                 return chunks
+            end = min(start + size, run_end)
             chunks.append(
                 ChunkSpec(
                     index=len(chunks),
@@ -69,16 +81,17 @@ def plan_chunks(num_samples: int, config: Mapping[str, Any], num_chunks: int) ->
                     num_chunks=num_chunks,
                     start_step=start,
                     end_step=end,
-                    start_sample=offset * per_step,
-                    end_sample=(offset + (end - start)) * per_step,
+                    start_sample=step_in_epoch * per_step,
+                    end_sample=(step_in_epoch + end - start) * per_step,
                 )
             )
-            offset += size
+            step_in_epoch += size
     return chunks
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of range(num_samples) fixed by (seed, epoch), identical in every process and Python run."""
+    """A permutation of range(num_samples) fixed by (seed, epoch), the same in every process and Python run."""
+    # hash() is salted per process for str; a digest of both numbers is stable and keeps (1, 23) apart from (12, 3).
     digest = hashlib.sha256(f"rf-epoch-order:{seed}:{epoch}".encode()).digest()
     order = list(range(num_samples))
     random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)

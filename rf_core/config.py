@@ -1,19 +1,24 @@
-"""The config schema: every knob a run honours, with its type, range and default, in one table.
+"""The config schema: every knob a run honours, with its type, range and default, in one table (`KNOBS`).
 
-Names are the ones users know: Hugging Face `TrainingArguments` for training knobs, PEFT `LoraConfig` for adapter
-knobs, TRL's `max_length`. A key is either honoured or rejected by name — never silently ignored.
+A config is a flat, JSON-able dict. Names are the ones users know: Hugging Face `TrainingArguments` for training
+knobs, PEFT `LoraConfig` for adapter knobs, TRL's `max_length` for the data knob. Every key is either honoured or
+rejected by name; nothing is silently ignored. Booleans never count as numbers, ints count wherever a number is
+expected, and NaN/infinity are rejected.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from rf_core.knobs import ConfigError, expand_config_group
+from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range, expand_config_group
+
+KnobKind = Literal["model", "adapter", "training", "data"]
 
 LR_SCHEDULERS = (
     "linear",
@@ -25,266 +30,310 @@ LR_SCHEDULERS = (
     "inverse_sqrt",
 )
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+# numpy's legacy seeding (used by transformers' set_seed) only takes seeds in [0, 2**32).
+MAX_SEED = 2**32 - 1
 
 
-def _int_in(low: int, high: int | None = None) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if not _is_int(value):
-            return "must be an integer"
-        if value < low or (high is not None and value > high):
-            return f"must be between {low} and {high}" if high is not None else f"must be >= {low}"
-        return None
+@dataclass(frozen=True)
+class Constraint:
+    """What a value of the right type must also satisfy; `description` reads after "must be"."""
 
-    return check
-
-
-def _number(
-    *,
-    above: float | None = None,
-    at_least: float | None = None,
-    at_most: float | None = None,
-    below: float | None = None,
-) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if not _is_number(value):
-            return "must be a finite number"
-        if above is not None and not value > above:
-            return f"must be > {above}" + (f" and <= {at_most}" if at_most is not None else "")
-        if at_least is not None and not value >= at_least:
-            return f"must be >= {at_least}" + (f" and < {below}" if below is not None else "")
-        if at_most is not None and not value <= at_most:
-            return f"must be <= {at_most}"
-        if below is not None and not value < below:
-            return f"must be < {below}"
-        return None
-
-    return check
-
-
-def _non_empty_str(value: Any) -> str | None:
-    return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
-
-
-def _bool(value: Any) -> str | None:
-    return None if isinstance(value, bool) else "must be true or false"
-
-
-def _one_of(choices: Sequence[str]) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(choices)}"
-
-    return check
-
-
-def _target_modules(value: Any) -> str | None:
-    if value is None or value == "all-linear":
-        return None
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return None
-    return 'must be null, "all-linear", or a non-empty list of module names'
-
-
-def _max_steps(value: Any) -> str | None:
-    if not _is_int(value) or (value != -1 and value < 1):
-        return "must be -1 (off) or an integer >= 1"
-    return None
-
-
-def _seed(value: Any) -> str | None:
-    return None if value is None or _is_int(value) else "must be an integer or null"
+    description: str
+    holds: Callable[[Any], bool]
 
 
 @dataclass(frozen=True)
 class KnobSpec:
     name: str
-    kind: str  # "model" | "adapter" | "training" | "data"
-    expected: str  # type and range, as shown to users
+    kind: KnobKind
+    types: tuple[type, ...]  # a float knob also takes ints; bool never passes as int or float
     default: Any
-    check: Callable[[Any], str | None]
-    doc: str
+    constraint: Constraint | None  # None: any value of an accepted type is fine (null always is, when accepted)
+    doc: str  # one line, for the README table
+
+    def accepts_type(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return bool in self.types
+        if value is None:
+            return type(None) in self.types
+        if isinstance(value, float):
+            return float in self.types and math.isfinite(value)
+        if isinstance(value, int):
+            return int in self.types or float in self.types
+        return isinstance(value, self.types)
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not acceptable for this knob (naming key, value and what is expected), or None."""
+        shown = f"{self.name}={_show(value)}"
+        if isinstance(value, List | Range | GridSearch | RandomSearch):
+            return f"{shown}: is an unexpanded {type(value).__name__}; expand the config group first"
+        if not self.accepts_type(value):
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"{shown}: must be a finite number"
+            return f"{shown}: must be {_type_words(self.types)}, got {_json_type(value)}"
+        if value is not None and self.constraint and not self.constraint.holds(value):
+            return f"{shown}: must be {self.constraint.description}"
+        return None
+
+    @property
+    def type_text(self) -> str:
+        return " or ".join(_TYPE_NAMES[t] for t in self.types)
 
 
-KNOBS: dict[str, KnobSpec] = {
-    spec.name: spec
-    for spec in (
-        KnobSpec(
-            "model_name_or_path",
-            "model",
-            "string",
-            "rf-tiny-llama",
-            _non_empty_str,
-            "base model: a built-in tiny name, a local folder, or a hub name already cached",
-        ),
-        KnobSpec(
-            "use_peft", "adapter", "bool", True, _bool, "true: train a LoRA adapter; false: full fine-tune"
-        ),
-        KnobSpec("r", "adapter", "int 1..1024", 8, _int_in(1, 1024), "LoRA rank"),
-        KnobSpec("lora_alpha", "adapter", "number > 0", 16, _number(above=0), "LoRA scaling numerator"),
-        KnobSpec(
-            "lora_dropout",
-            "adapter",
-            "number in [0, 1)",
-            0.05,
-            _number(at_least=0, below=1),
-            "dropout on the LoRA input",
-        ),
-        KnobSpec(
-            "target_modules",
-            "adapter",
-            'null, "all-linear" or list of names',
-            None,
-            _target_modules,
-            "modules that get adapters; null = PEFT's default for the architecture",
-        ),
-        KnobSpec(
-            "learning_rate",
-            "training",
-            "number in (0, 1]",
-            2e-4,
-            _number(above=0, at_most=1),
-            "peak AdamW learning rate",
-        ),
-        KnobSpec("weight_decay", "training", "number >= 0", 0.0, _number(at_least=0), "AdamW weight decay"),
-        KnobSpec(
-            "max_grad_norm",
-            "training",
-            "number >= 0",
-            1.0,
-            _number(at_least=0),
-            "gradient clipping norm; 0 disables clipping",
-        ),
-        KnobSpec("per_device_train_batch_size", "training", "int >= 1", 8, _int_in(1), "micro-batch size"),
-        KnobSpec("per_device_eval_batch_size", "training", "int >= 1", 8, _int_in(1), "eval batch size"),
-        KnobSpec(
-            "gradient_accumulation_steps",
-            "training",
-            "int >= 1",
-            1,
-            _int_in(1),
-            "micro-batches per optimizer step",
-        ),
-        KnobSpec("num_train_epochs", "training", "int >= 1", 1, _int_in(1), "passes over the training set"),
-        KnobSpec(
-            "max_steps",
-            "training",
-            "-1 or int >= 1",
-            -1,
-            _max_steps,
-            "stop after this many optimizer steps (-1: train all epochs)",
-        ),
-        KnobSpec(
-            "lr_scheduler_type",
-            "training",
-            " | ".join(LR_SCHEDULERS),
-            "linear",
-            _one_of(LR_SCHEDULERS),
-            "learning-rate schedule over the whole run (not per chunk)",
-        ),
-        KnobSpec("warmup_steps", "training", "int >= 0", 0, _int_in(0), "linear warm-up steps"),
-        KnobSpec(
-            "seed",
-            "training",
-            "int or null",
-            None,
-            _seed,
-            "seed for adapter init and dropout; null = the experiment's seed",
-        ),
-        KnobSpec("max_length", "data", "int 8..8192", 64, _int_in(8, 8192), "tokens per training example"),
-    )
+_TYPE_NAMES = {bool: "bool", int: "int", float: "number", str: "string", list: "list", type(None): "null"}
+_TYPE_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    type(None): "null",
 }
 
 
+def _type_words(types: tuple[type, ...]) -> str:
+    words = [_TYPE_WORDS[t] for t in types]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    if isinstance(value, Mapping):
+        return "an object"
+    return names.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _between(low: float, high: float) -> Constraint:
+    return Constraint(f"between {low} and {high}", lambda v: low <= v <= high)
+
+
+def _at_least(low: float) -> Constraint:
+    return Constraint(f">= {low}", lambda v: v >= low)
+
+
+def _is_module_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, str) and m.strip() for m in value)
+
+
+_K = KnobSpec
+KNOBS: dict[str, KnobSpec] = {
+    spec.name: spec
+    for spec in (
+        _K(
+            "model_name_or_path", "model", (str,), "rf-tiny-llama",
+            Constraint("a non-empty string", lambda v: bool(v.strip())),
+            "name or local path of the base model",
+        ),
+        _K("use_peft", "adapter", (bool,), True, None, "true: train a LoRA adapter; false: full fine-tune"),
+        _K("r", "adapter", (int,), 8, _between(1, 1024), "LoRA rank"),
+        _K("lora_alpha", "adapter", (float,), 16, Constraint("> 0", lambda v: v > 0), "LoRA scaling (alpha / r)"),
+        _K(
+            "lora_dropout", "adapter", (float,), 0.05, Constraint(">= 0 and < 1", lambda v: 0 <= v < 1),
+            "dropout on the LoRA input",
+        ),
+        _K(
+            "target_modules", "adapter", (type(None), str, list), None,
+            Constraint(
+                'null, "all-linear", or a non-empty list of non-empty module names',
+                lambda v: v == "all-linear" or _is_module_list(v),
+            ),
+            "modules that get adapters; null = PEFT's default for the architecture",
+        ),
+        _K(
+            "learning_rate", "training", (float,), 2e-4, Constraint("> 0 and <= 1", lambda v: 0 < v <= 1),
+            "peak learning rate (AdamW)",
+        ),
+        _K("weight_decay", "training", (float,), 0.0, _at_least(0), "AdamW weight decay"),
+        _K("max_grad_norm", "training", (float,), 1.0, _at_least(0), "gradient clipping norm; 0 disables clipping"),
+        _K("per_device_train_batch_size", "training", (int,), 8, _at_least(1), "training micro-batch size"),
+        _K("per_device_eval_batch_size", "training", (int,), 8, _at_least(1), "evaluation batch size"),
+        _K(
+            "gradient_accumulation_steps", "training", (int,), 1, _at_least(1),
+            "micro-batches per optimizer step",
+        ),
+        _K("num_train_epochs", "training", (int,), 1, _at_least(1), "passes over the training set"),
+        _K(
+            "max_steps", "training", (int,), -1, Constraint("-1 (off) or >= 1", lambda v: v == -1 or v >= 1),
+            "stop after this many optimizer steps; -1 = train all epochs",
+        ),
+        _K(
+            "lr_scheduler_type", "training", (str,), "linear",
+            Constraint(f"one of {', '.join(LR_SCHEDULERS)}", lambda v: v in LR_SCHEDULERS),
+            "learning-rate schedule, spanning the whole run (not one chunk)",
+        ),
+        _K("warmup_steps", "training", (int,), 0, _at_least(0), "linear warm-up steps at the start of the run"),
+        _K(
+            "seed", "training", (int, type(None)), None, _between(0, MAX_SEED),
+            "the run's seed (initialisation, dropout, data order); null = the experiment's seed",
+        ),
+        _K(
+            "max_length", "data", (int,), 64, _between(8, 8192),
+            "tokens per training example (longer ones are truncated)",
+        ),
+    )
+}  # fmt: skip
+
+
 def validate_config(cfg: Any) -> list[str]:
-    """Every problem of one plain config, each naming the key, its value and what is expected."""
+    """Every problem of one plain config, each naming the key, its value and what is expected; [] = valid."""
     if not isinstance(cfg, Mapping):
-        return [f"a config must be an object of knob values, got {type(cfg).__name__}"]
+        return [f"a config must be an object of knob values, got {_json_type(cfg)}"]
     problems = []
     for key, value in cfg.items():
-        spec = KNOBS.get(key)
+        spec = KNOBS.get(key) if isinstance(key, str) else None
         if spec is None:
-            close = difflib.get_close_matches(str(key), KNOBS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(KNOBS)})"
-            problems.append(f"unknown key {key!r}{hint}")
+            problems.append(_unknown_key(key))
             continue
-        reason = spec.check(value)
-        if reason:
-            problems.append(f"{key}={json.dumps(value, default=repr)}: {reason}")
+        problem = spec.problem(value)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+# Names users carry over from other tools, which spelling similarity alone would not map to our knob.
+_COMMON_ALIASES = {
+    "lr": "learning_rate",
+    "lora_r": "r",
+    "rank": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "model": "model_name_or_path",
+    "model_name": "model_name_or_path",
+    "batch_size": "per_device_train_batch_size",
+    "epochs": "num_train_epochs",
+    "scheduler": "lr_scheduler_type",
+    "warmup": "warmup_steps",
+    "max_seq_length": "max_length",
+    "grad_accum": "gradient_accumulation_steps",
+}
+
+
+def _unknown_key(key: Any) -> str:
+    text = str(key)
+    suggestion = _COMMON_ALIASES.get(text.lower())
+    if suggestion is None:
+        close = difflib.get_close_matches(text, KNOBS, n=1)
+        suggestion = close[0] if close else None
+    hint = f"did you mean {suggestion!r}?" if suggestion else f"known keys: {', '.join(KNOBS)}"
+    return f"unknown key {key!r} ({hint})"
 
 
 def normalize_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The config with every default filled in, in table order; raises ConfigError listing every problem."""
+    """A new dict with every default filled in, in KNOBS order; raises ConfigError listing every problem."""
     problems = validate_config(cfg)
     if problems:
         raise ConfigError(problems)
-    return {name: cfg.get(name, spec.default) for name, spec in KNOBS.items()}
+    # Deep copies, so the normalised config never shares a mutable list (target_modules) with its source.
+    return {name: copy.deepcopy(cfg[name]) if name in cfg else spec.default for name, spec in KNOBS.items()}
 
 
 def validate_config_group(group: Any) -> list[str]:
+    """Every problem of a config group: expansion errors, then each config's ("config 2: ..." when several)."""
     try:
         configs = expand_config_group(group)
     except ConfigError as exc:
-        return exc.problems
+        return list(exc.problems)
     if not configs:
-        return ["the config group is empty"]
+        return ["the config group expands to no config"]
     if len(configs) == 1:
         return validate_config(configs[0])
-    return [f"config {i + 1}: {p}" for i, cfg in enumerate(configs) for p in validate_config(cfg)]
+    return [f"config {i}: {problem}" for i, cfg in enumerate(configs, start=1) for problem in validate_config(cfg)]
 
 
 def architecture_mismatch(parent: Mapping[str, Any], clone: Mapping[str, Any]) -> list[str]:
-    """Why `clone` cannot warm-start from `parent`; empty when the trainable weights have the same shape."""
+    """Why `clone` cannot warm-start from `parent` (both normalised), one message per field; [] = compatible.
+
+    Warm start copies trainable weights, so their shapes must match: same base model, same adapter-or-full choice,
+    and for an adapter the same rank and the same adapted modules (order does not matter).
+    """
     fields = ["model_name_or_path", "use_peft"]
-    if parent.get("use_peft", True) and clone.get("use_peft", True):
+    if _get(parent, "use_peft") and _get(clone, "use_peft"):
         fields += ["r", "target_modules"]
     problems = []
     for name in fields:
-        a, b = parent.get(name, KNOBS[name].default), clone.get(name, KNOBS[name].default)
-        if name == "target_modules" and isinstance(a, list) and isinstance(b, list):
-            same = set(a) == set(b)
+        parent_value, clone_value = _get(parent, name), _get(clone, name)
+        if name == "target_modules":
+            same = _module_set(parent_value) == _module_set(clone_value)
         else:
-            same = a == b
+            same = parent_value == clone_value
         if not same:
-            problems.append(f"{name} differs: parent {json.dumps(a)}, clone {json.dumps(b)}")
+            problems.append(f"{name} differs: parent {_show(parent_value)}, clone {_show(clone_value)}")
     return problems
 
 
+def _get(config: Mapping[str, Any], name: str) -> Any:
+    return config.get(name, KNOBS[name].default)
+
+
+def _module_set(value: Any) -> Any:
+    return frozenset(value) if isinstance(value, list | tuple) else value
+
+
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A new config: `config` with `overrides` on top (not validated; values may still be tagged knobs)."""
     return {**config, **overrides}
 
 
 def parse_set_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """CLI `--set k=v` pairs; values are JSON when they parse (3e-4, true, ["q_proj"], {"$list": [...]})."""
+    """CLI `--set k=v` pairs → overrides. A value is JSON when it parses (3e-4, true, ["q_proj"], {"$list": [...]},
+    the last left as a dict for parse_tagged), else the raw string; a pair without "=" raises ConfigError.
+    """
     overrides: dict[str, Any] = {}
+    problems = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        overrides[key.strip()] = value
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set expects key=value, got {pair!r}")
+            continue
+        overrides[key] = _parse_value(raw)
+    if problems:
+        raise ConfigError(problems)
     return overrides
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        # NaN/Infinity are not JSON proper: keep them as the strings typed, so validation names them plainly.
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError:
+        return raw
+
+
 def varying_knobs(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Keys whose values differ between configs, in table order (unknown keys last)."""
-    keys = list(KNOBS) + sorted({k for c in configs for k in c} - set(KNOBS))
-    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    """Keys whose values differ across configs (a missing key counts as its default), KNOBS order, unknown last."""
+    unknown = sorted({key for config in configs for key in config if key not in KNOBS}, key=str)
+    varying = []
+    for key in [*KNOBS, *unknown]:
+        default = KNOBS[key].default if key in KNOBS else None
+        seen = {json.dumps(config.get(key, default), sort_keys=True, default=repr) for config in configs}
+        if len(seen) > 1:
+            varying.append(key)
+    return varying
 
 
 def knob_table_markdown() -> str:
+    """The KNOBS table as markdown (knob, kind, type/range, default, meaning), for the README."""
     lines = ["| knob | kind | type / range | default | meaning |", "|---|---|---|---|---|"]
     for spec in KNOBS.values():
-        lines.append(
-            f"| `{spec.name}` | {spec.kind} | {spec.expected} | `{json.dumps(spec.default)}` | {spec.doc} |"
-        )
+        if spec.constraint is None:
+            allowed = spec.type_text
+        elif str in spec.types:
+            allowed = spec.constraint.description  # string knobs' descriptions already say what shape they take
+        else:
+            allowed = f"{spec.type_text}, {spec.constraint.description}"
+        cells = [f"`{spec.name}`", spec.kind, allowed, f"`{json.dumps(spec.default)}`", spec.doc]
+        # A literal "|" would end the cell early.
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
