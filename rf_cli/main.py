@@ -234,10 +234,13 @@ def _client(args: argparse.Namespace) -> RFClient:
 
 
 def _submit(args: argparse.Namespace, payload: dict[str, Any] | None) -> int:
-    op = _client(args).submit_op(args.experiment, args.kind, args.run_id, payload, source="cli", who=_who())
+    client = _client(args)
+    op = client.submit_op(args.experiment, args.kind, args.run_id, payload, source="cli", who=_who())
     if args.json:
         return _print_json(op)
     print(describe_queued_op(op))
+    if client.get_experiment(args.experiment).get("status") != "running":
+        print(f"note: experiment {args.experiment} has no fit running; the op waits in the queue until one runs it")
     return EXIT_OK
 
 
