@@ -23,7 +23,7 @@ from rf_core.knobs import expand_config_group
 from rf_core.report import format_chunk_line, format_results_table
 from rf_core.server_process import ensure_server, stop_server
 from rf_core.tasks import ChunkOutcome, TrainTask
-from rf_core.worker import SlotPool, SlotWorker, SpecSource
+from rf_core.worker import SlotPool, SlotWorker, SpecSource, slot_devices
 
 # Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
@@ -54,11 +54,6 @@ def train_chunk(
     return outcome
 
 
-def default_slots() -> int:
-    """Two CPU slots: on a small machine a second slot overlaps one run's Python overhead with another's maths."""
-    return 2
-
-
 @flow(
     name="rf-fit",
     flow_run_name="fit-{experiment}",
@@ -80,7 +75,8 @@ def rf_fit(
         experiment: experiment name in the store (created here if new).
         entrypoint: `module:function` returning the ExperimentSpec; omitted only when called from `run_fit` in
             the same process.
-        cpu_slots: number of CPU device slots (one worker process each).
+        cpu_slots: number of CPU slots (one worker process each); by default one slot per visible GPU, or 2 CPU
+            slots when there is none.
         idle_timeout: seconds to wait, with every remaining run stopped, for an op before ending.
         server_url: the store server; by default the one found for RF_HOME, or a temporary one.
         num_chunks: overrides the spec's chunks per epoch.
@@ -109,14 +105,14 @@ def rf_fit(
             spec_ref=entrypoint,
         )
         print(f"experiment {experiment!r}: {len(created['runs'])} runs, {spec.num_chunks} chunks per epoch")
-        num_slots = cpu_slots or default_slots()
-        threads = max(1, (os.cpu_count() or 1) // num_slots)
+        devices = slot_devices(cpu_slots)
+        threads = max(1, (os.cpu_count() or 1) // len(devices))
         source = SpecSource.for_spec(spec, entrypoint)
-        loop = FitLoop(client, experiment, spec, num_slots, home)
-        with SlotPool(
-            num_slots, source, server_url, paths.experiment_dir(experiment, home) / "spool", threads
-        ) as pool:
-            print(f"{num_slots} slot workers ready ({threads} CPU threads each)")
+        loop = FitLoop(client, experiment, spec, len(devices), home)
+        spool = paths.experiment_dir(experiment, home) / "spool"
+        with SlotPool(devices, source, server_url, spool, threads) as pool:
+            where = ", ".join(device or "cpu" for device in devices)
+            print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each)")
             _drive(loop, pool, client, experiment, idle_timeout)
         client.set_experiment_status(experiment, "finished")
         snapshot = client.experiment_snapshot(experiment)

@@ -101,6 +101,7 @@ class SlotTrainer:
         compute_metrics: optional (model, tokenizer, eval_dataset) -> {name: value}, run after eval_loss.
         num_threads: torch intra-op threads for this process. Fix it: float sums differ across thread counts.
         step_delay_s: sleep after every optimizer step (tests use it so operations arrive mid-chunk).
+        device: where base models and run state live ("cpu", "cuda:1", ...); None keeps the model's own.
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class SlotTrainer:
         *,
         num_threads: int | None = None,
         step_delay_s: float = 0.0,
+        device: str | None = None,
     ) -> None:
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"{num_threads=} must be >= 1")
@@ -124,6 +126,7 @@ class SlotTrainer:
             raise ValueError("train_dataset is empty")
         self._compute_metrics = compute_metrics
         self._step_delay_s = step_delay_s
+        self._device = torch.device(device) if device is not None else None
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self._bases: dict[str, _BaseEntry] = {}
@@ -383,6 +386,8 @@ class SlotTrainer:
         key = config["model_name_or_path"]
         if key not in self._bases:
             model, tokenizer = self._create_model_fn(config)
+            if self._device is not None:
+                model = model.to(self._device)
             if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
                 tokenizer.pad_token = tokenizer.eos_token
             self._bases[key] = _BaseEntry(model=model, tokenizer=tokenizer)

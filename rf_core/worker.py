@@ -60,6 +60,7 @@ def _serve(
     server_url: str,
     spool_dir: str,
     num_threads: int,
+    device: str | None,
 ) -> None:
     """Worker process main loop."""
     os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
@@ -83,6 +84,7 @@ def _serve(
             spec.compute_metrics,
             num_threads=num_threads,
             step_delay_s=float(os.environ.get(STEP_DELAY_ENV, "0") or 0),
+            device=device,
         )
         writer = MetricWriter(server_url, spool_dir=Path(spool_dir))
     except Exception as exc:  # report start-up failures instead of dying silently
@@ -120,9 +122,16 @@ class SlotWorker:
     """The fit loop's handle on one slot's worker process. Not thread-safe: one caller at a time."""
 
     def __init__(
-        self, slot: int, source: SpecSource, server_url: str, spool_dir: Path, num_threads: int
+        self,
+        slot: int,
+        source: SpecSource,
+        server_url: str,
+        spool_dir: Path,
+        num_threads: int,
+        device: str | None = None,
     ) -> None:
         self.slot = slot
+        self.device = device
         self._source = source
         self._server_url = server_url
         self._spool_dir = spool_dir
@@ -144,6 +153,7 @@ class SlotWorker:
                 self._server_url,
                 str(self._spool_dir),
                 self._num_threads,
+                self.device,
             ),
             name=f"rf-slot-{self.slot}",
             daemon=True,
@@ -231,17 +241,34 @@ class SlotWorker:
         self._process, self._conn = None, None
 
 
+def slot_devices(cpu_slots: int | None, default_cpu_slots: int = 2) -> list[str | None]:
+    """One slot per visible GPU, unless CPU slots are asked for (or there is no GPU); None means the CPU."""
+    if cpu_slots is not None:
+        if cpu_slots < 1:
+            raise ValueError(f"cpu_slots must be >= 1, got {cpu_slots=}")
+        return [None] * cpu_slots
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return [f"cuda:{index}" for index in range(gpus)] if gpus else [None] * default_cpu_slots
+
+
 class SlotPool:
     """All slot workers of one fit, started in parallel (each pays its imports once)."""
 
     def __init__(
-        self, num_slots: int, source: SpecSource, server_url: str, spool_root: Path, threads_per_slot: int
+        self,
+        devices: list[str | None],
+        source: SpecSource,
+        server_url: str,
+        spool_root: Path,
+        threads_per_slot: int,
     ):
-        if num_slots < 1:
-            raise ValueError(f"need at least one slot, got {num_slots=}")
+        if not devices:
+            raise ValueError("need at least one slot")
         self.workers = [
-            SlotWorker(slot, source, server_url, spool_root / f"slot-{slot}", threads_per_slot)
-            for slot in range(num_slots)
+            SlotWorker(slot, source, server_url, spool_root / f"slot-{slot}", threads_per_slot, device)
+            for slot, device in enumerate(devices)
         ]
 
     def __enter__(self) -> SlotPool:
