@@ -320,8 +320,12 @@ class SlotTrainer:
         optimizer = torch.optim.AdamW(
             list(trainable.values()), lr=config["learning_rate"], weight_decay=config["weight_decay"]
         )
+        scheduler_type = config["lr_scheduler_type"]
+        if scheduler_type == "constant" and config["warmup_steps"] > 0:
+            # transformers' "constant" drops num_warmup_steps without a word; the user asked for a warm-up.
+            scheduler_type = "constant_with_warmup"
         scheduler = get_scheduler(
-            config["lr_scheduler_type"],
+            scheduler_type,
             optimizer,
             num_warmup_steps=config["warmup_steps"],
             num_training_steps=run_total_steps,
