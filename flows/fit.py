@@ -174,9 +174,7 @@ def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idl
                 need_plan = True
                 try:
                     outcome = future.result()
-                except (
-                    Exception
-                ) as exc:  # recording failed (e.g. the server was unreachable): retry the chunk
+                except Exception as exc:  # recording failed (e.g. the server was unreachable): retry the chunk
                     loop.forget(train_task.run_id)
                     crashes[train_task.run_id] = crashes.get(train_task.run_id, 0) + 1
                     print(f"run {train_task.run_id} chunk {train_task.chunk.index + 1}: {exc}")
@@ -190,8 +188,13 @@ def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idl
             if not need_plan and len(running) < loop.num_slots:
                 need_plan = _has_pending_ops(client, experiment)
         else:
+            # Idle, every remaining run stopped: plan again only when an op arrives, so an idle fit does not
+            # add a Prefect task run every poll.
             time.sleep(POLL_SECONDS)
-            need_plan = True
+            need_plan = _has_pending_ops(client, experiment)
+            if not need_plan and idle_since is not None and time.monotonic() - idle_since >= idle_timeout:
+                print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
+                return
 
 
 def _flush_releases(pool: SlotPool, slot: int, deferred: dict[int, list[int]]) -> None:
@@ -201,7 +204,7 @@ def _flush_releases(pool: SlotPool, slot: int, deferred: dict[int, list[int]]) -
 
 
 def _has_pending_ops(client: RFClient, experiment: str) -> bool:
-    return any(op.get("status") == "pending" for op in client.list_ops(experiment))
+    return bool(client.list_ops(experiment, status="pending"))
 
 
 def _describe_op(op: dict[str, Any]) -> str:

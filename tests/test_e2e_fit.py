@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,6 +75,8 @@ class Steerer(threading.Thread):
         self.accepted: dict[str, subprocess.CompletedProcess[str]] = {}
         self.rejected: dict[str, tuple[subprocess.CompletedProcess[str], int, int]] = {}
         self.streamed_mid_chunk = False
+        self.run_1_when_resumed: dict[str, Any] = {}
+        self.run_1_chunks_started_when_resumed = -1
         self.errors: list[str] = []
         self.stop_event = threading.Event()
 
@@ -113,6 +116,13 @@ class Steerer(threading.Thread):
                     "range low > high", "clone", EXPERIMENT, "2", "--set",
                     'learning_rate={"$range": {"low": 0.2, "high": 0.1}}',
                 )  # fmt: skip
+            others_done = all(runs.get(r, {}).get("status") == "Completed" for r in (2, 3, 4))
+            if "resume" not in self.accepted and others_done and runs[1]["status"] == "Stopped":
+                # Every other run is done: the fit now waits idle for an op, and a Resume wakes it.
+                self.run_1_when_resumed = runs[1]
+                timeline = self.client.timeline(EXPERIMENT)
+                self.run_1_chunks_started_when_resumed = sum(entry["run_id"] == 1 for entry in timeline)
+                self.accepted["resume"] = rf(self.url, "resume", EXPERIMENT, "1")
             time.sleep(0.1)
 
     def _check_streaming(self) -> None:
@@ -135,7 +145,7 @@ def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
     steerer = Steerer(url, tmp_path)
     steerer.start()
     try:
-        rf_fit(EXPERIMENT, entrypoint="tests.e2e_experiment:spec", cpu_slots=2, idle_timeout=3, server_url=url)
+        rf_fit(EXPERIMENT, entrypoint="tests.e2e_experiment:spec", cpu_slots=2, idle_timeout=6, server_url=url)
     finally:
         steerer.stop_event.set()
         steerer.join(10)
@@ -163,11 +173,13 @@ def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
     runs = {run["run_id"]: run for run in client.list_runs(EXPERIMENT, include_deleted=True)}
     timeline = client.timeline(EXPERIMENT)
 
-    # Run 1 stopped at a chunk boundary, having finished every chunk it started.
-    started_by_run_1 = [entry for entry in timeline if entry["run_id"] == 1]
-    assert runs[1]["status"] == "Stopped"
-    assert 1 <= runs[1]["chunks_done"] == len(started_by_run_1) < 4
-    assert all(entry["outcome"] == "ok" for entry in started_by_run_1)
+    # Run 1 stopped at a chunk boundary, having finished every chunk it started; resumed from the idle fit, it
+    # trained its remaining chunks.
+    stopped = steerer.run_1_when_resumed
+    assert stopped["status"] == "Stopped"
+    assert 1 <= stopped["chunks_done"] == steerer.run_1_chunks_started_when_resumed < 4
+    assert runs[1]["status"] == "Completed" and runs[1]["chunks_done"] == 4
+    assert [entry["outcome"] for entry in timeline if entry["run_id"] == 1] == ["ok"] * 3 + ["completed"]
 
     # The warm clone of run 2 records its lineage and starts from the parent's weights at that step.
     clone_id = max(runs)
@@ -195,6 +207,7 @@ def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
     # The ops log shows each accepted op and what became of it.
     ops = {op["kind"]: op for op in client.list_ops(EXPERIMENT)}
     assert ops["stop"]["status"] == "applied" and ops["stop"]["source"] == "cli"
+    assert ops["resume"]["status"] == "applied"
     assert ops["clone"]["status"] == "applied"
     assert ops["clone"]["result"]["created_run_ids"] == [clone_id]
     assert client.get_experiment(EXPERIMENT)["status"] == "finished"
