@@ -311,13 +311,22 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def _canonical(value: Any) -> str:
+    """JSON text in which equal numbers agree (16 and 16.0 are the same learning setting)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif isinstance(value, list):
+        return json.dumps([_canonical(item) for item in value])
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
 def varying_knobs(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Keys whose values differ across configs (a missing key counts as its default), KNOBS order, unknown last."""
     unknown = sorted({key for config in configs for key in config if key not in KNOBS}, key=str)
     varying = []
     for key in [*KNOBS, *unknown]:
         default = KNOBS[key].default if key in KNOBS else None
-        seen = {json.dumps(config.get(key, default), sort_keys=True, default=repr) for config in configs}
+        seen = {_canonical(config.get(key, default)) for config in configs}
         if len(seen) > 1:
             varying.append(key)
     return varying

@@ -286,3 +286,9 @@ def test_knob_table_has_a_row_per_knob() -> None:
         assert row.startswith(f"| `{name}` |")
         # Five cells: no stray "|" inside a cell.
         assert row.replace("\\|", "").count("|") == 6
+
+
+def test_varying_knobs_treats_equal_int_and_float_as_the_same() -> None:
+    # lora_alpha's default is 16; `--set lora_alpha=16.0` is the same value and must not show as varying.
+    assert varying_knobs([{"lora_alpha": 16.0}, {}]) == []
+    assert varying_knobs([{"lora_alpha": 16.5}, {}]) == ["lora_alpha"]
