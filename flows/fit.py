@@ -7,12 +7,13 @@ once. IC Ops queued in the store are applied by the plan step, at each run's chu
 from __future__ import annotations
 
 import os
+import queue
 import time
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from rf_core import paths
@@ -125,6 +126,8 @@ def rf_fit(
 
 def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idle_timeout: float) -> None:
     futures: dict[int, PrefectFuture] = {}  # slot -> future of the chunk it trains
+    # Slots whose chunk finished, in the order they did: a freed slot is re-planned at once, while others train.
+    finished_slots: queue.Queue[int] = queue.Queue()
     running: dict[int, TrainTask] = {}  # slot -> that chunk's task
     deferred_releases: dict[int, list[int]] = {}  # busy slots get their releases once free
     crashes: dict[int, int] = {}
@@ -152,6 +155,7 @@ def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idl
                 futures[slot] = train_chunk.with_options(
                     task_run_name=f"train-run-{train_task.run_id}-chunk-{chunk_number}"
                 ).submit(client, pool[slot], train_task, train_task.run_id, chunk_number, total)
+                futures[slot].add_done_callback(lambda _future, slot=slot: finished_slots.put(slot))
                 running[slot] = train_task
             if running:
                 idle_since = None
@@ -167,8 +171,7 @@ def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idl
                     print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
                     return
         if running:
-            done = wait(list(futures.values()), timeout=POLL_SECONDS).done
-            for slot in [slot for slot, future in futures.items() if future in done]:
+            for slot in _finished(finished_slots, POLL_SECONDS):
                 future, train_task = futures.pop(slot), running.pop(slot)
                 _flush_releases(pool, slot, deferred_releases)
                 need_plan = True
@@ -195,6 +198,17 @@ def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idl
             if not need_plan and idle_since is not None and time.monotonic() - idle_since >= idle_timeout:
                 print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
                 return
+
+
+def _finished(finished_slots: queue.Queue[int], timeout: float) -> list[int]:
+    """Slots whose chunk is done: waits up to `timeout` for the first, then takes any others already done."""
+    try:
+        slots = [finished_slots.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while not finished_slots.empty():
+        slots.append(finished_slots.get_nowait())
+    return slots
 
 
 def _flush_releases(pool: SlotPool, slot: int, deferred: dict[int, list[int]]) -> None:
