@@ -384,12 +384,8 @@ class DuckDBStore(Store):
     ) -> list[Row]:
         sql = "SELECT * FROM ops WHERE experiment = ?"
         params: list[Any] = [experiment]
-        if run_ids is not None:
-            sql += " AND list_contains(?::INTEGER[], run_id)"
-            params.append([int(run_id) for run_id in run_ids])
-        if statuses is not None:
-            sql += " AND list_contains(?::VARCHAR[], status)"
-            params.append([str(status) for status in statuses])
+        sql += _in_list("run_id", "INTEGER", run_ids, int, params)
+        sql += _in_list("status", "VARCHAR", statuses, str, params)
         return self._query("ops", sql + " ORDER BY op_id", params)
 
     def update_op(self, op_id: int, fields: Mapping[str, Any]) -> Row:
@@ -443,12 +439,8 @@ class DuckDBStore(Store):
     ) -> list[Row]:
         sql = "SELECT run_id, step, name, value, chunk, time FROM metrics WHERE experiment = ?"
         params: list[Any] = [experiment]
-        if run_ids is not None:
-            sql += " AND list_contains(?::INTEGER[], run_id)"
-            params.append([int(run_id) for run_id in run_ids])
-        if names is not None:
-            sql += " AND list_contains(?::VARCHAR[], name)"
-            params.append([str(name) for name in names])
+        sql += _in_list("run_id", "INTEGER", run_ids, int, params)
+        sql += _in_list("name", "VARCHAR", names, str, params)
         if since_time is not None:
             sql += " AND time > ?"
             params.append(float(since_time))
@@ -549,3 +541,11 @@ def _describe_process(pid: int) -> str:
         return "command unknown"
     command = " ".join(raw.decode(errors="replace").replace("\0", " ").split())
     return command[:160] or "command unknown"
+
+
+def _in_list(column: str, sql_type: str, values: Iterable[Any] | None, cast: Any, params: list[Any]) -> str:
+    """An optional `column IN values` filter, with the values passed as one list parameter."""
+    if values is None:
+        return ""
+    params.append([cast(value) for value in values])
+    return f" AND list_contains(?::{sql_type}[], {column})"
