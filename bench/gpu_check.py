@@ -29,6 +29,7 @@ from rf_core.chunks import plan_chunks  # noqa: E402
 from rf_core.config import normalize_config  # noqa: E402
 from rf_core.data import demo_datasets  # noqa: E402
 from rf_core.models import build_tokenizer  # noqa: E402
+from rf_core.staging import default_staging_root  # noqa: E402
 from rf_core.tasks import TrainTask  # noqa: E402
 from rf_core.trainer import SlotTrainer  # noqa: E402
 
@@ -76,7 +77,9 @@ def run_mode(
     train, evaluation = demo_datasets(eval_size=64)
     batch = 8
     train = train[: steps_per_chunk * num_chunks * batch]
-    trainer = SlotTrainer(create_model_fn, train, evaluation, num_threads=4, device=device)
+    trainer = SlotTrainer(
+        create_model_fn, train, evaluation, num_threads=4, device=device, staging_root=default_staging_root()
+    )
     configs = [
         normalize_config(
             {
@@ -119,6 +122,7 @@ def run_mode(
             if device.startswith("cuda") and chunk_index == 0 and run_id in (1, runs):
                 memory[f"allocated_after_run_{run_id}_MiB"] = torch.cuda.memory_allocated(device) / 2**20
     total = time.perf_counter() - start
+    trainer.close()  # states are written behind: wait for the files before reading their sizes
     train_seconds = sum(o.train_seconds for o in outcomes)
     steady = [o.train_seconds for o in outcomes[runs:]]
     base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base_path).parameters())

@@ -1,66 +1,77 @@
-"""A run's state on disk: one dict per chunk boundary, written atomically, read back with `weights_only=True`.
+"""A run's state at a chunk boundary: one dict, one file, written atomically, read back as data (never code).
 
-Checkpoint dict (format 1)::
+Checkpoint dict::
 
-    {"format": 1, "config": dict, "step": int, "epoch": int, "samples": int, "chunk_index": int,
+    {"format": 2, "config": dict, "step": int, "epoch": int, "samples": int, "chunk_index": int,
      "trainable": {name: tensor},   # adapter weights (LoRA, adapter name stripped) or the full state_dict
      "optimizer": AdamW state_dict, "scheduler": LR scheduler state_dict,
-     "rng": {"torch": ByteTensor, "numpy": {...}, "python": [...], "cuda": [...] only when CUDA is in use}}
+     "rng": {"torch": ByteTensor, "numpy": {...}, "python": [...], "cuda": [...] only when CUDA is in use},
+     "best": {"value": float, "step": int} or None}   # the run's best chunk so far by the experiment's metric
 
-Files live in ``<run_dir>/checkpoints/``: ``step-<N>.pt`` after the chunk that ended at step N, and
-``init.pt`` for a warm-started clone's state before its first step. All chunk checkpoints are kept.
+File format 2 is one safetensors file: every tensor of the dict stored raw (bit for bit), and the rest of the dict
+as JSON in the header, with each tensor replaced by a reference. Reading it is a header parse and a memory copy,
+several times faster than unpickling (format 1, `torch.save`, is still read), which is what a swap between
+workers costs. Files live in ``<run_dir>/checkpoints/``: ``step-<N>.pt`` after the chunk that ended at step N,
+and ``init.pt`` for a warm-started clone's state before its first step. `rf_core.artifacts` prunes old ones.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import random
-import re
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+import safetensors.torch
 import torch
 
-CHECKPOINT_FORMAT = 1
-CHECKPOINTS_DIRNAME = "checkpoints"
-INIT_CHECKPOINT_NAME = "init.pt"
-_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+from rf_core.statefiles import (
+    INIT_CHECKPOINT_NAME,
+    CheckpointError,
+    atomic_write,
+    checkpoints_dir,
+    init_checkpoint_path,
+    step_checkpoint_path,
+    step_of,
+)
 
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "capture_rng_state",
+    "checkpoints_dir",
+    "init_checkpoint_path",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_entry",
+    "read_checkpoint_file",
+    "restore_rng_state",
+    "save_checkpoint",
+    "serialise_checkpoint",
+    "step_checkpoint_path",
+    "step_of",
+]
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, unreadable, corrupt, or not in a format this code reads."""
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIRNAME
-
-
-def step_checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"step-{int(step)}.pt"
-
-
-def init_checkpoint_path(run_dir: str | Path) -> Path:
-    return checkpoints_dir(run_dir) / INIT_CHECKPOINT_NAME
+CHECKPOINT_FORMAT = 2
+_TORCH_ZIP_MAGIC = b"PK"  # format 1 files are torch.save zip archives
+_STATE_KEY = "rf_state"  # safetensors header metadata holding the dict's JSON skeleton
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write `state` to `path` atomically: readers see the old file or the whole new one, never a torn one."""
+    """Write `state` to `path` atomically and durably: readers see the old file or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save({**state, "format": CHECKPOINT_FORMAT}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
+    atomic_write(path, serialise_checkpoint(state), durable=True)
     return path
+
+
+def serialise_checkpoint(state: dict[str, Any]) -> Callable[[BinaryIO], None]:
+    """A writer for `atomic_write`: the state with its format tag, as one safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode({**state, "format": CHECKPOINT_FORMAT}, tensors, {})
+    data = safetensors.torch.save(tensors, metadata={_STATE_KEY: json.dumps(skeleton)})
+    return lambda file: file.write(data)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -68,15 +79,102 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    return read_checkpoint_file(path)
+
+
+def read_checkpoint_file(path: Path, shown_as: Path | None = None) -> dict[str, Any]:
+    """Load and check one checkpoint file. FileNotFoundError passes through (callers fall back elsewhere)."""
+    shown = shown_as or path
     try:
-        # weights_only=True: a checkpoint is data, never code to run.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+        if data[:2] == _TORCH_ZIP_MAGIC:
+            # weights_only=True: a checkpoint is data, never code to run.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = _decode_file(data)
+    except FileNotFoundError:
+        raise
     except Exception as error:
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {shown} is unreadable or corrupt: {error}") from error
+    if not isinstance(state, dict) or state.get("format") not in (1, CHECKPOINT_FORMAT):
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"checkpoint {path} has format {found!r}; expected {CHECKPOINT_FORMAT}")
+        raise CheckpointError(f"checkpoint {shown} has format {found!r}; expected {CHECKPOINT_FORMAT}")
     return state
+
+
+def read_checkpoint_entry(path: Path, key: str) -> Any:
+    """One top-level entry of a checkpoint (e.g. "trainable"), reading only its tensors when the format allows."""
+    with open(path, "rb") as file:
+        is_format_1 = file.read(2) == _TORCH_ZIP_MAGIC
+    if is_format_1:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)[key]
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        skeleton = json.loads(handle.metadata()[_STATE_KEY])
+        entry = _entries(skeleton)[key]
+        return _decode(entry, lambda name: handle.get_tensor(name), {})
+
+
+# A tensor becomes {"$t": name}; a second reference to the same tensor (tied weights) {"$alias": name}; a dict
+# whose keys are not all strings (optimizer state is keyed by parameter index) {"$dict": [[key, value], ...]};
+# a tuple {"$tuple": [...]}. Other values are JSON as they are.
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], seen: dict[Any, str]) -> Any:
+    if isinstance(value, torch.Tensor):
+        storage = (value.device, value.untyped_storage().data_ptr())
+        view = (*storage, value.storage_offset(), tuple(value.shape), tuple(value.stride()), value.dtype)
+        if view in seen and value.numel() > 0:
+            return {"$alias": seen[view]}
+        name = f"t{len(tensors)}"
+        shares_storage = storage in seen and value.numel() > 0
+        seen[view] = seen[storage] = name
+        # safetensors stores each buffer once: another view of a stored buffer is written as its own copy.
+        tensor = value.detach().to("cpu")
+        tensors[name] = tensor.clone() if shares_storage else tensor.contiguous()
+        return {"$t": name}
+    if isinstance(value, dict):
+        if all(isinstance(key, str) and not key.startswith("$") for key in value):
+            return {key: _encode(item, tensors, seen) for key, item in value.items()}
+        return {"$dict": [[_encode(key, tensors, seen), _encode(item, tensors, seen)] for key, item in value.items()]}
+    if isinstance(value, tuple):
+        return {"$tuple": [_encode(item, tensors, seen) for item in value]}
+    if isinstance(value, list):
+        return [_encode(item, tensors, seen) for item in value]
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    raise TypeError(f"a checkpoint holds tensors and JSON values only, not {type(value).__name__}: {value!r}")
+
+
+def _decode(value: Any, tensor: Callable[[str], torch.Tensor], cache: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(item, tensor, cache) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "$t" in value or "$alias" in value:
+        name = value.get("$t", value.get("$alias"))
+        if name not in cache:
+            cache[name] = tensor(name)
+        return cache[name]
+    if "$dict" in value:
+        return {_decode(key, tensor, cache): _decode(item, tensor, cache) for key, item in value["$dict"]}
+    if "$tuple" in value:
+        return tuple(_decode(item, tensor, cache) for item in value["$tuple"])
+    return {key: _decode(item, tensor, cache) for key, item in value.items()}
+
+
+def _decode_file(data: bytes) -> dict[str, Any]:
+    header_length = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+    if _STATE_KEY not in metadata:
+        raise ValueError("not a run-state file (no state skeleton in its header)")
+    tensors = safetensors.torch.load(data)
+    return _decode(json.loads(metadata[_STATE_KEY]), tensors.__getitem__, {})
+
+
+def _entries(skeleton: Any) -> dict[str, Any]:
+    if isinstance(skeleton, dict) and "$dict" not in skeleton:
+        return skeleton
+    raise ValueError("a run-state file's top level must be a dict with string keys")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -84,7 +182,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     folder = checkpoints_dir(run_dir)
     if not folder.is_dir():
         return None
-    steps = [(int(match.group(1)), entry) for entry in folder.iterdir() if (match := _STEP_FILE.match(entry.name))]
+    steps = [(step, entry) for entry in folder.iterdir() if (step := step_of(entry)) is not None]
     if steps:
         return max(steps)[1]
     init = folder / INIT_CHECKPOINT_NAME
@@ -131,16 +229,3 @@ def restore_rng_state(rng: dict[str, Any]) -> None:
     random.setstate((python_version, tuple(python_state), python_gauss))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems don't allow opening a folder; the file itself is already synced
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

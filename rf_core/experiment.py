@@ -27,6 +27,7 @@ class ExperimentSpec:
     compute_metrics: Callable[..., dict[str, float]] | None = None
     metric: str = "eval_loss"
     mode: str = "min"
+    keep_checkpoints: int | None = 2  # newest chunk checkpoints kept per run (plus what clones need); None: all
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -34,6 +35,9 @@ class ExperimentSpec:
             raise ValueError(f"create_model_fn must be callable, got {self.create_model_fn!r}")
         if not isinstance(self.num_chunks, int) or isinstance(self.num_chunks, bool) or self.num_chunks < 1:
             raise ValueError(f"num_chunks must be an integer >= 1, got {self.num_chunks=}")
+        keep = self.keep_checkpoints
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise ValueError(f"keep_checkpoints must be None or an integer >= 1, got {self.keep_checkpoints=}")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode=}")
         if len(self.train_dataset) == 0:
@@ -81,6 +85,9 @@ class Experiment:
         seed: int = 42,
         *,
         compute_metrics: Callable[..., dict[str, float]] | None = None,
+        metric: str = "eval_loss",
+        mode: str = "min",
+        keep_checkpoints: int | None = 2,
         cpu_slots: int | None = None,
         idle_timeout: float = 30.0,
         entrypoint: str | None = None,
@@ -99,6 +106,9 @@ class Experiment:
             num_chunks=num_chunks,
             seed=seed,
             compute_metrics=compute_metrics,
+            metric=metric,
+            mode=mode,
+            keep_checkpoints=keep_checkpoints,
         )
         # The orchestration layer is imported only here, when a fit is asked for: the engine itself stays
         # free of Prefect, and `import rf_core` stays cheap.

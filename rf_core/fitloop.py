@@ -64,13 +64,9 @@ class FitLoop:
     def plan(self, in_flight: Mapping[int, int]) -> Plan:
         """One planning step. `in_flight` maps busy slots to the run each is training."""
         busy_runs = set(in_flight.values())
-        runs = self.client.list_runs(self.experiment, include_deleted=True)
-        idle_ids = [int(run["run_id"]) for run in runs if int(run["run_id"]) not in busy_runs]
-        plan = Plan()
-        plan.applied_ops = self.client.apply_due_ops(self.experiment, idle_ids) if idle_ids else []
-        if plan.applied_ops:
-            runs = self.client.list_runs(self.experiment, include_deleted=True)
-        plan.runs = runs
+        view = self.client.boundary_view(self.experiment, sorted(busy_runs))
+        plan = Plan(applied_ops=view["applied_ops"], runs=view["runs"])
+        runs = plan.runs
 
         runnable: list[RunnableRun] = []
         for run in runs:
@@ -90,10 +86,11 @@ class FitLoop:
                 continue
             done = int(run.get("chunks_done") or 0)
             if done < len(chunks):
-                runnable.append(RunnableRun(run_id, done, len(chunks), self.warm_slot.get(run_id)))
+                runnable.append(RunnableRun(run_id, done, len(chunks), self._preferred_slot(run)))
 
         free_slots = [slot for slot in range(self.num_slots) if slot not in in_flight]
         by_id = {int(run["run_id"]): run for run in runs}
+        pinned = _pinned_steps(runs)
         for assignment in assign(runnable, free_slots):
             run = by_id[assignment.run_id]
             previous_slot = self.warm_slot.get(assignment.run_id)
@@ -101,15 +98,24 @@ class FitLoop:
                 # The state moves to another worker: the old copy must not be used again.
                 plan.releases.setdefault(previous_slot, []).append(assignment.run_id)
             self.warm_slot[assignment.run_id] = assignment.slot
-            plan.tasks.append((assignment.slot, self.train_task(run)))
+            plan.tasks.append((assignment.slot, self.train_task(run, pinned.get(assignment.run_id, ()))))
         return plan
 
-    def train_task(self, run: Mapping[str, Any]) -> TrainTask:
+    def _preferred_slot(self, run: Mapping[str, Any]) -> int | None:
+        """Where the run's state is warm; for a warm clone's first chunk, where its parent's is."""
+        run_id = int(run["run_id"])
+        if run_id in self.warm_slot:
+            return self.warm_slot[run_id]
+        if int(run.get("chunks_done") or 0) == 0 and _is_warm_clone(run):
+            return self.warm_slot.get(int(run["parent_id"]))
+        return None
+
+    def train_task(self, run: Mapping[str, Any], pinned_steps: tuple[int, ...] = ()) -> TrainTask:
         run_id = int(run["run_id"])
         done = int(run.get("chunks_done") or 0)
         chunk = self.chunk_plan(run)[done]
         warm = None
-        if done == 0 and run.get("warm_start") not in (None, "", "off"):
+        if done == 0 and _is_warm_clone(run):
             warm = WarmStart(
                 parent_run_id=int(run["parent_id"]),
                 parent_checkpoint=str(run["warm_start_checkpoint"]),
@@ -124,11 +130,33 @@ class FitLoop:
             run_dir=str(run_dir(self.experiment, run_id, self.home)),
             seed=self.spec.seed,
             warm_start=warm,
+            metric=self.spec.metric,
+            mode=self.spec.mode,
+            keep_checkpoints=self.spec.keep_checkpoints,
+            pinned_steps=pinned_steps,
         )
 
     def forget(self, run_id: int) -> None:
         """The run's worker died or failed: its warm copy, if any, is gone."""
         self.warm_slot.pop(run_id, None)
+
+
+def _is_warm_clone(run: Mapping[str, Any]) -> bool:
+    return run.get("warm_start") not in (None, "", "off") and run.get("parent_id") is not None
+
+
+def _pinned_steps(runs: list[dict[str, Any]]) -> dict[int, tuple[int, ...]]:
+    """Per parent run, the checkpoint steps its not-yet-started warm clones will start from: never pruned."""
+    pinned: dict[int, set[int]] = {}
+    for run in runs:
+        if (
+            _is_warm_clone(run)
+            and int(run.get("chunks_done") or 0) == 0
+            and RunStatus(run["status"]) != RunStatus.DELETED
+            and run.get("parent_step") is not None
+        ):
+            pinned.setdefault(int(run["parent_id"]), set()).add(int(run["parent_step"]))
+    return {run_id: tuple(sorted(steps)) for run_id, steps in pinned.items()}
 
 
 def _failed(run: Mapping[str, Any], reason: str) -> ChunkOutcome:

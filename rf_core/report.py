@@ -17,6 +17,8 @@ def format_chunk_line(outcome: ChunkOutcome, total_chunks: int, slot: int) -> st
     head = f"run {outcome.run_id:>3}  chunk {outcome.chunk_index + 1}/{total_chunks}"
     if outcome.status == "failed":
         return f"{head}  FAILED: {outcome.error}"
+    if outcome.status == "interrupted":
+        return f"{head}  INTERRUPTED, run stopped (resume it when fixed): {outcome.error}"
     metrics = "  ".join(f"{name} {_num(value)}" for name, value in sorted(outcome.eval_metrics.items()))
     done = "  (completed)" if outcome.status == "completed" else ""
     return (

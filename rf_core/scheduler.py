@@ -47,7 +47,10 @@ def assign(runs: Sequence[RunnableRun], free_slots: Sequence[int]) -> list[Assig
     """
     if len(set(free_slots)) != len(free_slots):
         raise ValueError(f"free slots must be distinct: {free_slots=}")
-    chosen = priority_order(runs)[: len(free_slots)]
+    # Among equals, a run whose state is warm on a free slot goes first: same fairness, no swap.
+    warm_here = {run.run_id for run in runs if run.warm_slot is not None and run.warm_slot in free_slots}
+    ordered = sorted(priority_order(runs), key=lambda run: (run.progress, run.chunks_done, run.run_id not in warm_here))
+    chosen = ordered[: len(free_slots)]
     open_slots = list(free_slots)
     placed: dict[int, int] = {}
     for run in chosen:

@@ -45,6 +45,7 @@ class SystemEvent(StrEnum):
     START = "start"  # a chunk of the run was dispatched
     COMPLETE = "complete"  # the run has nothing left to train
     FAIL = "fail"  # a chunk failed
+    INTERRUPT = "interrupt"  # a chunk could not be saved for a cause outside the run (a full disk): pause it
 
 
 # The IC Op table: state -> op -> the run's state after the op. A missing cell means the op is rejected.
@@ -76,6 +77,7 @@ EVENT_TABLE: dict[SystemEvent, dict[RunStatus, RunStatus]] = {
     SystemEvent.START: {RunStatus.NEW: RunStatus.ONGOING, RunStatus.ONGOING: RunStatus.ONGOING},
     SystemEvent.COMPLETE: {RunStatus.ONGOING: RunStatus.COMPLETED},
     SystemEvent.FAIL: {RunStatus.NEW: RunStatus.FAILED, RunStatus.ONGOING: RunStatus.FAILED},
+    SystemEvent.INTERRUPT: {RunStatus.NEW: RunStatus.STOPPED, RunStatus.ONGOING: RunStatus.STOPPED},
 }
 
 

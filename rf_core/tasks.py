@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 WarmStartMode = Literal["off", "weights", "weights+optimizer"]
-ChunkStatus = Literal["ok", "completed", "failed"]
+# "interrupted": the chunk could not be saved for a reason outside the run (a full disk); the run stays resumable
+ChunkStatus = Literal["ok", "completed", "failed", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class TrainTask:
     run_dir: str  # the run's checkpoint/artifact folder; the trainer reads and writes its state here
     seed: int  # experiment seed; the run's own `seed` knob, when set, wins
     warm_start: WarmStart | None = None  # only for a clone's first chunk
+    metric: str = "eval_loss"  # the experiment's metric: which chunk is the run's best
+    mode: str = "min"
+    keep_checkpoints: int | None = None  # newest step checkpoints kept per run; None keeps all
+    pinned_steps: tuple[int, ...] = ()  # checkpoints a pending warm-started clone still needs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +69,10 @@ class TrainTask:
             run_dir=data["run_dir"],
             seed=data["seed"],
             warm_start=WarmStart(**warm) if warm else None,
+            metric=data.get("metric", "eval_loss"),
+            mode=data.get("mode", "min"),
+            keep_checkpoints=data.get("keep_checkpoints"),
+            pinned_steps=tuple(data.get("pinned_steps") or ()),
         )
 
 
@@ -81,6 +90,10 @@ class ChunkOutcome:
     error: str | None = None  # one-line reason when failed
     traceback: str | None = None
     train_seconds: float = 0.0  # wall time spent inside the training loop for this chunk
+    state_seconds: float = 0.0  # getting the run's state in (swap in) and saving it at the boundary (swap out)
+    exports: dict[str, str] = field(default_factory=dict)  # "latest" / "best" -> loadable export folder
+    best_step: int | None = None  # the run's best chunk so far by the experiment's metric
+    best_value: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

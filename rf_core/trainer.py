@@ -6,12 +6,15 @@ memory, so the next chunk of a run it trained last needs no disk read. Any other
 checkpoint on disk, a warm-start parent's checkpoint, or a fresh seed.
 
 Exactness contract: with a fixed thread count on CPU, training a config in k chunks (state kept in memory,
-interleaved with other runs, or swapped through disk by another trainer) gives bitwise the same per-step
-losses and final weights as one chunk. That is why every chunk restores the run's RNG state, why the data
+interleaved with other runs, or swapped to another trainer through the staging area or disk) gives bitwise the
+same per-step losses and final weights as one chunk. That is why every chunk restores the run's RNG state, why the data
 order is a pure function of (seed, epoch), and why the LR schedule spans the whole run.
 
 LoRA runs on the same base share one frozen copy of it: a single PEFT model per base holds one adapter per run
 and switches the active adapter per chunk. A full fine-tune run trains its own copy of the base.
+
+At each boundary the state is snapshotted into the staging area and persisted, exported and pruned by a
+background `StateWriter` (see `rf_core.staging`), so saving costs the chunk a memory copy, not a disk write.
 """
 
 from __future__ import annotations
@@ -33,23 +36,25 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import get_scheduler
 
 from rf_core import chunks
+from rf_core.artifacts import BEST, LATEST, ExportRecipe, copy_export, export_dir, prune_checkpoints, write_export
 from rf_core.checkpoints import (
     capture_rng_state,
     init_checkpoint_path,
     latest_checkpoint,
-    load_checkpoint,
     restore_rng_state,
-    save_checkpoint,
     step_checkpoint_path,
 )
 from rf_core.data import IGNORE_INDEX, TokenizedData, tokenize_examples
-from rf_core.tasks import ChunkOutcome, ChunkSpec, TrainTask
+from rf_core.staging import AfterPersist, StateWriter, StorageFull, load_state, state_exists
+from rf_core.tasks import ChunkOutcome, ChunkSpec, TrainTask, WarmStart
 
 CreateModelFn = Callable[[dict[str, Any]], tuple[Any, Any]]
 ComputeMetricsFn = Callable[[Any, Any, Any], Mapping[str, float]]
 EmitFn = Callable[[list[dict[str, Any]]], None]
 
 _MAX_LISTED_KEYS = 5  # how many mismatching keys an error message names before summarising
+MAX_FREE_ADAPTERS = 8  # per base and LoRA shape; more released adapters are deleted
+STATE_WAIT_S = 120.0  # how long a chunk waits for its start state that another worker is still writing
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -63,6 +68,9 @@ class _BaseEntry:
     model: Any
     tokenizer: Any
     lora_host: PeftModel | None = None
+    # Adapters of released runs, by LoRA shape: a run swapped in reuses one (its weights are loaded over it)
+    # instead of paying PEFT's adapter injection again.
+    free_adapters: dict[tuple[Any, ...], list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,8 +89,7 @@ class _RunState:
     samples: int = 0
     chunk_index: int = -1
     rng: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Path | None = None  # the file this state was last written to
-    checkpoint_mtime_ns: int | None = None
+    best: dict[str, Any] | None = None  # {"value", "step"}: the run's best chunk by the experiment's metric
     chunk_started: tuple[int, int] | None = None  # (chunk index, step) of the chunk being trained
     samples_at_chunk_start: int = 0
 
@@ -102,6 +109,9 @@ class SlotTrainer:
         num_threads: torch intra-op threads for this process. Fix it: float sums differ across thread counts.
         step_delay_s: sleep after every optimizer step (tests use it so operations arrive mid-chunk).
         device: where base models and run state live ("cpu", "cuda:1", ...); None keeps the model's own.
+        staging_root: RAM-backed folder for state snapshots (`rf_core.staging.default_staging_root()`);
+            None snapshots into this process's memory. Either way disk writes happen in the background.
+        max_pending_writes: how many states may wait for the disk before a save blocks.
     """
 
     def __init__(
@@ -114,6 +124,8 @@ class SlotTrainer:
         num_threads: int | None = None,
         step_delay_s: float = 0.0,
         device: str | None = None,
+        staging_root: Path | None = None,
+        max_pending_writes: int = 2,
     ) -> None:
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"{num_threads=} must be >= 1")
@@ -132,6 +144,10 @@ class SlotTrainer:
         self._bases: dict[str, _BaseEntry] = {}
         self._tokenized: dict[tuple[str, int, int], TokenizedData] = {}
         self._runs: dict[int, _RunState] = {}
+        self._adapters: dict[int, tuple[str, str, tuple[Any, ...]]] = {}  # run -> (base, adapter, LoRA shape)
+        self._adapters_made = 0
+        self._writer = StateWriter(staging_root, max_pending_writes)
+        self._staging_root = staging_root
 
     # ----------------------------------------------------------------------------------------------- public
 
@@ -148,10 +164,12 @@ class SlotTrainer:
             # The in-memory state may be half-updated: drop it; a retry resumes from the last good checkpoint.
             with contextlib.suppress(Exception):
                 self.release(task.run_id)
+            if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the next run on this device the memory this one could not use
             return ChunkOutcome(
                 run_id=task.run_id,
                 chunk_index=task.chunk.index,
-                status="failed",
+                status="interrupted" if isinstance(error, StorageFull) else "failed",
                 step=task.chunk.start_step,
                 epoch=task.chunk.epoch,
                 samples=samples,
@@ -159,16 +177,38 @@ class SlotTrainer:
                 traceback=details,
             )
 
+    def prepare(self, configs: Iterable[Mapping[str, Any]]) -> None:
+        """Load the base models and tokenize the data these configs need, ahead of their first chunk."""
+        for config in configs:
+            base = self._base(config)
+            self._tokenized_data("train", self._train_examples, base.tokenizer, config["max_length"])
+            if self._eval_examples:
+                self._tokenized_data("eval", self._eval_examples, base.tokenizer, config["max_length"])
+
+    def flush(self) -> None:
+        """Wait until every state saved so far is on disk (its exports and pruning done too)."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
     def release(self, run_id: int) -> None:
         """Forget a run's in-memory state (stopped, deleted, completed or failed); its checkpoints stay."""
         self._runs.pop(run_id, None)
-        adapter_name = _adapter_name(run_id)
-        for base in self._bases.values():
-            if base.lora_host is not None and adapter_name in base.lora_host.peft_config:
-                # PEFT warns when the deleted adapter was the active one; each chunk activates its own anyway.
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
-                    base.lora_host.delete_adapter(adapter_name)
+        held = self._adapters.pop(run_id, None)
+        if held is None:
+            return
+        base_key, adapter_name, shape = held
+        base = self._bases[base_key]
+        free = base.free_adapters.setdefault(shape, [])
+        if len(free) < MAX_FREE_ADAPTERS:
+            free.append(adapter_name)  # frozen and inactive until a run of the same shape takes it over
+            return
+        assert base.lora_host is not None
+        # PEFT warns when the deleted adapter was the active one; each chunk activates its own anyway.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+            base.lora_host.delete_adapter(adapter_name)
 
     # --------------------------------------------------------------------------------------- the chunk loop
 
@@ -185,7 +225,9 @@ class SlotTrainer:
         seed = _run_seed(task)
 
         # 1. Get the run's state at the chunk's first step, and make it the one the model trains.
+        swap_in_started = time.perf_counter()
         state = self._state_at_chunk_start(task, base, seed, run_total_steps)
+        swap_in_seconds = time.perf_counter() - swap_in_started
         if state.step != chunk.start_step:
             raise ValueError(
                 f"run {task.run_id} is at step {state.step} but chunk {chunk.index} starts at step {chunk.start_step}"
@@ -243,7 +285,20 @@ class SlotTrainer:
         if eval_metrics:
             now = time.time()
             emit([_metric_row(state.step, name, value, chunk.index, now) for name, value in eval_metrics.items()])
-        checkpoint = self._save(state, config, step_checkpoint_path(task.run_dir, state.step))
+        improved = _improves(state.best, eval_metrics.get(task.metric), task.mode)
+        if improved:
+            state.best = {"value": float(eval_metrics[task.metric]), "step": state.step}
+        swap_out_started = time.perf_counter()
+        checkpoint = self._save(
+            state,
+            config,
+            step_checkpoint_path(task.run_dir, state.step),
+            self._follow_ups(task, base, state, improved),
+        )
+        state_seconds = swap_in_seconds + time.perf_counter() - swap_out_started
+        exports = {LATEST: str(export_dir(task.run_dir, LATEST))}
+        if state.best is not None:
+            exports[BEST] = str(export_dir(task.run_dir, BEST))
 
         return ChunkOutcome(
             run_id=task.run_id,
@@ -256,7 +311,33 @@ class SlotTrainer:
             eval_metrics=eval_metrics,
             last_train_loss=last_train_loss,
             train_seconds=train_seconds,
+            state_seconds=state_seconds,
+            exports=exports,
+            best_step=None if state.best is None else int(state.best["step"]),
+            best_value=None if state.best is None else float(state.best["value"]),
         )
+
+    def _follow_ups(self, task: TrainTask, base: _BaseEntry, state: _RunState, improved: bool) -> list[AfterPersist]:
+        """Once the boundary's state is on disk: export it as the latest (and best), prune old checkpoints."""
+        recipe = self._export_recipe(base, state, task.config)
+        latest, best = export_dir(task.run_dir, LATEST), export_dir(task.run_dir, BEST)
+        info = {"run_id": task.run_id, "metric": task.metric, "best": state.best}
+
+        def export(checkpoint: Path) -> None:
+            write_export(checkpoint, recipe, latest, info)
+            if improved:
+                copy_export(latest, best)
+
+        def prune(_: Path) -> None:
+            prune_checkpoints(task.run_dir, task.keep_checkpoints, task.pinned_steps)
+
+        return [export, prune]
+
+    def _export_recipe(self, base: _BaseEntry, state: _RunState, config: dict[str, Any]) -> ExportRecipe:
+        base_name = str(getattr(base.model.config, "_name_or_path", "") or config["model_name_or_path"])
+        if state.is_lora:
+            return ExportRecipe.for_lora(base.tokenizer, state.model.peft_config[state.adapter_name], base_name)
+        return ExportRecipe(tokenizer=base.tokenizer, model_config=state.model.config)
 
     # ---------------------------------------------------------------------------------------- run state
 
@@ -269,23 +350,19 @@ class SlotTrainer:
 
         if chunk.index > 0:
             path = step_checkpoint_path(task.run_dir, chunk.start_step)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"run {task.run_id}: chunk {chunk.index} starts at step {chunk.start_step} but there is "
-                    f"no checkpoint {path} (latest: {latest_checkpoint(task.run_dir)})"
-                )
-            state = self._new_state(task, base, seed, run_total_steps)
-            self._restore(state, load_checkpoint(path), str(path))
-            state.checkpoint = path
-            state.checkpoint_mtime_ns = path.stat().st_mtime_ns
+            self._wait_for_state(path, f"run {task.run_id}: chunk {chunk.index} starts at step {chunk.start_step}")
+            state = self._new_state(task, base, seed, run_total_steps, weights_follow=True)
+            self._restore(state, load_state(path, self._staging_root), str(path))
         elif task.warm_start is not None and task.warm_start.mode != "off":
-            state = self._new_state(task, base, seed, run_total_steps)
-            parent = load_checkpoint(task.warm_start.parent_checkpoint)
-            source = f"parent run {task.warm_start.parent_run_id} checkpoint {task.warm_start.parent_checkpoint}"
-            _load_trainable(state, parent["trainable"], source)
-            if task.warm_start.mode == "weights+optimizer":
-                _load_optimizer_moments(state, parent["optimizer"], source)
-            # The schedule stays fresh: the clone's own warmup and decay over its own total steps.
+            state = self._new_state(task, base, seed, run_total_steps, weights_follow=True)
+            warm = task.warm_start
+            trainable, optimizer, source = self._parent_state(warm)
+            _load_trainable(state, trainable, source)
+            if warm.mode == "weights+optimizer":
+                _load_optimizer_moments(state, optimizer, source)
+            # The schedule stays fresh: the clone's own warmup and decay over its own total steps. The RNG
+            # starts from the seed, whichever way the adapter came to be (new, or reused).
+            _seed_everything(seed)
             state.rng = capture_rng_state()
             self._save(state, task.config, init_checkpoint_path(task.run_dir))
         else:
@@ -295,25 +372,63 @@ class SlotTrainer:
         return state
 
     def _is_current(self, state: _RunState, task: TrainTask) -> bool:
-        """True when the in-memory state is what the chunk expects and no newer checkpoint was written."""
-        if task.chunk.index == 0 or state.chunk_index != task.chunk.index - 1 or state.step != task.chunk.start_step:
-            return False
-        if state.checkpoint is None or latest_checkpoint(task.run_dir) != state.checkpoint:
-            return False
-        try:
-            return state.checkpoint.stat().st_mtime_ns == state.checkpoint_mtime_ns
-        except OSError:
-            return False
+        """True when the in-memory state is the one the chunk starts from.
 
-    def _new_state(self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int) -> _RunState:
-        """A freshly initialised run: seeded, then adapter (or full copy), optimizer and LR schedule."""
+        Training is deterministic, so a state at the chunk's start step is the state, whoever else also
+        computed it; a state at any other step is stale (the run moved on elsewhere, or failed and went back).
+        """
+        chunk = task.chunk
+        return chunk.index > 0 and state.chunk_index == chunk.index - 1 and state.step == chunk.start_step
+
+    def _parent_state(self, warm: WarmStart) -> tuple[Mapping[str, torch.Tensor], Mapping[str, Any], str]:
+        """A warm start's weights and optimizer state: from the parent's in-memory state when this worker
+        holds it at the clone's step (no disk at all), else from its checkpoint (staged copy first)."""
+        parent = self._runs.get(warm.parent_run_id)
+        if parent is not None and parent.step == warm.parent_step:
+            weights = (
+                {key: parameter.detach() for key, parameter in parent.trainable.items()}
+                if parent.is_lora
+                else parent.model.state_dict()
+            )
+            return weights, parent.optimizer.state_dict(), f"parent run {warm.parent_run_id} (in memory)"
+        self._wait_for_state(Path(warm.parent_checkpoint), f"parent run {warm.parent_run_id}'s state")
+        checkpoint = load_state(warm.parent_checkpoint, self._staging_root)
+        source = f"parent run {warm.parent_run_id} checkpoint {warm.parent_checkpoint}"
+        return checkpoint["trainable"], checkpoint["optimizer"], source
+
+    def _wait_for_state(self, path: Path, what: str) -> None:
+        """Another worker may still be writing the state (without a staging area, its disk write is behind)."""
+        deadline = time.monotonic() + STATE_WAIT_S
+        while not state_exists(path, self._staging_root):
+            if time.monotonic() > deadline or not _being_written(path):
+                raise FileNotFoundError(
+                    f"{what} but there is no checkpoint {path} (latest: {latest_checkpoint(path.parent.parent)})"
+                )
+            time.sleep(0.01)
+
+    def _new_state(
+        self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int, weights_follow: bool = False
+    ) -> _RunState:
+        """A run with its adapter (or full copy), optimizer and LR schedule.
+
+        `weights_follow`: the caller loads every trainable weight next (a swap in, a warm start), so a released
+        adapter of the same shape may be reused as is. Otherwise the adapter is new and initialised from the seed.
+        """
         config = task.config
-        _seed_everything(seed)  # adapter init draws random numbers: seed first so it is the same everywhere
         if config["use_peft"]:
-            adapter_name = _adapter_name(task.run_id)
-            model = self._add_adapter(base, adapter_name, config)
+            shape = _lora_shape(config)
+            free = base.free_adapters.get(shape) if weights_follow else None
+            if free:
+                adapter_name, model = free.pop(), base.lora_host
+            else:
+                _seed_everything(seed)  # adapter init draws random numbers: seed first so it is the same everywhere
+                self._adapters_made += 1
+                adapter_name = f"adapter-{self._adapters_made}"
+                model = self._add_adapter(base, adapter_name, config)
+            self._adapters[task.run_id] = (config["model_name_or_path"], adapter_name, shape)
             trainable = _adapter_parameters(model, adapter_name)
         else:
+            _seed_everything(seed)
             adapter_name = None
             model = self._full_copy(base)
             trainable = dict(model.named_parameters())
@@ -350,6 +465,7 @@ class SlotTrainer:
         state.samples = int(checkpoint["samples"])
         state.chunk_index = int(checkpoint["chunk_index"])
         state.rng = checkpoint["rng"]
+        state.best = checkpoint.get("best")
 
     def _activate(self, state: _RunState) -> Any:
         """Make `state` the one that trains: its adapter active and alone trainable, train mode, its RNG."""
@@ -363,8 +479,10 @@ class SlotTrainer:
         restore_rng_state(state.rng)
         return model
 
-    def _save(self, state: _RunState, config: dict[str, Any], path: Path) -> Path:
-        save_checkpoint(
+    def _save(
+        self, state: _RunState, config: dict[str, Any], path: Path, follow_ups: list[AfterPersist] = ()
+    ) -> Path:
+        return self._writer.save(
             {
                 "config": config,
                 "step": state.step,
@@ -377,12 +495,11 @@ class SlotTrainer:
                 "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(),
                 "rng": state.rng,
+                "best": state.best,
             },
             path,
+            follow_ups,
         )
-        state.checkpoint = path
-        state.checkpoint_mtime_ns = path.stat().st_mtime_ns
-        return path
 
     # ------------------------------------------------------------------------------------ models and data
 
@@ -474,8 +591,15 @@ def _run_seed(task: TrainTask) -> int:
     return int(task.seed if seed is None else seed)
 
 
-def _adapter_name(run_id: int) -> str:
-    return f"run-{int(run_id)}"
+def _lora_shape(config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes two adapters interchangeable once their weights are overwritten."""
+    modules = config["target_modules"]
+    return (
+        config["r"],
+        config["lora_alpha"],
+        config["lora_dropout"],
+        modules if isinstance(modules, str) else tuple(sorted(modules)) if modules is not None else None,
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -552,7 +676,11 @@ def _load_optimizer_moments(state: _RunState, parent_optimizer: Mapping[str, Any
             f"run {state.run_id} has {len(parameters)}"
         )
     merged = state.optimizer.state_dict()
-    merged["state"] = dict(parent_moments)
+    # Copies: the parent may be training in this process, and its moments must not move the clone's.
+    merged["state"] = {
+        index: {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in moments.items()}
+        for index, moments in parent_moments.items()
+    }
     state.optimizer.load_state_dict(merged)
 
 
@@ -570,6 +698,20 @@ def _step_batches(order: list[int], chunk: ChunkSpec, batch_size: int, accumulat
             )
         steps.append([indices[offset : offset + batch_size] for offset in range(0, len(indices), batch_size)])
     return steps
+
+
+def _improves(best: Mapping[str, Any] | None, value: float | None, mode: str) -> bool:
+    if value is None or not np.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best["value"] if mode == "min" else value > best["value"]
+
+
+def _being_written(path: Path) -> bool:
+    """A temporary file for `path` exists: a writer is on it right now."""
+    folder = path.parent
+    return folder.is_dir() and any(entry.name.startswith(f".{path.name}.") for entry in folder.iterdir())
 
 
 def _metric_row(step: int, name: str, value: float, chunk_index: int, at: float) -> dict[str, Any]:

@@ -7,6 +7,7 @@ travel by import path (`module:function`) or, for functions defined in a noteboo
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import threading
@@ -72,6 +73,7 @@ def _serve(
         import transformers
 
         from rf_core.client import MetricWriter
+        from rf_core.staging import default_staging_root
         from rf_core.trainer import SlotTrainer
 
         transformers.utils.logging.disable_progress_bar()
@@ -85,7 +87,11 @@ def _serve(
             num_threads=num_threads,
             step_delay_s=float(os.environ.get(STEP_DELAY_ENV, "0") or 0),
             device=device,
+            staging_root=default_staging_root(),
         )
+        # Base models and tokenized data are ready before the first chunk, not paid for inside it.
+        with contextlib.suppress(Exception):  # a config that cannot load fails its own run, with the reason
+            trainer.prepare(_initial_configs(spec))
         writer = MetricWriter(server_url, spool_dir=Path(spool_dir))
     except Exception as exc:  # report start-up failures instead of dying silently
         conn.send(("error", f"slot {slot} worker failed to start: {exc}", traceback.format_exc()))
@@ -115,7 +121,17 @@ def _serve(
     except (EOFError, KeyboardInterrupt):
         pass
     finally:
-        writer.close()
+        try:
+            trainer.close()  # every state on disk before the worker goes
+        finally:
+            writer.close()
+
+
+def _initial_configs(spec: Any) -> list[dict[str, Any]]:
+    from rf_core.config import normalize_config
+    from rf_core.knobs import expand_config_group
+
+    return [normalize_config(config) for config in expand_config_group(spec.config_group)]
 
 
 class SlotWorker:

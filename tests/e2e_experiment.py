@@ -53,4 +53,6 @@ def spec() -> ExperimentSpec:
         eval_dataset=_examples(16, 1000),
         num_chunks=4,
         seed=7,
+        # Every chunk checkpoint stays: the end-to-end test compares a clone's start with its parent's state.
+        keep_checkpoints=None,
     )

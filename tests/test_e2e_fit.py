@@ -19,6 +19,7 @@ import torch
 from rf_core import paths
 from rf_core.checkpoints import init_checkpoint_path, load_checkpoint, step_checkpoint_path
 from rf_core.client import RFClient
+from rf_core.staging import default_staging_root, staged_path
 from rf_core.worker import STEP_DELAY_ENV
 from tests.e2e_experiment import MODEL_CACHE_ENV
 
@@ -196,6 +197,12 @@ def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
     for key, tensor in parent_state["trainable"].items():
         assert torch.equal(tensor, clone_start["trainable"][key]), key
 
+    # Every run that trained left loadable exports of its latest and best chunk, listed with the run.
+    for run in runs.values():
+        assert Path(run["export_latest"], "adapter_model.safetensors").is_file(), run
+        assert Path(run["export_best"], "adapter_model.safetensors").is_file(), run
+        assert run["best_step"] is not None and run["best_value"] is not None
+
     # Every trained chunk has its metric rows, and some arrived while their chunk was still training.
     metrics = client.get_metrics(EXPERIMENT)
     for entry in timeline:
@@ -237,15 +244,68 @@ def test_run_fit_from_python_with_notebook_functions(prefect_harness, tmp_path, 
         create_model_fn,
         data.train_dataset[:48],
         data.eval_dataset,
-        num_chunks=2,
+        num_chunks=3,
         seed=3,
+        keep_checkpoints=1,
         cpu_slots=1,
         idle_timeout=1,
     )
     runs = {run["run_id"]: run for run in snapshot["runs"]}
-    assert runs[1]["status"] == "Completed" and runs[1]["chunks_done"] == 2
+    assert runs[1]["status"] == "Completed" and runs[1]["chunks_done"] == 3
     assert runs[1]["latest_metric"] is not None
+    # Retention: only the newest chunk checkpoint stays; the staging area holds nothing once the fit is over.
+    checkpoints = paths.run_dir("notebook", 1, tmp_path / "home") / "checkpoints"
+    assert [path.name for path in checkpoints.iterdir()] == [Path(runs[1]["checkpoint"]).name]
+    staging_root = default_staging_root()
+    assert staging_root is None or not staged_path(staging_root, checkpoints).exists()
     assert runs[2]["status"] == "Failed" and runs[2]["chunks_done"] == 0
     assert broken_name in runs[2]["error"]
     # The temporary server went away with the fit.
     assert not paths.server_info_path(tmp_path / "home").exists()
+
+
+def test_runs_moved_between_workers_in_a_real_fit_end_bitwise_as_trained_straight_through(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Exactness through every real part: Prefect, two slot worker processes, the store server, state handed
+    between workers through the staging area. A run's final weights equal the same config trained straight
+    through (one chunk per epoch) in this process with the workers' thread count."""
+    from rf_core import Experiment, ops
+    from rf_core.chunks import plan_chunks
+    from rf_core.config import normalize_config
+    from rf_core.store import DuckDBStore
+    from rf_core.tasks import TrainTask
+    from rf_core.trainer import SlotTrainer
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    data = e2e_experiment.spec()
+    snapshot = Experiment("exact").run_fit(
+        data.config_group, e2e_experiment.create_model_fn, data.train_dataset, data.eval_dataset,
+        num_chunks=4, seed=data.seed, cpu_slots=2, idle_timeout=1,
+    )  # fmt: skip
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert all(run["status"] == "Completed" for run in runs.values())
+    store = DuckDBStore(paths.db_path(tmp_path / "home"))  # the fit's temporary server is gone
+    try:
+        slots_per_run = {run_id: {entry["slot"] for entry in ops.timeline(store, "exact") if entry["run_id"] == run_id}
+                         for run_id in runs}  # fmt: skip
+    finally:
+        store.close()
+    assert any(len(slots) == 2 for slots in slots_per_run.values()), slots_per_run  # some run changed workers
+    threads = max(1, (os.cpu_count() or 1) // 2)  # what the fit gave each of its two slot workers
+    trainer = SlotTrainer(e2e_experiment.create_model_fn, data.train_dataset, None, num_threads=threads)
+    for run_id, run in runs.items():
+        config = normalize_config(run["config"])
+        for chunk in plan_chunks(len(data.train_dataset), config, 1):
+            task = TrainTask("reference", run_id, config, chunk, str(tmp_path / f"ref-{run_id}"), seed=data.seed)
+            reference = trainer.train(task, lambda rows: None)
+            assert reference.status != "failed", reference.traceback
+        trainer.flush()
+        got = load_checkpoint(run["checkpoint"])["trainable"]
+        want = load_checkpoint(reference.checkpoint)["trainable"]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[key], want[key]) for key in want), f"run {run_id} differs"
+    trainer.close()

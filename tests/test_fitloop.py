@@ -30,6 +30,11 @@ class FakeClient:
                 applied.append(op)
         return applied
 
+    def boundary_view(self, experiment: str, busy_run_ids: list[int]) -> dict[str, Any]:
+        idle = [run_id for run_id in self.runs if run_id not in set(busy_run_ids)]
+        applied = self.apply_due_ops(experiment, idle) if idle else []
+        return {"applied_ops": applied, "runs": self.list_runs(experiment, include_deleted=True)}
+
 
 def make_run(run_id: int, status: str = "New", done: int = 0, **extra: Any) -> dict[str, Any]:
     config = normalize_config({"per_device_train_batch_size": 4})

@@ -137,6 +137,7 @@ class Runs:
             assert outcome.status != "failed", outcome.traceback
             outcomes.append(outcome)
         assert outcomes[-1].status == "completed" and outcomes[-1].checkpoint is not None
+        trainer.close()  # the state is written behind: wait for the last checkpoint file
         return Run(config, rows, outcomes, load_checkpoint(outcomes[-1].checkpoint), forwards)
 
 
