@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench serve
 
 install: $(VENV)/.installed
 
@@ -26,3 +26,9 @@ test: lint
 
 bench: install
 	$(PY) bench/orchestration.py
+
+# The deployment path on one machine: a Prefect server, the rf server and a serve process for every deployment in
+# deployments/prefect.yaml, all on 127.0.0.1, in the foreground; Ctrl-C stops all three. SERVE_ARGS e.g.
+# "--prefect-port 4300 --no-ui". Then: PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run 'rf-fit/demo'
+serve: install
+	$(PY) deployments/serve.py $(SERVE_ARGS)

@@ -102,6 +102,12 @@ def register_routes(server: Flask, store: Store) -> None:
         run_id = run_ids[0] if run_ids else None
         return _json(ops.list_ops(store, name, run_id=run_id, status=request.args.get("status")))
 
+    @api.post("/experiments/<name>/boundary")
+    def boundary(name: str) -> Response:
+        body = _body()
+        _require(body, "busy_run_ids")
+        return _json(ops.boundary_view(store, name, body["busy_run_ids"]))
+
     @api.post("/experiments/<name>/apply-ops")
     def apply_ops(name: str) -> Response:
         body = _body()
@@ -145,6 +151,40 @@ def register_routes(server: Flask, store: Store) -> None:
             except ValueError:
                 raise ops.InvalidRequest([f"since must be a number (epoch seconds), got {since!r}"]) from None
         return _json(ops.metrics(store, name, run_ids=run_ids, names=names, since_time=since_time))
+
+    @api.post("/experiments/<name>/policy-decisions")
+    def record_policy_decision(name: str) -> Response:
+        body = _body()
+        _require(body, "policy", "run_id", "boundary", "kind", "reason")
+        recorded = ops.record_policy_decision(
+            store,
+            name,
+            body["policy"],
+            body["run_id"],
+            body["boundary"],
+            body["kind"],
+            payload=body.get("payload"),
+            reason=body["reason"],
+            mode=body.get("mode") or "act",
+            who=body.get("who"),
+        )
+        return _json(recorded, 200 if recorded["duplicate"] else 201)
+
+    @api.get("/experiments/<name>/policy-decisions")
+    def list_policy_decisions(name: str) -> Response:
+        return _json(
+            ops.list_policy_decisions(
+                store, name, policy=request.args.get("policy"), status=request.args.get("status")
+            )
+        )
+
+    @api.post("/experiments/<name>/policy-decisions/<int:decision_id>/<action>")
+    def resolve_proposal(name: str, decision_id: int, action: str) -> Response:
+        if action not in ("approve", "dismiss"):
+            raise ops.InvalidRequest([f"a proposal can be approved or dismissed, not {action!r}"])
+        body = _body()
+        _require(body, "who")
+        return _json(ops.resolve_proposal(store, name, decision_id, action == "approve", body["who"]))
 
     @api.route("/<path:unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def unknown_route(unknown: str) -> Response:

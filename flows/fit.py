@@ -16,13 +16,15 @@ from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.policy import Policy, boundary_policies, build_policies
 from rf_core import paths
-from rf_core.client import RFClient
+from rf_core.client import ExperimentExists, RFClient
 from rf_core.experiment import ExperimentSpec, load_entrypoint
 from rf_core.fitloop import FitLoop, Plan
 from rf_core.knobs import expand_config_group
 from rf_core.report import format_chunk_line, format_results_table
 from rf_core.server_process import ensure_server, stop_server
+from rf_core.staging import default_staging_root, persist_staged
 from rf_core.tasks import ChunkOutcome, TrainTask
 from rf_core.worker import SlotPool, SlotWorker, SpecSource, slot_devices
 
@@ -69,6 +71,8 @@ def rf_fit(
     server_url: str | None = None,
     num_chunks: int | None = None,
     max_configs: int | None = None,
+    policies: list[dict[str, Any]] | None = None,
+    continue_experiment: bool = False,
 ) -> dict[str, Any]:
     """Train an experiment's runs in chunks until every run is final, or all are stopped and `idle_timeout` passes.
 
@@ -82,7 +86,12 @@ def rf_fit(
         server_url: the store server; by default the one found for RF_HOME, or a temporary one.
         num_chunks: overrides the spec's chunks per epoch.
         max_configs: train only the first N configs of the spec's config group.
+        policies: policies to run at every chunk boundary, as JSON: {"template": NAME or "module:attr",
+            "params": {...}, "mode": "act" | "propose"} (see rf_core.policies).
+        continue_experiment: when the experiment exists already (its fit has ended), train it on: its runs, ids,
+            metrics and queued ops are kept, and runs that can train resume from their checkpoints.
     """
+    attached = build_policies(policies)
     spec = load_entrypoint(entrypoint) if entrypoint else _IN_MEMORY_SPECS[experiment]
     if num_chunks is not None:
         spec.num_chunks = num_chunks
@@ -96,25 +105,39 @@ def rf_fit(
     client = RFClient(server_url)
     try:
         configs = expand_config_group(spec.config_group)[:max_configs]
-        created = client.create_experiment(
-            experiment,
-            configs=configs,
-            num_chunks=spec.num_chunks,
-            seed=spec.seed,
-            metric=spec.metric,
-            mode=spec.mode,
-            spec_ref=entrypoint,
-        )
-        print(f"experiment {experiment!r}: {len(created['runs'])} runs, {spec.num_chunks} chunks per epoch")
+        try:
+            created = client.create_experiment(
+                experiment,
+                configs=configs,
+                num_chunks=spec.num_chunks,
+                seed=spec.seed,
+                metric=spec.metric,
+                mode=spec.mode,
+                spec_ref=entrypoint,
+            )
+            print(f"experiment {experiment!r}: {len(created['runs'])} runs, {spec.num_chunks} chunks per epoch")
+        except ExperimentExists:
+            if not continue_experiment:
+                raise
+            client.set_experiment_status(experiment, "running")
+            print(f"experiment {experiment!r} continues: its runs, metrics and queued ops are kept")
         devices = slot_devices(cpu_slots)
         threads = max(1, (os.cpu_count() or 1) // len(devices))
         source = SpecSource.for_spec(spec, entrypoint)
         loop = FitLoop(client, experiment, spec, len(devices), home)
         spool = paths.experiment_dir(experiment, home) / "spool"
-        with SlotPool(devices, source, server_url, spool, threads) as pool:
-            where = ", ".join(device or "cpu" for device in devices)
-            print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each)")
-            _drive(loop, pool, client, experiment, idle_timeout)
+        staging_root = default_staging_root()
+        # States a crashed earlier fit left only in RAM become durable before anything reads them.
+        persist_staged(staging_root, paths.experiment_dir(experiment, home))
+        try:
+            with SlotPool(devices, source, server_url, spool, threads) as pool:
+                where = ", ".join(device or "cpu" for device in devices)
+                print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each)")
+                if attached:
+                    print("policies at every chunk boundary: " + ", ".join(f"{p.name} ({m})" for p, m in attached))
+                _drive(loop, pool, client, experiment, idle_timeout, attached)
+        finally:
+            persist_staged(staging_root, paths.experiment_dir(experiment, home))
         client.set_experiment_status(experiment, "finished")
         snapshot = client.experiment_snapshot(experiment)
         print(format_results_table(snapshot))
@@ -124,7 +147,14 @@ def rf_fit(
             stop_server(temporary_server)
 
 
-def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idle_timeout: float) -> None:
+def _drive(
+    loop: FitLoop,
+    pool: SlotPool,
+    client: RFClient,
+    experiment: str,
+    idle_timeout: float,
+    policies: list[tuple[Policy, str]] | None = None,
+) -> None:
     futures: dict[int, PrefectFuture] = {}  # slot -> future of the chunk it trains
     # Slots whose chunk finished, in the order they did: a freed slot is re-planned at once, while others train.
     finished_slots: queue.Queue[int] = queue.Queue()
@@ -138,6 +168,8 @@ def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idl
         if need_plan:
             need_plan = False
             tick += 1
+            if policies:  # policies decide first, so their ops apply at the boundary that was just reached
+                boundary_policies(client, experiment, policies, tick)
             plan = plan_step(loop, experiment, tick, {slot: task.run_id for slot, task in running.items()})
             for op in plan.applied_ops:
                 print(_describe_op(op))
@@ -184,7 +216,7 @@ def _drive(loop: FitLoop, pool: SlotPool, client: RFClient, experiment: str, idl
                     if crashes[train_task.run_id] >= 3:
                         raise
                     continue
-                if outcome.status == "failed":
+                if outcome.status in ("failed", "interrupted"):
                     loop.forget(train_task.run_id)
                 total = len(loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
                 print(format_chunk_line(outcome, total, slot))

@@ -5,6 +5,9 @@
     rf experiments | rf runs EXP [--all] | rf ops EXP         look
     rf stop|resume|delete EXP RUN                             queue an IC Op
     rf clone EXP RUN [--set k=v ...] [--config FILE.json] [--warm-start[=weights|weights+optimizer]]
+    rf fit EXP --entrypoint MODULE:FUNCTION [--policy SPEC ...]  train an importable experiment, policies attached
+    rf continue EXP [--policy SPEC ...]                       train an ended experiment on (runs and history kept)
+    rf policy templates | apply | decisions | approve | dismiss  policies: IC Ops by rule, audited
 
 Every listing and op command takes --json (for scripts) and --server URL (else $RF_SERVER_URL, else the server
 recorded in $RF_HOME/server.json). Only the standard library and rf_core.client are imported up front, so the
@@ -115,6 +118,91 @@ def build_parser() -> argparse.ArgumentParser:
     op_log = commands.add_parser("ops", parents=[common], help="list an experiment's IC Ops (the audit log)")
     op_log.add_argument("experiment")
     op_log.set_defaults(handler=cmd_ops)
+
+    fit = commands.add_parser(
+        "fit", help="train an importable experiment (module:function) in the foreground, policies attached"
+    )
+    fit.add_argument("experiment", help="experiment name in the store (created if new)")
+    fit.add_argument("--entrypoint", required=True, metavar="MODULE:FUNCTION", help="returns the ExperimentSpec")
+    fit.add_argument(
+        "--policy",
+        dest="policies",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a policy run at every chunk boundary: a template name, or JSON "
+        '\'{"template": "asha", "params": {"eta": 2}, "mode": "propose"}\'; repeatable',
+    )
+    fit.add_argument("--chunks", type=int, default=None, help="chunks per epoch (default: the spec's)")
+    fit.add_argument("--max-configs", type=int, default=None, help="train at most N of the spec's configs")
+    fit.add_argument("--cpu-slots", type=int, default=None, help="CPU slot workers")
+    fit.add_argument(
+        "--idle-timeout", type=float, default=30.0, help="seconds to wait for an op once every run is stopped"
+    )
+    fit.add_argument("--server", metavar="URL", help="rf server URL (default: found or started for RF_HOME)")
+    fit.set_defaults(handler=cmd_fit)
+
+    resume_fit = commands.add_parser(
+        "continue", help="train an ended experiment on: its runs, ids and metrics are kept, queued ops apply"
+    )
+    resume_fit.add_argument("experiment")
+    resume_fit.add_argument("--policy", dest="policies", action="append", default=[], metavar="SPEC",
+                            help="a policy run at every chunk boundary (as for `rf fit`); repeatable")  # fmt: skip
+    resume_fit.add_argument("--cpu-slots", type=int, default=None, help="CPU slot workers")
+    resume_fit.add_argument(
+        "--idle-timeout", type=float, default=30.0, help="seconds to wait for an op once every run is stopped"
+    )
+    resume_fit.add_argument(
+        "--force", action="store_true", help="continue even though the store says a fit is running (it crashed)"
+    )
+    resume_fit.add_argument("--server", metavar="URL", help="rf server URL (default: found or started for RF_HOME)")
+    resume_fit.set_defaults(handler=cmd_continue)
+
+    policy = commands.add_parser("policy", help="policies: apply a template, list decisions, approve proposals")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    templates = policy_commands.add_parser("templates", help="the built-in templates and their parameters")
+    templates.set_defaults(handler=cmd_policy_templates)
+
+    apply = policy_commands.add_parser(
+        "apply", parents=[common], help="let a policy decide once now, and queue (or propose) its ops"
+    )
+    apply.add_argument("experiment")
+    apply.add_argument(
+        "--template", required=True, metavar="NAME", help="a built-in template, or MODULE:ATTR naming your own"
+    )
+    apply.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a template parameter (VALUE is JSON, else a string); repeatable",
+    )
+    apply.add_argument(
+        "--propose", action="store_true", help="propose the ops for a person to approve instead of queueing them"
+    )
+    apply.add_argument("--dry-run", action="store_true", help="print the ops it would submit and why; send nothing")
+    apply.set_defaults(handler=cmd_policy_apply)
+
+    decisions = policy_commands.add_parser(
+        "decisions", parents=[common], help="policy decisions: ops queued, rejected, and proposals"
+    )
+    decisions.add_argument("experiment")
+    decisions.add_argument("--policy", default=None, help="only this policy's decisions")
+    decisions.add_argument(
+        "--status",
+        default=None,
+        choices=["submitted", "rejected", "proposed", "approved", "dismissed"],
+        help="only decisions in this status (proposed: those waiting for a person)",
+    )
+    decisions.set_defaults(handler=cmd_policy_decisions)
+
+    for action, text in (("approve", "queue a proposed op, as you"), ("dismiss", "turn a proposal down")):
+        resolve = policy_commands.add_parser(action, parents=[common], help=text)
+        resolve.add_argument("experiment")
+        resolve.add_argument("decision_id", type=int, metavar="PROPOSAL")
+        resolve.add_argument("--who", default=None, help="who decides (default: your user name)")
+        resolve.set_defaults(handler=cmd_policy_resolve, approve=action == "approve")
     return parser
 
 
@@ -226,6 +314,183 @@ def cmd_ops(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    _run_fit_flow(
+        args.experiment,
+        entrypoint=args.entrypoint,
+        cpu_slots=args.cpu_slots,
+        idle_timeout=args.idle_timeout,
+        server_url=args.server,
+        num_chunks=args.chunks,
+        max_configs=args.max_configs,
+        policies=_policy_specs(args.policies),
+    )
+    return EXIT_OK
+
+
+def cmd_continue(args: argparse.Namespace) -> int:
+    from rf_core.server_process import ensure_server, stop_server
+
+    policies = _policy_specs(args.policies)
+    url, temporary_server = args.server or os.environ.get("RF_SERVER_URL"), None
+    if url is None:
+        url, temporary_server = ensure_server()  # the fit would start one anyway; we need it first, to read
+    try:
+        experiment = RFClient(url).get_experiment(args.experiment)
+        if not experiment.get("spec_ref"):
+            raise UsageError(
+                f"experiment {args.experiment} was started with in-memory functions, not a module:function "
+                "entrypoint: continue it from Python with Experiment(...).run_fit(..., entrypoint=...)"
+            )
+        if experiment["status"] == "running" and not args.force:
+            raise UsageError(
+                f"experiment {args.experiment} has a fit running; its ops apply there (--force if that fit crashed)"
+            )
+        _run_fit_flow(
+            args.experiment,
+            entrypoint=experiment["spec_ref"],
+            num_chunks=int(experiment["num_chunks"]),
+            cpu_slots=args.cpu_slots,
+            idle_timeout=args.idle_timeout,
+            server_url=url,
+            policies=policies,
+            continue_experiment=True,
+        )
+    finally:
+        stop_server(temporary_server)
+    return EXIT_OK
+
+
+def _policy_specs(texts: Sequence[str]) -> list[dict[str, Any]] | None:
+    """`--policy` values as JSON policy specs, each built once so a typo fails before anything heavy starts."""
+    from rf_core.policies_runner import PolicySpec
+
+    try:
+        specs = [PolicySpec.from_json(_policy_spec_arg(text)) for text in texts]
+        for spec in specs:
+            spec.build()
+    except ValueError as exc:
+        raise UsageError(f"--policy: {exc}") from None
+    return [spec.to_json() for spec in specs] or None
+
+
+def _run_fit_flow(experiment: str, **options: Any) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    fit_flow = importlib.import_module("flows.fit")  # Prefect and torch load only when a fit is asked for
+    fit_flow.rf_fit(experiment, **options)
+
+
+def cmd_policy_templates(args: argparse.Namespace) -> int:
+    import inspect
+
+    from rf_core.policies import TEMPLATES
+
+    for name, cls in TEMPLATES.items():
+        parameters = [
+            ("*" if parameter.kind == parameter.VAR_POSITIONAL else "")
+            + parameter_name
+            + ("" if parameter.default is parameter.empty else f"={json.dumps(parameter.default)}")
+            for parameter_name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if parameter_name != "self"
+        ]
+        summary = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+        print(f"{name}({', '.join(parameters)})\n    {summary}\n")
+    return EXIT_OK
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    from rf_core.policies_runner import PolicySpec, apply_policy, format_outcomes
+
+    try:
+        spec = PolicySpec(args.template, _parse_params(args.params), "propose" if args.propose else "act")
+        policy = spec.build()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    outcomes = apply_policy(
+        _client(args), args.experiment, policy, mode=spec.mode, dry_run=args.dry_run, who=_who()
+    )
+    if args.json:
+        return _print_json([outcome.to_json() for outcome in outcomes])
+    print(format_outcomes(policy.name, outcomes, args.dry_run))
+    return EXIT_OK
+
+
+def cmd_policy_decisions(args: argparse.Namespace) -> int:
+    rows = _client(args).list_policy_decisions(args.experiment, policy=args.policy, status=args.status)
+    if args.json:
+        return _print_json(rows)
+    if not rows:
+        filtered = " match" if args.policy or args.status else ""
+        print(f"no policy decisions for experiment {args.experiment}{filtered}")
+        return EXIT_OK
+    print(format_decisions(rows))
+    return EXIT_OK
+
+
+def cmd_policy_resolve(args: argparse.Namespace) -> int:
+    who = args.who or _who()
+    result = _client(args).resolve_proposal(args.experiment, args.decision_id, args.approve, who)
+    if args.json:
+        return _print_json(result)
+    decision, op = result["decision"], result["op"]
+    if op is not None:
+        print(f"proposal {decision['decision_id']} approved by {who}: {describe_queued_op(op)}")
+    else:
+        print(f"proposal {decision['decision_id']} dismissed by {who}")
+    return EXIT_OK
+
+
+def format_decisions(rows: Sequence[dict[str, Any]]) -> str:
+    headers = ["id", "policy", "run", "chunk", "kind", "status", "op", "why", "decided", "by"]
+    table = [
+        [
+            row["decision_id"],
+            row["policy"],
+            row["run_id"],
+            row["boundary"],
+            _decision_kind(row),
+            row["status"],
+            row.get("op_id"),
+            row["reason"] + (f" [rejected: {'; '.join(row['problems'])}]" if row.get("problems") else ""),
+            _when(row["decided_at"]),
+            row.get("resolved_by"),
+        ]
+        for row in rows
+    ]
+    return format_table(headers, table)
+
+
+def _decision_kind(row: dict[str, Any]) -> str:
+    payload = row.get("payload") or {}
+    if row["kind"] != "clone" or not payload.get("overrides"):
+        return row["kind"]
+    return "clone " + ", ".join(f"{key}={_knob(value)}" for key, value in payload["overrides"].items())
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """`--param key=value` pairs; a value that is not JSON is a string (so `metric=eval_loss` needs no quotes)."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param takes KEY=VALUE, got {item!r}")
+        try:
+            params[key.strip()] = json.loads(raw)
+        except ValueError:
+            params[key.strip()] = raw
+    return params
+
+
+def _policy_spec_arg(text: str) -> Any:
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"--policy {text!r} is not valid JSON: {exc}") from None
+    return text
+
+
 # -- helpers ------------------------------------------------------------------------------------------------
 
 
@@ -239,9 +504,37 @@ def _submit(args: argparse.Namespace, payload: dict[str, Any] | None) -> int:
     if args.json:
         return _print_json(op)
     print(describe_queued_op(op))
-    if client.get_experiment(args.experiment).get("status") != "running":
-        print(f"note: experiment {args.experiment} has no fit running; the op waits in the queue until one runs it")
+    experiment = client.get_experiment(args.experiment)
+    if experiment.get("status") != "running":
+        continued = _continue_through_deployment(client, experiment)
+        if continued is not None:
+            print(
+                f"experiment {args.experiment} had no fit running: continuing it through deployment "
+                f"{continued.deployment} (flow run {continued.flow_run}); the op applies there"
+            )
+        else:
+            print(
+                f"note: experiment {args.experiment} has no fit running; the op waits in the queue until one runs "
+                f"it (`rf continue {args.experiment}` starts one)"
+            )
     return EXIT_OK
+
+
+def _continue_through_deployment(client: RFClient, experiment: dict[str, Any]) -> Any:
+    """Start the fit deployment for an ended experiment when a Prefect server serves one (flows.continuation)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return None  # without a Prefect server there is nothing to start: skip importing Prefect at all
+    try:
+        from flows.continuation import continue_through_deployment
+
+        continued = continue_through_deployment(experiment)
+    except Exception as error:  # the op is queued either way; say why the fit did not start
+        print(f"warning: could not start the rf-fit deployment: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+    if continued is not None:
+        # A second op right behind this one must not start a second fit on the same experiment.
+        client.set_experiment_status(experiment["name"], "running")
+    return continued
 
 
 def describe_queued_op(op: dict[str, Any]) -> str:
@@ -321,7 +614,7 @@ def format_runs(snapshot: dict[str, Any]) -> str:
 
 
 def format_ops(op_rows: Sequence[dict[str, Any]]) -> str:
-    headers = ["op", "run", "kind", "source", "who", "status", "reason / result", "submitted", "applied"]
+    headers = ["op", "run", "kind", "source", "who", "status", "reason / result", "submitted", "applied", "why"]
     rows = [
         [
             op["op_id"],
@@ -333,6 +626,7 @@ def format_ops(op_rows: Sequence[dict[str, Any]]) -> str:
             op.get("reason") or _result(op.get("result")),
             _when(op["submitted_at"]),
             _when(op.get("applied_at")),
+            ((op.get("payload") or {}).get("policy") or {}).get("reason"),  # a policy's op says why
         ]
         for op in op_rows
     ]

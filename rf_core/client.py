@@ -220,6 +220,11 @@ class RFClient:
         body = {"idle_run_ids": [int(run_id) for run_id in idle_run_ids]}
         return self._request("POST", self._experiment_path(experiment, "/apply-ops"), body)
 
+    def boundary_view(self, experiment: str, busy_run_ids: Iterable[int]) -> dict[str, Any]:
+        """Apply due ops of runs not in flight and return them with the runs table (`ops.boundary_view`)."""
+        body = {"busy_run_ids": [int(run_id) for run_id in busy_run_ids]}
+        return self._request("POST", self._experiment_path(experiment, "/boundary"), body)
+
     def chunk_start(
         self, experiment: str, run_id: int, chunk_index: int, slot: int, total_chunks: int
     ) -> int:
@@ -258,6 +263,50 @@ class RFClient:
 
     def timeline(self, experiment: str) -> list[dict[str, Any]]:
         return self._request("GET", self._experiment_path(experiment, "/timeline"), idempotent=True)
+
+    def record_policy_decision(
+        self,
+        experiment: str,
+        policy: str,
+        run_id: int,
+        boundary: int,
+        kind: str,
+        payload: Mapping[str, Any] | None,
+        reason: str,
+        mode: str = "act",
+        who: str | None = None,
+    ) -> dict[str, Any]:
+        """Record a policy decision (and queue its op in "act" mode): {"decision", "op", "duplicate"}.
+
+        Safe to retry: a (policy, run, boundary) already decided comes back with "duplicate" set.
+        """
+        body = {
+            "policy": policy,
+            "run_id": run_id,
+            "boundary": boundary,
+            "kind": str(kind),
+            "payload": None if payload is None else dict(payload),
+            "reason": reason,
+            "mode": mode,
+            "who": who,
+        }
+        return self._request(
+            "POST", self._experiment_path(experiment, "/policy-decisions"), body, idempotent=True
+        )
+
+    def list_policy_decisions(
+        self, experiment: str, policy: str | None = None, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = {"policy": policy, "status": status}
+        return self._request(
+            "GET", self._experiment_path(experiment, "/policy-decisions"), query=query, idempotent=True
+        )
+
+    def resolve_proposal(self, experiment: str, decision_id: int, approve: bool, who: str) -> dict[str, Any]:
+        """Approve (queues the op, `who` recorded as its submitter) or dismiss a policy's proposal."""
+        action = "approve" if approve else "dismiss"
+        path = self._experiment_path(experiment, f"/policy-decisions/{int(decision_id)}/{action}")
+        return self._request("POST", path, {"who": who})
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -35,7 +35,7 @@ WARM_START_MODES = ("off", "weights", "weights+optimizer")
 CLONE_PAYLOAD_KEYS = frozenset({"config", "overrides", "warm_start"})
 MAX_CLONES_PER_OP = 256  # a generator that expands further is almost certainly a typo in a $range/$grid
 OP_SOURCES = ("user", "cli")  # plus "policy:<name>"; "initial" is reserved for the experiment's own configs
-CHUNK_OUTCOMES = ("ok", "completed", "failed")
+CHUNK_OUTCOMES = ("ok", "completed", "failed", "interrupted")
 TRAIN_LOSS_METRIC = "train_loss"
 MAX_METRIC_ROWS = 100_000
 
@@ -246,10 +246,13 @@ def submit_op(
     payload: Any = None,
     source: str = "user",
     who: str | None = None,
+    policy_note: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate and queue an op; returns its row. Raises OpRejected (nothing written) when it is not legal.
 
     A clone's row lists every config it will create (`payload["configs"]`), already expanded and normalised.
+    `policy_note` (policy name, reason, boundary, decision id) is stored as the payload's "policy" entry, so the
+    ops log shows why a policy queued the op.
     """
     problems = []
     if not _is_int(run_id):
@@ -268,6 +271,8 @@ def submit_op(
         )
         if problems:
             raise OpRejected(problems)
+        if policy_note is not None:
+            stored_payload = {**stored_payload, "policy": dict(policy_note)}
         return store.insert_op(
             {
                 "experiment": experiment,
@@ -303,6 +308,26 @@ def apply_due_ops(store: Store, experiment: str, idle_run_ids: Iterable[int]) ->
             _apply_one(store, op, store.get_run(experiment, op["run_id"]), now)
             for op in store.list_ops(experiment, run_ids=idle, statuses=["pending"])
         ]
+
+
+def boundary_view(store: Store, experiment: str, busy_run_ids: Iterable[int]) -> dict[str, Any]:
+    """The fit loop's planning read, in one transaction: apply the due ops of every run not in flight, then
+    return them with the runs table as it is afterwards (deleted runs included).
+
+    `{"applied_ops": [...], "runs": [...]}`. One request per planning step instead of two or three.
+    """
+    if isinstance(busy_run_ids, str | bytes | Mapping) or not isinstance(busy_run_ids, Iterable):
+        raise InvalidRequest([f"busy_run_ids must be a list of run ids, got {_type(busy_run_ids)}"])
+    busy = list(busy_run_ids)
+    if not all(_is_int(run_id) for run_id in busy):
+        raise InvalidRequest([f"busy_run_ids must be a list of integers, got {busy!r}"])
+    with store.transaction():
+        runs = list_runs(store, experiment, include_deleted=True)
+        idle = [int(run["run_id"]) for run in runs if int(run["run_id"]) not in set(busy)]
+        applied = apply_due_ops(store, experiment, idle)
+        if applied:
+            runs = list_runs(store, experiment, include_deleted=True)
+    return {"applied_ops": applied, "runs": runs}
 
 
 def _apply_one(
@@ -440,13 +465,24 @@ def record_chunk_end(
             )
             if outcome.get("checkpoint"):
                 fields["checkpoint"] = str(outcome["checkpoint"])
-        event = {"completed": SystemEvent.COMPLETE, "failed": SystemEvent.FAIL}.get(chunk_status)
+            exports = outcome.get("exports") or {}
+            fields.update(
+                export_latest=exports.get("latest"),
+                export_best=exports.get("best"),
+                best_step=outcome.get("best_step"),
+                best_value=_finite(outcome.get("best_value")),
+            )
+        event = {
+            "completed": SystemEvent.COMPLETE,
+            "failed": SystemEvent.FAIL,
+            "interrupted": SystemEvent.INTERRUPT,
+        }.get(chunk_status)
         if event is not None:
             # A status the table does not allow here is left as is: the chunk's progress still counts.
             target = event_result(run["status"], event)
             if target is not None:
                 fields.update(status=target.value, ended_by=chunk_status)
-        if chunk_status == "failed":
+        if chunk_status in ("failed", "interrupted"):
             fields.update(
                 error=str(outcome.get("error") or "the chunk failed"), traceback=outcome.get("traceback")
             )
@@ -465,7 +501,7 @@ def _outcome_problems(timeline_id: Any, outcome: Any) -> list[str]:
         problems.append(
             f"outcome status must be one of {', '.join(CHUNK_OUTCOMES)}, got {outcome.get('status')!r}"
         )
-    if outcome.get("status") != "failed":
+    if outcome.get("status") not in ("failed", "interrupted"):
         problems += [
             f"outcome {name} must be an integer, got {_type(outcome.get(name))}"
             for name in ("step", "epoch", "samples")
@@ -474,6 +510,15 @@ def _outcome_problems(timeline_id: Any, outcome: Any) -> list[str]:
     for name in ("checkpoint", "error", "traceback"):
         if outcome.get(name) is not None and not isinstance(outcome[name], str):
             problems.append(f"outcome {name} must be a string or null, got {_type(outcome[name])}")
+    exports = outcome.get("exports")
+    if exports is not None and not (
+        isinstance(exports, Mapping) and all(isinstance(path, str) for path in exports.values())
+    ):
+        problems.append(f"outcome exports must map names to folder paths, got {_type(exports)}")
+    if outcome.get("best_step") is not None and not _is_int(outcome["best_step"]):
+        problems.append(f"outcome best_step must be an integer or null, got {_type(outcome['best_step'])}")
+    if outcome.get("best_value") is not None and not _is_number(outcome["best_value"]):
+        problems.append(f"outcome best_value must be a number or null, got {_type(outcome['best_value'])}")
     return problems
 
 
@@ -725,6 +770,191 @@ def metrics(
     """Metric rows (run_id, step, name, value, chunk, time) ordered by run, name and step."""
     _experiment(store, experiment)
     return store.query_metrics(experiment, run_ids=run_ids, names=names, since_time=since_time)
+
+
+
+def metric_names(store: Store, experiment: str) -> list[str]:
+    """The metric names the experiment's runs have logged, sorted."""
+    _experiment(store, experiment)
+    return store.metric_names(experiment)
+
+
+def max_metric_step(store: Store, experiment: str) -> int | None:
+    """The highest step any metric of the experiment has reached; None before the first point."""
+    _experiment(store, experiment)
+    return store.max_metric_step(experiment)
+
+
+def metric_buckets(
+    store: Store, experiment: str, width: int, after_row: int = -1
+) -> tuple[dict[str, Any], int]:
+    """M4 aggregates of the experiment's metric points stored after row `after_row` (see `Store.metric_buckets`)."""
+    _experiment(store, experiment)
+    return store.metric_buckets(experiment, width, after_row)
+
+
+def preview_op(
+    store: Store, experiment: str, kind: OpKind | str, run_id: int, payload: Any = None
+) -> dict[str, Any]:
+    """What `submit_op` would decide now, without queuing anything: {"problems", "count"}.
+
+    `count` is the number of runs a clone would create (0 for other ops or when the payload does not expand).
+    """
+    with store.transaction():
+        _experiment(store, experiment)
+        run = store.get_run(experiment, run_id)
+        pending = store.list_ops(experiment, run_ids=[run_id], statuses=["pending"]) if run else []
+        problems, stored = _check_op(kind, run, pending, payload, None, experiment=experiment, run_id=run_id)
+    return {"problems": problems, "count": int(stored.get("count", 0)) if kind == OpKind.CLONE else 0}
+
+# -- policy decisions ---------------------------------------------------------------------------------------
+
+DECISION_MODES = ("act", "propose")
+DECISION_STATUSES = ("submitted", "rejected", "proposed", "approved", "dismissed")
+
+
+def record_policy_decision(
+    store: Store,
+    experiment: str,
+    policy: str,
+    run_id: int,
+    boundary: int,
+    kind: OpKind | str,
+    payload: Any = None,
+    reason: str = "",
+    mode: str = "act",
+    who: str | None = None,
+) -> dict[str, Any]:
+    """Record a policy's decision about a run at a chunk boundary; in "act" mode also queue its op.
+
+    A policy decides at most once per (policy, run, boundary): when that key is already recorded, nothing is
+    written and the earlier decision comes back with `duplicate` set. An op that is not legal is recorded as
+    rejected, with its problems, rather than raised: the policy did decide, and the audit log keeps it.
+
+    Returns {"decision": row, "op": the queued op's row or None, "duplicate": bool}.
+    """
+    problems = []
+    try:
+        check_name("policy", policy)
+    except ValueError as exc:
+        problems.append(str(exc))
+    for name, value in (("run_id", run_id), ("boundary", boundary)):
+        if not _is_int(value) or value < 0:
+            problems.append(f"{name} must be an integer >= 0, got {value!r}")
+    if kind not in {op.value for op in OpKind}:
+        problems.append(f"unknown op kind {kind!r}: use one of {', '.join(op.value for op in OpKind)}")
+    if not isinstance(reason, str) or not reason.strip():
+        problems.append("reason must be a non-empty string: every policy decision says why")
+    if mode not in DECISION_MODES:
+        problems.append(f"mode must be one of {', '.join(DECISION_MODES)}, got {mode!r}")
+    if who is not None and not isinstance(who, str):
+        problems.append(f"who must be a string, got {_type(who)}")
+    if payload is not None and not isinstance(payload, dict):
+        problems.append(f"payload must be a JSON object or null, got {_type(payload)}")
+    if problems:
+        raise InvalidRequest(problems)
+    with store.transaction():
+        _experiment(store, experiment)
+        earlier = [
+            row
+            for row in store.list_policy_decisions(experiment, policies=[policy], run_ids=[run_id])
+            if int(row["boundary"]) == boundary
+        ]
+        if earlier:
+            op = store.get_op(int(earlier[0]["op_id"])) if earlier[0]["op_id"] is not None else None
+            return {"decision": earlier[0], "op": op, "duplicate": True}
+        row: dict[str, Any] = {
+            "experiment": experiment,
+            "policy": policy,
+            "run_id": run_id,
+            "boundary": boundary,
+            "kind": OpKind(kind).value,
+            "payload": payload,
+            "reason": reason.strip(),
+            "decided_at": time.time(),
+        }
+        note = {"name": policy, "reason": row["reason"], "boundary": boundary}
+        op = None
+        if mode == "act":
+            try:
+                op = submit_op(
+                    store, experiment, kind, run_id, payload, source=f"policy:{policy}", who=who, policy_note=note
+                )
+            except OpRejected as exc:
+                row.update(status="rejected", problems=exc.problems)
+            else:
+                row.update(status="submitted", op_id=int(op["op_id"]))
+        else:
+            run = store.get_run(experiment, run_id)
+            pending = store.list_ops(experiment, run_ids=[run_id], statuses=["pending"]) if run else []
+            rejected, _ = _check_op(kind, run, pending, payload, None, experiment=experiment, run_id=run_id)
+            if rejected:
+                row.update(status="rejected", problems=rejected)
+            else:
+                row["status"] = "proposed"
+        decision = store.insert_policy_decision(row)
+    return {"decision": decision, "op": op, "duplicate": False}
+
+
+def list_policy_decisions(
+    store: Store, experiment: str, policy: str | None = None, status: str | None = None
+) -> list[dict[str, Any]]:
+    if status is not None and status not in DECISION_STATUSES:
+        raise InvalidRequest([f"status must be one of {', '.join(DECISION_STATUSES)}, got {status!r}"])
+    _experiment(store, experiment)
+    return store.list_policy_decisions(
+        experiment,
+        policies=None if policy is None else [policy],
+        statuses=None if status is None else [status],
+    )
+
+
+def resolve_proposal(
+    store: Store, experiment: str, decision_id: int, approve: bool, who: str
+) -> dict[str, Any]:
+    """Approve (queue the proposed op, with `who` as its submitter) or dismiss a policy's proposal.
+
+    Approval validates the op against the run's state now: an op that is no longer legal raises OpRejected and
+    leaves the proposal waiting (dismiss it). Returns {"decision": row, "op": the queued op's row or None}.
+    """
+    problems = []
+    if not _is_int(decision_id):
+        problems.append(f"decision_id must be an integer, got {_type(decision_id)}")
+    if not isinstance(who, str) or not who.strip():
+        problems.append("who must name the person approving or dismissing the proposal")
+    if problems:
+        raise InvalidRequest(problems)
+    with store.transaction():
+        _experiment(store, experiment)
+        decision = store.get_policy_decision(decision_id)
+        if decision is None or decision["experiment"] != experiment:
+            raise NotFound(f"experiment {experiment} has no policy proposal {decision_id}")
+        if decision["status"] != "proposed":
+            by = f" by {decision['resolved_by']}" if decision.get("resolved_by") else ""
+            raise InvalidRequest([f"proposal {decision_id} is {decision['status']}{by}: only a waiting one can be"])
+        now = time.time()
+        op = None
+        fields: dict[str, Any] = {"resolved_by": who, "resolved_at": now, "status": "dismissed"}
+        if approve:
+            note = {
+                "name": decision["policy"],
+                "reason": decision["reason"],
+                "boundary": int(decision["boundary"]),
+                "decision_id": decision_id,
+                "approved_by": who,
+            }
+            op = submit_op(
+                store,
+                experiment,
+                decision["kind"],
+                int(decision["run_id"]),
+                decision["payload"],
+                source=f"policy:{decision['policy']}",
+                who=who,
+                policy_note=note,
+            )
+            fields.update(status="approved", op_id=int(op["op_id"]))
+        return {"decision": store.update_policy_decision(decision_id, fields), "op": op}
 
 
 # -- helpers ------------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ _RUN_COLUMNS = frozenset(
     {
         "experiment", "run_id", "status", "config", "source", "parent_id", "warm_start",
         "warm_start_checkpoint", "parent_step", "ended_by", "epoch", "chunks_done", "total_chunks", "step",
-        "samples", "checkpoint", "error", "traceback", "created_at", "updated_at",
+        "samples", "checkpoint", "error", "traceback", "created_at", "updated_at", "export_latest", "export_best",
+        "best_step", "best_value",
     }
 )  # fmt: skip
 _OP_COLUMNS = frozenset(
@@ -64,8 +65,22 @@ _OP_COLUMNS = frozenset(
     }
 )  # fmt: skip
 _TIMELINE_COLUMNS = frozenset({"id", "experiment", "run_id", "slot", "chunk", "start", "end", "outcome"})
-_JSON_COLUMNS = {"runs": frozenset({"config"}), "ops": frozenset({"payload", "result"})}
+_DECISION_COLUMNS = frozenset(
+    {
+        "decision_id", "experiment", "policy", "run_id", "boundary", "kind", "payload", "reason", "status",
+        "op_id", "problems", "decided_at", "resolved_by", "resolved_at",
+    }
+)  # fmt: skip
+_JSON_COLUMNS = {
+    "runs": frozenset({"config"}),
+    "ops": frozenset({"payload", "result"}),
+    "policy_decisions": frozenset({"payload", "problems"}),
+}
 METRIC_COLUMNS = ("experiment", "run_id", "step", "name", "value", "chunk", "time")
+M4_COLUMNS = (
+    "name", "run_id", "bucket", "first_step", "first_value", "last_step", "last_value", "min_step", "min_value",
+    "max_step", "max_value",
+)  # fmt: skip
 
 
 class Store(ABC):
@@ -153,6 +168,27 @@ class Store(ABC):
         """Rows ordered by run_id, name, step, time."""
 
     @abstractmethod
+    def metric_names(self, experiment: str) -> list[str]:
+        """The distinct metric names logged in the experiment, sorted."""
+
+    @abstractmethod
+    def max_metric_step(self, experiment: str) -> int | None:
+        """The highest step any metric of the experiment has reached; None before the first point."""
+
+    @abstractmethod
+    def metric_buckets(
+        self, experiment: str, width: int, after_row: int = -1
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """M4 aggregates of the experiment's finite metric points stored after row number `after_row`.
+
+        Points are grouped by (name, run_id, bucket = step // width); each group gives its first, last, lowest and
+        highest point. Returns (numpy columns name, run_id, bucket, first_step, first_value, last_step, last_value,
+        min_step, min_value, max_step, max_value; the last row number read). Metric rows are only ever appended,
+        so passing that number back as `after_row` reads only the points stored since: a chart stays current
+        without scanning every point again.
+        """
+
+    @abstractmethod
     def metric_summary(self, experiment: str, train_name: str, eval_name: str, mode: str) -> dict[int, Row]:
         """Per run: latest `train_name` value, latest and best (per `mode`) `eval_name` value."""
 
@@ -168,6 +204,26 @@ class Store(ABC):
 
     @abstractmethod
     def list_timeline(self, experiment: str) -> list[Row]: ...
+
+    # policy decisions
+    @abstractmethod
+    def insert_policy_decision(self, row: Mapping[str, Any]) -> Row: ...
+
+    @abstractmethod
+    def get_policy_decision(self, decision_id: int) -> Row | None: ...
+
+    @abstractmethod
+    def list_policy_decisions(
+        self,
+        experiment: str,
+        policies: Iterable[str] | None = None,
+        run_ids: Iterable[int] | None = None,
+        statuses: Iterable[str] | None = None,
+    ) -> list[Row]:
+        """Decisions in the order they were made (decision_id ascending)."""
+
+    @abstractmethod
+    def update_policy_decision(self, decision_id: int, fields: Mapping[str, Any]) -> Row: ...
 
 
 class DuckDBStore(Store):
@@ -446,6 +502,39 @@ class DuckDBStore(Store):
             params.append(float(since_time))
         return self._query(None, sql + " ORDER BY run_id, name, step, time", params)
 
+    def metric_names(self, experiment: str) -> list[str]:
+        rows = self._query(None, "SELECT DISTINCT name FROM metrics WHERE experiment = ? ORDER BY name", [experiment])
+        return [row["name"] for row in rows]
+
+    def max_metric_step(self, experiment: str) -> int | None:
+        rows = self._query(None, "SELECT max(step) AS step FROM metrics WHERE experiment = ?", [experiment])
+        return None if rows[0]["step"] is None else int(rows[0]["step"])
+
+    def metric_buckets(
+        self, experiment: str, width: int, after_row: int = -1
+    ) -> tuple[dict[str, np.ndarray], int]:
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"{width=} must be a positive integer")
+        sql = (
+            "SELECT name, run_id, step // ? AS bucket, "
+            "min(step) AS first_step, arg_min(value, step) AS first_value, "
+            "max(step) AS last_step, arg_max(value, step) AS last_value, "
+            "arg_min(step, value) AS min_step, min(value) AS min_value, "
+            "arg_max(step, value) AS max_step, max(value) AS max_value "
+            "FROM metrics WHERE rowid > ? AND rowid <= ? AND experiment = ? AND isfinite(value) "
+            "GROUP BY ALL ORDER BY name, run_id, bucket"
+        )
+        with self._cursor() as cursor:
+            try:
+                # The row range is fixed first: rows committed meanwhile are left for the next call, not lost.
+                cursor.execute("SELECT coalesce(max(rowid), -1) FROM metrics")
+                last_row = int(cursor.fetchone()[0])
+                cursor.execute(sql, [width, int(after_row), last_row, experiment])
+                columns = cursor.fetchnumpy()
+            except duckdb.Error as exc:
+                raise _translate(exc, self.path) from exc
+        return {column: np.asarray(columns[column]) for column in M4_COLUMNS}, max(last_row, int(after_row))
+
     def metric_summary(self, experiment: str, train_name: str, eval_name: str, mode: str) -> dict[int, Row]:
         best = "min" if mode == "min" else "max"
         rows = self._query(
@@ -478,6 +567,32 @@ class DuckDBStore(Store):
     def list_timeline(self, experiment: str) -> list[Row]:
         sql = 'SELECT * FROM timeline WHERE experiment = ? ORDER BY "start", id'
         return self._query("timeline", sql, [experiment])
+
+    # -- policy decisions -----------------------------------------------------------------------------------
+
+    def insert_policy_decision(self, row: Mapping[str, Any]) -> Row:
+        return self._insert("policy_decisions", _DECISION_COLUMNS, row)
+
+    def get_policy_decision(self, decision_id: int) -> Row | None:
+        rows = self._query("policy_decisions", "SELECT * FROM policy_decisions WHERE decision_id = ?", [decision_id])
+        return rows[0] if rows else None
+
+    def list_policy_decisions(
+        self,
+        experiment: str,
+        policies: Iterable[str] | None = None,
+        run_ids: Iterable[int] | None = None,
+        statuses: Iterable[str] | None = None,
+    ) -> list[Row]:
+        sql = "SELECT * FROM policy_decisions WHERE experiment = ?"
+        params: list[Any] = [experiment]
+        sql += _in_list("policy", "VARCHAR", policies, str, params)
+        sql += _in_list("run_id", "INTEGER", run_ids, int, params)
+        sql += _in_list("status", "VARCHAR", statuses, str, params)
+        return self._query("policy_decisions", sql + " ORDER BY decision_id", params)
+
+    def update_policy_decision(self, decision_id: int, fields: Mapping[str, Any]) -> Row:
+        return self._update("policy_decisions", _DECISION_COLUMNS, {"decision_id": decision_id}, fields)
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:

@@ -1,4 +1,4 @@
-"""Keeps the orchestration benchmark working: its smoke mode, run as a user would (no timing is asserted)."""
+"""Keeps the benchmarks working: their smoke modes, run as a user would (no timing is asserted)."""
 
 import json
 import subprocess
@@ -21,3 +21,38 @@ def test_orchestration_benchmark_smoke(tmp_path):
     figures = json.loads(out.read_text())["figures"]
     assert figures["chunks"] == 4  # 2 runs x 2 chunks, every one recorded in the store
     assert 0 < figures["utilisation"]["overall"] <= 1
+
+
+def test_swapping_benchmark_smoke(tmp_path):
+    out = tmp_path / "swapping.json"
+    result = subprocess.run(
+        [sys.executable, "bench/swapping.py", "--smoke", "--out", str(out)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert {case["through"] for case in figures["swap"].values()} == {"/dev/shm", "disk"}
+    assert all(case["swaps"] == 3 and case["median_swap_fraction"] > 0 for case in figures["swap"].values())
+    assert figures["vs_hf_trainer"]["median_ratio"] > 0
+    assert figures["memory_8_lora_runs"]["runs_warm"] == 8
+    assert figures["memory_8_lora_runs"]["base_models_loaded"] == 1  # 8 LoRA runs share one base copy
+
+
+def test_flood_benchmark_smoke(tmp_path):
+    """Concurrent op submissions from several processes: each valid op recorded once and applied in order."""
+    out = tmp_path / "flood.json"
+    result = subprocess.run(
+        [sys.executable, "bench/flood.py", "--smoke", "--out", str(out)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["violations"] == []
+    assert figures["ops_sent"] == 40 and 0 < figures["accepted"] < 40
+    assert figures["read_latency_during_flood"]["count"] > 0

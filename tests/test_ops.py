@@ -212,6 +212,21 @@ def test_ops_apply_in_submission_order_only_for_idle_runs(store: DuckDBStore, ex
     assert run["status"] == "Stopped" and run["ended_by"] == str(other["op_id"])
 
 
+def test_boundary_view_applies_ops_of_runs_not_in_flight_and_returns_the_runs_after(
+    store: DuckDBStore, exp: str
+) -> None:
+    stop_busy = submit(store, "stop", 1)
+    stop_idle = submit(store, "stop", 2)
+    view = ops.boundary_view(store, "exp", [1])
+    assert [op["op_id"] for op in view["applied_ops"]] == [stop_idle["op_id"]]
+    statuses = {run["run_id"]: run["status"] for run in view["runs"]}
+    assert statuses[2] == "Stopped" and statuses[1] == "New"
+    assert store.get_op(stop_busy["op_id"])["status"] == "pending"  # run 1 is training: its op waits
+    assert ops.boundary_view(store, "exp", [1])["applied_ops"] == []
+    with pytest.raises(ops.InvalidRequest, match="busy_run_ids"):
+        ops.boundary_view(store, "exp", "1")
+
+
 def test_an_op_no_longer_legal_is_skipped_with_the_reason(store: DuckDBStore, exp: str) -> None:
     train_chunk(store, 1, 0)
     stop = submit(store, "stop", 1)

@@ -152,6 +152,8 @@ def test_the_fit_flow_routes(server: tuple[RFClient, dict[str, Any], Path]) -> N
          b'{"run_id": 1, "chunk_index": "0", "slot": 0, "total_chunks": 4}', 400,
          "chunk_index must be an integer"),
         ("/api/experiments/exp/apply-ops", b'{"idle_run_ids": "all"}', 400, "idle_run_ids"),
+        ("/api/experiments/exp/boundary", b'{"busy_run_ids": [1, "x"]}', 400, "busy_run_ids"),
+        ("/api/experiments/exp/boundary", b'{}', 400, "busy_run_ids"),
         ("/api/metrics", b'{"batch_id": 7, "rows": []}', 400, "batch_id"),
         ("/api/metrics", b'{"batch_id": "b", "rows": [{"run_id": 1}]}', 400, "row 0"),
         ("/api/no-such-route", b"{}", 404, "no API route"),
