@@ -1,57 +1,171 @@
-"""The dashboard page. For now: pick an experiment, watch its runs table refresh (the full UI comes later)."""
+"""The dashboard page: ids and structure only (the callbacks live in dash_app.callbacks)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import dash_ag_grid as dag
-from dash import Dash, Input, Output, State, dcc, html
+from dash import dcc, html
 
-from dash_app import data
-from rf_core.store import Store
+from dash_app.data import OPS_LOG_COLUMNS
+from rf_core.ops import WARM_START_MODES
 
 REFRESH_MS = 2000
+OP_BUTTONS = (("stop", "Stop"), ("resume", "Resume"), ("delete", "Delete"))
+GRAPH_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
 
 
-def build_layout() -> html.Div:
+def op_button_id(kind: str) -> dict[str, str]:
+    return {"type": "op-btn", "op": kind}
+
+
+def metric_graph_id(name: str) -> dict[str, str]:
+    return {"type": "metric-graph", "metric": name}
+
+
+def build_layout(
+    experiment_options: list[dict[str, str]] | None = None,
+    experiment: str | None = None,
+    metric_names: list[str] | None = None,
+) -> html.Div:
+    """The page. Given the experiment to open and its metrics, the charts exist from the start and their figures
+    come with the first callback round trip, instead of three (experiment, then chart list, then figures)."""
     return html.Div(
         [
-            html.H2("rf: interactive-control experiments"),
-            dcc.Dropdown(id="experiment-select", placeholder="experiment", clearable=False),
+            _top_bar(experiment_options or [], experiment),
+            html.Div(id="header", className="rf-header"),
+            html.Div(chart_cells(metric_names) if metric_names else [], id="charts", className="rf-charts"),
+            html.Div(
+                [
+                    html.H3("Runs"),
+                    html.Span("hide columns", className="rf-label"),
+                    dcc.Dropdown(id="hidden-columns", multi=True, placeholder="none", className="rf-columns"),
+                ],
+                className="rf-section-title",
+            ),
             dag.AgGrid(
                 id="runs-grid",
                 rowData=[],
                 columnDefs=[],
-                defaultColDef={"sortable": True, "resizable": True, "filter": True},
-                style={"height": "60vh"},
+                getRowId="params.data.run",
+                defaultColDef={"sortable": True, "resizable": True, "filter": True, "floatingFilter": True},
+                dashGridOptions={"animateRows": False, "tooltipShowDelay": 300},
+                style={"height": "360px"},
             ),
+            html.Div(
+                [
+                    html.Div(dcc.Graph(id="timeline-graph", config=GRAPH_CONFIG), className="rf-half"),
+                    html.Div(dcc.Graph(id="lineage-graph", config=GRAPH_CONFIG), className="rf-half"),
+                ],
+                className="rf-row",
+            ),
+            html.H3("Ops log"),
+            dag.AgGrid(
+                id="ops-grid",
+                rowData=[],
+                columnDefs=OPS_LOG_COLUMNS,
+                getRowId="params.data.op",
+                defaultColDef={"sortable": True, "resizable": True, "filter": True},
+                dashGridOptions={"animateRows": False, "tooltipShowDelay": 300},
+                style={"height": "260px"},
+            ),
+            _ic_ops_panel(),
+            dcc.Store(id="selected-run", data=None),
+            dcc.Store(id="ops-changed", data=0),
+            dcc.Store(id="metric-names", data=metric_names if metric_names else None),
             dcc.Interval(id="refresh", interval=REFRESH_MS),
         ],
-        style={"fontFamily": "sans-serif", "margin": "1em"},
+        className="rf-page",
     )
 
 
-def register_callbacks(app: Dash, store: Store) -> None:
-    """Thin callbacks: each reads one thing through dash_app.data."""
-
-    @app.callback(
-        Output("experiment-select", "options"),
-        Output("experiment-select", "value"),
-        Input("refresh", "n_intervals"),
-        State("experiment-select", "value"),
+def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -> html.Div:
+    return html.Div(
+        [
+            html.H2("rf"),
+            dcc.Dropdown(
+                id="experiment-select",
+                options=experiment_options,
+                value=experiment,
+                placeholder="experiment",
+                clearable=False,
+                className="rf-experiment",
+            ),
+            dcc.Checklist(
+                id="show-deleted", options=[{"label": " show deleted runs", "value": "show"}], value=[], inline=True
+            ),
+            html.Div(
+                [
+                    html.Span("smoothing", className="rf-label"),
+                    dcc.Slider(
+                        id="smoothing",
+                        min=0,
+                        max=0.95,
+                        step=0.05,
+                        value=0,
+                        marks={0: "0", 0.5: "0.5", 0.9: "0.9"},
+                        updatemode="mouseup",
+                    ),
+                ],
+                className="rf-smoothing",
+            ),
+        ],
+        className="rf-topbar",
     )
-    def refresh_experiments(_: int | None, selected: str | None) -> tuple[list[dict[str, str]], str | None]:
-        options = data.experiment_options(store)
-        names = [option["value"] for option in options]
-        return options, selected if selected in names else (names[0] if names else None)
 
-    @app.callback(
-        Output("runs-grid", "rowData"),
-        Output("runs-grid", "columnDefs"),
-        Input("experiment-select", "value"),
-        Input("refresh", "n_intervals"),
+
+def _ic_ops_panel() -> html.Div:
+    return html.Div(
+        [
+            html.Div(
+                [html.H3(id="panel-title"), html.Button("×", id="panel-close", className="rf-close", title="close")],
+                className="rf-panel-head",
+            ),
+            html.Div(id="panel-status", className="rf-panel-status"),
+            html.Div(
+                [
+                    html.Button(label, id=op_button_id(kind), className=f"rf-op rf-op-{kind}", disabled=True)
+                    for kind, label in OP_BUTTONS
+                ],
+                className="rf-op-row",
+            ),
+            html.H4("Clone-Modify"),
+            html.P(
+                [
+                    "The parent's config, editable. A knob may be a list ",
+                    html.Code('{"$list": [1e-4, 3e-4]}'),
+                    " (a grid) or a range ",
+                    html.Code('{"$range": {"low": 1e-5, "high": 1e-3, "log": true}}'),
+                    " inside ",
+                    html.Code('{"$random": {"config": {...}, "num_runs": 4, "seed": 0}}'),
+                    ".",
+                ],
+                className="rf-hint",
+            ),
+            dcc.Textarea(id="clone-json", spellCheck=False, className="rf-json"),
+            html.Div(
+                [
+                    html.Span("warm start", className="rf-label"),
+                    dcc.RadioItems(
+                        id="warm-start",
+                        options=[{"label": f" {mode}", "value": mode} for mode in WARM_START_MODES],
+                        value="off",
+                        inline=True,
+                    ),
+                ]
+            ),
+            html.Div(id="clone-preview", className="rf-preview"),
+            html.Button("Submit Clone-Modify", id=op_button_id("clone"), className="rf-op rf-op-clone", disabled=True),
+            html.Div(id="op-result", className="rf-op-result"),
+        ],
+        id="ic-panel",
+        className="rf-panel",
+        style={"display": "none"},
     )
-    def refresh_runs(
-        experiment: str | None, _: int | None
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return data.runs_table(store, experiment)
+
+
+def chart_cells(names: list[str]) -> list[Any]:
+    """One chart per metric; the figures are filled by the figure callback."""
+    return [
+        html.Div(dcc.Graph(id=metric_graph_id(name), config=GRAPH_CONFIG), className="rf-chart") for name in names
+    ]

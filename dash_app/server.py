@@ -9,6 +9,7 @@ removes it on exit. A second server on the same RF_HOME fails at once: DuckDB le
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -18,11 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from dash import Dash
+from dash import Dash, html
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from dash_app import data
 from dash_app.api import register_routes
-from dash_app.layout import build_layout, register_callbacks
+from dash_app.callbacks import register_callbacks
+from dash_app.layout import build_layout
 from rf_core import paths
 from rf_core.server_process import is_process_alive, read_server_info, write_server_info
 from rf_core.store import DuckDBStore, Store, StoreError
@@ -45,10 +48,17 @@ def build_app(store: Store) -> Dash:
         # Named explicitly: under `python -m dash_app.server` the module is __main__.
         assets_folder=str(Path(__file__).with_name("assets")),
     )
-    app.layout = build_layout()
+    app.layout = functools.partial(layout_for, store)
     register_callbacks(app, store)
     register_routes(app.server, store)
     return app
+
+
+def layout_for(store: Store) -> html.Div:
+    """The page for a new visitor: the newest experiment open, with a chart per metric it has logged."""
+    options = data.experiment_options(store)
+    experiment = options[0]["value"] if options else None
+    return build_layout(options, experiment, data.chart_names(store, experiment))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,363 @@
+"""Thin callbacks: each reads its inputs, calls dash_app.data / dash_app.figures, and returns what to show.
+
+The helpers they call are plain functions (tested directly); the callbacks themselves are tested by calling
+them as functions, with Dash's callback context set where they read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dash import ALL, Dash, Input, Output, State, ctx, html, no_update
+
+from dash_app import data, figures
+from dash_app.downsample import M4Cache
+from dash_app.layout import chart_cells
+from rf_core.store import Store
+
+Callbacks = dict[str, Any]
+
+
+def register_callbacks(app: Dash, store: Store) -> Callbacks:
+    """Register every dashboard callback on `app`, reading and writing `store`; returns them by name."""
+    callbacks: Callbacks = {}
+    cache = data.chart_cache(store)
+
+    def register(*dependencies: Any, **kwargs: Any) -> Any:
+        def wrap(function: Any) -> Any:
+            callbacks[function.__name__] = function
+            app.callback(*dependencies, **kwargs)(function)
+            return function
+
+        return wrap
+
+    @register(
+        Output("experiment-select", "options"),
+        Output("experiment-select", "value"),
+        Input("refresh", "n_intervals"),
+        State("experiment-select", "value"),
+    )
+    def refresh_experiments(_: int | None, selected: str | None) -> tuple[list[dict[str, str]], str | None]:
+        options = data.experiment_options(store)
+        names = [option["value"] for option in options]
+        chosen = selected if selected in names else (names[0] if names else None)
+        return options, chosen if chosen != selected else no_update
+
+    @register(
+        Output("header", "children"),
+        Output("runs-grid", "rowData"),
+        Output("runs-grid", "columnDefs"),
+        Output("hidden-columns", "options"),
+        Input("experiment-select", "value"),
+        Input("refresh", "n_intervals"),
+        Input("show-deleted", "value"),
+        Input("ops-changed", "data"),
+        Input("hidden-columns", "value"),
+        State("runs-grid", "columnDefs"),
+    )
+    def refresh_runs(
+        experiment: str | None,
+        _: int | None,
+        show_deleted: list[str] | None,
+        __: int | None,
+        hidden: list[str] | None,
+        current_columns: list[dict[str, Any]] | None,
+    ) -> tuple[Any, ...]:
+        snap = data.runs_view(store, cache, experiment, include_deleted=bool(show_deleted))
+        if snap is None:
+            return header_children(None), [], [], []
+        rows, columns = data.runs_grid(snap)
+        hidden_set = set(hidden or [])
+        columns = [{**column, "hide": column["field"] in hidden_set} for column in columns]
+        options = [{"label": column.get("headerName", column["field"]), "value": column["field"]} for column in columns]
+        # Re-sending unchanged column definitions would undo the user's column widths and order.
+        columns_out = columns if columns != current_columns else no_update
+        summary = data.header_summary(snap, data.timeline(store, experiment))
+        return header_children(summary), rows, columns_out, options
+
+    @register(
+        Output("charts", "children"),
+        Output("metric-names", "data"),
+        Input("experiment-select", "value"),
+        Input("refresh", "n_intervals"),
+        State("metric-names", "data"),
+    )
+    def refresh_chart_list(experiment: str | None, _: int | None, shown: list[str] | None) -> tuple[Any, Any]:
+        names = data.chart_names(store, experiment)
+        if shown is not None and names == shown:
+            return no_update, no_update
+        if not names:
+            message = "no metrics yet" if experiment else "no experiment yet: start one with rf demo or run_fit"
+            return [html.Div(message, className="rf-label")], names
+        return chart_cells(names), names
+
+    @register(
+        Output({"type": "metric-graph", "metric": ALL}, "figure"),
+        Input({"type": "metric-graph", "metric": ALL}, "id"),
+        Input("refresh", "n_intervals"),
+        Input("show-deleted", "value"),
+        Input("smoothing", "value"),
+        Input("ops-changed", "data"),
+        State("experiment-select", "value"),
+    )
+    def refresh_charts(
+        graph_ids: list[dict[str, str]],
+        _: int | None,
+        show_deleted: list[str] | None,
+        smoothing: float | None,
+        __: int | None,
+        experiment: str | None,
+    ) -> list[dict[str, Any]]:
+        names = [graph_id["metric"] for graph_id in graph_ids]
+        return metric_figures(store, cache, experiment, names, bool(show_deleted), smoothing)
+
+    @register(
+        Output("timeline-graph", "figure"),
+        Output("lineage-graph", "figure"),
+        Output("ops-grid", "rowData"),
+        Input("experiment-select", "value"),
+        Input("refresh", "n_intervals"),
+        Input("show-deleted", "value"),
+        Input("ops-changed", "data"),
+    )
+    def refresh_history(
+        experiment: str | None, _: int | None, show_deleted: list[str] | None, __: int | None
+    ) -> tuple[Any, Any, Any]:
+        snap = data.runs_view(store, cache, experiment, include_deleted=bool(show_deleted))
+        if snap is None:
+            empty = figures.empty_figure("no experiment")
+            return empty, empty, []
+        entries = data.timeline(store, experiment)
+        timeline = (
+            figures.timeline_figure(entries, float(snap["experiment"]["created_at"]), data.now())
+            if entries
+            else figures.empty_figure("no chunk has been trained yet")
+        )
+        return timeline, figures.lineage_figure(snap["runs"]), data.ops_log(store, experiment)
+
+    @register(
+        Output("selected-run", "data"),
+        Input({"type": "metric-graph", "metric": ALL}, "clickData"),
+        Input("runs-grid", "cellClicked"),
+        Input("lineage-graph", "clickData"),
+        Input("timeline-graph", "clickData"),
+        Input("panel-close", "n_clicks"),
+        Input("experiment-select", "value"),
+        prevent_initial_call=True,
+    )
+    def select_run(*_: Any) -> int | None:
+        trigger = ctx.triggered_id
+        value = ctx.triggered[0]["value"] if ctx.triggered else None
+        if trigger in ("panel-close", "experiment-select"):
+            return None
+        if trigger == "runs-grid":
+            run_id = run_from_cell(value)
+        else:
+            run_id = run_from_click(value)
+        return run_id if run_id is not None else no_update
+
+    @register(
+        Output("ic-panel", "style"),
+        Output("panel-title", "children"),
+        Output("panel-status", "children"),
+        Output({"type": "op-btn", "op": ALL}, "disabled"),
+        Input("selected-run", "data"),
+        Input("refresh", "n_intervals"),
+        Input("ops-changed", "data"),
+        State("experiment-select", "value"),
+        State({"type": "op-btn", "op": ALL}, "id"),
+    )
+    def refresh_panel(
+        run_id: int | None, _: int | None, __: int | None, experiment: str | None, button_ids: list[dict[str, str]]
+    ) -> tuple[Any, ...]:
+        state = data.panel_state(store, experiment, run_id)
+        if state is None:
+            return {"display": "none"}, "", "", [True] * len(button_ids)
+        disabled = [button["op"] not in state.allowed for button in button_ids]
+        return {"display": "block"}, f"Run {state.run_id}", panel_status(state), disabled
+
+    @register(
+        Output("clone-json", "value"),
+        Output("warm-start", "value"),
+        Output("op-result", "children", allow_duplicate=True),
+        Input("selected-run", "data"),
+        State("experiment-select", "value"),
+        prevent_initial_call=True,
+    )
+    def load_parent_config(run_id: int | None, experiment: str | None) -> tuple[Any, Any, Any]:
+        state = data.panel_state(store, experiment, run_id)
+        if state is None:
+            return "", "off", ""
+        return data.config_text(state.config), "off", ""
+
+    @register(
+        Output("clone-preview", "children"),
+        Input("clone-json", "value"),
+        Input("warm-start", "value"),
+        State("selected-run", "data"),
+        State("experiment-select", "value"),
+        prevent_initial_call=True,
+    )
+    def preview_clone(text: str | None, warm_start: str | None, run_id: int | None, experiment: str | None) -> Any:
+        if run_id is None or not experiment:
+            return ""
+        return clone_feedback(text or "", data.check_clone(store, experiment, run_id, text, warm_start))
+
+    @register(
+        Output("op-result", "children"),
+        Output("ops-changed", "data"),
+        Input({"type": "op-btn", "op": ALL}, "n_clicks"),
+        State("selected-run", "data"),
+        State("experiment-select", "value"),
+        State("clone-json", "value"),
+        State("warm-start", "value"),
+        State("ops-changed", "data"),
+        prevent_initial_call=True,
+    )
+    def submit_op(
+        clicks: list[int | None],
+        run_id: int | None,
+        experiment: str | None,
+        text: str | None,
+        warm_start: str | None,
+        changes: int | None,
+    ) -> tuple[Any, Any]:
+        trigger = ctx.triggered_id
+        if not isinstance(trigger, Mapping) or not any(clicks) or run_id is None or not experiment:
+            return no_update, no_update
+        kind = trigger["op"]
+        payload = None
+        if kind == "clone":
+            check = data.check_clone(store, experiment, run_id, text, warm_start)
+            if check.problems:
+                return not_queued(text or "", check), no_update
+            payload = check.payload
+        op, problems = data.submit(store, experiment, kind, run_id, payload)
+        if op is None:
+            return html.Div(["Not queued: ", *_lines(problems)], className="rf-bad"), no_update
+        return html.Div(data.accepted_message(op), className="rf-ok", id="op-accepted"), (changes or 0) + 1
+
+    return callbacks
+
+
+# -- helpers the callbacks call (plain functions) -----------------------------------------------------------
+
+
+def metric_figures(
+    store: Store,
+    cache: M4Cache,
+    experiment: str | None,
+    names: Sequence[str],
+    include_deleted: bool,
+    smoothing: float | None,
+) -> list[dict[str, Any]]:
+    """The figure of each chart in `names`: the refresh every chart gets (the benchmarked callback)."""
+    snap_runs = data.chart_runs(store, experiment, include_deleted)
+    if not experiment or not snap_runs:
+        return [figures.empty_figure("no runs") for _ in names]
+    runs, knobs = snap_runs
+    run_ids = [int(run["run_id"]) for run in runs]
+    series = data.chart_series(cache, experiment, run_ids, names)
+    labels = data.hover_labels(runs, knobs)
+    deleted = frozenset(int(run["run_id"]) for run in runs if run["status"] == "Deleted")
+    return [
+        figures.metric_figure(
+            name,
+            series.get(name, {}),
+            labels,
+            smoothing=float(smoothing or 0),
+            uirevision=f"{experiment}:{name}",
+            deleted=deleted,
+        )
+        for name in names
+    ]
+
+
+def run_from_click(click_data: Mapping[str, Any] | None) -> int | None:
+    """The run id a click on a chart point carries (its customdata), or None."""
+    points = (click_data or {}).get("points") or []
+    if not points:
+        return None
+    custom = points[0].get("customdata")
+    if isinstance(custom, list):  # timeline bars carry [run, chunk, outcome]
+        custom = custom[0] if custom else None
+    return int(custom) if isinstance(custom, int | float) else None
+
+
+def run_from_cell(cell: Mapping[str, Any] | None) -> int | None:
+    """The run whose IC Ops cell was clicked in the runs grid, or None for any other cell."""
+    if not cell or cell.get("colId") != "ic_ops" or cell.get("rowId") is None:
+        return None
+    return int(cell["rowId"])
+
+
+def header_children(summary: Mapping[str, Any] | None) -> list[Any]:
+    if summary is None:
+        return [html.Span("no experiment selected")]
+    status = summary["status"]
+    by_status = ", ".join(f"{count} {status}" for status, count in summary["runs_by_status"].items()) or "no runs"
+    items = [
+        html.Span([html.B(summary["name"]), " ", html.Span(summary["status"], className=f"rf-status-{status}")]),
+        html.Span(["runs: ", html.B(by_status)]),
+        html.Span(["chunks: ", html.B(f"{summary['chunks_done']}/{summary['chunks_planned']}")]),
+        html.Span(["slots busy: ", html.B(f"{summary['slots_busy']}/{summary['slots_seen']}")]),
+        html.Span(["metric: ", html.B(summary["metric"])]),
+        html.Span(["started ", summary["started"]]),
+    ]
+    if summary["ended"]:
+        items.append(html.Span(["ended ", summary["ended"]]))
+    return items
+
+
+def panel_status(state: data.PanelState) -> list[Any]:
+    lines: list[Any] = [
+        html.Div(["status: ", html.B(state.status, id="panel-run-status")]),
+        html.Div(state.progress),
+        html.Div(f"source: {state.source}" + (f" · {state.parent}" if state.parent else "")),
+    ]
+    if state.pending:
+        lines.append(
+            html.Div(
+                [f"pending: {', '.join(state.pending)}", html.Br(), f"it will be {state.will_be} at its next boundary"],
+                id="panel-pending",
+            )
+        )
+    return lines
+
+
+def clone_feedback(text: str, check: data.CloneCheck) -> Any:
+    if check.problems:
+        return annotated_json(text, check)
+    noun = "clone" if check.count == 1 else "clones"
+    warm = (check.payload or {}).get("warm_start", "off")
+    return html.Div(f"Submit creates {check.count} {noun} (warm start: {warm})", className="rf-ok", id="clone-count")
+
+
+def not_queued(text: str, check: data.CloneCheck) -> Any:
+    """Submit's answer to an invalid clone request: the same annotated text as the live check above it."""
+    noun = "problem" if len(check.problems) == 1 else "problems"
+    return html.Div(
+        [html.Div(f"Not queued: {len(check.problems)} {noun}, each under its line.", className="rf-bad"),
+         annotated_json(text, check)]
+    )  # fmt: skip
+
+
+def annotated_json(text: str, check: data.CloneCheck) -> Any:
+    """The JSON box's text with each problem written under the line it is about."""
+    lines, unplaced = data.annotate_problems(text, check.problems, check.bad_json_at)
+    rows: list[Any] = []
+    for line, notes in lines:
+        rows.append(html.Div(line or " "))
+        rows.extend(html.Div(f"    ^ {note}", className="rf-json-error") for note in notes)
+    return html.Div(
+        [
+            *(html.Div(problem, className="rf-bad") for problem in unplaced),
+            html.Div(rows, className="rf-annotated"),
+        ],
+        className="rf-config-errors",
+    )
+
+
+def _lines(problems: Sequence[str]) -> list[Any]:
+    return [html.Div(problem) for problem in problems]

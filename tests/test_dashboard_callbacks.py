@@ -1,0 +1,168 @@
+"""The dashboard's callbacks called as plain functions (Dash's unit-test recipe), on a real app and DuckDB store.
+
+Where a callback reads `ctx`, the context is set the way Dash sets it for a request.
+"""
+
+from __future__ import annotations
+
+import json
+from contextvars import copy_context
+from typing import Any
+
+import pytest
+from dash import Dash, no_update
+from dash._callback_context import context_value
+from dash._utils import AttributeDict
+
+from dash_app import data
+from dash_app.callbacks import register_callbacks, run_from_cell, run_from_click
+from dash_app.layout import build_layout
+from dash_app.sample import seed_experiment
+from rf_core import ops
+from rf_core.store import DuckDBStore
+
+BUTTONS = [{"type": "op-btn", "op": kind} for kind in ("stop", "resume", "delete", "clone")]
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = DuckDBStore(tmp_path / "rf.duckdb")
+    seed_experiment(store, "older", runs=2, points=50)
+    seed_experiment(store, "exp", runs=3, points=300)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def callbacks(store):
+    app = Dash(__name__)
+    app.layout = build_layout()
+    return register_callbacks(app, store)
+
+
+def triggered_by(prop_id: str, value: Any, function: Any, *args: Any) -> Any:
+    """Call `function(*args)` as Dash would when `prop_id` ("<id>.<property>") changed to `value`."""
+
+    def run() -> Any:
+        context_value.set(AttributeDict(triggered_inputs=[{"prop_id": prop_id, "value": value}]))
+        return function(*args)
+
+    return copy_context().run(run)
+
+
+def _render(component: Any) -> str:
+    return json.dumps(component.to_plotly_json(), default=lambda item: item.to_plotly_json())
+
+
+def test_experiment_picker_lists_every_experiment_and_keeps_the_choice(callbacks):
+    options, chosen = callbacks["refresh_experiments"](None, None)
+    assert [option["value"] for option in options] == ["exp", "older"]
+    assert chosen == "exp"
+    assert callbacks["refresh_experiments"](3, "older")[1] is no_update
+
+
+def test_runs_table_and_header_refresh(callbacks, store):
+    header, rows, columns, options = callbacks["refresh_runs"]("exp", 1, [], 0, ["source"], None)
+    assert [row["run"] for row in rows] == [1, 2, 3]
+    assert next(column for column in columns if column["field"] == "source")["hide"] is True
+    assert {"label": "learning_rate", "value": "knob:learning_rate"} in options
+    assert "3 Ongoing" in _render(header[1])
+    # Unchanged columns are not re-sent (that would undo the user's widths and order).
+    assert callbacks["refresh_runs"]("exp", 2, [], 0, ["source"], columns)[2] is no_update
+
+
+def test_chart_list_follows_the_metrics_and_figures_follow_the_runs(callbacks, store):
+    children, names = callbacks["refresh_chart_list"]("exp", 1, None)
+    assert names == ["train_loss", "learning_rate", "eval_loss"] and len(children) == 3
+    assert callbacks["refresh_chart_list"]("exp", 2, names) == (no_update, no_update)
+    graph_ids = [{"type": "metric-graph", "metric": name} for name in names]
+    figures = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "exp")
+    assert [[trace["name"] for trace in figure["data"]] for figure in figures] == [["run 1", "run 2", "run 3"]] * 3
+    ops.submit_op(store, "exp", "delete", 2)
+    figures = callbacks["refresh_charts"](graph_ids, 1, [], 0.5, 1, "exp")
+    assert [trace["name"] for trace in figures[0]["data"] if "raw" not in trace["name"]] == ["run 1", "run 3"]
+    figures = callbacks["refresh_charts"](graph_ids, 1, ["show"], 0.0, 1, "exp")
+    assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2", "run 3"]
+
+
+def test_history_panels_show_timeline_lineage_and_ops(callbacks, store):
+    ops.submit_op(store, "exp", "clone", 1, payload={"overrides": {"learning_rate": 5e-4}})
+    ops.apply_due_ops(store, "exp", [1])
+    timeline, lineage, log = callbacks["refresh_history"]("exp", 1, [], 0)
+    assert sorted(trace["name"] for trace in timeline["data"]) == ["run 1", "run 2", "run 3"]
+    assert lineage["data"][-1]["customdata"] == [1, 4, 2, 3]  # the clone sits under its parent
+    assert [row["kind"] for row in log] == ["clone"]
+
+
+def test_a_click_on_a_curve_a_grid_cell_or_the_close_button_selects_the_run(callbacks):
+    click = {"points": [{"curveNumber": 1, "x": 10, "y": 2.0, "customdata": 2}]}
+    graph = '{"metric":"train_loss","type":"metric-graph"}.clickData'
+    assert triggered_by(graph, click, callbacks["select_run"]) == 2
+    cell = {"colId": "ic_ops", "rowId": "3", "value": data.IC_OPS_CELL}
+    assert triggered_by("runs-grid.cellClicked", cell, callbacks["select_run"]) == 3
+    other_cell = {"colId": "status", "rowId": "3", "value": "Ongoing"}
+    assert triggered_by("runs-grid.cellClicked", other_cell, callbacks["select_run"]) is no_update
+    assert triggered_by("panel-close.n_clicks", 1, callbacks["select_run"]) is None
+    assert run_from_click({"points": [{"customdata": [4, 2, "ok"]}]}) == 4  # a timeline bar
+    assert run_from_click({"points": [{"x": 1}]}) is None and run_from_cell(None) is None
+
+
+def test_panel_enables_exactly_the_allowed_ops(callbacks, store):
+    style, title, _, disabled = callbacks["refresh_panel"](1, 1, 0, "exp", BUTTONS)
+    assert style == {"display": "block"} and title == "Run 1"
+    assert disabled == [False, True, False, False]  # Ongoing: stop, clone and delete; not resume
+    ops.submit_op(store, "exp", "stop", 1)
+    assert callbacks["refresh_panel"](1, 1, 1, "exp", BUTTONS)[3] == [True, False, False, False]
+    ops.submit_op(store, "exp", "delete", 1)
+    assert callbacks["refresh_panel"](1, 1, 2, "exp", BUTTONS)[3] == [True, True, True, True]
+    assert callbacks["refresh_panel"](None, 1, 0, "exp", BUTTONS)[0] == {"display": "none"}
+
+
+def test_clone_submit_queues_the_op_and_an_invalid_config_queues_nothing(callbacks, store):
+    text, warm, _ = callbacks["load_parent_config"](2, "exp")
+    config = json.loads(text)
+    assert config["learning_rate"] == data.panel_state(store, "exp", 2).config["learning_rate"] and warm == "off"
+    grid = json.dumps({**config, "learning_rate": {"$list": [1e-4, 2e-4, 3e-4]}}, indent=2)
+    preview = callbacks["preview_clone"](grid, "weights", 2, "exp")
+    assert preview.children == "Submit creates 3 clones (warm start: weights)"
+
+    clone_button = '{"op":"clone","type":"op-btn"}.n_clicks'
+    bad = '{\n  "learning_rate": -1\n}'
+    result, changed = triggered_by(clone_button, 1, callbacks["submit_op"], [None, None, None, 1], 2, "exp", bad,
+                                   "off", 0)  # fmt: skip
+    assert changed is no_update and "learning_rate=-1: must be > 0" in _render(result)
+    assert ops.list_ops(store, "exp") == []
+
+    result, changed = triggered_by(clone_button, 2, callbacks["submit_op"], [None, None, None, 2], 2, "exp", grid,
+                                   "weights", 0)  # fmt: skip
+    [op] = ops.list_ops(store, "exp")
+    assert changed == 1
+    assert result.children == f"op {op['op_id']} (clone ×3) queued: applies at run 2's next chunk boundary"
+    assert (op["kind"], op["payload"]["count"], op["payload"]["warm_start"]) == ("clone", 3, "weights")
+
+
+def test_stop_from_the_panel_and_a_rejected_second_stop(callbacks, store):
+    def click_stop(clicks: int, changes: int) -> Any:
+        stop_button = '{"op":"stop","type":"op-btn"}.n_clicks'
+        return triggered_by(stop_button, clicks, callbacks["submit_op"], [clicks, None, None, None], 3, "exp", "",
+                            "off", changes)  # fmt: skip
+
+    result, changed = click_stop(1, 4)
+    assert changed == 5 and "applies at run 3's next chunk boundary" in result.children
+    result, changed = click_stop(2, 5)
+    assert changed is no_update and "will already be stopped" in _render(result)
+    assert len(ops.list_ops(store, "exp")) == 1
+
+
+def test_an_ended_experiment_stays_browsable(callbacks, store):
+    ops.set_experiment_status(store, "older", "finished")
+    header, rows, _, _ = callbacks["refresh_runs"]("older", 1, [], 0, [], None)
+    rendered = _render(header[0]) + _render(header[-1])
+    assert "finished" in rendered and "ended" in rendered
+    assert [row["run"] for row in rows] == [1, 2]
+    _, names = callbacks["refresh_chart_list"]("older", 1, None)
+    graph_ids = [{"type": "metric-graph", "metric": name} for name in names]
+    figures = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "older")
+    assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2"]
+    options, _ = callbacks["refresh_experiments"](1, "older")
+    assert {"label": "older (finished)", "value": "older"} in options

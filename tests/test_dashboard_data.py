@@ -1,0 +1,150 @@
+"""dash_app.data against a real DuckDB store: what the dashboard reads, and IC Ops it submits through rf_core.ops."""
+
+from __future__ import annotations
+
+import pytest
+
+from dash_app import data
+from dash_app.sample import seed_experiment
+from rf_core import ops
+from rf_core.states import OP_TABLE, RunStatus
+from rf_core.store import DuckDBStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = DuckDBStore(tmp_path / "rf.duckdb")
+    seed_experiment(store, "exp", runs=4, points=400, num_chunks=4, chunks_done=2)
+    yield store
+    store.close()
+
+
+def test_runs_table_has_a_row_per_run_and_a_column_per_varying_knob(store):
+    ops.submit_op(store, "exp", "stop", 2)
+    rows, columns = data.runs_table(store, "exp")
+    fields = [column["field"] for column in columns]
+    assert "knob:learning_rate" in fields and "knob:r" not in fields  # r is the same in every run
+    assert {"run", "ic_ops", "status", "source", "parent", "warm_start", "progress", "pending_ops"} <= set(fields)
+    by_run = {row["run"]: row for row in rows}
+    assert sorted(by_run) == [1, 2, 3, 4]
+    assert by_run[2]["pending_ops"] == "stop" and by_run[1]["pending_ops"] == ""
+    assert by_run[1]["progress"] == "epoch 0 · chunk 2/4 · step 400"
+    assert by_run[1]["ic_ops"] == data.IC_OPS_CELL
+    assert by_run[1]["best_metric"] is not None and by_run[1]["source"] == "initial"
+    assert data.runs_grid(None) == ([], []) and data.runs_table(store, "nope") == ([], [])
+
+
+def test_header_counts_runs_chunks_and_busy_slots(store):
+    ops.record_chunk_start(store, "exp", 1, 2, 0, 4)
+    summary = data.header_summary(data.snapshot(store, "exp"), data.timeline(store, "exp"))
+    assert summary["runs_by_status"] == {"Ongoing": 4}
+    assert (summary["chunks_done"], summary["chunks_planned"]) == (8, 16)
+    assert (summary["slots_busy"], summary["slots_seen"]) == (1, 2)
+    assert summary["status"] == "running" and summary["ended"] is None
+
+
+def test_panel_allows_what_the_state_table_allows_after_pending_ops(store):
+    state = data.panel_state(store, "exp", 1)
+    assert state.status == "Ongoing" and state.will_be == "Ongoing"
+    assert state.allowed == {op.value for op in OP_TABLE[RunStatus.ONGOING]}
+    stop = ops.submit_op(store, "exp", "stop", 1)
+    state = data.panel_state(store, "exp", 1)
+    assert state.pending == [f"stop (op {stop['op_id']})"]
+    assert state.will_be == "Stopped" and state.allowed == {op.value for op in OP_TABLE[RunStatus.STOPPED]}
+    assert data.panel_state(store, "exp", 99) is None and data.panel_state(store, "nope", 1) is None
+
+
+def test_clone_check_counts_generator_clones_before_submit(store):
+    config = data.panel_state(store, "exp", 1).config
+    grid = data.config_text({**config, "learning_rate": {"$list": [1e-4, 2e-4, 4e-4]}})
+    check = data.check_clone(store, "exp", 1, grid, "weights")
+    assert (check.problems, check.count) == ([], 3)
+    assert check.payload["warm_start"] == "weights"
+    sampled = data.config_text({"$random": {"config": {**config, "learning_rate": {"$range": {"low": 1e-5, "high": 1e-3,
+                                "log": True}}}, "num_runs": 5, "seed": 0}})  # fmt: skip
+    assert data.check_clone(store, "exp", 1, sampled, "off").count == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "warm", "expected"),
+    [
+        ('{"learning_rate": 0.1,', "off", "malformed JSON at line 1"),
+        ("[1, 2]", "off", "must be a JSON object"),
+        ('{"learning_rate": -1}', "off", "learning_rate=-1: must be > 0"),
+        ('{"learnin_rate": 0.1}', "off", "did you mean 'learning_rate'"),
+        ('{"learning_rate": {"$range": {"low": 1e-4, "high": 1e-3}}}', "off", "wrap the config in RandomSearch"),
+        ('{"r": 8}', "weights", "r differs"),
+    ],
+)
+def test_clone_check_explains_every_problem(store, text, warm, expected):
+    check = data.check_clone(store, "exp", 1, text, warm)
+    assert check.count == 0 or warm != "off"
+    assert any(expected in problem for problem in check.problems), check.problems
+
+
+def test_problems_are_placed_under_the_line_of_their_key():
+    text = '{\n  "learning_rate": -1,\n  "learnin_rate": 2,\n  "r": 4\n}'
+    problems = ["learning_rate=-1: must be > 0 and <= 1", "unknown key 'learnin_rate' (did you mean 'learning_rate'?)",
+                "the clone expands to no config at all"]  # fmt: skip
+    lines, unplaced = data.annotate_problems(text, problems)
+    notes = {line.strip(): messages for line, messages in lines if messages}
+    assert notes == {'"learning_rate": -1,': [problems[0]], '"learnin_rate": 2,': [problems[1]]}
+    assert unplaced == [problems[2]]
+    malformed = data.read_clone_request('{\n  "r": 4,\n}', "off")
+    lines, unplaced = data.annotate_problems('{\n  "r": 4,\n}', malformed.problems, malformed.bad_json_at)
+    assert lines[2] == ("}", malformed.problems) and unplaced == []
+
+
+def test_submit_queues_through_ops_and_a_rejection_writes_nothing(store):
+    op, problems = data.submit(store, "exp", "stop", 3)
+    assert problems == [] and op["source"] == "user" and op["who"] == "dashboard"
+    assert data.accepted_message(op) == f"op {op['op_id']} (stop) queued: applies at run 3's next chunk boundary"
+    again, problems = data.submit(store, "exp", "stop", 3)
+    assert again is None and problems == [f"run 3 will already be stopped by op {op['op_id']}"]
+    assert len(ops.list_ops(store, "exp")) == 1
+
+
+def test_deleted_runs_leave_the_charts_as_soon_as_the_delete_is_accepted(store):
+    ops.submit_op(store, "exp", "delete", 2)
+    runs, knobs = data.chart_runs(store, "exp", include_deleted=False)
+    assert [run["run_id"] for run in runs] == [1, 3, 4] and knobs == ["learning_rate"]
+    everything, _ = data.chart_runs(store, "exp", include_deleted=True)
+    assert [run["run_id"] for run in everything] == [1, 2, 3, 4]
+    series = data.chart_series(data.chart_cache(store), "exp", [run["run_id"] for run in runs],
+                               ["eval_loss", "train_loss", "learning_rate"])  # fmt: skip
+    assert list(series) == ["train_loss", "learning_rate", "eval_loss"]
+    assert set(series["train_loss"]) == {1, 3, 4}
+    steps, values = series["train_loss"][1]
+    assert steps[0] == 1 and steps[-1] == 400 and len(steps) == len(values)
+
+
+def test_ops_log_says_what_each_op_did(store):
+    clone = ops.submit_op(store, "exp", "clone", 1, payload={"overrides": {"learning_rate": {"$list": [1e-4, 2e-4]}}})
+    ops.submit_op(store, "exp", "stop", 4)
+    ops.apply_due_ops(store, "exp", [1])
+    log = data.ops_log(store, "exp")
+    assert [row["op"] for row in log] == [clone["op_id"] + 1, clone["op_id"]]  # newest first
+    assert log[1]["detail"] == "2 clone(s), warm start off; created runs 5, 6" and log[1]["status"] == "applied"
+    assert log[0]["status"] == "pending" and log[0]["applied"] == ""
+    assert data.ops_log(store, None) == [] and data.ops_log(store, "nope") == []
+
+
+@pytest.mark.parametrize(("runs", "buckets"), [(1, 400), (8, 400), (64, 187), (1000, 100)])
+def test_buckets_shrink_when_many_runs_share_a_chart(runs, buckets):
+    assert data.buckets_for(runs) == buckets
+
+
+def test_runs_view_reads_the_metrics_the_snapshot_reads_without_scanning(store):
+    ops.submit_op(store, "exp", "delete", 4)
+    ops.submit_op(store, "exp", "stop", 1)
+    cache = data.chart_cache(store)
+    for include_deleted in (False, True):
+        view = data.runs_view(store, cache, "exp", include_deleted)
+        snap = ops.experiment_snapshot(store, "exp", include_deleted=include_deleted)
+        assert view["varying_knobs"] == snap["varying_knobs"] and view["experiment"] == snap["experiment"]
+        assert len(view["runs"]) == len(snap["runs"]) == (4 if include_deleted else 3)
+        for mine, theirs in zip(view["runs"], snap["runs"], strict=True):
+            for key in ("run_id", "status", "pending_ops", "pending_op_kinds", "train_loss", "latest_metric",
+                        "best_metric"):  # fmt: skip
+                assert mine[key] == pytest.approx(theirs[key]), key
+    assert data.runs_view(store, cache, "nope") is None and data.runs_view(store, cache, None) is None
