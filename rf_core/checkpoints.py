@@ -21,7 +21,7 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import safetensors.torch
@@ -30,7 +30,7 @@ import torch
 from rf_core.statefiles import (
     INIT_CHECKPOINT_NAME,
     CheckpointError,
-    atomic_write,
+    atomic_write_path,
     checkpoints_dir,
     init_checkpoint_path,
     step_checkpoint_path,
@@ -49,7 +49,7 @@ __all__ = [
     "read_checkpoint_file",
     "restore_rng_state",
     "save_checkpoint",
-    "serialise_checkpoint",
+    "EncodedState",
     "step_checkpoint_path",
     "step_of",
 ]
@@ -62,16 +62,23 @@ _STATE_KEY = "rf_state"  # safetensors header metadata holding the dict's JSON s
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` atomically and durably: readers see the old file or the whole new one."""
     path = Path(path)
-    atomic_write(path, serialise_checkpoint(state), durable=True)
+    atomic_write_path(path, EncodedState(state).write_to, durable=True)
     return path
 
 
-def serialise_checkpoint(state: dict[str, Any]) -> Callable[[BinaryIO], None]:
-    """A writer for `atomic_write`: the state with its format tag, as one safetensors file."""
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _encode({**state, "format": CHECKPOINT_FORMAT}, tensors, {})
-    data = safetensors.torch.save(tensors, metadata={_STATE_KEY: json.dumps(skeleton)})
-    return lambda file: file.write(data)
+class EncodedState:
+    """A state dict split into its tensors and its JSON skeleton, ready to be written as one safetensors file."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        skeleton = _encode({**state, "format": CHECKPOINT_FORMAT}, self.tensors, {})
+        self.metadata = {_STATE_KEY: json.dumps(skeleton)}
+
+    def write_to(self, path: Path) -> None:
+        safetensors.torch.save_file(self.tensors, str(path), metadata=self.metadata)
+
+    def to_bytes(self) -> bytes:
+        return safetensors.torch.save(self.tensors, metadata=self.metadata)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -86,12 +93,13 @@ def read_checkpoint_file(path: Path, shown_as: Path | None = None) -> dict[str, 
     """Load and check one checkpoint file. FileNotFoundError passes through (callers fall back elsewhere)."""
     shown = shown_as or path
     try:
-        data = path.read_bytes()
-        if data[:2] == _TORCH_ZIP_MAGIC:
+        with open(path, "rb") as file:
+            is_format_1 = file.read(2) == _TORCH_ZIP_MAGIC
+        if is_format_1:
             # weights_only=True: a checkpoint is data, never code to run.
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            state = _decode_file(data)
+            state = _decode_file(path)
     except FileNotFoundError:
         raise
     except Exception as error:
@@ -162,13 +170,12 @@ def _decode(value: Any, tensor: Callable[[str], torch.Tensor], cache: dict[str, 
     return {key: _decode(item, tensor, cache) for key, item in value.items()}
 
 
-def _decode_file(data: bytes) -> dict[str, Any]:
-    header_length = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
-    if _STATE_KEY not in metadata:
-        raise ValueError("not a run-state file (no state skeleton in its header)")
-    tensors = safetensors.torch.load(data)
-    return _decode(json.loads(metadata[_STATE_KEY]), tensors.__getitem__, {})
+def _decode_file(path: Path) -> dict[str, Any]:
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if _STATE_KEY not in metadata:
+            raise ValueError("not a run-state file (no state skeleton in its header)")
+        return _decode(json.loads(metadata[_STATE_KEY]), handle.get_tensor, {})
 
 
 def _entries(skeleton: Any) -> dict[str, Any]:

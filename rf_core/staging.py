@@ -17,7 +17,6 @@ is a bytes buffer in the worker's memory and only the disk write happens in the 
 from __future__ import annotations
 
 import errno
-import io
 import os
 import queue
 import shutil
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rf_core.statefiles import CheckpointError, atomic_copy, atomic_write, step_of
+from rf_core.statefiles import CheckpointError, atomic_copy, atomic_write, atomic_write_path, step_of
 
 STAGING_ENV = "RF_STAGING_DIR"  # a folder for staged state; "off" (or empty) writes straight to disk
 SPACE_MARGIN = 1.05  # a write needs its size plus this margin free, so the filesystem never fills completely
@@ -156,22 +155,20 @@ class StateWriter:
     # ------------------------------------------------------------------------------------------ internals
 
     def _snapshot(self, state: dict[str, Any], disk_path: Path) -> _Job:
-        from rf_core.checkpoints import serialise_checkpoint
+        from rf_core.checkpoints import EncodedState
 
-        write = serialise_checkpoint(state)
+        encoded = EncodedState(state)
         staging_full = False
         if self.staging_root is not None:
             staged = staged_path(self.staging_root, disk_path)
             try:
-                size = atomic_write(staged, write, durable=False)
+                size = atomic_write_path(staged, encoded.write_to, durable=False)
                 return _Job(disk_path=disk_path, size=size, staged=staged)
             except OSError as error:
                 if error.errno != errno.ENOSPC:
                     raise
                 staging_full = True
-        buffer = io.BytesIO()
-        write(buffer)
-        data = buffer.getvalue()
+        data = encoded.to_bytes()
         if staging_full:
             free = shutil.disk_usage(self.staging_root).free if self.staging_root.exists() else 0
             print(

@@ -63,6 +63,26 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], durable: bool = 
     return size
 
 
+def atomic_write_path(path: Path, write_to: Callable[[Path], None], durable: bool = True) -> int:
+    """Like `atomic_write`, for writers that want a file name rather than an open file. Returns its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write_to(Path(temp_name))
+        size = os.path.getsize(temp_name)
+        if durable:
+            with open(temp_name, "rb") as file:
+                os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+    return size
+
+
 def atomic_copy(source: Path, path: Path) -> int:
     def copy(file: BinaryIO) -> None:
         with open(source, "rb") as original:

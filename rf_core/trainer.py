@@ -54,6 +54,7 @@ EmitFn = Callable[[list[dict[str, Any]]], None]
 
 _MAX_LISTED_KEYS = 5  # how many mismatching keys an error message names before summarising
 MAX_FREE_ADAPTERS = 8  # per base and LoRA shape; more released adapters are deleted
+MAX_FREE_FULL_COPIES = 1  # per base: a full copy costs the base model's size in memory
 STATE_WAIT_S = 120.0  # how long a chunk waits for its start state that another worker is still writing
 
 
@@ -71,6 +72,9 @@ class _BaseEntry:
     # Adapters of released runs, by LoRA shape: a run swapped in reuses one (its weights are loaded over it)
     # instead of paying PEFT's adapter injection again.
     free_adapters: dict[tuple[Any, ...], list[str]] = field(default_factory=dict)
+    # Likewise a released full fine-tune's model: the next full run swapped in loads its weights over it
+    # instead of deep-copying the base again.
+    free_full_copies: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -194,7 +198,11 @@ class SlotTrainer:
 
     def release(self, run_id: int) -> None:
         """Forget a run's in-memory state (stopped, deleted, completed or failed); its checkpoints stay."""
-        self._runs.pop(run_id, None)
+        state = self._runs.pop(run_id, None)
+        if state is not None and not state.is_lora:
+            base = self._bases[state.base_key]
+            if len(base.free_full_copies) < MAX_FREE_FULL_COPIES:
+                base.free_full_copies.append(state.model)
         held = self._adapters.pop(run_id, None)
         if held is None:
             return
@@ -430,7 +438,7 @@ class SlotTrainer:
         else:
             _seed_everything(seed)
             adapter_name = None
-            model = self._full_copy(base)
+            model = base.free_full_copies.pop() if weights_follow and base.free_full_copies else self._full_copy(base)
             trainable = dict(model.named_parameters())
         optimizer = torch.optim.AdamW(
             list(trainable.values()), lr=config["learning_rate"], weight_decay=config["weight_decay"]

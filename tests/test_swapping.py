@@ -143,6 +143,18 @@ def test_a_released_adapter_is_reused_by_the_next_run_of_its_shape_and_results_d
     assert trainer._adapters_made == 2 and len(base.lora_host.peft_config) == 2
 
 
+def test_a_released_full_copy_is_reused_by_the_next_full_run_swapped_in(make_trainer, references, tmp_path) -> None:
+    config = config_of(FULL_FT)
+    trainer, recorder = make_trainer(), Recorder()
+    models = []
+    for chunk in plan_chunks(64, config, 3):
+        last = train_ok(trainer, task_for(1, config, chunk, tmp_path), recorder)
+        models.append(trainer._runs[1].model)
+        trainer.release(1)
+    assert_matches_reference(references["full"], recorder, last)
+    assert all(model is models[0] for model in models)  # one deep copy of the base, then weights loaded over it
+
+
 def test_warm_clone_replayed_from_the_op_log_reproduces_its_weights(make_trainer, tmp_path) -> None:
     parent_config, clone_config = config_of(LORA), config_of(LORA, learning_rate=2e-3, seed=99)
     parent_plan, clone_plan = plan_chunks(64, parent_config, 3), plan_chunks(64, clone_config, 3)
@@ -246,14 +258,14 @@ def test_a_failed_background_write_keeps_the_staged_state_and_is_reported(monkey
 
 
 def test_a_full_staging_area_falls_back_to_memory_and_says_so(monkeypatch, capfd, shm_root, tmp_path) -> None:
-    real_write = staging.atomic_write
+    real_write = staging.atomic_write_path
 
-    def staging_full(path: Path, write: Any, durable: bool = True) -> int:
+    def staging_full(path: Path, write_to: Any, durable: bool = True) -> int:
         if str(path).startswith(str(shm_root)):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write(path, write, durable)
+        return real_write(path, write_to, durable)
 
-    monkeypatch.setattr(staging, "atomic_write", staging_full)
+    monkeypatch.setattr(staging, "atomic_write_path", staging_full)
     writer = StateWriter(shm_root)
     disk = step_checkpoint_path(tmp_path, 3)
     writer.save({"step": 3, "weights": torch.ones(10)}, disk)
