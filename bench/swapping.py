@@ -287,13 +287,14 @@ def memory_child(base_path: Path, runs: int, work: Path) -> None:
     for run_id, config in enumerate(configs, start=1):
         _ok(trainer.train(_task(run_id, config, plan_chunks(len(train), config, 4)[0], work), lambda rows: None))
     trainer.close()
-    base = AutoModelForCausalLM.from_pretrained(base_path)
-    base_mib = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
+    peak = rss_mib()
     state = trainer._runs[1]
+    adapter_ids = {id(parameter) for run in trainer._runs.values() for parameter in run.trainable.values()}
+    host = state.model  # the one PEFT model wrapping the shared base
+    base_mib = sum(p.numel() * p.element_size() for p in host.parameters() if id(p) not in adapter_ids) / 2**20
     adapter = sum(p.numel() * p.element_size() for p in state.trainable.values())
     # Weights, their gradients (freed between steps, but part of the peak) and AdamW's two moments.
     run_state_mib = 4 * adapter / 2**20
-    peak = rss_mib()
     budget = after_imports + base_mib + runs * run_state_mib + 300
     print(
         json.dumps(
