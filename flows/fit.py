@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, task
@@ -30,6 +31,7 @@ from rf_core.worker import SlotPool, SlotWorker, SpecSource, slot_devices
 
 # Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
+_IN_MEMORY_POLICIES: dict[str, list[tuple[Policy, str]]] = {}
 POLL_SECONDS = 0.5
 
 
@@ -91,7 +93,7 @@ def rf_fit(
         continue_experiment: when the experiment exists already (its fit has ended), train it on: its runs, ids,
             metrics and queued ops are kept, and runs that can train resume from their checkpoints.
     """
-    attached = build_policies(policies)
+    attached = build_policies(policies) + _IN_MEMORY_POLICIES.get(experiment, [])
     spec = load_entrypoint(entrypoint) if entrypoint else _IN_MEMORY_SPECS[experiment]
     if num_chunks is not None:
         spec.num_chunks = num_chunks
@@ -268,9 +270,17 @@ def run_fit(
     cpu_slots: int | None = None,
     idle_timeout: float = 30.0,
     server_url: str | None = None,
+    policies: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the fit flow for an in-memory spec (the `Experiment.run_fit` path)."""
+    """Run the fit flow for an in-memory spec (the `Experiment.run_fit` path).
+
+    `policies` may mix Policy objects (which, like the spec, never pass through Prefect parameters) with template
+    names and JSON specs (which do).
+    """
+    objects = [policy for policy in policies or [] if isinstance(policy, Policy)]
+    specs = [policy for policy in policies or [] if not isinstance(policy, Policy)]
     _IN_MEMORY_SPECS[experiment] = spec
+    _IN_MEMORY_POLICIES[experiment] = [(policy, "act") for policy in objects]
     try:
         return rf_fit(
             experiment,
@@ -278,6 +288,8 @@ def run_fit(
             cpu_slots=cpu_slots,
             idle_timeout=idle_timeout,
             server_url=server_url,
+            policies=specs or None,
         )
     finally:
         _IN_MEMORY_SPECS.pop(experiment, None)
+        _IN_MEMORY_POLICIES.pop(experiment, None)

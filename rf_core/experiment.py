@@ -88,6 +88,7 @@ class Experiment:
         metric: str = "eval_loss",
         mode: str = "min",
         keep_checkpoints: int | None = 2,
+        policies: Sequence[Any] | None = None,
         cpu_slots: int | None = None,
         idle_timeout: float = 30.0,
         entrypoint: str | None = None,
@@ -97,6 +98,9 @@ class Experiment:
         Functions defined in a notebook or script travel to the slot workers by cloudpickle. Give `entrypoint`
         (`module:function` returning the same ExperimentSpec) to make the experiment resumable by
         `rf continue` and runnable as a Prefect deployment.
+
+        `policies` run at every chunk boundary: `rf_core.policies.Policy` objects (acting; they may be defined
+        right here), template names, or JSON specs `{"template", "params", "mode": "act" | "propose"}`.
         """
         spec = ExperimentSpec(
             config_group=config_group,
@@ -120,4 +124,5 @@ class Experiment:
             cpu_slots=cpu_slots,
             idle_timeout=idle_timeout,
             server_url=self.server_url,
+            policies=policies,
         )

@@ -309,3 +309,42 @@ def test_runs_moved_between_workers_in_a_real_fit_end_bitwise_as_trained_straigh
         assert got.keys() == want.keys()
         assert all(torch.equal(got[key], want[key]) for key in want), f"run {run_id} differs"
     trainer.close()
+
+
+def test_run_fit_with_a_policy_object_defined_in_place(prefect_harness, tmp_path, monkeypatch):
+    """A Policy written in a notebook, attached with `run_fit(policies=[...])`, acts at chunk boundaries."""
+    from rf_core import Experiment, List, ops
+    from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Stop
+    from rf_core.store import DuckDBStore
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+
+    class StopTheSlowLearner(Policy):
+        name = "stop-slow-learner"
+
+        def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+            return [
+                Stop(run.run_id, "the smallest learning rate")
+                for run in snapshot.trainable()
+                if run.config["learning_rate"] == 1e-5 and run.chunks_done >= 1
+            ]
+
+    data = e2e_experiment.spec()
+    snapshot = Experiment("policy-object").run_fit(
+        {"model_name_or_path": "rf-tiny-llama", "learning_rate": List([1e-5, 1e-3]), "r": 4, "max_length": 32},
+        e2e_experiment.create_model_fn, data.train_dataset[:48], data.eval_dataset,
+        num_chunks=3, seed=3, policies=[StopTheSlowLearner()], cpu_slots=1, idle_timeout=1,
+    )  # fmt: skip
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert runs[1]["status"] == "Stopped" and 1 <= runs[1]["chunks_done"] < 3
+    assert runs[2]["status"] == "Completed"
+    store = DuckDBStore(paths.db_path(tmp_path / "home"))
+    try:
+        (stop,) = ops.list_ops(store, "policy-object")
+    finally:
+        store.close()
+    assert (stop["kind"], stop["run_id"], stop["status"]) == ("stop", 1, "applied")
+    assert stop["source"] == "policy:stop-slow-learner"
