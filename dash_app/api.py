@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from flask import Blueprint, Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from rf_core import ops
 from rf_core.store import Store, StoreError
@@ -29,8 +29,12 @@ _STATUS = (
 )
 
 
+MAX_REQUEST_BYTES = 16 * 2**20  # far above any op or metric batch; a bigger body is refused before it is read
+
+
 def register_routes(server: Flask, store: Store) -> None:
     """Add the /api routes to `server`; they read and write `store` through rf_core.ops."""
+    server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     api = Blueprint("rf_api", __name__, url_prefix=API_PREFIX)
 
     @api.get("/health")
@@ -203,6 +207,10 @@ def _register_error_handlers(server: Flask) -> None:
     def http_error(exc: HTTPException) -> Any:
         if not request.path.startswith(API_PREFIX + "/"):
             return exc  # the Dash pages keep Flask's own error pages
+        if isinstance(exc, RequestEntityTooLarge):
+            size = f"{request.content_length:,} bytes" if request.content_length else "the request body"
+            message = f"{size} exceeds the server's limit of {MAX_REQUEST_BYTES:,} bytes per request"
+            return _error(message, [message], type(exc).__name__, 413)
         return _error(exc.description or exc.name, [], type(exc).__name__, exc.code or 500)
 
     @server.errorhandler(StoreError)

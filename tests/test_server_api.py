@@ -170,6 +170,18 @@ def test_bad_input_is_a_4xx_with_json_never_a_5xx(
     assert len(client.list_ops("exp")) == ops_before
 
 
+def test_a_huge_body_is_a_413_naming_the_limit_and_writes_nothing(
+    server: tuple[RFClient, dict[str, Any], Path],
+) -> None:
+    client, _, _ = server
+    ops_before = len(client.list_ops("exp"))
+    payload = {"kind": "clone", "run_id": 1, "payload": {"overrides": {"note": "x" * (17 * 2**20)}}}
+    code, reply = raw_post(client.url + "/api/experiments/exp/ops", json.dumps(payload).encode())
+    assert code == 413, reply
+    assert "exceeds the server's limit of 16,777,216 bytes" in reply["error"]
+    assert len(client.list_ops("exp")) == ops_before
+
+
 def test_a_metric_batch_sent_twice_is_stored_once(server: tuple[RFClient, dict[str, Any], Path]) -> None:
     client, _, _ = server
     rows = [{"experiment": "exp", "run_id": 2, "step": step, "name": "train_loss", "value": 1.0 / step}
