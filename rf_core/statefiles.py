@@ -45,22 +45,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], durable: bool = 
 
     `durable` fsyncs the file and the rename; a RAM-backed staging file skips that.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
+
+    def write_to(temporary: Path) -> None:
+        with open(temporary, "wb") as file:
             write(file)
-            size = file.tell()
-            if durable:
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-    return size
+
+    return atomic_write_path(path, write_to, durable)
 
 
 def atomic_write_path(path: Path, write_to: Callable[[Path], None], durable: bool = True) -> int:

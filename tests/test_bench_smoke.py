@@ -4,36 +4,33 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_orchestration_benchmark_smoke(tmp_path):
+def run_smoke(script: str, tmp_path: Path, timeout: float = 600) -> Any:
+    """Run `script --smoke --out FILE` from the project root; return the JSON it wrote."""
     out = tmp_path / "smoke.json"
     result = subprocess.run(
-        [sys.executable, "bench/orchestration.py", "--smoke", "--out", str(out)],
+        [sys.executable, script, "--smoke", "--out", str(out)],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    figures = json.loads(out.read_text())["figures"]
+    return json.loads(out.read_text())
+
+
+def test_orchestration_benchmark_smoke(tmp_path):
+    figures = run_smoke("bench/orchestration.py", tmp_path)["figures"]
     assert figures["chunks"] == 4  # 2 runs x 2 chunks, every one recorded in the store
     assert 0 < figures["utilisation"]["overall"] <= 1
 
 
 def test_swapping_benchmark_smoke(tmp_path):
-    out = tmp_path / "swapping.json"
-    result = subprocess.run(
-        [sys.executable, "bench/swapping.py", "--smoke", "--out", str(out)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    figures = json.loads(out.read_text())
+    figures = run_smoke("bench/swapping.py", tmp_path)
     assert {case["through"] for case in figures["swap"].values()} == {"/dev/shm", "disk"}
     assert all(case["swaps"] == 3 and case["median_swap_fraction"] > 0 for case in figures["swap"].values())
     assert figures["vs_hf_trainer"]["median_ratio"] > 0
@@ -43,16 +40,13 @@ def test_swapping_benchmark_smoke(tmp_path):
 
 def test_flood_benchmark_smoke(tmp_path):
     """Concurrent op submissions from several processes: each valid op recorded once and applied in order."""
-    out = tmp_path / "flood.json"
-    result = subprocess.run(
-        [sys.executable, "bench/flood.py", "--smoke", "--out", str(out)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    figures = json.loads(out.read_text())
+    figures = run_smoke("bench/flood.py", tmp_path)
     assert figures["violations"] == []
     assert figures["ops_sent"] == 40 and 0 < figures["accepted"] < 40
     assert figures["read_latency_during_flood"]["count"] > 0
+
+
+def test_dashboard_benchmark_smoke(tmp_path):
+    [case] = run_smoke("bench/dashboard.py", tmp_path, timeout=300)["cases"]
+    assert case["runs"] == 2 and case["refresh"]["requests"] == 7
+    assert all(case["refresh"][kind]["median_ms"] > 0 for kind in ("static", "live", "table"))
