@@ -97,6 +97,11 @@ def _flow_runs(api_url: str, flow_run_name: str) -> list[dict]:
         return json.loads(response.read())
 
 
+def _timeline(client: RFClient) -> list[tuple]:
+    return [(row["run_id"], row["chunk"], row["start"], row["end"], row["outcome"])
+            for row in client.timeline(EXPERIMENT)]  # fmt: skip
+
+
 def test_a_deployed_fit_steered_by_a_scheduled_policy(tmp_path: Path) -> None:
     prefect_file = tmp_path / "prefect.yaml"
     prefect_file.write_text(TEST_DEPLOYMENTS)
@@ -106,7 +111,9 @@ def test_a_deployed_fit_steered_by_a_scheduled_policy(tmp_path: Path) -> None:
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect_home"),
         PYTHONPATH=str(PROJECT_ROOT),
-        RF_TEST_STEP_DELAY_S="1.2",  # chunks of ~3.6 s: the policy's ticks land while the runs still train
+        # Chunks of ~7.5 s: on a loaded 2-core machine a policy tick (a fresh flow-run process) can take 10-15 s,
+        # and its stop must still land while the worst run has chunks left to train.
+        RF_TEST_STEP_DELAY_S="2.5",
     )
     env[MODEL_CACHE_ENV] = str(tmp_path / "models")
     log = tmp_path / "serve.log"
@@ -138,7 +145,8 @@ def test_a_deployed_fit_steered_by_a_scheduled_policy(tmp_path: Path) -> None:
         policy_ops = [op for op in client.list_ops(EXPERIMENT) if op["source"] == f"policy:{POLICY}"]
         assert len(policy_ops) == 1, client.list_ops(EXPERIMENT)
         (stop,) = policy_ops
-        assert (stop["kind"], stop["status"], stop["reason"]) == ("stop", "applied", None)
+        assert (stop["kind"], stop["status"], stop["reason"]) == ("stop", "applied", None), (
+            stop, client.list_policy_decisions(EXPERIMENT, policy=POLICY), _timeline(client))
         assert "ranks 3 of 3" in stop["payload"]["policy"]["reason"]
         assert stop["who"] == f"flow:rf-policy/{POLICY}"
 
