@@ -6,98 +6,21 @@ standard library's own docstrings, read with `inspect`, are the supervised fine-
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import functools
+import json
 import random
-import re
-import warnings
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
-# Modules that import quickly with no side effects and document their API well. The order is part of the
-# data set's definition: changing it changes which duplicates win and so the examples themselves.
-SFT_MODULES = (
-    "argparse",
-    "array",
-    "ast",
-    "base64",
-    "bisect",
-    "bz2",
-    "calendar",
-    "cmath",
-    "codecs",
-    "collections",
-    "collections.abc",
-    "configparser",
-    "contextlib",
-    "copy",
-    "csv",
-    "dataclasses",
-    "datetime",
-    "decimal",
-    "difflib",
-    "email.message",
-    "email.utils",
-    "enum",
-    "fnmatch",
-    "fractions",
-    "ftplib",
-    "functools",
-    "glob",
-    "gzip",
-    "heapq",
-    "html",
-    "http.client",
-    "imaplib",
-    "inspect",
-    "io",
-    "ipaddress",
-    "itertools",
-    "json",
-    "logging",
-    "lzma",
-    "mailbox",
-    "math",
-    "operator",
-    "os",
-    "os.path",
-    "pathlib",
-    "platform",
-    "pprint",
-    "queue",
-    "random",
-    "re",
-    "shlex",
-    "shutil",
-    "smtplib",
-    "socket",
-    "sqlite3",
-    "statistics",
-    "string",
-    "subprocess",
-    "sys",
-    "tarfile",
-    "tempfile",
-    "textwrap",
-    "threading",
-    "time",
-    "traceback",
-    "typing",
-    "unicodedata",
-    "urllib.parse",
-    "uuid",
-    "xml.etree.ElementTree",
-    "zipfile",
-)
 DEMO_SPLIT_SEED = 0
-_MIN_COMPLETION_CHARS = 20
-_MAX_COMPLETION_CHARS = 600
-_MEMORY_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")  # object reprs in signatures differ per process
 
 
 def pretraining_texts() -> list[str]:
@@ -108,26 +31,27 @@ def pretraining_texts() -> list[str]:
 
 
 def stdlib_sft_examples(limit: int | None = None) -> list[dict[str, str]]:
-    """Prompt → completion pairs from standard-library docstrings.
+    """Prompt → completion pairs from standard-library docstrings (see `rf_core.stdlib_docs`).
 
-    The prompt is a definition line such as ``def json.dumps(obj, *, skipkeys=False, ...):\\n`` and the
-    completion is the first paragraph of that object's own docstring. Modules, members and methods are visited
-    in a fixed order and duplicated prompts or completions are dropped, so the list is the same in every
-    process of the same Python version.
+    The pairs are read in a fresh interpreter (`python -I -S`, standard library only), once per process: what
+    this process has imported or patched (a library replacing `sys.excepthook`, logging handlers appearing in a
+    signature's default) must not change the data set, or two processes of one fit would train on different data.
     """
-    examples: list[dict[str, str]] = []
-    seen_prompts: set[str] = set()
-    seen_completions: set[str] = set()
-    for module_name in SFT_MODULES:
-        for prompt, completion in _module_pairs(module_name):
-            if prompt in seen_prompts or completion in seen_completions:
-                continue
-            seen_prompts.add(prompt)
-            seen_completions.add(completion)
-            examples.append({"prompt": prompt, "completion": completion})
-            if limit is not None and len(examples) >= limit:
-                return examples
-    return examples
+    examples = _examples_from_a_clean_interpreter()
+    return [dict(example) for example in (examples if limit is None else examples[:limit])]
+
+
+@functools.cache
+def _examples_from_a_clean_interpreter() -> tuple[dict[str, str], ...]:
+    from rf_core import stdlib_docs
+
+    script = Path(stdlib_docs.__file__)
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"reading the standard library's docstrings failed:\n{result.stderr[-2000:]}")
+    return tuple(json.loads(result.stdout))
 
 
 def demo_datasets(eval_size: int = 128) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -228,65 +152,3 @@ def _encode(texts: list[str], tokenizer: Any, max_length: int, *, add_special_to
     # Truncating here only drops tokens that `place` would cut anyway, and keeps long texts cheap.
     encoded = tokenizer(texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length)
     return encoded["input_ids"]
-
-
-def _module_pairs(module_name: str) -> list[tuple[str, str]]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated modules and names are still fine to document
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            return []
-        # os.path is posixpath (or ntpath): accept members defined in the module the name points at.
-        home_modules = {module_name, module.__name__}
-        pairs: list[tuple[str, str]] = []
-        for name, member in sorted(vars(module).items()):
-            if name.startswith("_") or inspect.ismodule(member):
-                continue
-            if getattr(member, "__module__", None) not in home_modules:
-                continue
-            if inspect.isclass(member):
-                pairs.extend(_definition_pair("class", f"{module_name}.{name}", member))
-                for method_name, method in sorted(vars(member).items()):
-                    function = getattr(method, "__func__", method)  # unwrap classmethod / staticmethod
-                    if method_name.startswith("_") or not inspect.isroutine(function):
-                        continue
-                    pairs.extend(_definition_pair("def", f"{module_name}.{name}.{method_name}", function))
-            elif inspect.isroutine(member):
-                pairs.extend(_definition_pair("def", f"{module_name}.{name}", member))
-        return pairs
-
-
-def _definition_pair(keyword: str, qualified_name: str, member: Any) -> Iterable[tuple[str, str]]:
-    # The member's own __doc__, not inspect.getdoc: that falls back to inherited docstrings, which repeat.
-    doc = member.__doc__ if isinstance(getattr(member, "__doc__", None), str) else None
-    if not doc:
-        return
-    completion = _first_paragraph(inspect.cleandoc(doc), qualified_name.rsplit(".", 1)[-1])
-    if completion is None:
-        return
-    yield f"{keyword} {qualified_name}{_signature(member)}:\n", completion
-
-
-def _first_paragraph(doc: str, short_name: str) -> str | None:
-    paragraphs = [" ".join(part.split()) for part in doc.split("\n\n")]
-    paragraphs = [part for part in paragraphs if part]
-    # C functions without a text signature start their docstring with one ("dumps(obj) -> str"): skip it.
-    if paragraphs and paragraphs[0].startswith(f"{short_name}(") and len(paragraphs) > 1:
-        paragraphs = paragraphs[1:]
-    if not paragraphs:
-        return None
-    paragraph = paragraphs[0]
-    if len(paragraph) < _MIN_COMPLETION_CHARS or paragraph.startswith(f"{short_name}("):
-        return None
-    if len(paragraph) > _MAX_COMPLETION_CHARS:
-        paragraph = paragraph[:_MAX_COMPLETION_CHARS].rsplit(" ", 1)[0] + " ..."
-    return paragraph
-
-
-def _signature(member: Any) -> str:
-    try:
-        signature = str(inspect.signature(member))
-    except (TypeError, ValueError):
-        return "(...)"
-    return _MEMORY_ADDRESS.sub("", signature)

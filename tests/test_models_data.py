@@ -141,6 +141,30 @@ def test_stdlib_sft_examples_are_many_real_unique_and_deterministic() -> None:
     assert by_prompt["def math.gcd(*integers):\n"].startswith("Greatest Common Divisor")
 
 
+def test_stdlib_sft_examples_do_not_depend_on_what_the_process_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Libraries replace stdlib functions (Ray swaps inspect.isgenerator and sys.excepthook) and add logging
+    handlers; a slot worker that imported one must still build the same data set as the flow that did not."""
+    import inspect
+    import logging
+    import sys
+
+    from rf_core import data
+
+    before = stdlib_sft_examples()
+    monkeypatch.setattr(sys, "excepthook", lambda *args: None)
+    monkeypatch.setattr(inspect, "isgenerator", lambda value: False)
+    handler = logging.StreamHandler()
+    logging.getLogger("a-library").addHandler(handler)
+    data._examples_from_a_clean_interpreter.cache_clear()
+    try:
+        assert stdlib_sft_examples() == before
+    finally:
+        logging.getLogger("a-library").removeHandler(handler)
+    prompts = {example["prompt"] for example in before}
+    assert "def inspect.isgenerator(object):\n" in prompts
+    assert not any("<weakref" in prompt or "<function" in prompt for prompt in prompts)
+
+
 def test_demo_datasets_split_is_deterministic_and_disjoint() -> None:
     train, evaluation = demo_datasets(eval_size=64)
     assert len(evaluation) == 64 and len(train) + 64 == len(stdlib_sft_examples())
