@@ -24,6 +24,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from dash_app import data
 from dash_app.api import register_routes
+from dash_app.auth import binding_problem, configured_token, require_token
 from dash_app.callbacks import register_callbacks
 from dash_app.layout import build_layout
 from rf_core import paths
@@ -38,8 +39,9 @@ class _NoDelayRequestHandler(WSGIRequestHandler):
     disable_nagle_algorithm = True
 
 
-def build_app(store: Store) -> Dash:
-    """The Dash app (all assets served locally, no CDN) with the JSON API on its Flask server."""
+def build_app(store: Store, token: str | None = None) -> Dash:
+    """The Dash app (all assets served locally, no CDN) with the JSON API on its Flask server; with a `token`,
+    every request must carry it (see dash_app.auth)."""
     app = Dash(
         __name__,
         title="rf",
@@ -51,6 +53,8 @@ def build_app(store: Store) -> Dash:
     app.layout = functools.partial(layout_for, store)
     register_callbacks(app, store)
     register_routes(app.server, store)
+    if token is not None:
+        require_token(app.server, token)
     return app
 
 
@@ -80,6 +84,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve(home: Path, host: str = "127.0.0.1", port: int = 0, exit_with_pid: int | None = None) -> int:
     """Run the server until SIGTERM/SIGINT (or until `exit_with_pid` exits); returns the exit code."""
+    token = configured_token()
+    problem = binding_problem(host, token)
+    if problem is not None:
+        print(f"rf server: cannot start: {problem}", file=sys.stderr, flush=True)
+        return 2
     home = home.expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["RF_HOME"] = str(home)
@@ -99,7 +108,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, exit_with_pid: int
         return 2
     try:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per metric batch
-        app = build_app(store)
+        app = build_app(store, token)
         try:
             http_server = make_server(
                 host, port, app.server, threaded=True, request_handler=_NoDelayRequestHandler

@@ -23,7 +23,7 @@ from typing import Any
 
 from rf_core import paths
 from rf_core.ops import ExperimentExists, IllegalTransition, InvalidRequest, NotFound, OpRejected
-from rf_core.server_process import is_process_alive, read_server_info
+from rf_core.server_process import TOKEN_ENV, is_process_alive, read_server_info
 
 RETRY_DELAYS_S = (0.1, 0.3, 1.0)
 
@@ -92,9 +92,14 @@ class RFClient:
     """
 
     def __init__(
-        self, url: str | None = None, timeout: float = 10.0, retries: int = len(RETRY_DELAYS_S)
+        self,
+        url: str | None = None,
+        timeout: float = 10.0,
+        retries: int = len(RETRY_DELAYS_S),
+        token: str | None = None,
     ) -> None:
         self.url = (url or os.environ.get("RF_SERVER_URL") or discover_server_url()).rstrip("/")
+        self._token = token or os.environ.get(TOKEN_ENV) or None
         self.timeout = timeout
         self.retries = retries
 
@@ -118,6 +123,8 @@ class RFClient:
             )
         data = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
         if data is not None:
             headers["Content-Type"] = "application/json"
         attempts = 1 + max(0, self.retries)

@@ -18,6 +18,7 @@ from rf_core import paths
 
 SERVER_START_TIMEOUT_S = 60.0  # a loaded 2-core machine can take several seconds to import Dash
 SERVER_LOG_NAME = "server.log"
+TOKEN_ENV = "RF_API_TOKEN"  # when set, every request to the server carries it (dash_app.auth)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -62,8 +63,11 @@ def write_server_info(info: dict[str, Any], home: Path | None = None) -> Path:
 
 
 def health_ok(url: str, timeout: float = 2.0) -> bool:
+    token = os.environ.get(TOKEN_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{url.rstrip('/')}/api/health", headers=headers)
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/api/health", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status == 200 and bool(json.loads(response.read()).get("ok"))
     except (OSError, ValueError):
         return False
