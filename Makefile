@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test lint bench serve
+.PHONY: install demo test lint bench bench-h2h serve
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,18 @@ test: lint
 
 bench: install
 	$(PY) bench/orchestration.py
+
+# The head-to-head benchmark runs in its own environment: Ray Tune and matplotlib are not project dependencies.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q -e . 'ray[tune]==2.60.0' 'matplotlib==3.11.2'
+	touch $@
+
+bench-h2h: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/head_to_head.py --ray-python $(BENCH_VENV)/bin/python $(H2H_ARGS)
 
 # The deployment path on one machine: a Prefect server, the rf server and a serve process for every deployment in
 # deployments/prefect.yaml, all on 127.0.0.1, in the foreground; Ctrl-C stops all three. SERVE_ARGS e.g.

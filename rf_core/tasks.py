@@ -91,6 +91,7 @@ class ChunkOutcome:
     traceback: str | None = None
     train_seconds: float = 0.0  # wall time spent inside the training loop for this chunk
     state_seconds: float = 0.0  # getting the run's state in (swap in) and saving it at the boundary (swap out)
+    eval_seconds: float = 0.0  # the evaluation at the boundary
     exports: dict[str, str] = field(default_factory=dict)  # "latest" / "best" -> loadable export folder
     best_step: int | None = None  # the run's best chunk so far by the experiment's metric
     best_value: float | None = None

@@ -288,7 +288,9 @@ class SlotTrainer:
         state.rng = capture_rng_state()
 
         # 3. Evaluate, then checkpoint the boundary.
+        eval_started = time.perf_counter()
         eval_metrics = self._evaluate(model, base.tokenizer, config)
+        eval_seconds = time.perf_counter() - eval_started
         restore_rng_state(state.rng)
         if eval_metrics:
             now = time.time()
@@ -320,6 +322,7 @@ class SlotTrainer:
             last_train_loss=last_train_loss,
             train_seconds=train_seconds,
             state_seconds=state_seconds,
+            eval_seconds=eval_seconds,
             exports=exports,
             best_step=None if state.best is None else int(state.best["step"]),
             best_value=None if state.best is None else float(state.best["value"]),

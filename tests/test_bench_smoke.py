@@ -9,11 +9,11 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_smoke(script: str, tmp_path: Path, timeout: float = 600) -> Any:
+def run_smoke(script: str, tmp_path: Path, timeout: float = 600, extra: tuple[str, ...] = ()) -> Any:
     """Run `script --smoke --out FILE` from the project root; return the JSON it wrote."""
     out = tmp_path / "smoke.json"
     result = subprocess.run(
-        [sys.executable, script, "--smoke", "--out", str(out)],
+        [sys.executable, script, "--smoke", "--out", str(out), *extra],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -50,3 +50,17 @@ def test_dashboard_benchmark_smoke(tmp_path):
     [case] = run_smoke("bench/dashboard.py", tmp_path, timeout=300)["cases"]
     assert case["runs"] == 2 and case["refresh"]["requests"] == 7
     assert all(case["refresh"][kind]["median_ms"] > 0 for kind in ("static", "live", "table"))
+
+
+def test_head_to_head_benchmark_smoke(tmp_path):
+    """Ground truth, the time-sliced engine with the ASHA template, and HF Trainer on 4 tiny configs; Ray Tune is
+    left out (it lives in the benchmark's own environment, not the project's)."""
+    results = run_smoke("bench/head_to_head.py", tmp_path, extra=("--contestants", "engine,asha,hf"))
+    assert set(results["contestants"]) == {"engine", "asha", "hf"} and results["task"]["configs"] == 4
+    # Time-sliced training ends exactly where straight-through training does.
+    assert results["ground_truth"]["max_abs_diff_vs_time_sliced_finals"] == 0.0
+    engine = results["contestants"]["engine"]
+    assert engine["configs_without_signal"] == 0 and engine["time_to_target_seconds"] is not None
+    assert engine["best_eval_loss"] <= results["target"]["value"]
+    assert results["sequential"]["median"]["time_to_target_seconds"] > 0
+    assert 0 < results["engine_overheads"]["engine"]["slot_utilisation"] <= 1
