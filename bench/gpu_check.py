@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noq
 from rf_core.chunks import plan_chunks  # noqa: E402
 from rf_core.config import normalize_config  # noqa: E402
 from rf_core.data import demo_datasets  # noqa: E402
+from rf_core.model_roots import ROOTS_ENV  # noqa: E402
 from rf_core.models import build_tokenizer  # noqa: E402
 from rf_core.staging import default_staging_root  # noqa: E402
 from rf_core.tasks import TrainTask  # noqa: E402
@@ -163,6 +164,7 @@ def main() -> None:
         f"--chunks {args.chunks} --steps-per-chunk {args.steps_per_chunk}",
     }
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ[ROOTS_ENV] = tmp  # the base model is a local folder here
         base = build_base(Path(tmp) / "base", args.shape)
         modes = {
             "lora_warm_in_memory": (False, True, args.runs),

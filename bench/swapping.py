@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noq
 from rf_core.chunks import plan_chunks  # noqa: E402
 from rf_core.config import normalize_config  # noqa: E402
 from rf_core.data import demo_datasets, tokenize_examples  # noqa: E402
+from rf_core.model_roots import ROOTS_ENV  # noqa: E402
 from rf_core.models import build_tokenizer  # noqa: E402
 from rf_core.staging import STAGING_ENV, default_staging_root, persist_staged  # noqa: E402
 from rf_core.tasks import TrainTask  # noqa: E402
@@ -350,6 +351,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
+            os.environ[ROOTS_ENV] = str(root)  # the benchmark's base models are local folders here
             bases = {shape: build_base(root / shape, shape) for shape in (("tiny",) if args.smoke else ("tiny", "25m"))}
             swap_cases = [("tiny", True, True), ("tiny", True, False)]
             if not args.smoke:

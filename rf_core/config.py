@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range, expand_config_group
+from rf_core.model_roots import model_source_problem
 
 KnobKind = Literal["model", "adapter", "training", "data"]
 
@@ -192,6 +193,8 @@ def validate_config(cfg: Any) -> list[str]:
             problems.append(_unknown_key(key))
             continue
         problem = spec.problem(value)
+        if problem is None and key == "model_name_or_path":
+            problem = model_source_problem(value)
         if problem:
             problems.append(problem)
     return problems

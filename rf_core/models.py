@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from rf_core.data import pretraining_texts
+from rf_core.model_roots import ROOTS_ENV, is_hub_id, model_source_problem
 from rf_core.paths import model_cache_dir
 
 VOCAB_SIZE = 2048
@@ -123,7 +124,7 @@ def load_base_model(name_or_path: str, cache_dir: Path) -> tuple[PreTrainedModel
     if name_or_path in TINY_MODELS:
         source = str(ensure_pretrained(name_or_path, cache_dir))
     else:
-        source = str(Path(name_or_path).expanduser()) if str(name_or_path).startswith("~") else str(name_or_path)
+        source = _local_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
@@ -141,6 +142,27 @@ def load_base_model(name_or_path: str, cache_dir: Path) -> tuple[PreTrainedModel
 def demo_create_model_fn(config: dict[str, Any]) -> tuple[PreTrainedModel, Any]:
     """The demo experiment's `create_model_fn`: the run's base model from the engine's model cache."""
     return load_base_model(config["model_name_or_path"], model_cache_dir())
+
+
+def _local_source(name_or_path: str) -> str:
+    """The folder to load: a hub id's snapshot in the local Hugging Face cache (never a folder of that name in
+    the working directory), or a local path inside the model roots."""
+    problem = model_source_problem(name_or_path)
+    if problem is not None:
+        raise ModelNotFoundError(problem)
+    if not is_hub_id(name_or_path):
+        return str(Path(name_or_path).expanduser())
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError) as error:
+        raise ModelNotFoundError(
+            f"cannot load model {name_or_path!r}: it is not a built-in model ({', '.join(sorted(TINY_MODELS))}) "
+            f"and, as a hub id, it is not in the local Hugging Face cache (downloads are off); for a local folder "
+            f"give its absolute path, under {ROOTS_ENV} ({error.__class__.__name__})"
+        ) from error
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

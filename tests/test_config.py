@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from typing import Any
 
 import pytest
@@ -22,7 +23,8 @@ from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range
 
 # Per knob: values it accepts and values it rejects (each rejection must name the key).
 VALID: dict[str, list[Any]] = {
-    "model_name_or_path": ["rf-tiny-llama", "/models/llama", "org/model"],
+    # Local folders must lie under the model roots (the temporary folder, in tests/conftest.py).
+    "model_name_or_path": ["rf-tiny-llama", f"{tempfile.gettempdir()}/models/llama", "org/model"],
     "use_peft": [True, False],
     "r": [1, 8, 1024],
     "lora_alpha": [16, 0.5, 1e3],
@@ -43,7 +45,7 @@ VALID: dict[str, list[Any]] = {
     "max_length": [8, 64, 8192],
 }  # fmt: skip
 INVALID: dict[str, list[Any]] = {
-    "model_name_or_path": ["", "   ", None, 3, ["a"]],
+    "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../llama"],
     "use_peft": [1, 0, "true", None],
     "r": [0, 1025, -1, 8.0, True, "8", None],
     "lora_alpha": [0, -1, True, math.nan, math.inf, "16", None],
