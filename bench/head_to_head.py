@@ -395,6 +395,10 @@ def run_ray(size: TaskSize, scratch: Path, python: Path) -> Observed:
     notes = {
         "trials": len(result["trials"]),
         "chunks_trained": sum(trial["chunks"] for trial in result["trials"]),
+        "trials_in_start_order": [
+            {**trial, "start": trial["start"] - origin, "end": trial["end"] - origin}
+            for trial in sorted(result["trials"], key=lambda trial: trial["start"])
+        ],
         "ray_session_start_seconds": result["fit_started"] - result["started"],
         "settings": result["settings"],
     }
