@@ -190,6 +190,7 @@ def register_routes(server: Flask, store: Store) -> None:
         _require(body, "who")
         return _json(ops.resolve_proposal(store, name, decision_id, action == "approve", body["who"]))
 
+    @api.route("/", defaults={"unknown": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     @api.route("/<path:unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def unknown_route(unknown: str) -> Response:
         # Without this, Dash's catch-all page route would answer unknown API paths with HTML and a 200.
@@ -197,6 +198,13 @@ def register_routes(server: Flask, store: Store) -> None:
 
     server.register_blueprint(api)
     _register_error_handlers(server)
+
+    @server.before_request
+    def api_paths_answer_json() -> Response | None:
+        # A path under /api that no API route matched (e.g. "/api//x") would otherwise get Dash's HTML page.
+        if request.path.startswith(API_PREFIX + "/") and request.blueprint != api.name:
+            return _error(f"no API route {request.method} {request.path}", [], "NotFound", 404)
+        return None
 
 
 def _register_error_handlers(server: Flask) -> None:
