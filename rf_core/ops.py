@@ -841,7 +841,7 @@ def record_policy_decision(
     for name, value in (("run_id", run_id), ("boundary", boundary)):
         if not _is_int(value) or value < 0:
             problems.append(f"{name} must be an integer >= 0, got {value!r}")
-    if kind not in {op.value for op in OpKind}:
+    if not isinstance(kind, str) or kind not in {op.value for op in OpKind}:
         problems.append(f"unknown op kind {kind!r}: use one of {', '.join(op.value for op in OpKind)}")
     if not isinstance(reason, str) or not reason.strip():
         problems.append("reason must be a non-empty string: every policy decision says why")

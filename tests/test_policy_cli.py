@@ -105,6 +105,8 @@ def test_the_same_decision_twice_is_a_duplicate_through_the_api(served: tuple[RF
     assert len(client.list_ops("dup")) == 1
     with pytest.raises(InvalidRequest, match="reason must be a non-empty string"):
         client.record_policy_decision("dup", "p", 2, 1, "stop", None, "")
+    with pytest.raises(InvalidRequest, match="unknown op kind"):  # found by tests/test_api_fuzz.py: was a 500
+        client.record_policy_decision("dup", "p", 2, 1, ["stop"], None, "why")  # type: ignore[arg-type]
 
 
 def test_proposals_are_approved_or_dismissed_by_a_named_person(served: tuple[RFClient, Path]) -> None:
