@@ -36,6 +36,7 @@ CLONE_PAYLOAD_KEYS = frozenset({"config", "overrides", "warm_start"})
 MAX_CLONES_PER_OP = 256  # a generator that expands further is almost certainly a typo in a $range/$grid
 OP_SOURCES = ("user", "cli")  # plus "policy:<name>"; "initial" is reserved for the experiment's own configs
 CHUNK_OUTCOMES = ("ok", "completed", "failed", "interrupted")
+ABANDONED = "abandoned"  # the timeline outcome of an attempt whose worker or flow died before it answered
 TRAIN_LOSS_METRIC = "train_loss"
 MAX_METRIC_ROWS = 100_000
 
@@ -418,6 +419,12 @@ def record_chunk_start(
         if target is None:
             raise IllegalTransition([f"run {run_id} is {status}: a chunk cannot start"])
         now = time.time()
+        # A run trains one chunk at a time, so an entry still open is an attempt that died with its worker or
+        # its flow: it is closed, and what it logged for a chunk that never committed is dropped, so the retry's
+        # metrics are stored exactly once. Its late answer, if any, finds the entry closed and changes nothing.
+        store.close_open_timeline(experiment, run_id, now, ABANDONED)
+        if chunk_index >= int(run["chunks_done"] or 0):
+            store.delete_chunk_metrics(experiment, run_id, chunk_index)
         fields: dict[str, Any] = {"status": target.value, "updated_at": now}
         if total_chunks > 0:  # 0 means unknown (a run that failed before it could be split into chunks)
             fields["total_chunks"] = total_chunks

@@ -205,6 +205,14 @@ class Store(ABC):
     @abstractmethod
     def list_timeline(self, experiment: str) -> list[Row]: ...
 
+    @abstractmethod
+    def close_open_timeline(self, experiment: str, run_id: int, end: float, outcome: str) -> int:
+        """Give every entry of the run that has no end this `end` and `outcome`; returns how many."""
+
+    @abstractmethod
+    def delete_chunk_metrics(self, experiment: str, run_id: int, chunk: int) -> int:
+        """Delete the metric rows the run logged during `chunk`; returns how many."""
+
     # policy decisions
     @abstractmethod
     def insert_policy_decision(self, row: Mapping[str, Any]) -> Row: ...
@@ -567,6 +575,17 @@ class DuckDBStore(Store):
     def list_timeline(self, experiment: str) -> list[Row]:
         sql = 'SELECT * FROM timeline WHERE experiment = ? ORDER BY "start", id'
         return self._query("timeline", sql, [experiment])
+
+    def close_open_timeline(self, experiment: str, run_id: int, end: float, outcome: str) -> int:
+        sql = (
+            'UPDATE timeline SET "end" = ?, outcome = ? WHERE experiment = ? AND run_id = ? AND "end" IS NULL '
+            "RETURNING id"
+        )
+        return len(self._query(None, sql, [end, outcome, experiment, run_id]))
+
+    def delete_chunk_metrics(self, experiment: str, run_id: int, chunk: int) -> int:
+        sql = "DELETE FROM metrics WHERE experiment = ? AND run_id = ? AND chunk = ? RETURNING step"
+        return len(self._query(None, sql, [experiment, run_id, chunk]))
 
     # -- policy decisions -----------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -21,6 +22,8 @@ from rf_core.tasks import ChunkOutcome, TrainTask
 
 STEP_DELAY_ENV = "RF_TEST_STEP_DELAY_S"  # test-only slow-down so IC Ops reliably arrive mid-chunk
 WORKER_START_TIMEOUT_S = 180.0
+PARENT_POLL_S = 0.5
+EXIT_PARENT_GONE = 70
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ def _serve(
     device: str | None,
 ) -> None:
     """Worker process main loop."""
+    _exit_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
     # Spinning OpenMP threads slow every other slot's worker several-fold on a shared CPU.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -125,6 +129,20 @@ def _serve(
             trainer.close()  # every state on disk before the worker goes
         finally:
             writer.close()
+
+
+def _exit_with_parent(poll_s: float = PARENT_POLL_S) -> None:
+    """End this worker at once if the fit process dies (kill -9 included): an orphan would go on training its
+    chunk and log metrics for an attempt the resumed fit has already replaced."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="rf-parent-watch", daemon=True).start()
 
 
 def _initial_configs(spec: Any) -> list[dict[str, Any]]:

@@ -352,3 +352,30 @@ def test_metric_rows_are_validated(store: DuckDBStore, exp: str) -> None:
         )
     with pytest.raises(ops.NotFound):
         ops.log_metrics(store, "b", [{"experiment": "nope", "run_id": 1, "step": 1, "name": "x", "value": 1}])
+
+
+def test_a_retried_chunk_closes_the_dead_attempt_and_keeps_each_metric_once(store: DuckDBStore, exp: str) -> None:
+    """A worker or the flow died mid-chunk: the next attempt at that chunk replaces the partial one."""
+
+    def log(chunk: int, steps: range, batch: str) -> None:
+        rows = [{"experiment": exp, "run_id": 1, "step": step, "name": "train_loss", "value": 1.0 / step,
+                 "chunk": chunk, "time": 0.0} for step in steps]  # fmt: skip
+        ops.log_metrics(store, batch, rows)
+
+    train_chunk(store, 1, 0)
+    log(0, range(1, 11), "committed")
+    dead = ops.record_chunk_start(store, exp, 1, 1, slot=0, total_chunks=4)
+    log(1, range(11, 15), "partial")  # the attempt dies here, without an answer
+    retry = ops.record_chunk_start(store, exp, 1, 1, slot=1, total_chunks=4)
+    entries = {entry["id"]: entry for entry in ops.timeline(store, exp)}
+    assert entries[dead]["outcome"] == ops.ABANDONED and entries[dead]["end"] is not None
+    assert entries[retry]["end"] is None
+    log(1, range(11, 21), "retried")
+    steps = [row["step"] for row in ops.metrics(store, exp, run_ids=[1])]
+    assert steps == list(range(1, 21))  # each step once: the committed chunk kept, the partial attempt dropped
+
+    late = {"run_id": 1, "chunk_index": 1, "status": "ok", "step": 99, "epoch": 0, "samples": 1, "checkpoint": "/x"}
+    assert ops.record_chunk_end(store, exp, dead, late)["chunks_done"] == 1  # the dead attempt's answer is ignored
+    ops.record_chunk_end(store, exp, retry, {**late, "step": 20, "samples": 160})
+    run = ops.get_run(store, exp, 1)
+    assert (run["chunks_done"], run["step"]) == (2, 20)
