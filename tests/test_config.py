@@ -45,7 +45,7 @@ VALID: dict[str, list[Any]] = {
     "max_length": [8, 64, 8192],
 }  # fmt: skip
 INVALID: dict[str, list[Any]] = {
-    "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../llama"],
+    "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../../../../../../../../etc/llama"],
     "use_peft": [1, 0, "true", None],
     "r": [0, 1025, -1, 8.0, True, "8", None],
     "lora_alpha": [0, -1, True, math.nan, math.inf, "16", None],
