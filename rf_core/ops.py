@@ -419,12 +419,8 @@ def record_chunk_start(
         if target is None:
             raise IllegalTransition([f"run {run_id} is {status}: a chunk cannot start"])
         now = time.time()
-        # A run trains one chunk at a time, so an entry still open is an attempt that died with its worker or
-        # its flow: it is closed, and what it logged for a chunk that never committed is dropped, so the retry's
-        # metrics are stored exactly once. Its late answer, if any, finds the entry closed and changes nothing.
-        store.close_open_timeline(experiment, run_id, now, ABANDONED)
-        if chunk_index >= int(run["chunks_done"] or 0):
-            store.delete_chunk_metrics(experiment, run_id, chunk_index)
+        # A run trains one chunk at a time, so an entry still open is an attempt that died with its worker.
+        _abandon(store, experiment, store.open_timeline(experiment, run_id), now)
         fields: dict[str, Any] = {"status": target.value, "updated_at": now}
         if total_chunks > 0:  # 0 means unknown (a run that failed before it could be split into chunks)
             fields["total_chunks"] = total_chunks
@@ -632,12 +628,27 @@ def get_experiment(store: Store, name: str) -> dict[str, Any]:
 
 
 def set_experiment_status(store: Store, name: str, status: str) -> dict[str, Any]:
+    """A fit sets "running" when it starts and "finished" when it ends. A fit that starts owns every chunk of
+    the experiment: one still open was left by a fit that died (`rf continue --force`), and is abandoned."""
     if status not in ("running", "finished"):
         raise InvalidRequest([f"experiment status must be 'running' or 'finished', got {status!r}"])
     with store.transaction():
         _experiment(store, name)
-        ended_at = time.time() if status == "finished" else None
+        now = time.time()
+        if status == "running":
+            _abandon(store, name, store.open_timeline(name), now)
+        ended_at = now if status == "finished" else None
         return store.update_experiment(name, {"status": status, "ended_at": ended_at})
+
+
+def _abandon(store: Store, experiment: str, entries: Sequence[Mapping[str, Any]], now: float) -> None:
+    """Close chunk attempts that will never answer, and drop what they logged for a chunk that did not commit:
+    the retry logs those steps again, so each is stored once. A late answer finds the entry closed and is ignored."""
+    for entry in entries:
+        store.update_timeline(int(entry["id"]), {"end": now, "outcome": ABANDONED})
+        run = store.get_run(experiment, int(entry["run_id"]))
+        if run is not None and int(entry["chunk"]) >= int(run["chunks_done"] or 0):
+            store.delete_chunk_metrics(experiment, int(entry["run_id"]), int(entry["chunk"]))
 
 
 def list_experiments(store: Store) -> list[dict[str, Any]]:

@@ -206,8 +206,8 @@ class Store(ABC):
     def list_timeline(self, experiment: str) -> list[Row]: ...
 
     @abstractmethod
-    def close_open_timeline(self, experiment: str, run_id: int, end: float, outcome: str) -> int:
-        """Give every entry of the run that has no end this `end` and `outcome`; returns how many."""
+    def open_timeline(self, experiment: str, run_id: int | None = None) -> list[Row]:
+        """Entries that have no end yet (of one run, or of the whole experiment)."""
 
     @abstractmethod
     def delete_chunk_metrics(self, experiment: str, run_id: int, chunk: int) -> int:
@@ -576,12 +576,13 @@ class DuckDBStore(Store):
         sql = 'SELECT * FROM timeline WHERE experiment = ? ORDER BY "start", id'
         return self._query("timeline", sql, [experiment])
 
-    def close_open_timeline(self, experiment: str, run_id: int, end: float, outcome: str) -> int:
-        sql = (
-            'UPDATE timeline SET "end" = ?, outcome = ? WHERE experiment = ? AND run_id = ? AND "end" IS NULL '
-            "RETURNING id"
-        )
-        return len(self._query(None, sql, [end, outcome, experiment, run_id]))
+    def open_timeline(self, experiment: str, run_id: int | None = None) -> list[Row]:
+        sql = 'SELECT * FROM timeline WHERE experiment = ? AND "end" IS NULL'
+        params: list[Any] = [experiment]
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            params.append(run_id)
+        return self._query("timeline", sql + ' ORDER BY "start", id', params)
 
     def delete_chunk_metrics(self, experiment: str, run_id: int, chunk: int) -> int:
         sql = "DELETE FROM metrics WHERE experiment = ? AND run_id = ? AND chunk = ? RETURNING step"

@@ -379,3 +379,16 @@ def test_a_retried_chunk_closes_the_dead_attempt_and_keeps_each_metric_once(stor
     ops.record_chunk_end(store, exp, retry, {**late, "step": 20, "samples": 160})
     run = ops.get_run(store, exp, 1)
     assert (run["chunks_done"], run["step"]) == (2, 20)
+
+
+def test_a_fit_that_starts_abandons_the_chunks_a_dead_fit_left_open(store: DuckDBStore, exp: str) -> None:
+    train_chunk(store, 2, 0)
+    open_id = ops.record_chunk_start(store, exp, 2, 1, slot=0, total_chunks=4)
+    rows = [{"experiment": exp, "run_id": 2, "step": 11, "name": "train_loss", "value": 0.5, "chunk": 1, "time": 0.0}]
+    ops.log_metrics(store, "partial-of-a-dead-fit", rows)
+    assert len(ops.metrics(store, exp, run_ids=[2])) == 1
+    ops.set_experiment_status(store, exp, "running")  # what `rf continue --force` does first
+    (entry,) = [entry for entry in ops.timeline(store, exp) if entry["id"] == open_id]
+    assert entry["outcome"] == ops.ABANDONED and entry["end"] is not None
+    assert ops.metrics(store, exp, run_ids=[2]) == []  # chunk 0 logged nothing here; chunk 1's partial row is gone
+    assert ops.get_run(store, exp, 2)["chunks_done"] == 1  # the committed chunk stays
