@@ -1,6 +1,7 @@
 """Deterministic chunking: each epoch's seeded sample order cut into contiguous pieces of whole optimizer steps.
 
-An optimizer step consumes `per_device_train_batch_size * gradient_accumulation_steps` samples; an epoch's
+An optimizer step consumes `per_device_train_batch_size * gradient_accumulation_steps * num_devices` samples (the
+global batch: a multi-device run splits each step's micro-batches across its devices); an epoch's
 incomplete last step is dropped. Each epoch's S steps are split into `num_chunks` contiguous pieces whose sizes
 differ by at most one (the first S % num_chunks pieces get the extra step). Steps are global over the run, sample
 offsets are local to the epoch's order (`epoch_order`), and the LR schedule spans `total_steps` — the whole run.
@@ -21,8 +22,13 @@ class ChunkingError(ValueError):
 
 
 def samples_per_step(config: Mapping[str, Any]) -> int:
-    """Samples consumed by one optimizer step (batch × gradient accumulation); `config` is normalised."""
-    return int(config["per_device_train_batch_size"]) * int(config["gradient_accumulation_steps"])
+    """Samples consumed by one optimizer step (batch × gradient accumulation × devices); `config` is normalised."""
+    return micro_batches_per_step(config) * int(config["per_device_train_batch_size"])
+
+
+def micro_batches_per_step(config: Mapping[str, Any]) -> int:
+    """Micro-batches in one optimizer step over all of the run's devices."""
+    return int(config["gradient_accumulation_steps"]) * int(config.get("num_devices", 1))
 
 
 def steps_per_epoch(num_samples: int, config: Mapping[str, Any]) -> int:
@@ -51,6 +57,7 @@ def plan_chunks(num_samples: int, config: Mapping[str, Any], num_chunks: int) ->
     steps = steps_per_epoch(num_samples, config)
     step_shape = (
         f"batch {config['per_device_train_batch_size']} × accumulation {config['gradient_accumulation_steps']}"
+        + (f" × devices {config['num_devices']}" if int(config.get("num_devices", 1)) > 1 else "")
     )
     if steps == 0:
         raise ChunkingError(

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range, expand_config_group
 from rf_core.model_roots import model_source_problem
 
-KnobKind = Literal["model", "adapter", "training", "data"]
+KnobKind = Literal["model", "adapter", "training", "data", "devices"]
 
 LR_SCHEDULERS = (
     "linear",
@@ -30,6 +30,8 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "inverse_sqrt",
 )
+
+STRATEGIES = ("ddp", "deepspeed")
 
 # numpy's legacy seeding (used by transformers' set_seed) only takes seeds in [0, 2**32).
 MAX_SEED = 2**32 - 1
@@ -178,6 +180,16 @@ KNOBS: dict[str, KnobSpec] = {
             "max_length", "data", (int,), 64, _between(8, 8192),
             "tokens per training example (longer ones are truncated)",
         ),
+        _K(
+            "num_devices", "devices", (int,), 1, _between(1, 64),
+            "device slots that train the run together, one process each; a step's batch is split across them",
+        ),
+        _K(
+            "strategy", "devices", (str,), "ddp",
+            Constraint(f"one of {', '.join(STRATEGIES)}", lambda v: v in STRATEGIES),
+            "how the run trains: torch DDP (used only when num_devices > 1) or DeepSpeed ZeRO (any num_devices)",
+        ),
+        _K("zero_stage", "devices", (int,), 2, _between(0, 3), "DeepSpeed ZeRO stage (strategy deepspeed)"),
     )
 }  # fmt: skip
 

@@ -42,6 +42,21 @@ class WarmStart:
 
 
 @dataclass(frozen=True)
+class Gang:
+    """This process's place in a multi-process run's chunk: every member trains the same task together."""
+
+    rank: int
+    world_size: int
+    address: str  # host:port of the rendezvous store rank 0 opens for this chunk
+    slots: tuple[int, ...]  # the device slots of the gang, rank order
+    strategy: str  # "ddp" or "deepspeed"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size or len(self.slots) != self.world_size:
+            raise ValueError(f"inconsistent gang: rank {self.rank}, world size {self.world_size}, slots {self.slots}")
+
+
+@dataclass(frozen=True)
 class TrainTask:
     experiment: str
     run_id: int
@@ -54,6 +69,7 @@ class TrainTask:
     mode: str = "min"
     keep_checkpoints: int | None = None  # newest step checkpoints kept per run; None keeps all
     pinned_steps: tuple[int, ...] = ()  # checkpoints a pending warm-started clone still needs
+    gang: Gang | None = None  # set when the run trains on several processes (or through DeepSpeed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +77,7 @@ class TrainTask:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainTask:
         warm = data.get("warm_start")
+        gang = data.get("gang")
         return cls(
             experiment=data["experiment"],
             run_id=data["run_id"],
@@ -73,6 +90,7 @@ class TrainTask:
             mode=data.get("mode", "min"),
             keep_checkpoints=data.get("keep_checkpoints"),
             pinned_steps=tuple(data.get("pinned_steps") or ()),
+            gang=Gang(**{**gang, "slots": tuple(gang["slots"])}) if gang else None,
         )
 
 

@@ -45,6 +45,7 @@ from rf_core.checkpoints import (
     step_checkpoint_path,
 )
 from rf_core.data import IGNORE_INDEX, TokenizedData, tokenize_examples
+from rf_core.gang import GangSession, gang_session
 from rf_core.staging import AfterPersist, StateWriter, StorageFull, load_state, state_exists
 from rf_core.tasks import ChunkOutcome, ChunkSpec, TrainTask, WarmStart
 
@@ -221,7 +222,13 @@ class SlotTrainer:
     # --------------------------------------------------------------------------------------- the chunk loop
 
     def _train_chunk(self, task: TrainTask, emit: EmitFn) -> ChunkOutcome:
+        with gang_session(task.gang, self._device or torch.device("cpu")) as session:
+            return self._train_chunk_in(task, emit, session)
+
+    def _train_chunk_in(self, task: TrainTask, emit: EmitFn, session: GangSession | None) -> ChunkOutcome:
+        """The chunk loop; `session` is this process's gang for multi-process runs (None: trains alone)."""
         config, chunk = task.config, task.chunk
+        leads = session is None or session.is_leader  # evaluates, logs and checkpoints
         base = self._base(config)
         train_data = self._tokenized_data("train", self._train_examples, base.tokenizer, config["max_length"])
         run_total_steps = chunks.total_steps(len(train_data), config)
@@ -234,7 +241,7 @@ class SlotTrainer:
 
         # 1. Get the run's state at the chunk's first step, and make it the one the model trains.
         swap_in_started = time.perf_counter()
-        state = self._state_at_chunk_start(task, base, seed, run_total_steps)
+        state = self._state_at_chunk_start(task, base, seed, run_total_steps, writes=leads)
         swap_in_seconds = time.perf_counter() - swap_in_started
         if state.step != chunk.start_step:
             raise ValueError(
@@ -242,27 +249,39 @@ class SlotTrainer:
             )
         state.chunk_started, state.samples_at_chunk_start = (chunk.index, chunk.start_step), state.samples
         model = self._activate(state)
+        parameters = list(state.trainable.values())
+        runner = model if session is None else session.wrap_ddp(model, parameters)
 
-        # 2. Train: this chunk's slice of the epoch's order, in optimizer steps of accumulated micro-batches.
+        # 2. Train: this chunk's slice of the epoch's order, in optimizer steps of accumulated micro-batches
+        # (a gang member trains its share of each step's micro-batches; DDP averages the gradients).
         order = chunks.epoch_order(len(train_data), seed, chunk.epoch)
         step_batches = _step_batches(
-            order, chunk, config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
+            order, chunk, config["per_device_train_batch_size"], chunks.micro_batches_per_step(config)
         )
         device = _model_device(model)
-        parameters = list(state.trainable.values())
         last_train_loss: float | None = None
         loop_started = time.perf_counter()
         for micro_batches in step_batches:
             step_number = state.step + 1  # 1-based number of the update being computed
             state.optimizer.zero_grad(set_to_none=True)
+            mine = micro_batches if session is None else session.my_micro_batches(micro_batches)
             micro_losses: list[float] = []
-            for indices in micro_batches:
+            for position, indices in enumerate(mine):
                 batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
-                loss = model(**batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
-                (loss / len(micro_batches)).backward()
+                # Gradients are averaged across the gang once per step, with the step's last micro-batch.
+                syncs = session is None or position == len(mine) - 1
+                with contextlib.nullcontext() if syncs else runner.no_sync():
+                    loss = runner(**batch, use_cache=False).loss
+                    if session is None and not torch.isfinite(loss):
+                        raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
+                    (loss / len(mine)).backward()
                 micro_losses.append(loss.item())
+            if session is not None:
+                # Every member must see the same losses, so all of them stop together on a bad one.
+                loss_sum, count = session.sum([sum(micro_losses), len(micro_losses)])
+                micro_losses = [loss_sum / count]
+                if not np.isfinite(micro_losses[0]):
+                    raise NonFiniteLossError(f"loss became {micro_losses[0]} at step {step_number}")
             if config["max_grad_norm"] > 0:
                 torch.nn.utils.clip_grad_norm_(parameters, config["max_grad_norm"])
             learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this update uses
@@ -273,12 +292,13 @@ class SlotTrainer:
             state.samples += sum(len(indices) for indices in micro_batches)
             last_train_loss = sum(micro_losses) / len(micro_losses)
             now = time.time()
-            emit(
-                [
-                    _metric_row(state.step, "train_loss", last_train_loss, chunk.index, now),
-                    _metric_row(state.step, "learning_rate", learning_rate, chunk.index, now),
-                ]
-            )
+            if leads:
+                emit(
+                    [
+                        _metric_row(state.step, "train_loss", last_train_loss, chunk.index, now),
+                        _metric_row(state.step, "learning_rate", learning_rate, chunk.index, now),
+                    ]
+                )
             if self._step_delay_s > 0:
                 time.sleep(self._step_delay_s)
         train_seconds = time.perf_counter() - loop_started
@@ -289,22 +309,21 @@ class SlotTrainer:
 
         # 3. Evaluate, then checkpoint the boundary.
         eval_started = time.perf_counter()
-        eval_metrics = self._evaluate(model, base.tokenizer, config)
+        eval_metrics = self._evaluate(model, base.tokenizer, config) if leads else {}
+        if session is not None:
+            eval_metrics = session.from_leader(eval_metrics)  # every member keeps the run's best chunk right
         eval_seconds = time.perf_counter() - eval_started
         restore_rng_state(state.rng)
-        if eval_metrics:
+        if eval_metrics and leads:
             now = time.time()
             emit([_metric_row(state.step, name, value, chunk.index, now) for name, value in eval_metrics.items()])
         improved = _improves(state.best, eval_metrics.get(task.metric), task.mode)
         if improved:
             state.best = {"value": float(eval_metrics[task.metric]), "step": state.step}
         swap_out_started = time.perf_counter()
-        checkpoint = self._save(
-            state,
-            config,
-            step_checkpoint_path(task.run_dir, state.step),
-            self._follow_ups(task, base, state, improved),
-        )
+        checkpoint = step_checkpoint_path(task.run_dir, state.step)
+        if leads:
+            self._save(state, config, checkpoint, self._follow_ups(task, base, state, improved))
         state_seconds = swap_in_seconds + time.perf_counter() - swap_out_started
         exports = {LATEST: str(export_dir(task.run_dir, LATEST))}
         if state.best is not None:
@@ -352,7 +371,10 @@ class SlotTrainer:
 
     # ---------------------------------------------------------------------------------------- run state
 
-    def _state_at_chunk_start(self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int) -> _RunState:
+    def _state_at_chunk_start(
+        self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int, writes: bool = True
+    ) -> _RunState:
+        """`writes`: this process saves the run's state (False for gang members other than rank 0)."""
         chunk = task.chunk
         in_memory = self._runs.get(task.run_id)
         if in_memory is not None and self._is_current(in_memory, task):
@@ -375,7 +397,8 @@ class SlotTrainer:
             # starts from the seed, whichever way the adapter came to be (new, or reused).
             _seed_everything(seed)
             state.rng = capture_rng_state()
-            self._save(state, task.config, init_checkpoint_path(task.run_dir))
+            if writes:
+                self._save(state, task.config, init_checkpoint_path(task.run_dir))
         else:
             state = self._new_state(task, base, seed, run_total_steps)
             state.rng = capture_rng_state()

@@ -43,6 +43,9 @@ VALID: dict[str, list[Any]] = {
     "warmup_steps": [0, 10],
     "seed": [None, 0, 42, 2**32 - 1],
     "max_length": [8, 64, 8192],
+    "num_devices": [1, 2, 64],
+    "strategy": ["ddp", "deepspeed"],
+    "zero_stage": [0, 2, 3],
 }  # fmt: skip
 INVALID: dict[str, list[Any]] = {
     "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../../../../../../../../etc/llama"],
@@ -63,6 +66,9 @@ INVALID: dict[str, list[Any]] = {
     "warmup_steps": [-1, 2.5, True],
     "seed": [-1, 2**32, 1.5, True, "42"],
     "max_length": [7, 8193, 64.0, True, None],
+    "num_devices": [0, 65, 2.0, True, None],
+    "strategy": ["DDP", "fsdp", "", None],
+    "zero_stage": [-1, 4, 2.0, None],
 }
 
 
@@ -88,7 +94,7 @@ def test_each_knob_rejects_an_invalid_value_by_name(key: str, value: Any) -> Non
 def test_every_default_is_valid(name: str) -> None:
     spec = KNOBS[name]
     assert spec.name == name
-    assert spec.kind in ("model", "adapter", "training", "data")
+    assert spec.kind in ("model", "adapter", "training", "data", "devices")
     assert spec.problem(spec.default) is None
     assert spec.doc
 

@@ -313,6 +313,17 @@ def case_gradient_accumulation_steps(train: Runs) -> None:
     assert accumulated.losses[0] != base.losses[0]
 
 
+def case_num_devices(train: Runs) -> None:
+    # num_devices sets the global batch: a step takes batch × accumulation × devices samples. Trained by one process
+    # (here) it is the same run as the accumulation that gives that batch; tests/test_gang.py trains it as a gang.
+    base, two = train(), train({"num_devices": 2})
+    accumulated = train({"gradient_accumulation_steps": 2})
+    assert two.last.step == BASE_STEPS // 2 and two.last.samples == NUM_TRAIN
+    assert [forward.batch_size for forward in two.train_forwards()] == [4] * BASE_STEPS
+    assert two.losses == accumulated.losses and same_weights(two.weights, accumulated.weights)
+    assert two.losses[0] != base.losses[0]
+
+
 def case_num_train_epochs(train: Runs) -> None:
     base, two = train(), train({"num_train_epochs": 2})
     assert two.steps("train_loss") == list(range(1, 2 * BASE_STEPS + 1))
@@ -401,6 +412,7 @@ CASES = [
     pytest.param("per_device_train_batch_size", case_per_device_train_batch_size, id="per_device_train_batch_size"),
     pytest.param("per_device_eval_batch_size", case_per_device_eval_batch_size, id="per_device_eval_batch_size"),
     pytest.param("gradient_accumulation_steps", case_gradient_accumulation_steps, id="gradient_accumulation_steps"),
+    pytest.param("num_devices", case_num_devices, id="num_devices"),
     pytest.param("num_train_epochs", case_num_train_epochs, id="num_train_epochs"),
     pytest.param("max_steps", case_max_steps, id="max_steps"),
     pytest.param("lr_scheduler_type", case_lr_scheduler_constant, id="lr_scheduler_type-constant"),
@@ -417,8 +429,12 @@ CASES = [
 ]
 
 
+# Knobs whose effect needs several processes or DeepSpeed: their cases live in tests/test_gang.py.
+GANG_KNOBS = {"strategy", "zero_stage"}
+
+
 def test_every_knob_has_a_case() -> None:
-    assert {param.values[0] for param in CASES} == set(KNOBS)
+    assert {param.values[0] for param in CASES} | GANG_KNOBS == set(KNOBS)
 
 
 @pytest.mark.parametrize(("knob", "case"), CASES)

@@ -1,0 +1,177 @@
+"""Multi-process runs: a 2-process gloo gang trains the same trajectory as one process over the same global batch.
+
+Each gang member is a real process with its own SlotTrainer, as a slot worker is; the gang forms a torch.distributed
+group per chunk. The members swap ranks every chunk and, half-way, both drop the run's state from memory, so later
+chunks resume from the checkpoint rank 0 wrote: the trajectory must not notice either.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rf_core.chunks import micro_batches_per_step, plan_chunks
+from rf_core.config import normalize_config
+from rf_core.gang import free_address
+from rf_core.tasks import ChunkSpec, Gang, TrainTask
+
+NUM_TRAIN = 64
+STEPS = 50
+RELATIVE_TOLERANCE = 1e-5
+BASE = {
+    "model_name_or_path": "rf-tiny-llama",
+    "use_peft": True,
+    "r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "learning_rate": 5e-3,
+    "per_device_train_batch_size": 4,
+    "num_train_epochs": 7,
+    "max_steps": STEPS,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 5,
+    "max_length": 32,
+    "seed": 7,
+}
+
+
+def _datasets() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    from rf_core.data import stdlib_sft_examples
+
+    examples = stdlib_sft_examples(limit=NUM_TRAIN + 16)
+    return examples[:NUM_TRAIN], examples[NUM_TRAIN:]
+
+
+def _member(model_cache: str, tasks: list[dict[str, Any]], release_before: list[int], results: Any) -> None:
+    """One process: trains its share of every chunk in order; sends (rows, outcomes) back."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    from rf_core.models import load_base_model
+    from rf_core.trainer import SlotTrainer
+
+    torch.set_num_threads(1)
+    train, evaluation = _datasets()
+    trainer = SlotTrainer(
+        lambda config: load_base_model(config["model_name_or_path"], Path(model_cache)),
+        train,
+        evaluation,
+        num_threads=1,
+    )
+    rows: list[dict[str, Any]] = []
+    outcomes = []
+    try:
+        for position, task in enumerate(tasks):
+            if position in release_before:
+                trainer.release(task["run_id"])
+            outcome = trainer.train(TrainTask.from_dict(task), rows.extend)
+            outcomes.append(outcome.to_dict())
+            if outcome.status == "failed":
+                break
+            trainer.flush()
+    finally:
+        trainer.close()
+    results.put((rows, outcomes))
+
+
+def _tasks(config: dict[str, Any], run_dir: Path, num_chunks: int, gang_of: Any) -> list[dict[str, Any]]:
+    plan: list[ChunkSpec] = plan_chunks(NUM_TRAIN, config, num_chunks)
+    return [
+        TrainTask(
+            experiment="gang",
+            run_id=1,
+            config=config,
+            chunk=chunk,
+            run_dir=str(run_dir),
+            seed=0,
+            gang=gang_of(chunk.index),
+        ).to_dict()
+        for chunk in plan
+    ]
+
+
+def _run(
+    model_cache: Path, member_tasks: list[list[dict[str, Any]]], release_before: list[int], timeout: float = 240.0
+) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    processes = [
+        ctx.Process(target=_member, args=(str(model_cache), tasks, release_before, results)) for tasks in member_tasks
+    ]
+    for process in processes:
+        process.start()
+    try:
+        collected = [results.get(timeout=timeout) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    for _rows, outcomes in collected:
+        failed = [outcome for outcome in outcomes if outcome["status"] == "failed"]
+        assert not failed, failed[0]["traceback"]
+    return collected
+
+
+def _series(rows: list[dict[str, Any]], name: str) -> dict[int, float]:
+    values = {row["step"]: row["value"] for row in rows if row["name"] == name}
+    assert values, f"no {name} rows"
+    return values
+
+
+def _assert_close(left: dict[int, float], right: dict[int, float]) -> None:
+    assert sorted(left) == sorted(right)
+    worst = max(abs(left[step] - right[step]) / max(abs(right[step]), 1e-12) for step in left)
+    print(f"largest relative difference {worst:.2e} over {len(left)} points")
+    assert worst <= RELATIVE_TOLERANCE, f"largest relative difference {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rf_core.models import ensure_pretrained
+
+    cache = tmp_path_factory.mktemp("models")
+    ensure_pretrained("rf-tiny-llama", cache, pretrain_steps=0)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def single_process(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The reference: one process, the same global batch as two micro-batches of accumulation."""
+    config = normalize_config({**BASE, "gradient_accumulation_steps": 2, "num_devices": 1})
+    tasks = _tasks(config, tmp_path_factory.mktemp("single"), 2, lambda _index: None)
+    [(rows, _outcomes)] = _run(model_cache, [tasks], release_before=[])
+    return rows
+
+
+def test_ddp_two_processes_match_one_process_across_swaps(model_cache, single_process, tmp_path) -> None:
+    config = normalize_config({**BASE, "gradient_accumulation_steps": 1, "num_devices": 2, "strategy": "ddp"})
+    assert micro_batches_per_step(config) == 2
+    plan_length = len(plan_chunks(NUM_TRAIN, config, 2))
+    addresses = [free_address() for _ in range(plan_length)]
+
+    def gang_for(member: int):
+        def gang_of(index: int) -> Gang:
+            rank = member if index % 2 == 0 else 1 - member  # the members swap ranks every chunk
+            return Gang(rank=rank, world_size=2, address=addresses[index], slots=(0, 1), strategy="ddp")
+
+        return gang_of
+
+    member_tasks = [_tasks(config, tmp_path / "run", 2, gang_for(member)) for member in (0, 1)]
+    results = _run(model_cache, member_tasks, release_before=[plan_length // 2])
+
+    reference_losses = _series(single_process, "train_loss")
+    assert len(reference_losses) == STEPS
+    leaders_rows = [row for rows, _ in results for row in rows]
+    _assert_close(_series(leaders_rows, "train_loss"), reference_losses)
+    _assert_close(_series(leaders_rows, "eval_loss"), _series(single_process, "eval_loss"))
+    _assert_close(_series(leaders_rows, "learning_rate"), _series(single_process, "learning_rate"))
+    # Each step was logged once, by the member that led that chunk.
+    assert len([row for row in leaders_rows if row["name"] == "train_loss"]) == STEPS
+    final = [outcomes[-1] for _, outcomes in results]
+    assert {outcome["status"] for outcome in final} == {"completed"}
+    assert final[0]["best_step"] == final[1]["best_step"]  # both members agree on the run's best chunk
