@@ -2,12 +2,22 @@
 
 The fit loop calls `assign` whenever slots are free. It never blocks waiting for a barrier across runs: a run that
 reaches its chunk boundary frees its slot, and the next call fills it.
+
+A run that needs several slots at once (a gang) is gang-scheduled with EASY backfilling: when the run first in
+line does not fit in the free slots, it reserves them until enough busy slots free up; meanwhile a later run may
+use a reserved slot only if its chunk is expected to end by then (give or take `BACKFILL_SLACK`), or if the slot is
+one the gang will not need when it starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+# A backfilled chunk may end this fraction of the gang's wait after the gang could have started: estimates are
+# rough, and a slot left idle for a chunk that nearly fits costs more than the gang's short delay (simulated).
+BACKFILL_SLACK = 0.25
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,8 @@ class RunnableRun:
     chunks_done: int
     total_chunks: int
     warm_slot: int | None = None  # the slot whose worker holds this run's state in memory, if any
+    devices: int = 1  # slots the run trains on at once
+    expected_seconds: float | None = None  # how long its next chunk should take; None: unknown
 
     @property
     def progress(self) -> float:
@@ -27,7 +39,12 @@ class RunnableRun:
 @dataclass(frozen=True)
 class Assignment:
     run_id: int
-    slot: int
+    slot: int  # the run's slot; for a gang, its rank-0 slot
+    more_slots: tuple[int, ...] = ()  # a gang's other slots, in rank order
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        return (self.slot, *self.more_slots)
 
 
 def priority_order(runs: Sequence[RunnableRun]) -> list[RunnableRun]:
@@ -39,25 +56,66 @@ def priority_order(runs: Sequence[RunnableRun]) -> list[RunnableRun]:
     return sorted(runs, key=lambda run: (run.progress, run.chunks_done, run.run_id))
 
 
-def assign(runs: Sequence[RunnableRun], free_slots: Sequence[int]) -> list[Assignment]:
+def assign(
+    runs: Sequence[RunnableRun], free_slots: Sequence[int], busy_for: Mapping[int, float] | None = None
+) -> list[Assignment]:
     """Choose which runs get the free slots, then place them, keeping each on its warm slot when possible.
 
-    Which runs train is decided by priority alone; warmth only decides placement, so it never costs fairness.
-    Idempotent: the same inputs give the same assignments.
+    `busy_for` maps each busy slot to the seconds its chunk is expected to go on (only gangs need it). Which runs
+    train is decided by priority and by gang reservations; warmth only decides placement, so it never costs
+    fairness. A run needing more slots than exist is skipped (the caller reports it). Idempotent.
     """
     if len(set(free_slots)) != len(free_slots):
         raise ValueError(f"free slots must be distinct: {free_slots=}")
+    busy_for = dict(busy_for or {})
+    all_slots = len(free_slots) + len(busy_for)
     # Among equals, a run whose state is warm on a free slot goes first: same fairness, no swap.
     warm_here = {run.run_id for run in runs if run.warm_slot is not None and run.warm_slot in free_slots}
     ordered = sorted(priority_order(runs), key=lambda run: (run.progress, run.chunks_done, run.run_id not in warm_here))
-    chosen = ordered[: len(free_slots)]
+    chosen: list[RunnableRun] = []
+    open_count = len(free_slots)
+    reserved_until: float | None = None  # set once the first run in line does not fit
+    spare = 0  # slots free now that the waiting gang will not need when it starts: any run may take them
+    for run in ordered:
+        if run.devices > all_slots or run.devices > open_count:
+            if reserved_until is None and run.devices <= all_slots:
+                reserved_until = _slots_free_in(run.devices - open_count, busy_for)
+                free_then = open_count + sum(1 for wait in busy_for.values() if wait <= reserved_until)
+                spare = free_then - run.devices
+            continue
+        if reserved_until is not None and not _ends_by(run, reserved_until):
+            if run.devices > spare:
+                continue
+            spare -= run.devices
+        chosen.append(run)
+        open_count -= run.devices
+        if open_count == 0:
+            break
+    return _place(chosen, free_slots)
+
+
+def _slots_free_in(count: int, busy_for: Mapping[int, float]) -> float:
+    """Expected seconds until `count` more busy slots are free (infinite when that many are not busy)."""
+    waits = sorted(busy_for.values())
+    return waits[count - 1] if count <= len(waits) else math.inf
+
+
+def _ends_by(run: RunnableRun, seconds: float) -> bool:
+    return run.expected_seconds is not None and run.expected_seconds <= seconds * (1 + BACKFILL_SLACK)
+
+
+def _place(chosen: Sequence[RunnableRun], free_slots: Sequence[int]) -> list[Assignment]:
+    """Each chosen run onto free slots: its warm slot when free (as a gang's rank 0), else the lowest free ones."""
     open_slots = list(free_slots)
-    placed: dict[int, int] = {}
+    lead: dict[int, int] = {}
     for run in chosen:
         if run.warm_slot is not None and run.warm_slot in open_slots:
-            placed[run.run_id] = run.warm_slot
+            lead[run.run_id] = run.warm_slot
             open_slots.remove(run.warm_slot)
+    assignments = []
     for run in chosen:
-        if run.run_id not in placed:
-            placed[run.run_id] = open_slots.pop(0)
-    return [Assignment(run.run_id, placed[run.run_id]) for run in chosen]
+        if run.run_id not in lead:
+            lead[run.run_id] = open_slots.pop(0)
+        others = tuple(open_slots.pop(0) for _ in range(run.devices - 1))
+        assignments.append(Assignment(run.run_id, lead[run.run_id], others))
+    return assignments
