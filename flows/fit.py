@@ -27,7 +27,7 @@ from rf_core.report import format_chunk_line, format_results_table
 from rf_core.server_process import ensure_server, stop_server
 from rf_core.staging import default_staging_root, persist_staged
 from rf_core.tasks import ChunkOutcome, TrainTask
-from rf_core.worker import SlotPool, SlotWorker, SpecSource, slot_devices
+from rf_core.worker import SlotPool, SlotWorker, SpecSource, slot_devices, train_gang
 
 # Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
@@ -44,17 +44,17 @@ def plan_step(loop: FitLoop, experiment: str, tick: int, in_flight: dict[int, in
 @task(task_run_name="train-run-{run_id}-chunk-{chunk_number}", cache_policy=NONE)
 def train_chunk(
     client: RFClient,
-    worker: SlotWorker,
+    workers: list[SlotWorker],
     train_task: TrainTask,
     run_id: int,
     chunk_number: int,
     total_chunks: int,
 ) -> ChunkOutcome:
-    """Train one chunk of one run on its slot's worker and record the outcome in the store."""
+    """Train one chunk of one run on its slot's worker (or its gang's workers) and record the outcome."""
     timeline_id = client.chunk_start(
-        train_task.experiment, run_id, train_task.chunk.index, worker.slot, total_chunks
+        train_task.experiment, run_id, train_task.chunk.index, workers[0].slot, total_chunks
     )
-    outcome = worker.train(train_task)
+    outcome = workers[0].train(train_task) if train_task.gang is None else train_gang(workers, train_task)
     client.chunk_end(train_task.experiment, timeline_id, outcome.to_dict())
     return outcome
 
@@ -183,14 +183,17 @@ def _drive(
                 print(f"run {outcome.run_id} failed: {outcome.error}")
                 need_plan = True
             for slot, train_task in plan.tasks:
-                _flush_releases(pool, slot, deferred_releases)
+                slots = _slots_of(slot, train_task)
+                for member in slots:
+                    _flush_releases(pool, member, deferred_releases)
                 chunk_number = train_task.chunk.index + 1
                 total = len(loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
                 futures[slot] = train_chunk.with_options(
                     task_run_name=f"train-run-{train_task.run_id}-chunk-{chunk_number}"
-                ).submit(client, pool[slot], train_task, train_task.run_id, chunk_number, total)
+                ).submit(client, [pool[member] for member in slots], train_task, train_task.run_id, chunk_number, total)
                 futures[slot].add_done_callback(lambda _future, slot=slot: finished_slots.put(slot))
-                running[slot] = train_task
+                for member in slots:
+                    running[member] = train_task
             if running:
                 idle_since = None
             elif plan.all_final:
@@ -206,8 +209,10 @@ def _drive(
                     return
         if running:
             for slot in _finished(finished_slots, POLL_SECONDS):
-                future, train_task = futures.pop(slot), running.pop(slot)
-                _flush_releases(pool, slot, deferred_releases)
+                future, train_task = futures.pop(slot), running[slot]
+                for member in _slots_of(slot, train_task):
+                    del running[member]
+                    _flush_releases(pool, member, deferred_releases)
                 need_plan = True
                 try:
                     outcome = future.result()
@@ -232,6 +237,11 @@ def _drive(
             if not need_plan and idle_since is not None and time.monotonic() - idle_since >= idle_timeout:
                 print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
                 return
+
+
+def _slots_of(slot: int, train_task: TrainTask) -> tuple[int, ...]:
+    """The slots a chunk occupies: its own, or every slot of its gang (the first is the one it is keyed by)."""
+    return train_task.gang.slots if train_task.gang is not None else (slot,)
 
 
 def _finished(finished_slots: queue.Queue[int], timeout: float) -> list[int]:

@@ -5,17 +5,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import statistics
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rf_core.chunks import ChunkingError, plan_chunks
 from rf_core.experiment import ExperimentSpec
+from rf_core.gang import free_address
 from rf_core.paths import run_dir
-from rf_core.scheduler import RunnableRun, assign
+from rf_core.scheduler import Assignment, RunnableRun, assign
 from rf_core.states import RunStatus
-from rf_core.tasks import ChunkOutcome, ChunkSpec, TrainTask, WarmStart
+from rf_core.tasks import ChunkOutcome, ChunkSpec, Gang, TrainTask, WarmStart
 
 TRAINABLE = {RunStatus.NEW, RunStatus.ONGOING}
 FINAL = {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.DELETED}
@@ -23,7 +26,7 @@ FINAL = {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.DELETED}
 
 @dataclass
 class Plan:
-    tasks: list[tuple[int, TrainTask]] = field(default_factory=list)  # (slot, task)
+    tasks: list[tuple[int, TrainTask]] = field(default_factory=list)  # (slot, task); a gang's: its rank-0 slot
     applied_ops: list[dict[str, Any]] = field(default_factory=list)
     releases: dict[int, list[int]] = field(default_factory=dict)  # slot -> runs whose warm state can go
     unplannable: list[ChunkOutcome] = field(default_factory=list)  # runs whose chunks cannot be planned
@@ -51,7 +54,9 @@ class FitLoop:
         self.num_slots = num_slots
         self.home = home
         self._chunk_plans: dict[int, list[ChunkSpec]] = {}
-        self.warm_slot: dict[int, int] = {}
+        self.warm_slots: dict[int, tuple[int, ...]] = {}  # run -> slots whose workers hold its state in memory
+        self._dispatched_at: dict[int, float] = {}  # run in flight -> when its chunk was planned
+        self._chunk_seconds: dict[int, list[float]] = {}  # run -> how long its chunks took, as seen from here
 
     def chunk_plan(self, run: Mapping[str, Any]) -> list[ChunkSpec]:
         run_id = int(run["run_id"])
@@ -64,6 +69,8 @@ class FitLoop:
     def plan(self, in_flight: Mapping[int, int]) -> Plan:
         """One planning step. `in_flight` maps busy slots to the run each is training."""
         busy_runs = set(in_flight.values())
+        now = time.monotonic()
+        self._note_finished(busy_runs, now)
         view = self.client.boundary_view(self.experiment, sorted(busy_runs))
         plan = Plan(applied_ops=view["applied_ops"], runs=view["runs"])
         runs = plan.runs
@@ -73,11 +80,20 @@ class FitLoop:
             run_id = int(run["run_id"])
             status = RunStatus(run["status"])
             if status not in TRAINABLE:
-                slot = self.warm_slot.pop(run_id, None)
-                if slot is not None:
+                for slot in self.warm_slots.pop(run_id, ()):
                     plan.releases.setdefault(slot, []).append(run_id)
                 continue
             if run_id in busy_runs:
+                continue
+            devices = int(run["config"].get("num_devices", 1))
+            if devices > self.num_slots:
+                plan.unplannable.append(
+                    _failed(
+                        run,
+                        f"run {run_id} needs {devices} devices (num_devices) but this fit has {self.num_slots} "
+                        "slots: clone it with fewer, or continue the experiment with more slots",
+                    )
+                )
                 continue
             try:
                 chunks = self.chunk_plan(run)
@@ -86,31 +102,60 @@ class FitLoop:
                 continue
             done = int(run.get("chunks_done") or 0)
             if done < len(chunks):
-                runnable.append(RunnableRun(run_id, done, len(chunks), self._preferred_slot(run)))
+                runnable.append(
+                    RunnableRun(
+                        run_id, done, len(chunks), self._preferred_slot(run), devices, self._expected_seconds(run_id)
+                    )
+                )
 
         free_slots = [slot for slot in range(self.num_slots) if slot not in in_flight]
+        busy_for = {
+            slot: (self._expected_seconds(run_id) or 0.0) - (now - self._dispatched_at.get(run_id, now))
+            for slot, run_id in in_flight.items()
+        }
         by_id = {int(run["run_id"]): run for run in runs}
         pinned = _pinned_steps(runs)
-        for assignment in assign(runnable, free_slots):
+        for assignment in assign(runnable, free_slots, busy_for):
             run = by_id[assignment.run_id]
-            previous_slot = self.warm_slot.get(assignment.run_id)
-            if previous_slot is not None and previous_slot != assignment.slot:
-                # The state moves to another worker: the old copy must not be used again.
-                plan.releases.setdefault(previous_slot, []).append(assignment.run_id)
-            self.warm_slot[assignment.run_id] = assignment.slot
-            plan.tasks.append((assignment.slot, self.train_task(run, pinned.get(assignment.run_id, ()))))
+            for slot in self.warm_slots.get(assignment.run_id, ()):
+                if slot not in assignment.slots:
+                    # The state moves to other workers: the old copy must not be used again.
+                    plan.releases.setdefault(slot, []).append(assignment.run_id)
+            self.warm_slots[assignment.run_id] = assignment.slots
+            self._dispatched_at[assignment.run_id] = now
+            task = self.train_task(run, pinned.get(assignment.run_id, ()), assignment)
+            plan.tasks.append((assignment.slot, task))
         return plan
+
+    def _note_finished(self, busy_runs: set[int], now: float) -> None:
+        """Runs planned earlier and no longer in flight have finished a chunk: learn how long it took."""
+        for run_id in [run_id for run_id in self._dispatched_at if run_id not in busy_runs]:
+            seconds = now - self._dispatched_at.pop(run_id)
+            history = self._chunk_seconds.setdefault(run_id, [])
+            history.append(seconds)
+            del history[:-5]  # recent chunks only: a run's chunks change length when its data or batch does
+
+    def _expected_seconds(self, run_id: int) -> float | None:
+        """A run's next chunk length: its recent mean, else the mean over all runs; None before any chunk ended."""
+        own = self._chunk_seconds.get(run_id)
+        if own:
+            return statistics.fmean(own)
+        everyone = [seconds for history in self._chunk_seconds.values() for seconds in history]
+        return statistics.fmean(everyone) if everyone else None
 
     def _preferred_slot(self, run: Mapping[str, Any]) -> int | None:
         """Where the run's state is warm; for a warm clone's first chunk, where its parent's is."""
         run_id = int(run["run_id"])
-        if run_id in self.warm_slot:
-            return self.warm_slot[run_id]
+        if run_id in self.warm_slots:
+            return self.warm_slots[run_id][0]
         if int(run.get("chunks_done") or 0) == 0 and _is_warm_clone(run):
-            return self.warm_slot.get(int(run["parent_id"]))
+            parent_slots = self.warm_slots.get(int(run["parent_id"]))
+            return parent_slots[0] if parent_slots else None
         return None
 
-    def train_task(self, run: Mapping[str, Any], pinned_steps: tuple[int, ...] = ()) -> TrainTask:
+    def train_task(
+        self, run: Mapping[str, Any], pinned_steps: tuple[int, ...] = (), assignment: Assignment | None = None
+    ) -> TrainTask:
         run_id = int(run["run_id"])
         done = int(run.get("chunks_done") or 0)
         chunk = self.chunk_plan(run)[done]
@@ -134,11 +179,20 @@ class FitLoop:
             mode=self.spec.mode,
             keep_checkpoints=self.spec.keep_checkpoints,
             pinned_steps=pinned_steps,
+            gang=_gang(run["config"], assignment.slots if assignment else (0,)),
         )
 
     def forget(self, run_id: int) -> None:
         """The run's worker died or failed: its warm copy, if any, is gone."""
-        self.warm_slot.pop(run_id, None)
+        self.warm_slots.pop(run_id, None)
+
+
+def _gang(config: Mapping[str, Any], slots: Sequence[int]) -> Gang | None:
+    """The gang a run trains in on these slots; None when it trains alone in one process."""
+    strategy = config.get("strategy", "ddp")
+    if len(slots) == 1 and strategy != "deepspeed":
+        return None
+    return Gang(rank=0, world_size=len(slots), address=free_address(), slots=tuple(slots), strategy=strategy)
 
 
 def _is_warm_clone(run: Mapping[str, Any]) -> bool:

@@ -8,11 +8,14 @@ travel by import path (`module:function`) or, for functions defined in a noteboo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import threading
 import time
 import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -216,26 +219,30 @@ class SlotWorker:
 
     def train(self, task: TrainTask) -> ChunkOutcome:
         """Train one chunk; if the worker process dies, restart it once and retry from the saved state."""
-        with self._lock:
-            for attempt in (1, 2):
-                try:
-                    assert self._conn is not None
-                    self._conn.send(("train", task.to_dict()))
-                    kind, payload, _ = self._recv()
-                    return ChunkOutcome(**payload)
-                except (WorkerDied, BrokenPipeError, OSError) as exc:
-                    if attempt == 2:
-                        return ChunkOutcome(
-                            run_id=task.run_id,
-                            chunk_index=task.chunk.index,
-                            status="failed",
-                            step=task.chunk.start_step,
-                            epoch=task.chunk.epoch,
-                            samples=0,
-                            error=f"slot {self.slot} worker died twice training this chunk: {exc}",
-                        )
-                    self._restart()
+        for attempt in (1, 2):
+            try:
+                return self.train_once(task)
+            except WorkerDied as exc:
+                if attempt == 2:
+                    return _died_outcome(task, f"slot {self.slot} worker died twice training this chunk: {exc}")
+                self.restart()
         raise AssertionError("unreachable")
+
+    def train_once(self, task: TrainTask) -> ChunkOutcome:
+        """Train one chunk; raises WorkerDied if the worker process dies meanwhile (it stays dead)."""
+        with self._lock:
+            if self._conn is None or self._process is None:
+                raise WorkerDied(f"slot {self.slot} worker is not running")
+            try:
+                self._conn.send(("train", task.to_dict()))
+                _kind, payload, _ = self._recv()
+                return ChunkOutcome(**payload)
+            except (BrokenPipeError, OSError) as exc:
+                raise WorkerDied(f"slot {self.slot} worker is gone: {exc}") from exc
+
+    def restart(self) -> None:
+        with self._lock:
+            self._restart()
 
     def _restart(self) -> None:
         self.restarts += 1
@@ -273,6 +280,53 @@ class SlotWorker:
         if self._conn is not None:
             self._conn.close()
         self._process, self._conn = None, None
+
+
+def train_gang(workers: Sequence[SlotWorker], task: TrainTask) -> ChunkOutcome:
+    """Train one chunk of a multi-process run: each worker as one rank of `task.gang`, all at once.
+
+    Returns rank 0's outcome, or the first failed member's. If a member's process dies, the others' collectives
+    fail too: the dead workers are restarted and the whole gang retries once, on a fresh rendezvous port.
+    """
+    from rf_core.gang import free_address
+
+    assert task.gang is not None and len(workers) == task.gang.world_size
+    host = task.gang.address.rsplit(":", 1)[0]
+    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="rf-gang") as pool:
+        for attempt in (1, 2):
+            gang = dataclasses.replace(task.gang, address=free_address(host))
+            futures = [
+                pool.submit(worker.train_once, dataclasses.replace(task, gang=dataclasses.replace(gang, rank=rank)))
+                for rank, worker in enumerate(workers)
+            ]
+            results: list[ChunkOutcome | WorkerDied] = []
+            for future in futures:
+                try:
+                    results.append(future.result())
+                except WorkerDied as exc:
+                    results.append(exc)
+            dead = [worker for worker, result in zip(workers, results, strict=True) if isinstance(result, WorkerDied)]
+            if not dead:
+                outcomes = [result for result in results if isinstance(result, ChunkOutcome)]
+                failed = [outcome for outcome in outcomes if outcome.status in ("failed", "interrupted")]
+                return failed[0] if failed else outcomes[0]
+            if attempt == 2:
+                return _died_outcome(task, f"gang member died twice training this chunk: {dead[0]}")
+            for worker in dead:
+                worker.restart()
+    raise AssertionError("unreachable")
+
+
+def _died_outcome(task: TrainTask, error: str) -> ChunkOutcome:
+    return ChunkOutcome(
+        run_id=task.run_id,
+        chunk_index=task.chunk.index,
+        status="failed",
+        step=task.chunk.start_step,
+        epoch=task.chunk.epoch,
+        samples=0,
+        error=error,
+    )
 
 
 def slot_devices(cpu_slots: int | None, default_cpu_slots: int = 2) -> list[str | None]:

@@ -348,3 +348,79 @@ def test_run_fit_with_a_policy_object_defined_in_place(prefect_harness, tmp_path
         store.close()
     assert (stop["kind"], stop["run_id"], stop["status"]) == ("stop", 1, "applied")
     assert stop["source"] == "policy:stop-slow-learner"
+
+
+def test_multi_device_runs_gang_schedule_next_to_single_ones_with_ic_ops(prefect_harness, tmp_path, monkeypatch):
+    """A 2-process DDP run (gloo, two slot workers) trains next to single-slot runs in a real fit, and a
+    Clone-Modify of it onto one device (warm-started with its optimizer state) lands at a chunk boundary. The gang's
+    final weights equal the same config trained by one process over the same global batch."""
+    from rf_core import Experiment, ops
+    from rf_core.chunks import plan_chunks
+    from rf_core.config import normalize_config
+    from rf_core.store import DuckDBStore
+    from rf_core.tasks import TrainTask
+    from rf_core.trainer import SlotTrainer
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.setenv(STEP_DELAY_ENV, "0.2")
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    base = {"model_name_or_path": "rf-tiny-llama", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_length": 32,
+            "per_device_train_batch_size": 4}  # fmt: skip
+    group = [
+        {**base, "learning_rate": 3e-3, "num_devices": 2},
+        {**base, "learning_rate": 1e-3, "gradient_accumulation_steps": 2},
+        {**base, "learning_rate": 1e-2, "gradient_accumulation_steps": 2},
+    ]
+    clone_result: dict[str, Any] = {}
+
+    def clone_the_gang_run_once_it_has_a_chunk() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if paths.server_info_path(home).exists():
+                client = RFClient(json.loads(paths.server_info_path(home).read_text())["url"])
+                try:
+                    run = client.get_run("gangs", 1)
+                except Exception:
+                    time.sleep(0.2)
+                    continue
+                if run["chunks_done"] >= 1:
+                    overrides = {"num_devices": 1, "gradient_accumulation_steps": 2}
+                    payload = {"overrides": overrides, "warm_start": "weights+optimizer"}
+                    clone_result.update(client.submit_op("gangs", "clone", 1, payload))
+                    return
+            time.sleep(0.2)
+
+    steering = threading.Thread(target=clone_the_gang_run_once_it_has_a_chunk, daemon=True)
+    steering.start()
+    data = e2e_experiment.spec()
+    snapshot = Experiment("gangs").run_fit(
+        group, e2e_experiment.create_model_fn, data.train_dataset[:64], data.eval_dataset,
+        num_chunks=4, seed=data.seed, cpu_slots=2, idle_timeout=1,
+    )  # fmt: skip
+    steering.join(5)
+    assert clone_result.get("op_id"), clone_result
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert len(runs) == 4 and all(run["status"] == "Completed" for run in runs.values()), runs
+    assert runs[4]["parent_id"] == 1 and runs[4]["config"]["num_devices"] == 1
+    store = DuckDBStore(paths.db_path(home))
+    try:
+        timeline = ops.timeline(store, "gangs")
+    finally:
+        store.close()
+    assert {entry["outcome"] for entry in timeline if entry["run_id"] == 1} == {"ok", "completed"}
+
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    trainer = SlotTrainer(e2e_experiment.create_model_fn, data.train_dataset[:64], None, num_threads=threads)
+    config = normalize_config(runs[1]["config"])  # num_devices 2, trained here by one process: the same batches
+    for chunk in plan_chunks(64, config, 1):
+        reference = trainer.train(TrainTask("reference", 1, config, chunk, str(tmp_path / "ref"), seed=data.seed),
+                                  lambda rows: None)  # fmt: skip
+        assert reference.status != "failed", reference.traceback
+    trainer.close()
+    got = load_checkpoint(runs[1]["checkpoint"])["trainable"]
+    want = load_checkpoint(reference.checkpoint)["trainable"]
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[key], want[key], rtol=1e-5, atol=1e-7) for key in want)

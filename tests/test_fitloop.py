@@ -111,3 +111,43 @@ def test_a_run_that_cannot_be_chunked_is_reported_not_scheduled():
 def test_all_final_when_every_run_is_done():
     plan = make_loop(FakeClient([make_run(1, "Completed", 4), make_run(2, "Deleted", 1)])).plan(in_flight={})
     assert plan.all_final and plan.tasks == []
+
+
+def make_gang_run(run_id: int, devices: int, done: int = 0, **config: Any) -> dict[str, Any]:
+    run = make_run(run_id, "Ongoing" if done else "New", done)
+    run["config"] = normalize_config({"per_device_train_batch_size": 2, "num_devices": devices, **config})
+    return run
+
+
+def test_a_multi_device_run_trains_as_a_gang_on_several_slots():
+    client = FakeClient([make_gang_run(1, 2), make_run(2)])
+    loop = make_loop(client, slots=3)
+    plan = loop.plan(in_flight={})
+    [(gang_slot, gang_task), (single_slot, single_task)] = plan.tasks
+    assert gang_task.gang is not None and gang_task.gang.slots == (0, 1) and gang_task.gang.world_size == 2
+    assert gang_task.gang.strategy == "ddp" and gang_task.gang.rank == 0 and gang_slot == 0
+    assert (single_slot, single_task.gang) == (2, None)
+    # 32 samples, 2 per device × 2 devices a step: 8 steps in 4 chunks.
+    assert (gang_task.chunk.start_step, gang_task.chunk.end_step, gang_task.chunk.end_sample) == (0, 2, 8)
+
+
+def test_deepspeed_trains_through_a_gang_even_on_one_device():
+    plan = make_loop(FakeClient([make_gang_run(1, 1, strategy="deepspeed")])).plan(in_flight={})
+    gang = plan.tasks[0][1].gang
+    assert gang is not None and (gang.world_size, gang.strategy) == (1, "deepspeed")
+
+
+def test_a_gang_waits_for_enough_slots_and_a_single_run_does_not_take_them():
+    client = FakeClient([make_gang_run(1, 2), make_run(2, "Ongoing", 1)])
+    loop = make_loop(client, slots=2)
+    # Run 3 trains on slot 1; run 1 (first in line, 0 chunks done) needs both slots: slot 0 is held for it,
+    # since nothing is known yet about how long run 2's chunk would take.
+    plan = loop.plan(in_flight={1: 3})
+    assert plan.tasks == []
+
+
+def test_a_run_needing_more_devices_than_slots_fails_with_the_reason():
+    plan = make_loop(FakeClient([make_gang_run(1, 3)]), slots=2).plan(in_flight={})
+    assert plan.tasks == []
+    [failed] = plan.unplannable
+    assert failed.status == "failed" and "needs 3 devices" in (failed.error or "") and "2 slots" in (failed.error or "")
