@@ -189,7 +189,10 @@ KNOBS: dict[str, KnobSpec] = {
             Constraint(f"one of {', '.join(STRATEGIES)}", lambda v: v in STRATEGIES),
             "how the run trains: torch DDP (used only when num_devices > 1) or DeepSpeed ZeRO (any num_devices)",
         ),
-        _K("zero_stage", "devices", (int,), 2, _between(0, 3), "DeepSpeed ZeRO stage (strategy deepspeed)"),
+        _K(
+            "zero_stage", "devices", (int,), 2, _between(0, 2),
+            "DeepSpeed ZeRO stage (strategy deepspeed): 1 shards the optimizer state, 2 the gradients too",
+        ),
     )
 }  # fmt: skip
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -66,7 +67,7 @@ class GangSession:
             )
         return list(micro_batches[self.rank :: self.world_size])
 
-    def wrap_ddp(self, model: torch.nn.Module, trainable: Sequence[torch.nn.Parameter]) -> torch.nn.Module:
+    def wrap_ddp(self, model: torch.nn.Module, trainable: Sequence[torch.nn.Parameter]) -> DDPStep:
         """DDP over the run's trainable parameters only.
 
         The model may be a LoRA host holding other runs' adapters, which differ between members: DDP must neither
@@ -78,7 +79,7 @@ class GangSession:
         ignored += [name for name, _ in model.named_buffers()]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, init_sync=False)
+        return DDPStep(torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, init_sync=False))
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums over the gang's members."""
@@ -100,6 +101,46 @@ class GangSession:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
+class PlainStep:
+    """One process computes the whole step: mean of the micro-batch losses, clipping, the optimizer's update."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def micro_batch(self, position: int, count: int) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch, use_cache=False).loss
+
+    def backward(self, loss: torch.Tensor, position: int, count: int) -> None:
+        (loss / count).backward()
+
+    def update(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], max_norm: float) -> None:
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        optimizer.step()
+
+
+class DDPStep(PlainStep):
+    """As PlainStep, with DDP averaging the gradients across the gang once per step, on its last micro-batch."""
+
+    def micro_batch(self, position: int, count: int) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if position == count - 1 else self.model.no_sync()
+
+
+class DeepSpeedStep(PlainStep):
+    """The engine scales by the accumulation, averages across the gang, clips and steps at the step's end."""
+
+    def backward(self, loss: torch.Tensor, position: int, count: int) -> None:
+        self.model.backward(loss)
+        if position < count - 1:
+            self.model.step()  # counts the micro-batch; the engine updates only at the accumulation boundary
+
+    def update(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], max_norm: float) -> None:
+        self.model.step()
+
+
 @contextlib.contextmanager
 def gang_session(gang: Gang | None, device: torch.device) -> Iterator[GangSession | None]:
     """Form the gang's process group for one chunk (None for a single-process run), and always tear it down."""
@@ -107,7 +148,7 @@ def gang_session(gang: Gang | None, device: torch.device) -> Iterator[GangSessio
         yield None
         return
     if dist.is_initialized():
-        dist.destroy_process_group()  # a previous chunk that failed half-way left its group behind
+        _destroy_group()  # a previous chunk that failed half-way left its group behind
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -121,4 +162,13 @@ def gang_session(gang: Gang | None, device: torch.device) -> Iterator[GangSessio
     try:
         yield GangSession(gang, device)
     finally:
+        _destroy_group()
+
+
+def _destroy_group() -> None:
+    """Tear down the chunk's process group, through DeepSpeed when it ran: it caches groups derived from it."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and getattr(deepspeed_comm.comm, "cdb", None) is not None:
+        deepspeed_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()

@@ -232,6 +232,11 @@ def expand_clone(
                 f"{prefix}warm start needs the parent's architecture: {mismatch}"
                 for mismatch in architecture_mismatch(dict(parent_config), normalised)
             )
+        if warm == "weights+optimizer" and "deepspeed" in (parent_config.get("strategy"), normalised["strategy"]):
+            problems.append(
+                f"{prefix}warm_start 'weights+optimizer' cannot carry optimizer state to or from a DeepSpeed run "
+                "(ZeRO shards it its own way): use warm_start 'weights'"
+            )
         configs.append(normalised)
     return configs, warm, problems
 

@@ -35,19 +35,21 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import get_scheduler
 
-from rf_core import chunks
+from rf_core import chunks, zero
 from rf_core.artifacts import BEST, LATEST, ExportRecipe, copy_export, export_dir, prune_checkpoints, write_export
 from rf_core.checkpoints import (
     capture_rng_state,
+    checkpoints_dir,
     init_checkpoint_path,
     latest_checkpoint,
     restore_rng_state,
     step_checkpoint_path,
+    step_of,
 )
 from rf_core.data import IGNORE_INDEX, TokenizedData, tokenize_examples
-from rf_core.gang import GangSession, gang_session
+from rf_core.gang import DeepSpeedStep, GangSession, PlainStep, free_address, gang_session
 from rf_core.staging import AfterPersist, StateWriter, StorageFull, load_state, state_exists
-from rf_core.tasks import ChunkOutcome, ChunkSpec, TrainTask, WarmStart
+from rf_core.tasks import ChunkOutcome, ChunkSpec, Gang, TrainTask, WarmStart
 
 CreateModelFn = Callable[[dict[str, Any]], tuple[Any, Any]]
 ComputeMetricsFn = Callable[[Any, Any, Any], Mapping[str, float]]
@@ -97,6 +99,7 @@ class _RunState:
     best: dict[str, Any] | None = None  # {"value", "step"}: the run's best chunk by the experiment's metric
     chunk_started: tuple[int, int] | None = None  # (chunk index, step) of the chunk being trained
     samples_at_chunk_start: int = 0
+    engine: Any = None  # a DeepSpeed run's engine, for the chunk being trained; it holds the optimizer state
 
     @property
     def is_lora(self) -> bool:
@@ -222,7 +225,10 @@ class SlotTrainer:
     # --------------------------------------------------------------------------------------- the chunk loop
 
     def _train_chunk(self, task: TrainTask, emit: EmitFn) -> ChunkOutcome:
-        with gang_session(task.gang, self._device or torch.device("cpu")) as session:
+        gang = task.gang
+        if gang is None and task.config["strategy"] == "deepspeed":
+            gang = Gang(rank=0, world_size=1, address=free_address(), slots=(0,), strategy="deepspeed")
+        with gang_session(gang, self._device or torch.device("cpu")) as session:
             return self._train_chunk_in(task, emit, session)
 
     def _train_chunk_in(self, task: TrainTask, emit: EmitFn, session: GangSession | None) -> ChunkOutcome:
@@ -250,10 +256,10 @@ class SlotTrainer:
         state.chunk_started, state.samples_at_chunk_start = (chunk.index, chunk.start_step), state.samples
         model = self._activate(state)
         parameters = list(state.trainable.values())
-        runner = model if session is None else session.wrap_ddp(model, parameters)
+        stepper = self._stepper(task, state, model, session)
 
         # 2. Train: this chunk's slice of the epoch's order, in optimizer steps of accumulated micro-batches
-        # (a gang member trains its share of each step's micro-batches; DDP averages the gradients).
+        # (a gang member trains its share of each step's micro-batches; DDP or DeepSpeed averages the gradients).
         order = chunks.epoch_order(len(train_data), seed, chunk.epoch)
         step_batches = _step_batches(
             order, chunk, config["per_device_train_batch_size"], chunks.micro_batches_per_step(config)
@@ -268,13 +274,11 @@ class SlotTrainer:
             micro_losses: list[float] = []
             for position, indices in enumerate(mine):
                 batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
-                # Gradients are averaged across the gang once per step, with the step's last micro-batch.
-                syncs = session is None or position == len(mine) - 1
-                with contextlib.nullcontext() if syncs else runner.no_sync():
-                    loss = runner(**batch, use_cache=False).loss
+                with stepper.micro_batch(position, len(mine)):
+                    loss = stepper.forward(batch)
                     if session is None and not torch.isfinite(loss):
                         raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
-                    (loss / len(mine)).backward()
+                    stepper.backward(loss, position, len(mine))
                 micro_losses.append(loss.item())
             if session is not None:
                 # Every member must see the same losses, so all of them stop together on a bad one.
@@ -282,10 +286,8 @@ class SlotTrainer:
                 micro_losses = [loss_sum / count]
                 if not np.isfinite(micro_losses[0]):
                     raise NonFiniteLossError(f"loss became {micro_losses[0]} at step {step_number}")
-            if config["max_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, config["max_grad_norm"])
             learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this update uses
-            state.optimizer.step()
+            stepper.update(state.optimizer, parameters, config["max_grad_norm"])
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
             state.step = step_number
@@ -322,6 +324,8 @@ class SlotTrainer:
             state.best = {"value": float(eval_metrics[task.metric]), "step": state.step}
         swap_out_started = time.perf_counter()
         checkpoint = step_checkpoint_path(task.run_dir, state.step)
+        if state.engine is not None:
+            zero.save_shards(state.engine, task.run_dir, state.step)  # every member writes its shard
         if leads:
             self._save(state, config, checkpoint, self._follow_ups(task, base, state, improved))
         state_seconds = swap_in_seconds + time.perf_counter() - swap_out_started
@@ -347,6 +351,19 @@ class SlotTrainer:
             best_value=None if state.best is None else float(state.best["value"]),
         )
 
+    def _stepper(self, task: TrainTask, state: _RunState, model: Any, session: GangSession | None) -> PlainStep:
+        """How this process computes each step of the chunk: alone, as a DDP member, or through DeepSpeed."""
+        if task.config["strategy"] == "deepspeed":
+            assert session is not None  # _train_chunk forms a gang of one when the task came without one
+            state.engine = zero.start_engine(model, state.optimizer, task.config, session.gang, session.device)
+            if task.chunk.index > 0:
+                zero.load_shards(state.engine, task.run_dir, task.chunk.start_step)
+            restore_rng_state(state.rng)  # starting the engine must not move the run's random streams
+            return DeepSpeedStep(state.engine)
+        if session is None:
+            return PlainStep(model)
+        return session.wrap_ddp(model, list(state.trainable.values()))
+
     def _follow_ups(self, task: TrainTask, base: _BaseEntry, state: _RunState, improved: bool) -> list[AfterPersist]:
         """Once the boundary's state is on disk: export it as the latest (and best), prune old checkpoints."""
         recipe = self._export_recipe(base, state, task.config)
@@ -360,6 +377,8 @@ class SlotTrainer:
 
         def prune(_: Path) -> None:
             prune_checkpoints(task.run_dir, task.keep_checkpoints, task.pinned_steps)
+            if task.config["strategy"] == "deepspeed":
+                zero.prune_shards(task.run_dir, _checkpoint_steps(task.run_dir))
 
         return [export, prune]
 
@@ -375,6 +394,8 @@ class SlotTrainer:
         self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int, writes: bool = True
     ) -> _RunState:
         """`writes`: this process saves the run's state (False for gang members other than rank 0)."""
+        if task.config["strategy"] == "deepspeed":
+            return self._deepspeed_state(task, base, seed, run_total_steps, writes)
         chunk = task.chunk
         in_memory = self._runs.get(task.run_id)
         if in_memory is not None and self._is_current(in_memory, task):
@@ -403,6 +424,39 @@ class SlotTrainer:
             state = self._new_state(task, base, seed, run_total_steps)
             state.rng = capture_rng_state()
         self._runs[task.run_id] = state
+        return state
+
+    def _deepspeed_state(
+        self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int, writes: bool
+    ) -> _RunState:
+        """A DeepSpeed run's state at the chunk's start, on a private copy of the base: the engine takes the module
+        over, so it cannot share the LoRA host, and it lives for one chunk only. The optimizer's state is not here:
+        it comes from the run's ZeRO shards once the engine exists."""
+        private_copy = self._full_copy(base)
+        # A full fine-tune trains the private copy itself; a LoRA run wraps it in an adapter of its own.
+        private = _BaseEntry(model=private_copy, tokenizer=base.tokenizer, free_full_copies=[private_copy])
+        use_copy = not task.config["use_peft"]
+        state = self._new_state(task, private, seed, run_total_steps, weights_follow=use_copy)
+        self._adapters.pop(task.run_id, None)  # the adapter is the private copy's, gone with the chunk
+        chunk, warm = task.chunk, task.warm_start
+        if chunk.index > 0:
+            path = step_checkpoint_path(task.run_dir, chunk.start_step)
+            self._wait_for_state(path, f"run {task.run_id}: chunk {chunk.index} starts at step {chunk.start_step}")
+            self._restore(state, load_state(path, self._staging_root), str(path))
+        elif warm is not None and warm.mode != "off":
+            if warm.mode == "weights+optimizer":
+                raise ValueError(
+                    f"run {task.run_id} trains with DeepSpeed, whose optimizer state is sharded its own way: "
+                    "warm-start it with weights only"
+                )
+            trainable, _optimizer, source = self._parent_state(warm)
+            _load_trainable(state, trainable, source)
+            _seed_everything(seed)
+            state.rng = capture_rng_state()
+            if writes:
+                self._save(state, task.config, init_checkpoint_path(task.run_dir))
+        else:
+            state.rng = capture_rng_state()
         return state
 
     def _is_current(self, state: _RunState, task: TrainTask) -> bool:
@@ -491,8 +545,10 @@ class SlotTrainer:
 
     def _restore(self, state: _RunState, checkpoint: dict[str, Any], source: str) -> None:
         _load_trainable(state, checkpoint["trainable"], source)
-        # Optimizer before scheduler: the optimizer's state carries the current learning rate.
-        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        # Optimizer before scheduler: the optimizer's state carries the current learning rate. A DeepSpeed run's
+        # checkpoint has none: its optimizer state is in the ZeRO shards.
+        if checkpoint["optimizer"] is not None:
+            state.optimizer.load_state_dict(checkpoint["optimizer"])
         state.scheduler.load_state_dict(checkpoint["scheduler"])
         state.step = int(checkpoint["step"])
         state.epoch = int(checkpoint["epoch"])
@@ -526,7 +582,7 @@ class SlotTrainer:
                 "trainable": {key: parameter.detach() for key, parameter in state.trainable.items()}
                 if state.is_lora
                 else state.model.state_dict(),
-                "optimizer": state.optimizer.state_dict(),
+                "optimizer": state.optimizer.state_dict() if state.engine is None else None,
                 "scheduler": state.scheduler.state_dict(),
                 "rng": state.rng,
                 "best": state.best,
@@ -740,6 +796,11 @@ def _improves(best: Mapping[str, Any] | None, value: float | None, mode: str) ->
     if best is None:
         return True
     return value < best["value"] if mode == "min" else value > best["value"]
+
+
+def _checkpoint_steps(run_dir: str | Path) -> list[int]:
+    folder = checkpoints_dir(run_dir)
+    return [step for path in folder.iterdir() if (step := step_of(path)) is not None] if folder.is_dir() else []
 
 
 def _being_written(path: Path) -> bool:

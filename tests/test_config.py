@@ -45,7 +45,7 @@ VALID: dict[str, list[Any]] = {
     "max_length": [8, 64, 8192],
     "num_devices": [1, 2, 64],
     "strategy": ["ddp", "deepspeed"],
-    "zero_stage": [0, 2, 3],
+    "zero_stage": [0, 1, 2],
 }  # fmt: skip
 INVALID: dict[str, list[Any]] = {
     "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../../../../../../../../etc/llama"],
@@ -68,7 +68,7 @@ INVALID: dict[str, list[Any]] = {
     "max_length": [7, 8193, 64.0, True, None],
     "num_devices": [0, 65, 2.0, True, None],
     "strategy": ["DDP", "fsdp", "", None],
-    "zero_stage": [-1, 4, 2.0, None],
+    "zero_stage": [-1, 3, 2.0, None],
 }
 
 

@@ -148,8 +148,17 @@ def single_process(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) 
     return rows
 
 
-def test_ddp_two_processes_match_one_process_across_swaps(model_cache, single_process, tmp_path) -> None:
-    config = normalize_config({**BASE, "gradient_accumulation_steps": 1, "num_devices": 2, "strategy": "ddp"})
+GANGS = {
+    "ddp": {"strategy": "ddp"},
+    "deepspeed-zero2": {"strategy": "deepspeed", "zero_stage": 2},
+}
+
+
+@pytest.mark.parametrize("kind", list(GANGS))
+def test_two_processes_match_one_process_across_swaps(kind, model_cache, single_process, tmp_path) -> None:
+    if GANGS[kind]["strategy"] == "deepspeed":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is installed by make install")
+    config = normalize_config({**BASE, "gradient_accumulation_steps": 1, "num_devices": 2, **GANGS[kind]})
     assert micro_batches_per_step(config) == 2
     plan_length = len(plan_chunks(NUM_TRAIN, config, 2))
     addresses = [free_address() for _ in range(plan_length)]
@@ -157,7 +166,7 @@ def test_ddp_two_processes_match_one_process_across_swaps(model_cache, single_pr
     def gang_for(member: int):
         def gang_of(index: int) -> Gang:
             rank = member if index % 2 == 0 else 1 - member  # the members swap ranks every chunk
-            return Gang(rank=rank, world_size=2, address=addresses[index], slots=(0, 1), strategy="ddp")
+            return Gang(rank=rank, world_size=2, address=addresses[index], slots=(0, 1), strategy=config["strategy"])
 
         return gang_of
 
@@ -172,6 +181,32 @@ def test_ddp_two_processes_match_one_process_across_swaps(model_cache, single_pr
     _assert_close(_series(leaders_rows, "learning_rate"), _series(single_process, "learning_rate"))
     # Each step was logged once, by the member that led that chunk.
     assert len([row for row in leaders_rows if row["name"] == "train_loss"]) == STEPS
+    if config["strategy"] == "deepspeed":
+        # ZeRO-2 sharded the optimizer state: one file per rank beside the module's, at every kept step; the run's
+        # own checkpoint holds weights, schedule and RNG but no optimizer state.
+        shards = sorted(path.name for path in (tmp_path / "run" / "deepspeed" / f"step-{STEPS}").iterdir())
+        assert [name for name in shards if name.startswith("zero_pp_rank_")] == [
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
+        from rf_core.checkpoints import load_checkpoint
+
+        assert load_checkpoint(results[0][1][-1]["checkpoint"])["optimizer"] is None
     final = [outcomes[-1] for _, outcomes in results]
     assert {outcome["status"] for outcome in final} == {"completed"}
     assert final[0]["best_step"] == final[1]["best_step"]  # both members agree on the run's best chunk
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_deepspeed_on_one_process_matches_plain_training(stage, model_cache, single_process, tmp_path) -> None:
+    """strategy "deepspeed" with one device trains through a DeepSpeed engine (a gang of one) the same trajectory
+    as plain training; zero_stage decides how its optimizer state is saved."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by make install")
+    config = normalize_config({**BASE, "gradient_accumulation_steps": 2, "strategy": "deepspeed", "zero_stage": stage})
+    tasks = _tasks(config, tmp_path / "run", 2, lambda _index: None)
+    [(rows, outcomes)] = _run(model_cache, [tasks], release_before=[len(tasks) // 2])
+    _assert_close(_series(rows, "train_loss"), _series(single_process, "train_loss"))
+    assert outcomes[-1]["status"] == "completed"
+    shards = {path.name for path in (tmp_path / "run" / "deepspeed" / f"step-{STEPS}").iterdir()}
+    # Stage 0 keeps the whole optimizer state with the module's; stage 1 writes it as the one rank's shard.
+    assert ("zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards) == (stage > 0)

@@ -159,6 +159,18 @@ def test_warm_clone_with_another_rank_is_rejected_naming_r(store: DuckDBStore, e
     assert cold["payload"]["configs"][0]["r"] == 16
 
 
+def test_optimizer_state_does_not_cross_into_or_out_of_deepspeed(store: DuckDBStore, exp: str) -> None:
+    train_chunk(store, 1, 0)
+    onto_deepspeed = {"overrides": {"strategy": "deepspeed"}, "warm_start": "weights+optimizer"}
+    [problem] = rejected(store, "clone", 1, onto_deepspeed)
+    assert "DeepSpeed" in problem and "use warm_start 'weights'" in problem
+    weights_only = submit(store, "clone", 1, {**onto_deepspeed, "warm_start": "weights"})
+    assert weights_only["payload"]["configs"][0]["strategy"] == "deepspeed"
+    # Across DDP gangs of any size the state is the same as a single device's: the optimizer comes along.
+    wider = submit(store, "clone", 1, {"overrides": {"num_devices": 2}, "warm_start": "weights+optimizer"})
+    assert wider["status"] == "pending"
+
+
 def test_failed_run_warm_clones_from_its_last_good_checkpoint(store: DuckDBStore, exp: str) -> None:
     train_chunk(store, 1, 0)
     train_chunk(store, 1, 1, status="failed", error="CUDA out of memory", traceback="Traceback ...")
