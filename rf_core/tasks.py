@@ -113,6 +113,8 @@ class ChunkOutcome:
     exports: dict[str, str] = field(default_factory=dict)  # "latest" / "best" -> loadable export folder
     best_step: int | None = None  # the run's best chunk so far by the experiment's metric
     best_value: float | None = None
+    device: str | None = None  # where the chunk trained ("cpu", "cuda:0")
+    device_peak_mib: float | None = None  # a GPU worker's peak allocated memory so far; None on CPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -349,6 +349,8 @@ class SlotTrainer:
             exports=exports,
             best_step=None if state.best is None else int(state.best["step"]),
             best_value=None if state.best is None else float(state.best["value"]),
+            device=str(device),
+            device_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         )
 
     def _stepper(self, task: TrainTask, state: _RunState, model: Any, session: GangSession | None) -> PlainStep:
