@@ -27,7 +27,7 @@ from rf_core.report import format_chunk_line, format_results_table
 from rf_core.server_process import ensure_server, stop_server
 from rf_core.staging import default_staging_root, persist_staged
 from rf_core.tasks import ChunkOutcome, TrainTask
-from rf_core.worker import SlotPool, SlotWorker, SpecSource, slot_devices, train_gang
+from rf_core.worker import Slot, SlotPool, SpecSource, slot_devices, train_gang
 
 # Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
@@ -44,7 +44,7 @@ def plan_step(loop: FitLoop, experiment: str, tick: int, in_flight: dict[int, in
 @task(task_run_name="train-run-{run_id}-chunk-{chunk_number}", cache_policy=NONE)
 def train_chunk(
     client: RFClient,
-    workers: list[SlotWorker],
+    workers: list[Slot],
     train_task: TrainTask,
     run_id: int,
     chunk_number: int,
@@ -75,6 +75,9 @@ def rf_fit(
     max_configs: int | None = None,
     policies: list[dict[str, Any]] | None = None,
     continue_experiment: bool = False,
+    ray_address: str | None = None,
+    ray_slots: int | None = None,
+    ray_gpus_per_slot: int = 0,
 ) -> dict[str, Any]:
     """Train an experiment's runs in chunks until every run is final, or all are stopped and `idle_timeout` passes.
 
@@ -92,6 +95,10 @@ def rf_fit(
             "params": {...}, "mode": "act" | "propose"} (see rf_core.policies).
         continue_experiment: when the experiment exists already (its fit has ended), train it on: its runs, ids,
             metrics and queued ops are kept, and runs that can train resume from their checkpoints.
+        ray_address: run the slot workers as actors on this Ray cluster ("auto", "host:port"; see README,
+            "Several machines") instead of as child processes here.
+        ray_slots: slots on the Ray cluster (default: one per GPU with ray_gpus_per_slot=1, else 2).
+        ray_gpus_per_slot: 1 gives each Ray slot a GPU; 0 makes CPU slots.
     """
     attached = build_policies(policies) + _IN_MEMORY_POLICIES.get(experiment, [])
     spec = load_entrypoint(entrypoint) if entrypoint else _IN_MEMORY_SPECS[experiment]
@@ -123,8 +130,11 @@ def rf_fit(
                 raise
             client.set_experiment_status(experiment, "running")
             print(f"experiment {experiment!r} continues: its runs, metrics and queued ops are kept")
-        devices = slot_devices(cpu_slots)
-        threads = max(1, (os.cpu_count() or 1) // len(devices))
+        if ray_address:
+            devices, threads, worker_class = _ray_slots(ray_address, ray_slots, ray_gpus_per_slot)
+        else:
+            devices, worker_class = slot_devices(cpu_slots), None
+            threads = max(1, (os.cpu_count() or 1) // len(devices))
         source = SpecSource.for_spec(spec, entrypoint)
         loop = FitLoop(client, experiment, spec, len(devices), home)
         spool = paths.experiment_dir(experiment, home) / "spool"
@@ -132,14 +142,20 @@ def rf_fit(
         # States a crashed earlier fit left only in RAM become durable before anything reads them.
         persist_staged(staging_root, paths.experiment_dir(experiment, home))
         try:
-            with SlotPool(devices, source, server_url, spool, threads) as pool:
+            with SlotPool(devices, source, server_url, spool, threads, worker_class) as pool:
                 where = ", ".join(device or "cpu" for device in devices)
-                print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each)")
+                nodes = sorted({str(getattr(worker, "node", "")) for worker in pool.workers})
+                on_ray = f" on Ray nodes {', '.join(nodes)}" if ray_address else ""
+                print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each){on_ray}")
                 if attached:
                     print("policies at every chunk boundary: " + ", ".join(f"{p.name} ({m})" for p, m in attached))
                 _drive(loop, pool, client, experiment, idle_timeout, attached)
         finally:
             persist_staged(staging_root, paths.experiment_dir(experiment, home))
+            if ray_address:
+                from rf_core.ray_workers import disconnect
+
+                disconnect()
         client.set_experiment_status(experiment, "finished")
         snapshot = client.experiment_snapshot(experiment)
         print(format_results_table(snapshot))
@@ -237,6 +253,21 @@ def _drive(
             if not need_plan and idle_since is not None and time.monotonic() - idle_since >= idle_timeout:
                 print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
                 return
+
+
+def _ray_slots(address: str, slots: int | None, gpus_per_slot: int) -> tuple[list[str | None], int, type[Slot]]:
+    """Join the Ray cluster and size its slots: one per GPU (or `slots`), CPU threads shared out evenly."""
+    from rf_core.ray_workers import RaySlotWorker, connect
+
+    if gpus_per_slot not in (0, 1):
+        raise ValueError(f"ray_gpus_per_slot must be 0 or 1, got {gpus_per_slot}")
+    resources = connect(address)
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    count = slots or (gpus if gpus_per_slot and gpus else 2)
+    if count < 1:
+        raise ValueError(f"ray_slots must be >= 1, got {count}")
+    devices: list[str | None] = ["cuda" if gpus_per_slot else None] * count
+    return devices, max(1, cpus // count), RaySlotWorker
 
 
 def _slots_of(slot: int, train_task: TrainTask) -> tuple[int, ...]:

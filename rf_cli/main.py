@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=30.0, help="seconds to wait for an op once every run is stopped"
     )
     fit.add_argument("--server", metavar="URL", help="rf server URL (default: found or started for RF_HOME)")
+    _add_ray_arguments(fit)
     fit.set_defaults(handler=cmd_fit)
 
     resume_fit = commands.add_parser(
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="continue even though the store says a fit is running (it crashed)"
     )
     resume_fit.add_argument("--server", metavar="URL", help="rf server URL (default: found or started for RF_HOME)")
+    _add_ray_arguments(resume_fit)
     resume_fit.set_defaults(handler=cmd_continue)
 
     policy = commands.add_parser("policy", help="policies: apply a template, list decisions, approve proposals")
@@ -314,10 +316,28 @@ def cmd_ops(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ray", dest="ray_address", metavar="ADDRESS",
+        help='run the slot workers on this Ray cluster ("auto", "host:port"; needs the ray extra)',
+    )
+    parser.add_argument("--ray-slots", type=int, default=None, help="slots on the Ray cluster")
+    parser.add_argument(
+        "--ray-gpus-per-slot", type=int, choices=(0, 1), default=0, help="1: each Ray slot gets a GPU"
+    )  # fmt: skip
+
+
+def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.ray_address:
+        return {}
+    return {"ray_address": args.ray_address, "ray_slots": args.ray_slots, "ray_gpus_per_slot": args.ray_gpus_per_slot}
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     _run_fit_flow(
         args.experiment,
         entrypoint=args.entrypoint,
+        **_ray_options(args),
         cpu_slots=args.cpu_slots,
         idle_timeout=args.idle_timeout,
         server_url=args.server,
@@ -350,6 +370,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
             args.experiment,
             entrypoint=experiment["spec_ref"],
             num_chunks=int(experiment["num_chunks"]),
+            **_ray_options(args),
             cpu_slots=args.cpu_slots,
             idle_timeout=args.idle_timeout,
             server_url=url,

@@ -31,6 +31,16 @@ def micro_batches_per_step(config: Mapping[str, Any]) -> int:
     return int(config["gradient_accumulation_steps"]) * int(config.get("num_devices", 1))
 
 
+def elastic_device_counts(config: Mapping[str, Any], num_slots: int) -> tuple[int, ...]:
+    """Slot counts above num_devices a DDP run may train a chunk on with the same result: up to max_devices, and
+    dividing the step's micro-batches evenly (each process then takes an equal share of the same step)."""
+    devices, most = int(config.get("num_devices", 1)), config.get("max_devices")
+    if most is None or config.get("strategy", "ddp") != "ddp":
+        return ()
+    micro = micro_batches_per_step(config)
+    return tuple(count for count in range(devices + 1, min(int(most), num_slots) + 1) if micro % count == 0)
+
+
 def steps_per_epoch(num_samples: int, config: Mapping[str, Any]) -> int:
     """Whole optimizer steps in one epoch; an incomplete last step is dropped."""
     return max(0, num_samples) // samples_per_step(config)

@@ -185,6 +185,10 @@ KNOBS: dict[str, KnobSpec] = {
             "device slots that train the run together, one process each; a step's batch is split across them",
         ),
         _K(
+            "max_devices", "devices", (int, type(None)), None, _between(1, 64),
+            "ddp: slots the run may take for a chunk when they would idle; the step is shared, the result the same",
+        ),
+        _K(
             "strategy", "devices", (str,), "ddp",
             Constraint(f"one of {', '.join(STRATEGIES)}", lambda v: v in STRATEGIES),
             "how the run trains: torch DDP (used only when num_devices > 1) or DeepSpeed ZeRO (any num_devices)",
@@ -212,7 +216,19 @@ def validate_config(cfg: Any) -> list[str]:
             problem = model_source_problem(value)
         if problem:
             problems.append(problem)
-    return problems
+    return problems or _device_problems(cfg)
+
+
+def _device_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """The device knobs together (each already valid alone)."""
+    devices, most = cfg.get("num_devices", 1), cfg.get("max_devices")
+    if most is None:
+        return []
+    if most < devices:
+        return [f"max_devices={most}: must be >= num_devices ({devices}), or null"]
+    if cfg.get("strategy", "ddp") == "deepspeed" and most != devices:
+        return [f"max_devices={most}: a DeepSpeed run keeps num_devices ({devices}) for life (its ZeRO shards do)"]
+    return []
 
 
 # Names users carry over from other tools, which spelling similarity alone would not map to our knob.

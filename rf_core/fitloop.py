@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rf_core.chunks import ChunkingError, plan_chunks
+from rf_core.chunks import ChunkingError, elastic_device_counts, plan_chunks
 from rf_core.experiment import ExperimentSpec
 from rf_core.gang import free_address
 from rf_core.paths import run_dir
@@ -104,7 +104,13 @@ class FitLoop:
             if done < len(chunks):
                 runnable.append(
                     RunnableRun(
-                        run_id, done, len(chunks), self._preferred_slot(run), devices, self._expected_seconds(run_id)
+                        run_id,
+                        done,
+                        len(chunks),
+                        self._preferred_slot(run),
+                        devices,
+                        self._expected_seconds(run_id),
+                        elastic_device_counts(run["config"], self.num_slots),
                     )
                 )
 

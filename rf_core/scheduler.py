@@ -7,6 +7,10 @@ A run that needs several slots at once (a gang) is gang-scheduled with EASY back
 line does not fit in the free slots, it reserves them until enough busy slots free up; meanwhile a later run may
 use a reserved slot only if its chunk is expected to end by then (give or take `BACKFILL_SLACK`), or if the slot is
 one the gang will not need when it starts.
+
+Slots that would still be idle after that (no run waits for them) go to runs that can use more for this chunk
+(`device_counts`: DDP runs whose step can be shared by more processes with the same result), as Ray Tune's
+ResourceChangingScheduler does; never while a gang is waiting for slots.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class RunnableRun:
     warm_slot: int | None = None  # the slot whose worker holds this run's state in memory, if any
     devices: int = 1  # slots the run trains on at once
     expected_seconds: float | None = None  # how long its next chunk should take; None: unknown
+    device_counts: tuple[int, ...] = ()  # larger slot counts it may train a chunk on instead, when slots idle
 
     @property
     def progress(self) -> float:
@@ -91,7 +96,14 @@ def assign(
         open_count -= run.devices
         if open_count == 0:
             break
-    return _place(chosen, free_slots)
+    sizes = {run.run_id: run.devices for run in chosen}
+    if reserved_until is None:
+        for run in chosen:  # priority order: the run furthest behind grows first
+            larger = [count for count in run.device_counts if run.devices < count <= run.devices + open_count]
+            if larger:
+                sizes[run.run_id] = max(larger)
+                open_count -= sizes[run.run_id] - run.devices
+    return _place(chosen, free_slots, sizes)
 
 
 def _slots_free_in(count: int, busy_for: Mapping[int, float]) -> float:
@@ -104,8 +116,8 @@ def _ends_by(run: RunnableRun, seconds: float) -> bool:
     return run.expected_seconds is not None and run.expected_seconds <= seconds * (1 + BACKFILL_SLACK)
 
 
-def _place(chosen: Sequence[RunnableRun], free_slots: Sequence[int]) -> list[Assignment]:
-    """Each chosen run onto free slots: its warm slot when free (as a gang's rank 0), else the lowest free ones."""
+def _place(chosen: Sequence[RunnableRun], free_slots: Sequence[int], sizes: Mapping[int, int]) -> list[Assignment]:
+    """Each chosen run onto `sizes[run]` free slots: its warm slot when free (as a gang's rank 0), else the lowest."""
     open_slots = list(free_slots)
     lead: dict[int, int] = {}
     for run in chosen:
@@ -116,6 +128,6 @@ def _place(chosen: Sequence[RunnableRun], free_slots: Sequence[int]) -> list[Ass
     for run in chosen:
         if run.run_id not in lead:
             lead[run.run_id] = open_slots.pop(0)
-        others = tuple(open_slots.pop(0) for _ in range(run.devices - 1))
+        others = tuple(open_slots.pop(0) for _ in range(sizes[run.run_id] - 1))
         assignments.append(Assignment(run.run_id, lead[run.run_id], others))
     return assignments

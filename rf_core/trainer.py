@@ -395,14 +395,23 @@ class SlotTrainer:
     def _state_at_chunk_start(
         self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int, writes: bool = True
     ) -> _RunState:
-        """`writes`: this process saves the run's state (False for gang members other than rank 0)."""
-        if task.config["strategy"] == "deepspeed":
-            return self._deepspeed_state(task, base, seed, run_total_steps, writes)
+        """The run's state at the chunk's first step: from memory, its checkpoint, a warm-start parent or the seed.
+
+        `writes`: this process saves the run's state (False for gang members other than rank 0). A DeepSpeed run's
+        engine takes its module over, so it trains a private copy of the base, rebuilt every chunk, and its
+        optimizer state comes later, from the run's ZeRO shards once the engine exists.
+        """
         chunk = task.chunk
-        in_memory = self._runs.get(task.run_id)
-        if in_memory is not None and self._is_current(in_memory, task):
-            return in_memory
-        self.release(task.run_id)  # stale or absent: rebuild from disk, the parent, or the seed
+        deepspeed = task.config["strategy"] == "deepspeed"
+        if deepspeed:
+            copy_of_base = self._full_copy(base)
+            # A full fine-tune trains the copy itself; a LoRA run wraps it in an adapter of its own.
+            base = _BaseEntry(model=copy_of_base, tokenizer=base.tokenizer, free_full_copies=[copy_of_base])
+        else:
+            in_memory = self._runs.get(task.run_id)
+            if in_memory is not None and self._is_current(in_memory, task):
+                return in_memory
+            self.release(task.run_id)  # stale or absent: rebuild from disk, the parent, or the seed
 
         if chunk.index > 0:
             path = step_checkpoint_path(task.run_dir, chunk.start_step)
@@ -410,8 +419,13 @@ class SlotTrainer:
             state = self._new_state(task, base, seed, run_total_steps, weights_follow=True)
             self._restore(state, load_state(path, self._staging_root), str(path))
         elif task.warm_start is not None and task.warm_start.mode != "off":
-            state = self._new_state(task, base, seed, run_total_steps, weights_follow=True)
             warm = task.warm_start
+            if deepspeed and warm.mode == "weights+optimizer":
+                raise ValueError(
+                    f"run {task.run_id} trains with DeepSpeed, whose optimizer state is sharded its own way: "
+                    "warm-start it with weights only"
+                )
+            state = self._new_state(task, base, seed, run_total_steps, weights_follow=True)
             trainable, optimizer, source = self._parent_state(warm)
             _load_trainable(state, trainable, source)
             if warm.mode == "weights+optimizer":
@@ -423,42 +437,12 @@ class SlotTrainer:
             if writes:
                 self._save(state, task.config, init_checkpoint_path(task.run_dir))
         else:
-            state = self._new_state(task, base, seed, run_total_steps)
+            state = self._new_state(task, base, seed, run_total_steps, weights_follow=deepspeed)
             state.rng = capture_rng_state()
-        self._runs[task.run_id] = state
-        return state
-
-    def _deepspeed_state(
-        self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int, writes: bool
-    ) -> _RunState:
-        """A DeepSpeed run's state at the chunk's start, on a private copy of the base: the engine takes the module
-        over, so it cannot share the LoRA host, and it lives for one chunk only. The optimizer's state is not here:
-        it comes from the run's ZeRO shards once the engine exists."""
-        private_copy = self._full_copy(base)
-        # A full fine-tune trains the private copy itself; a LoRA run wraps it in an adapter of its own.
-        private = _BaseEntry(model=private_copy, tokenizer=base.tokenizer, free_full_copies=[private_copy])
-        use_copy = not task.config["use_peft"]
-        state = self._new_state(task, private, seed, run_total_steps, weights_follow=use_copy)
-        self._adapters.pop(task.run_id, None)  # the adapter is the private copy's, gone with the chunk
-        chunk, warm = task.chunk, task.warm_start
-        if chunk.index > 0:
-            path = step_checkpoint_path(task.run_dir, chunk.start_step)
-            self._wait_for_state(path, f"run {task.run_id}: chunk {chunk.index} starts at step {chunk.start_step}")
-            self._restore(state, load_state(path, self._staging_root), str(path))
-        elif warm is not None and warm.mode != "off":
-            if warm.mode == "weights+optimizer":
-                raise ValueError(
-                    f"run {task.run_id} trains with DeepSpeed, whose optimizer state is sharded its own way: "
-                    "warm-start it with weights only"
-                )
-            trainable, _optimizer, source = self._parent_state(warm)
-            _load_trainable(state, trainable, source)
-            _seed_everything(seed)
-            state.rng = capture_rng_state()
-            if writes:
-                self._save(state, task.config, init_checkpoint_path(task.run_dir))
+        if deepspeed:
+            self._adapters.pop(task.run_id, None)  # the adapter is the private copy's, gone with the chunk
         else:
-            state.rng = capture_rng_state()
+            self._runs[task.run_id] = state
         return state
 
     def _is_current(self, state: _RunState, task: TrainTask) -> bool:

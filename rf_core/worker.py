@@ -60,22 +60,17 @@ class WorkerDied(RuntimeError):
     pass
 
 
-def _serve(
-    conn: Connection,
-    slot: int,
-    source: SpecSource,
-    server_url: str,
-    spool_dir: str,
-    num_threads: int,
-    device: str | None,
-) -> None:
-    """Worker process main loop."""
-    _exit_with_parent()
-    os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
-    # Spinning OpenMP threads slow every other slot's worker several-fold on a shared CPU.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+class SlotService:
+    """What a slot worker is, wherever it runs (a child process here, a Ray actor elsewhere): the experiment loaded
+    once, a SlotTrainer for the slot's device, and a metric writer to the rf server."""
+
+    def __init__(
+        self, slot: int, source: SpecSource, server_url: str, spool_dir: str, num_threads: int, device: str | None
+    ) -> None:
+        os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
+        # Spinning OpenMP threads slow every other slot's worker several-fold on a shared CPU.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
         import transformers
 
@@ -85,8 +80,9 @@ def _serve(
 
         transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(num_threads)
+        self.slot = slot
         spec = source.load()
-        trainer = SlotTrainer(
+        self.trainer = SlotTrainer(
             spec.create_model_fn,
             spec.train_dataset,
             spec.eval_dataset,
@@ -98,8 +94,44 @@ def _serve(
         )
         # Base models and tokenized data are ready before the first chunk, not paid for inside it.
         with contextlib.suppress(Exception):  # a config that cannot load fails its own run, with the reason
-            trainer.prepare(_initial_configs(spec))
-        writer = MetricWriter(server_url, spool_dir=Path(spool_dir))
+            self.trainer.prepare(_initial_configs(spec))
+        self.writer = MetricWriter(server_url, spool_dir=Path(spool_dir))
+
+    def train(self, payload: dict[str, Any]) -> dict[str, Any]:
+        task = TrainTask.from_dict(payload)
+
+        def emit(rows: list[dict[str, Any]]) -> None:
+            self.writer.add([{"experiment": task.experiment, "run_id": task.run_id, **row} for row in rows])
+
+        outcome = self.trainer.train(task, emit)
+        # The chunk's metric rows are committed before the chunk is recorded as done.
+        self.writer.flush()
+        return outcome.to_dict()
+
+    def release(self, run_ids: Sequence[int]) -> None:
+        for run_id in run_ids:
+            self.trainer.release(run_id)
+
+    def close(self) -> None:
+        try:
+            self.trainer.close()  # every state on disk before the worker goes
+        finally:
+            self.writer.close()
+
+
+def _serve(
+    conn: Connection,
+    slot: int,
+    source: SpecSource,
+    server_url: str,
+    spool_dir: str,
+    num_threads: int,
+    device: str | None,
+) -> None:
+    """Worker process main loop."""
+    _exit_with_parent()
+    try:
+        service = SlotService(slot, source, server_url, spool_dir, num_threads, device)
     except Exception as exc:  # report start-up failures instead of dying silently
         conn.send(("error", f"slot {slot} worker failed to start: {exc}", traceback.format_exc()))
         return
@@ -108,30 +140,16 @@ def _serve(
         while True:
             kind, payload = conn.recv()
             if kind == "train":
-                task = TrainTask.from_dict(payload)
-
-                def emit(rows: list[dict[str, Any]], task: TrainTask = task) -> None:
-                    writer.add(
-                        [{"experiment": task.experiment, "run_id": task.run_id, **row} for row in rows]
-                    )
-
-                outcome = trainer.train(task, emit)
-                # The chunk's metric rows are committed before the chunk is recorded as done.
-                writer.flush()
-                conn.send(("result", outcome.to_dict(), None))
+                conn.send(("result", service.train(payload), None))
             elif kind == "release":
-                for run_id in payload:
-                    trainer.release(run_id)
+                service.release(payload)
                 conn.send(("released", None, None))
             elif kind == "stop":
                 break
     except (EOFError, KeyboardInterrupt):
         pass
     finally:
-        try:
-            trainer.close()  # every state on disk before the worker goes
-        finally:
-            writer.close()
+        service.close()
 
 
 def _exit_with_parent(poll_s: float = PARENT_POLL_S) -> None:
@@ -155,8 +173,8 @@ def _initial_configs(spec: Any) -> list[dict[str, Any]]:
     return [normalize_config(config) for config in expand_config_group(spec.config_group)]
 
 
-class SlotWorker:
-    """The fit loop's handle on one slot's worker process. Not thread-safe: one caller at a time."""
+class Slot:
+    """The fit loop's handle on one slot's worker, whatever runs it. Subclasses start, stop and talk to it."""
 
     def __init__(
         self,
@@ -173,10 +191,53 @@ class SlotWorker:
         self._server_url = server_url
         self._spool_dir = spool_dir
         self._num_threads = num_threads
-        self._process: mp.process.BaseProcess | None = None
-        self._conn: Connection | None = None
         self._lock = threading.Lock()
         self.restarts = 0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = WORKER_START_TIMEOUT_S) -> None:
+        raise NotImplementedError
+
+    def train_once(self, task: TrainTask) -> ChunkOutcome:
+        """Train one chunk; raises WorkerDied if the worker dies meanwhile (it stays dead)."""
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        raise NotImplementedError
+
+    def release(self, run_ids: list[int]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def rendezvous_address(self) -> str:
+        """A host:port, free now, where this worker can host a gang's rendezvous as its rank 0."""
+        from rf_core.gang import free_address
+
+        return free_address()
+
+    def train(self, task: TrainTask) -> ChunkOutcome:
+        """Train one chunk; if the worker dies, restart it once and retry from the saved state."""
+        for attempt in (1, 2):
+            try:
+                return self.train_once(task)
+            except WorkerDied as exc:
+                if attempt == 2:
+                    return _died_outcome(task, f"slot {self.slot} worker died twice training this chunk: {exc}")
+                self.restart()
+        raise AssertionError("unreachable")
+
+
+class SlotWorker(Slot):
+    """One slot's worker as a child process of the fit, spoken to through a pipe. One caller at a time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._process: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -217,19 +278,7 @@ class SlotWorker:
         except (EOFError, ConnectionResetError) as exc:
             raise WorkerDied(f"slot {self.slot} worker closed its pipe: {exc}") from exc
 
-    def train(self, task: TrainTask) -> ChunkOutcome:
-        """Train one chunk; if the worker process dies, restart it once and retry from the saved state."""
-        for attempt in (1, 2):
-            try:
-                return self.train_once(task)
-            except WorkerDied as exc:
-                if attempt == 2:
-                    return _died_outcome(task, f"slot {self.slot} worker died twice training this chunk: {exc}")
-                self.restart()
-        raise AssertionError("unreachable")
-
     def train_once(self, task: TrainTask) -> ChunkOutcome:
-        """Train one chunk; raises WorkerDied if the worker process dies meanwhile (it stays dead)."""
         with self._lock:
             if self._conn is None or self._process is None:
                 raise WorkerDied(f"slot {self.slot} worker is not running")
@@ -282,19 +331,17 @@ class SlotWorker:
         self._process, self._conn = None, None
 
 
-def train_gang(workers: Sequence[SlotWorker], task: TrainTask) -> ChunkOutcome:
+def train_gang(workers: Sequence[Slot], task: TrainTask) -> ChunkOutcome:
     """Train one chunk of a multi-process run: each worker as one rank of `task.gang`, all at once.
 
     Returns rank 0's outcome, or the first failed member's. If a member's process dies, the others' collectives
     fail too: the dead workers are restarted and the whole gang retries once, on a fresh rendezvous port.
     """
-    from rf_core.gang import free_address
-
     assert task.gang is not None and len(workers) == task.gang.world_size
-    host = task.gang.address.rsplit(":", 1)[0]
     with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="rf-gang") as pool:
         for attempt in (1, 2):
-            gang = dataclasses.replace(task.gang, address=free_address(host))
+            # Rank 0's worker hosts the rendezvous, on its own machine when workers are spread over several.
+            gang = dataclasses.replace(task.gang, address=workers[0].rendezvous_address())
             futures = [
                 pool.submit(worker.train_once, dataclasses.replace(task, gang=dataclasses.replace(gang, rank=rank)))
                 for rank, worker in enumerate(workers)
@@ -351,11 +398,14 @@ class SlotPool:
         server_url: str,
         spool_root: Path,
         threads_per_slot: int,
+        worker_class: type[Slot] | None = None,
     ):
+        """`worker_class`: what runs each slot: SlotWorker (a child process, the default) or RaySlotWorker."""
         if not devices:
             raise ValueError("need at least one slot")
-        self.workers = [
-            SlotWorker(slot, source, server_url, spool_root / f"slot-{slot}", threads_per_slot, device)
+        make = worker_class or SlotWorker
+        self.workers: list[Slot] = [
+            make(slot, source, server_url, spool_root / f"slot-{slot}", threads_per_slot, device)  # type: ignore[call-arg]
             for slot, device in enumerate(devices)
         ]
 
@@ -377,5 +427,5 @@ class SlotPool:
         for worker in self.workers:
             worker.close()
 
-    def __getitem__(self, slot: int) -> SlotWorker:
+    def __getitem__(self, slot: int) -> Slot:
         return self.workers[slot]

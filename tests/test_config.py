@@ -44,6 +44,7 @@ VALID: dict[str, list[Any]] = {
     "seed": [None, 0, 42, 2**32 - 1],
     "max_length": [8, 64, 8192],
     "num_devices": [1, 2, 64],
+    "max_devices": [None, 1, 64],
     "strategy": ["ddp", "deepspeed"],
     "zero_stage": [0, 1, 2],
 }  # fmt: skip
@@ -67,9 +68,20 @@ INVALID: dict[str, list[Any]] = {
     "seed": [-1, 2**32, 1.5, True, "42"],
     "max_length": [7, 8193, 64.0, True, None],
     "num_devices": [0, 65, 2.0, True, None],
+    "max_devices": [0, 65, 2.0, True, "4"],
     "strategy": ["DDP", "fsdp", "", None],
     "zero_stage": [-1, 3, 2.0, None],
 }
+
+
+def test_device_knobs_are_checked_together() -> None:
+    assert validate_config({"num_devices": 2, "max_devices": 4}) == []
+    assert validate_config({"num_devices": 2, "max_devices": 1}) == [
+        "max_devices=1: must be >= num_devices (2), or null"
+    ]
+    [problem] = validate_config({"strategy": "deepspeed", "max_devices": 2})
+    assert problem.startswith("max_devices=2: a DeepSpeed run keeps num_devices (1)")
+    assert validate_config({"strategy": "deepspeed", "num_devices": 2, "max_devices": 2}) == []
 
 
 def test_the_tables_above_cover_every_knob() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -424,3 +425,94 @@ def test_multi_device_runs_gang_schedule_next_to_single_ones_with_ic_ops(prefect
     want = load_checkpoint(reference.checkpoint)["trainable"]
     assert got.keys() == want.keys()
     assert all(torch.allclose(got[key], want[key], rtol=1e-5, atol=1e-7) for key in want)
+
+
+@pytest.fixture
+def api_token(monkeypatch) -> str:
+    """Every request to the rf server started after this needs the token (and the test's clients send it)."""
+    token = "ray-workers-token-0123456789"
+    monkeypatch.setenv("RF_API_TOKEN", token)
+    return token
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """A real local Ray cluster (`ray start --head` on 127.0.0.1) with 2 CPUs: the fit joins it by address."""
+    # Ray swaps 127.0.0.1 for the machine's network address unless told this is a single-machine cluster: the
+    # test's traffic stays on the loopback interface.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's own token authentication, as the README recommends: the cluster and the fit share the token.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    pytest.importorskip("ray", reason="the ray extra is installed by make install")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = dict(os.environ)
+    started = subprocess.run(
+        [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_slot_workers_on_a_ray_cluster_with_ic_ops(prefect_harness, api_token, rf_server, ray_cluster, capsys):
+    """The fit's slot workers are Ray actors on a local Ray cluster; they reach the token-protected rf server for
+    metrics, and Stop, Resume and a warm Clone-Modify typed into the CLI land at chunk boundaries."""
+    from flows.fit import rf_fit
+
+    home, url = rf_server
+    client = RFClient(url)
+    with pytest.raises(Exception, match="401|token"):
+        RFClient(url, token="wrong-token-0123456789").list_experiments()
+    typed: dict[str, subprocess.CompletedProcess[str]] = {}
+    stop_watching = threading.Event()
+
+    def steer() -> None:
+        while not stop_watching.is_set():
+            try:
+                runs = {run["run_id"]: run for run in client.list_runs("ray")}
+            except Exception:
+                time.sleep(0.2)
+                continue
+            if "stop" not in typed and runs.get(1, {}).get("chunks_done", 0) >= 1:
+                typed["stop"] = rf(url, "stop", "ray", "1")
+            if "clone" not in typed and runs.get(2, {}).get("chunks_done", 0) >= 1:
+                typed["clone"] = rf(url, "clone", "ray", "2", "--set", "learning_rate=3e-4", "--warm-start")
+            others_done = all(runs.get(run_id, {}).get("status") == "Completed" for run_id in (2, 3, 4))
+            if "resume" not in typed and others_done and runs[1]["status"] == "Stopped":
+                typed["resume"] = rf(url, "resume", "ray", "1")
+            time.sleep(0.2)
+
+    steering = threading.Thread(target=steer, daemon=True)
+    steering.start()
+    try:
+        rf_fit("ray", entrypoint="tests.e2e_experiment:spec", idle_timeout=6, server_url=url,
+               ray_address=ray_cluster, ray_slots=2)  # fmt: skip
+    finally:
+        stop_watching.set()
+        steering.join(10)
+    printed = capsys.readouterr().out
+    assert "2 slot workers ready (cpu, cpu; 1 CPU threads each) on Ray nodes" in printed, printed[-3000:]
+    assert set(typed) == {"stop", "clone", "resume"}
+    assert all(result.returncode == 0 for result in typed.values()), {k: r.stderr for k, r in typed.items()}
+    runs = {run["run_id"]: run for run in client.list_runs("ray")}
+    assert all(run["status"] == "Completed" for run in runs.values()), runs
+    assert (runs[4]["parent_id"], runs[4]["warm_start"]) == (2, "weights")
+    assert {op["kind"]: op["status"] for op in client.list_ops("ray")} == {
+        "stop": "applied", "clone": "applied", "resume": "applied",
+    }  # fmt: skip
+    # The actors' metric batches reached the token-protected server: every chunk's steps, once each.
+    metrics = client.get_metrics("ray", names=["train_loss"])
+    for run_id in runs:
+        steps = [row["step"] for row in metrics if row["run_id"] == run_id]
+        assert sorted(steps) == list(range(1, 13)), (run_id, sorted(steps))

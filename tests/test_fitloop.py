@@ -151,3 +151,14 @@ def test_a_run_needing_more_devices_than_slots_fails_with_the_reason():
     assert plan.tasks == []
     [failed] = plan.unplannable
     assert failed.status == "failed" and "needs 3 devices" in (failed.error or "") and "2 slots" in (failed.error or "")
+
+
+def test_a_run_allowed_more_devices_takes_idle_slots_as_a_gang():
+    # 1 device, accumulation 2: a step of 2 micro-batches can be shared by 2 processes with the same result.
+    elastic = make_gang_run(1, 1, gradient_accumulation_steps=2, max_devices=4)
+    plan = make_loop(FakeClient([elastic]), slots=4).plan(in_flight={})
+    [(slot, task)] = plan.tasks
+    assert task.gang is not None and task.gang.slots == (0, 1) and slot == 0  # 4 would not divide 2 micro-batches
+    # With another run to train, each gets one slot of two.
+    plan = make_loop(FakeClient([elastic, make_run(2)]), slots=2).plan(in_flight={})
+    assert [(slot, task.run_id, task.gang) for slot, task in plan.tasks] == [(0, 1, None), (1, 2, None)]

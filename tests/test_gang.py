@@ -16,7 +16,7 @@ import pytest
 
 from rf_core.chunks import micro_batches_per_step, plan_chunks
 from rf_core.config import normalize_config
-from rf_core.gang import free_address
+from rf_core.gang import GANG_TIMEOUT_ENV, free_address
 from rf_core.tasks import ChunkSpec, Gang, TrainTask
 
 NUM_TRAIN = 64
@@ -46,8 +46,8 @@ def _datasets() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     return examples[:NUM_TRAIN], examples[NUM_TRAIN:]
 
 
-def _member(model_cache: str, tasks: list[dict[str, Any]], release_before: list[int], results: Any) -> None:
-    """One process: trains its share of every chunk in order; sends (rows, outcomes) back."""
+def _member(model_cache: str, inbox: Any, outbox: Any) -> None:
+    """One process, as a slot worker: trains each chunk it is sent and answers with its rows and outcome."""
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -62,20 +62,18 @@ def _member(model_cache: str, tasks: list[dict[str, Any]], release_before: list[
         evaluation,
         num_threads=1,
     )
-    rows: list[dict[str, Any]] = []
-    outcomes = []
     try:
-        for position, task in enumerate(tasks):
-            if position in release_before:
-                trainer.release(task["run_id"])
-            outcome = trainer.train(TrainTask.from_dict(task), rows.extend)
-            outcomes.append(outcome.to_dict())
-            if outcome.status == "failed":
-                break
+        while (message := inbox.get()) is not None:
+            kind, payload = message
+            if kind == "release":
+                trainer.release(payload)
+                continue
+            rows: list[dict[str, Any]] = []
+            outcome = trainer.train(TrainTask.from_dict(payload), rows.extend)
             trainer.flush()
+            outbox.put((rows, outcome.to_dict()))
     finally:
         trainer.close()
-    results.put((rows, outcomes))
 
 
 def _tasks(config: dict[str, Any], run_dir: Path, num_chunks: int, gang_of: Any) -> list[dict[str, Any]]:
@@ -97,23 +95,40 @@ def _tasks(config: dict[str, Any], run_dir: Path, num_chunks: int, gang_of: Any)
 def _run(
     model_cache: Path, member_tasks: list[list[dict[str, Any]]], release_before: list[int], timeout: float = 240.0
 ) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Each member trains its tasks chunk by chunk, all members together, as the fit loop drives a gang: a gang's
+    rendezvous port is picked just before its chunk (as `train_gang` does), and `release_before` positions make
+    every member drop the run from memory first."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    inboxes, outboxes = [ctx.Queue() for _ in member_tasks], [ctx.Queue() for _ in member_tasks]
     processes = [
-        ctx.Process(target=_member, args=(str(model_cache), tasks, release_before, results)) for tasks in member_tasks
+        ctx.Process(target=_member, args=(str(model_cache), inbox, outbox))
+        for inbox, outbox in zip(inboxes, outboxes, strict=True)
     ]
     for process in processes:
         process.start()
+    collected: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = [([], []) for _ in member_tasks]
     try:
-        collected = [results.get(timeout=timeout) for _ in processes]
+        for position in range(len(member_tasks[0])):
+            address = free_address()
+            for inbox, tasks in zip(inboxes, member_tasks, strict=True):
+                if position in release_before:
+                    inbox.put(("release", tasks[position]["run_id"]))
+                task = tasks[position]
+                if task["gang"] is not None:
+                    task = {**task, "gang": {**task["gang"], "address": address}}
+                inbox.put(("train", task))
+            for outbox, (rows, outcomes) in zip(outboxes, collected, strict=True):
+                chunk_rows, outcome = outbox.get(timeout=timeout)
+                rows.extend(chunk_rows)
+                outcomes.append(outcome)
+                assert outcome["status"] != "failed", outcome["traceback"]
     finally:
+        for inbox in inboxes:
+            inbox.put(None)
         for process in processes:
-            process.join(10)
+            process.join(30)
             if process.is_alive():
                 process.kill()
-    for _rows, outcomes in collected:
-        failed = [outcome for outcome in outcomes if outcome["status"] == "failed"]
-        assert not failed, failed[0]["traceback"]
     return collected
 
 
@@ -128,6 +143,16 @@ def _assert_close(left: dict[int, float], right: dict[int, float]) -> None:
     worst = max(abs(left[step] - right[step]) / max(abs(right[step]), 1e-12) for step in left)
     print(f"largest relative difference {worst:.2e} over {len(left)} points")
     assert worst <= RELATIVE_TOLERANCE, f"largest relative difference {worst:.2e}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gang_environment(tmp_path_factory: pytest.TempPathFactory):
+    """Members inherit it: an RF_HOME of the module's (DeepSpeed compiles its op there once), a short gang timeout."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RF_HOME", str(tmp_path_factory.mktemp("rf-home")))
+    patch.setenv(GANG_TIMEOUT_ENV, "60")
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +176,8 @@ def single_process(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) 
 GANGS = {
     "ddp": {"strategy": "ddp"},
     "deepspeed-zero2": {"strategy": "deepspeed", "zero_stage": 2},
+    # A 1-device run given a second idle slot (max_devices): the same step, shared by two processes.
+    "ddp-elastic": {"strategy": "ddp", "num_devices": 1, "gradient_accumulation_steps": 2, "max_devices": 2},
 }
 
 
@@ -161,12 +188,12 @@ def test_two_processes_match_one_process_across_swaps(kind, model_cache, single_
     config = normalize_config({**BASE, "gradient_accumulation_steps": 1, "num_devices": 2, **GANGS[kind]})
     assert micro_batches_per_step(config) == 2
     plan_length = len(plan_chunks(NUM_TRAIN, config, 2))
-    addresses = [free_address() for _ in range(plan_length)]
 
     def gang_for(member: int):
         def gang_of(index: int) -> Gang:
             rank = member if index % 2 == 0 else 1 - member  # the members swap ranks every chunk
-            return Gang(rank=rank, world_size=2, address=addresses[index], slots=(0, 1), strategy=config["strategy"])
+            # The address is picked by _run just before the chunk.
+            return Gang(rank=rank, world_size=2, address="", slots=(0, 1), strategy=config["strategy"])
 
         return gang_of
 

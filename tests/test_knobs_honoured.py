@@ -430,7 +430,7 @@ CASES = [
 
 
 # Knobs whose effect needs several processes or DeepSpeed: their cases live in tests/test_gang.py.
-GANG_KNOBS = {"strategy", "zero_stage"}
+GANG_KNOBS = {"strategy", "zero_stage", "max_devices"}
 
 
 def test_every_knob_has_a_case() -> None:

@@ -90,19 +90,31 @@ def test_blocked_gang_reserves_free_slots_against_long_chunks():
     assert assign([gang, RunnableRun(4, 1, 4)], [0], busy_for={1: 3.0}) == []
 
 
+def test_idle_slots_go_to_runs_that_can_use_more():
+    elastic = RunnableRun(1, 0, 4, device_counts=(2, 4))
+    # Nothing else waits: run 1 takes all 4 slots for this chunk (2 would leave 2 idle; 3 does not divide its step).
+    assert assign([elastic], [0, 1, 2, 3]) == [Assignment(1, 0, (1, 2, 3))]
+    # With another run waiting, that run gets its slot first; run 1 grows into what is left.
+    assert assign([elastic, run(2, 1)], [0, 1, 2]) == [Assignment(1, 0, (1,)), Assignment(2, 2)]
+    # Never while a gang waits for slots: backfilled, run 1 keeps to its own one slot.
+    gang, short = RunnableRun(3, 0, 4, devices=3), RunnableRun(1, 1, 4, expected_seconds=1.0, device_counts=(2,))
+    assert assign([gang, short], [0, 1], busy_for={2: 5.0}) == [Assignment(1, 0)]
+
+
 def test_run_needing_more_slots_than_exist_is_skipped():
     assert assign([RunnableRun(1, 0, 4, devices=3), run(2, 1)], [0, 1]) == [Assignment(2, 0)]
 
 
 def simulate_mix(
-    devices: list[int], num_slots: int, seed: int, chunks_per_run: int = 8
+    devices: list[int], num_slots: int, seed: int, chunks_per_run: int = 8, elastic: bool = False
 ) -> tuple[float, float, int, dict[int, int]]:
     """Event simulation of a fit loop: runs with the given device counts train `chunks_per_run` chunks each.
 
     Each run has its own chunk duration (configs differ), each chunk varies ±20 % around it, and the scheduler
     sees the mean of the run's measured chunks as its estimate, as the fit loop does. Returns (idle fraction
     while some run was waiting, idle fraction over the whole fit, the most chunks any run fell behind another of
-    its kind, and chunks done per run).
+    its kind, and chunks done per run). `elastic`: single-slot runs may take 2 or 4 slots for a chunk when they
+    would idle (a step of 4 micro-batches), which then takes 1/count of the time at 90 % efficiency.
     """
     rng = random.Random(seed)
     mean_seconds = {run_id: rng.uniform(0.6, 1.6) for run_id in range(len(devices))}
@@ -114,13 +126,17 @@ def simulate_mix(
     while any(count < chunks_per_run for count in done.values()) or busy:
         in_flight = {run_id for _, run_id in busy.values()}
         free = [slot for slot in range(num_slots) if slot not in busy]
+        counts = tuple(count for count in (2, 4) if count <= num_slots) if elastic else ()
         runnable = [
-            RunnableRun(r, done[r], chunks_per_run, devices=devices[r], expected_seconds=last_seconds.get(r))
+            RunnableRun(r, done[r], chunks_per_run, devices=devices[r], expected_seconds=last_seconds.get(r),
+                        device_counts=counts if devices[r] == 1 else ())
             for r in done
             if done[r] < chunks_per_run and r not in in_flight
-        ]
+        ]  # fmt: skip
         for assignment in assign(runnable, free, {slot: finish - clock for slot, (finish, _) in busy.items()}):
             seconds = mean_seconds[assignment.run_id] * rng.uniform(0.8, 1.2)
+            grown = len(assignment.slots) / devices[assignment.run_id]
+            seconds = seconds / grown / 0.9 if grown > 1 else seconds
             history.setdefault(assignment.run_id, []).append(seconds)
             last_seconds[assignment.run_id] = sum(history[assignment.run_id]) / len(history[assignment.run_id])
             for slot in assignment.slots:
@@ -165,3 +181,14 @@ def test_gang_mix_simulation_idle_time_and_no_starvation(mix: str) -> None:
     assert all(all(count == 8 for count in result[3].values()) for result in results)  # nobody starved
     assert worst_lag <= 4  # backfilling lets short chunks run ahead a little; priority pulls them level again
     assert idle_waiting <= idle_allowed
+
+
+def test_idle_slots_given_to_elastic_runs_shorten_the_tail() -> None:
+    """3 single-slot runs on 4 slots: one slot idles the whole fit, unless runs may take idle slots (max_devices)."""
+    fixed = [simulate_mix([1] * 3, 4, seed) for seed in range(SEEDS)]
+    elastic = [simulate_mix([1] * 3, 4, seed, elastic=True) for seed in range(SEEDS)]
+    idle_fixed = sum(result[1] for result in fixed) / SEEDS
+    idle_elastic = sum(result[1] for result in elastic) / SEEDS
+    print(f"3 runs on 4 slots: idle slot time {idle_fixed:.1%} fixed, {idle_elastic:.1%} elastic")
+    assert all(all(count == 8 for count in result[3].values()) for result in elastic)
+    assert idle_elastic < idle_fixed / 2
