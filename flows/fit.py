@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import queue
+import subprocess
+import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -33,6 +37,8 @@ from rf_core.worker import Slot, SlotPool, SpecSource, slot_devices, train_gang
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
 _IN_MEMORY_POLICIES: dict[str, list[tuple[Policy, str]]] = {}
 POLL_SECONDS = 0.5
+SERVER_OUTAGE_ENV = "RF_SERVER_OUTAGE_S"
+DEFAULT_SERVER_OUTAGE_S = 300.0  # how long the fit rides out an rf server that does not answer
 
 
 @task(task_run_name="plan-{experiment}-{tick}", cache_policy=NONE, retries=2, retry_delay_seconds=[0.5, 2])
@@ -106,12 +112,16 @@ def rf_fit(
         spec.num_chunks = num_chunks
     home = paths.rf_home()
     home.mkdir(parents=True, exist_ok=True)
-    temporary_server = None
+    temporary_server: _TemporaryServer | None = None
     if server_url is None:
-        server_url, temporary_server = ensure_server(home)
+        server_url, process = ensure_server(home)
+        temporary_server = _TemporaryServer(process, server_url, home) if process else None
         kind = "temporary, exits with this flow" if temporary_server else "already running"
         print(f"rf server ({kind}): {server_url}  (DB {paths.db_path(home)})")
-    client = RFClient(server_url)
+    outage_wait = float(os.environ.get(SERVER_OUTAGE_ENV, DEFAULT_SERVER_OUTAGE_S))
+    client = RFClient(
+        server_url, outage_wait_s=outage_wait, on_outage=temporary_server.revive if temporary_server else None
+    )
     try:
         configs = expand_config_group(spec.config_group)[:max_configs]
         try:
@@ -162,7 +172,33 @@ def rf_fit(
         return snapshot
     finally:
         if temporary_server is not None:
-            stop_server(temporary_server)
+            stop_server(temporary_server.process)
+
+
+class _TemporaryServer:
+    """The rf server this fit started for itself: if it dies mid-fit, it is started again on the same port (its
+    store is the DuckDB file, so nothing committed is lost) while the fit's calls wait for it."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, home: Path) -> None:
+        self.process: subprocess.Popen[bytes] | None = process
+        self.url = url
+        self.home = home
+        self._lock = threading.Lock()
+
+    def revive(self) -> None:
+        with self._lock:
+            if self.process is None or self.process.poll() is None:
+                return  # still running (slow, not dead), or not ours any more: wait for it
+            port = urllib.parse.urlsplit(self.url).port or 0
+            print(f"rf: the temporary rf server exited (code {self.process.returncode}); starting it again on "
+                  f"port {port}")  # fmt: skip
+            try:
+                url, self.process = ensure_server(self.home, port=port)
+            except Exception as exc:  # the calls waiting for it give up in their own time, with the reason
+                print(f"rf: could not restart the rf server: {exc}")
+                return
+            if url != self.url:
+                print(f"rf: another rf server answers for this RF_HOME at {url}; the fit keeps using {self.url}")
 
 
 def _drive(

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from rf_core.ops import ExperimentExists, IllegalTransition, InvalidRequest, Not
 from rf_core.server_process import TOKEN_ENV, is_process_alive, read_server_info
 
 RETRY_DELAYS_S = (0.1, 0.3, 1.0)
+OUTAGE_POLL_S = 1.0
 
 __all__ = [
     "ExperimentExists",
@@ -97,11 +98,20 @@ class RFClient:
         timeout: float = 10.0,
         retries: int = len(RETRY_DELAYS_S),
         token: str | None = None,
+        outage_wait_s: float = 0.0,
+        on_outage: Callable[[], None] | None = None,
     ) -> None:
+        """`outage_wait_s`: how long a call that gets no answer keeps trying (warning once on stderr) before it
+        raises ServerUnavailable, so a server restart is ridden out; `on_outage` runs when an outage begins (the
+        fit uses it to restart a server it started itself)."""
         self.url = (url or os.environ.get("RF_SERVER_URL") or discover_server_url()).rstrip("/")
         self._token = token or os.environ.get(TOKEN_ENV) or None
         self.timeout = timeout
         self.retries = retries
+        self.outage_wait_s = outage_wait_s
+        self.on_outage = on_outage
+        self._outage_lock = threading.Lock()
+        self._outage_since: float | None = None
 
     def __repr__(self) -> str:
         return f"RFClient({self.url!r})"
@@ -128,11 +138,13 @@ class RFClient:
         if data is not None:
             headers["Content-Type"] = "application/json"
         attempts = 1 + max(0, self.retries)
-        for attempt in range(attempts):
+        attempt, waiting_until = 0, None
+        while True:
             request = urllib.request.Request(url, data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     raw = response.read()
+                self._outage_over()
                 return json.loads(raw) if raw else None
             except urllib.error.HTTPError as exc:
                 raise _error_from_response(exc, method, path) from None
@@ -142,11 +154,41 @@ class RFClient:
                 retryable = idempotent or isinstance(reason, ConnectionRefusedError)
                 if retryable and attempt + 1 < attempts:
                     time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
+                    attempt += 1
                     continue
+                if retryable and self.outage_wait_s > 0:
+                    now = time.monotonic()
+                    waiting_until = waiting_until or now + self.outage_wait_s
+                    if now < waiting_until:
+                        self._outage_begins(reason)
+                        time.sleep(min(OUTAGE_POLL_S, waiting_until - now))
+                        continue
                 raise ServerUnavailable(
                     f"the rf server at {self.url} did not answer {method} {path}: {reason}"
                 ) from None
-        raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _outage_begins(self, reason: Any) -> None:
+        with self._outage_lock:
+            if self._outage_since is not None:
+                return
+            self._outage_since = time.monotonic()
+        print(
+            f"rf: warning: the rf server at {self.url} does not answer ({reason}); waiting up to "
+            f"{self.outage_wait_s:.0f} s for it. Training goes on; metrics are spooled and sent when it is back.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.on_outage is not None:
+            self.on_outage()
+
+    def _outage_over(self) -> None:
+        if self._outage_since is None:
+            return
+        with self._outage_lock:
+            since, self._outage_since = self._outage_since, None
+        if since is not None:
+            print(f"rf: the rf server at {self.url} answers again after {time.monotonic() - since:.1f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     def _experiment_path(self, experiment: str, suffix: str = "") -> str:
         return f"/api/experiments/{urllib.parse.quote(str(experiment), safe='')}{suffix}"

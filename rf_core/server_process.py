@@ -82,9 +82,9 @@ def find_live_server(home: Path | None = None) -> dict[str, Any] | None:
 
 
 def ensure_server(
-    home: Path | None = None, timeout: float = SERVER_START_TIMEOUT_S
+    home: Path | None = None, timeout: float = SERVER_START_TIMEOUT_S, port: int = 0
 ) -> tuple[str, subprocess.Popen[bytes] | None]:
-    """The URL of the rf server for `home`, starting a temporary one if none runs.
+    """The URL of the rf server for `home`, starting a temporary one if none runs (on `port`; 0: any free one).
 
     Returns (url, process): process is None when an existing server was found; otherwise it is the server we
     started, which exits by itself when this process exits (`--exit-with-pid`) and which the caller may stop
@@ -98,7 +98,7 @@ def ensure_server(
 
     log_path = home / SERVER_LOG_NAME
     command = [
-        sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", "0",
+        sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", str(port),
         "--exit-with-pid", str(os.getpid()),
     ]  # fmt: skip
     env = dict(os.environ, RF_HOME=str(home))

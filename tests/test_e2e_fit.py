@@ -467,7 +467,8 @@ def ray_cluster(monkeypatch):
 
 def test_slot_workers_on_a_ray_cluster_with_ic_ops(prefect_harness, api_token, rf_server, ray_cluster, capsys):
     """The fit's slot workers are Ray actors on a local Ray cluster; they reach the token-protected rf server for
-    metrics, and Stop, Resume and a warm Clone-Modify typed into the CLI land at chunk boundaries."""
+    metrics, and Stop, Resume and Clone-Modify typed into the CLI land at chunk boundaries; a clone onto 2 devices
+    trains as a DDP gang of both actors."""
     from flows.fit import rf_fit
 
     home, url = rf_server
@@ -488,7 +489,8 @@ def test_slot_workers_on_a_ray_cluster_with_ic_ops(prefect_harness, api_token, r
                 typed["stop"] = rf(url, "stop", "ray", "1")
             if "clone" not in typed and runs.get(2, {}).get("chunks_done", 0) >= 1:
                 typed["clone"] = rf(url, "clone", "ray", "2", "--set", "learning_rate=3e-4", "--warm-start")
-            others_done = all(runs.get(run_id, {}).get("status") == "Completed" for run_id in (2, 3, 4))
+                typed["gang clone"] = rf(url, "clone", "ray", "3", "--set", "num_devices=2")
+            others_done = all(runs.get(run_id, {}).get("status") == "Completed" for run_id in (2, 3, 4, 5))
             if "resume" not in typed and others_done and runs[1]["status"] == "Stopped":
                 typed["resume"] = rf(url, "resume", "ray", "1")
             time.sleep(0.2)
@@ -503,16 +505,75 @@ def test_slot_workers_on_a_ray_cluster_with_ic_ops(prefect_harness, api_token, r
         steering.join(10)
     printed = capsys.readouterr().out
     assert "2 slot workers ready (cpu, cpu; 1 CPU threads each) on Ray nodes" in printed, printed[-3000:]
-    assert set(typed) == {"stop", "clone", "resume"}
+    assert set(typed) == {"stop", "clone", "gang clone", "resume"}
     assert all(result.returncode == 0 for result in typed.values()), {k: r.stderr for k, r in typed.items()}
     runs = {run["run_id"]: run for run in client.list_runs("ray")}
     assert all(run["status"] == "Completed" for run in runs.values()), runs
     assert (runs[4]["parent_id"], runs[4]["warm_start"]) == (2, "weights")
-    assert {op["kind"]: op["status"] for op in client.list_ops("ray")} == {
-        "stop": "applied", "clone": "applied", "resume": "applied",
-    }  # fmt: skip
-    # The actors' metric batches reached the token-protected server: every chunk's steps, once each.
+    assert (runs[5]["parent_id"], runs[5]["config"]["num_devices"]) == (3, 2)
+    assert [(op["kind"], op["status"]) for op in client.list_ops("ray")] == [
+        ("stop", "applied"), ("clone", "applied"), ("clone", "applied"), ("resume", "applied"),
+    ]  # fmt: skip
+    # The actors' metric batches reached the token-protected server: every chunk's steps, once each (96 samples,
+    # batch 8: 12 steps; the 2-device clone's steps take 16 samples: 6 steps).
     metrics = client.get_metrics("ray", names=["train_loss"])
-    for run_id in runs:
+    for run_id, run in runs.items():
         steps = [row["step"] for row in metrics if row["run_id"] == run_id]
-        assert sorted(steps) == list(range(1, 13)), (run_id, sorted(steps))
+        assert sorted(steps) == list(range(1, 12 // run["config"]["num_devices"] + 1)), (run_id, sorted(steps))
+
+
+def test_fit_rides_out_an_rf_server_killed_and_restarted(prefect_harness, rf_server, tmp_path, capfd):
+    """kill -9 the rf server once chunks are being recorded; a new one starts on the same port 4 s later. The fit
+    warns, waits and goes on; the workers spool metric batches meanwhile and replay them: every step's metrics are
+    stored exactly once, and every run completes."""
+    import signal
+    import urllib.parse
+
+    from flows.fit import rf_fit
+
+    home, url = rf_server
+    port = urllib.parse.urlsplit(url).port
+    client = RFClient(url, outage_wait_s=60)
+    replacement: list[subprocess.Popen[bytes]] = []
+    killed_at: dict[str, Any] = {}
+
+    def kill_and_restart_the_server() -> None:
+        deadline = time.monotonic() + 180
+        runs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            if any(experiment["name"] == "restart" for experiment in client.list_experiments()):
+                runs = client.list_runs("restart")
+                if any(run["chunks_done"] >= 1 for run in runs):
+                    break
+            time.sleep(0.2)
+        killed_at["chunks_done"] = sum(run["chunks_done"] for run in runs)
+        os.kill(int(json.loads(paths.server_info_path(home).read_text())["pid"]), signal.SIGKILL)
+        time.sleep(4)
+        replacement.append(subprocess.Popen(
+            [sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", str(port)],
+            cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+
+    chaos = threading.Thread(target=kill_and_restart_the_server, daemon=True)
+    chaos.start()
+    try:
+        rf_fit("restart", entrypoint="tests.e2e_experiment:spec", cpu_slots=2, idle_timeout=2, server_url=url)
+        chaos.join(10)
+        printed = capfd.readouterr()
+        assert killed_at and killed_at["chunks_done"] < 12, killed_at  # killed mid-fit, not after it
+        assert f"the rf server at {url} does not answer" in printed.err
+        assert "answers again after" in printed.err
+        runs = client.list_runs("restart")
+        assert [run["status"] for run in runs] == ["Completed"] * 3
+        rows = client.get_metrics("restart", names=["train_loss", "eval_loss"])
+        keys = [(row["run_id"], row["name"], row["step"]) for row in rows]
+        assert len(keys) == len(set(keys)), "a metric row was stored twice"
+        for run in runs:
+            steps = sorted(step for run_id, name, step in keys if run_id == run["run_id"] and name == "train_loss")
+            assert steps == list(range(1, 13)), (run["run_id"], steps)
+            evals = sorted(step for run_id, name, step in keys if run_id == run["run_id"] and name == "eval_loss")
+            assert evals == [3, 6, 9, 12], (run["run_id"], evals)
+    finally:
+        for process in replacement:
+            process.terminate()
+            process.wait(15)

@@ -1,11 +1,14 @@
-"""Kill -9 the fit flow at a seeded random moment while its runs train, then `rf continue --force`: nothing lost.
+"""Kill -9 the fit flow, a slot worker or the rf server at a seeded random moment while runs train: nothing lost.
 
-Each trial runs a real fit (`rf fit`: Prefect flow, two slot worker processes, a real rf server that survives the
-kill) of the end-to-end experiment, acknowledges a Stop just before the kill, kills the flow process mid-chunk,
-and resumes with `rf continue`. Afterwards: the flow's slot workers are gone (no orphan keeps training), the Stop
-was applied or skipped with a reason, no chunk is left open, every metric step is stored exactly once, and every
-run that trained to the end has the same final eval loss as in an uninterrupted fit (resumption from the last
-chunk boundary is exact). One seeded trial runs in CI; `pytest -m slow tests/test_kill_trials.py` runs 20 more.
+Each trial runs a real fit (`rf fit`: Prefect flow, two slot worker processes, a real rf server) of the end-to-end
+experiment, acknowledges a Stop just before the kill, and kills mid-chunk:
+- the flow: then `rf continue --force` resumes it, and its slot workers must be gone (no orphan keeps training);
+- a slot worker: the fit restarts it and trains the chunk again;
+- the rf server: it is started again on the same port 1-4 s later, and the fit waits for it.
+Afterwards: the Stop was applied or skipped with a reason, no chunk is left open, every metric step is stored
+exactly once, and every run that trained to the end has the same final eval loss as in an uninterrupted fit
+(resumption from the last chunk boundary is exact). One trial per target runs in CI;
+`pytest -m slow tests/test_kill_trials.py` runs 30 more (10 seeds per target).
 """
 
 from __future__ import annotations
@@ -45,7 +48,14 @@ class Home:
             **{MODEL_CACHE_ENV: str(root / "models"), STEP_DELAY_ENV: "0.4"},
         )
         self.server, info = start_server(self.path)
-        self.client = RFClient(info["url"])
+        self.url = str(info["url"])
+        # The test's own calls ride out the server kills too.
+        self.client = RFClient(self.url, outage_wait_s=120)
+
+    def restart_server(self) -> None:
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server, info = start_server(self.path, port=port)
+        assert info["url"] == self.url
 
     def rf(self, *args: str, **popen: Any) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -120,9 +130,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def kill_trial(home: Home, reference: dict[int, float], seed: int) -> None:
+def kill_trial(home: Home, reference: dict[int, float], seed: int, target: str = "flow") -> None:
     rng = random.Random(seed)
-    experiment = f"killed-{seed}"
+    experiment = f"killed-{target}-{seed}"
     client = home.client
     kill_after_chunks = rng.randint(1, 7)
     fit = home.rf("fit", experiment, "--entrypoint", ENTRYPOINT, "--cpu-slots", "2", "--idle-timeout", "1")
@@ -145,20 +155,32 @@ def kill_trial(home: Home, reference: dict[int, float], seed: int) -> None:
         time.sleep(rng.uniform(0.0, 0.8))  # somewhere inside the chunks in flight
         running = [run["run_id"] for run in client.list_runs(experiment) if run["status"] in ("New", "Ongoing")]
         stop_op = client.submit_op(experiment, "stop", rng.choice(running), source="cli", who="kill-trial")
-        os.kill(fit.pid, signal.SIGKILL)
-        fit.wait(timeout=30)
+        if target == "flow":
+            os.kill(fit.pid, signal.SIGKILL)
+            fit.wait(timeout=30)
+        elif target == "worker":
+            os.kill(rng.choice(workers), signal.SIGKILL)
+            _finish(fit)  # the fit restarts the worker and trains the chunk again
+        else:
+            home.server.kill()
+            home.server.wait(timeout=30)
+            time.sleep(rng.uniform(1.0, 4.0))
+            home.restart_server()
+            output = _finish(fit)
+            # Someone noticed and said so: the slot workers spooling metrics, or the fit waiting for the server.
+            assert "metrics server unreachable" in output or "does not answer" in output, output[-3000:]
     finally:
         if fit.poll() is None:
             fit.kill()
-    deadline = time.monotonic() + 15
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers), "slot workers outlived their killed flow"
-    for pid in set(children) - set(workers):  # e.g. Prefect's temporary API server: not ours to test, but tidy up
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-    _finish(home.rf("continue", experiment, "--force", "--cpu-slots", "2", "--idle-timeout", "1"))
+    if target == "flow":
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), "slot workers outlived their killed flow"
+        for pid in set(children) - set(workers):  # e.g. Prefect's temporary API server: not ours to test; tidy up
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _finish(home.rf("continue", experiment, "--force", "--cpu-slots", "2", "--idle-timeout", "1"))
 
     runs = {run["run_id"]: run for run in client.list_runs(experiment, include_deleted=True)}
     (op,) = [op for op in client.list_ops(experiment) if op["op_id"] == stop_op["op_id"]]
@@ -183,11 +205,16 @@ def kill_trial(home: Home, reference: dict[int, float], seed: int) -> None:
             assert finals[run_id] == reference[run_id], (run_id, finals[run_id], reference[run_id])
 
 
-def test_a_killed_flow_resumes_with_nothing_lost(home: Home, reference: dict[int, float]) -> None:
-    kill_trial(home, reference, seed=0)
+TARGETS = ("flow", "worker", "server")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_kill_loses_nothing(home: Home, reference: dict[int, float], target: str) -> None:
+    kill_trial(home, reference, seed=0, target=target)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(1, 21))
-def test_kill_trials(home: Home, reference: dict[int, float], seed: int) -> None:
-    kill_trial(home, reference, seed)
+@pytest.mark.parametrize("seed", range(1, 11))
+@pytest.mark.parametrize("target", TARGETS)
+def test_kill_trials(home: Home, reference: dict[int, float], target: str, seed: int) -> None:
+    kill_trial(home, reference, seed, target)
