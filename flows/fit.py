@@ -31,7 +31,7 @@ from rf_core.report import format_chunk_line, format_results_table
 from rf_core.server_process import ensure_server, stop_server
 from rf_core.staging import default_staging_root, persist_staged
 from rf_core.tasks import ChunkOutcome, TrainTask
-from rf_core.worker import Slot, SlotPool, SpecSource, slot_devices, train_gang
+from rf_core.worker import Slot, SlotPool, SpecSource, WorkerDied, died_outcome, slot_devices, train_attempt
 
 # Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
@@ -56,11 +56,23 @@ def train_chunk(
     chunk_number: int,
     total_chunks: int,
 ) -> ChunkOutcome:
-    """Train one chunk of one run on its slot's worker (or its gang's workers) and record the outcome."""
-    timeline_id = client.chunk_start(
-        train_task.experiment, run_id, train_task.chunk.index, workers[0].slot, total_chunks
-    )
-    outcome = workers[0].train(train_task) if train_task.gang is None else train_gang(workers, train_task)
+    """Train one chunk of one run on its slot's worker (or its gang's workers) and record the outcome.
+
+    A worker that dies mid-chunk is restarted and the chunk trained again, once, as a new attempt: recording its
+    start closes the dead attempt's entry and drops the metrics it had sent, so each step is stored once.
+    """
+    for attempt in (1, 2):
+        timeline_id = client.chunk_start(
+            train_task.experiment, run_id, train_task.chunk.index, workers[0].slot, total_chunks
+        )
+        try:
+            outcome = train_attempt(workers, train_task)
+            break
+        except WorkerDied as exc:
+            if attempt == 2:
+                outcome = died_outcome(train_task, f"the worker died twice training this chunk: {exc}")
+                break
+            print(f"run {run_id} chunk {chunk_number}: {exc}; restarted, training the chunk again")
     client.chunk_end(train_task.experiment, timeline_id, outcome.to_dict())
     return outcome
 

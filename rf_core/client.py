@@ -267,12 +267,13 @@ class RFClient:
 
     def apply_due_ops(self, experiment: str, idle_run_ids: Iterable[int]) -> list[dict[str, Any]]:
         body = {"idle_run_ids": [int(run_id) for run_id in idle_run_ids]}
-        return self._request("POST", self._experiment_path(experiment, "/apply-ops"), body)
+        # Safe to repeat: an op applied by a call whose answer was lost is no longer due.
+        return self._request("POST", self._experiment_path(experiment, "/apply-ops"), body, idempotent=True)
 
     def boundary_view(self, experiment: str, busy_run_ids: Iterable[int]) -> dict[str, Any]:
         """Apply due ops of runs not in flight and return them with the runs table (`ops.boundary_view`)."""
         body = {"busy_run_ids": [int(run_id) for run_id in busy_run_ids]}
-        return self._request("POST", self._experiment_path(experiment, "/boundary"), body)
+        return self._request("POST", self._experiment_path(experiment, "/boundary"), body, idempotent=True)
 
     def chunk_start(
         self, experiment: str, run_id: int, chunk_index: int, slot: int, total_chunks: int
@@ -280,7 +281,10 @@ class RFClient:
         """Record that a chunk was dispatched (New → Ongoing); returns the timeline id for `chunk_end`."""
         body = {"run_id": run_id, "chunk_index": chunk_index, "slot": slot, "total_chunks": total_chunks}
         return int(
-            self._request("POST", self._experiment_path(experiment, "/chunk-start"), body)["timeline_id"]
+            # Safe to repeat: a second start closes the first, answerless entry as abandoned.
+            self._request("POST", self._experiment_path(experiment, "/chunk-start"), body, idempotent=True)[
+                "timeline_id"
+            ]
         )
 
     def chunk_end(self, experiment: str, timeline_id: int, outcome: Mapping[str, Any]) -> dict[str, Any]:

@@ -226,7 +226,7 @@ class Slot:
                 return self.train_once(task)
             except WorkerDied as exc:
                 if attempt == 2:
-                    return _died_outcome(task, f"slot {self.slot} worker died twice training this chunk: {exc}")
+                    return died_outcome(task, f"slot {self.slot} worker died twice training this chunk: {exc}")
                 self.restart()
         raise AssertionError("unreachable")
 
@@ -331,40 +331,46 @@ class SlotWorker(Slot):
         self._process, self._conn = None, None
 
 
-def train_gang(workers: Sequence[Slot], task: TrainTask) -> ChunkOutcome:
-    """Train one chunk of a multi-process run: each worker as one rank of `task.gang`, all at once.
+def train_attempt(workers: Sequence[Slot], task: TrainTask) -> ChunkOutcome:
+    """One attempt at a chunk: on its slot's worker, or on its gang's workers at once (each as one rank of
+    `task.gang`; rank 0's outcome is returned, or the first failed member's).
 
-    Returns rank 0's outcome, or the first failed member's. If a member's process dies, the others' collectives
-    fail too: the dead workers are restarted and the whole gang retries once, on a fresh rendezvous port.
+    If a worker dies meanwhile (a gang's other members then fail in their collectives), the dead workers are
+    restarted and WorkerDied is raised: the caller records a new attempt and trains the chunk again from its
+    start, so the dead attempt's metrics are dropped, not stored twice.
     """
-    assert task.gang is not None and len(workers) == task.gang.world_size
+    if task.gang is None:
+        try:
+            return workers[0].train_once(task)
+        except WorkerDied:
+            workers[0].restart()
+            raise
+    assert len(workers) == task.gang.world_size
+    # Rank 0's worker hosts the rendezvous, on its own machine when workers are spread over several.
+    gang = dataclasses.replace(task.gang, address=workers[0].rendezvous_address())
     with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="rf-gang") as pool:
-        for attempt in (1, 2):
-            # Rank 0's worker hosts the rendezvous, on its own machine when workers are spread over several.
-            gang = dataclasses.replace(task.gang, address=workers[0].rendezvous_address())
-            futures = [
-                pool.submit(worker.train_once, dataclasses.replace(task, gang=dataclasses.replace(gang, rank=rank)))
-                for rank, worker in enumerate(workers)
-            ]
-            results: list[ChunkOutcome | WorkerDied] = []
-            for future in futures:
-                try:
-                    results.append(future.result())
-                except WorkerDied as exc:
-                    results.append(exc)
-            dead = [worker for worker, result in zip(workers, results, strict=True) if isinstance(result, WorkerDied)]
-            if not dead:
-                outcomes = [result for result in results if isinstance(result, ChunkOutcome)]
-                failed = [outcome for outcome in outcomes if outcome.status in ("failed", "interrupted")]
-                return failed[0] if failed else outcomes[0]
-            if attempt == 2:
-                return _died_outcome(task, f"gang member died twice training this chunk: {dead[0]}")
-            for worker in dead:
-                worker.restart()
-    raise AssertionError("unreachable")
+        futures = [
+            pool.submit(worker.train_once, dataclasses.replace(task, gang=dataclasses.replace(gang, rank=rank)))
+            for rank, worker in enumerate(workers)
+        ]
+        results: list[ChunkOutcome | WorkerDied] = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except WorkerDied as exc:
+                results.append(exc)
+    deaths = [(worker, died) for worker, died in zip(workers, results, strict=True) if isinstance(died, WorkerDied)]
+    for worker, _ in deaths:
+        worker.restart()
+    if deaths:
+        raise WorkerDied(f"a gang member died: {deaths[0][1]}")
+    outcomes = [result for result in results if isinstance(result, ChunkOutcome)]
+    failed = [outcome for outcome in outcomes if outcome.status in ("failed", "interrupted")]
+    return failed[0] if failed else outcomes[0]
 
 
-def _died_outcome(task: TrainTask, error: str) -> ChunkOutcome:
+def died_outcome(task: TrainTask, error: str) -> ChunkOutcome:
+    """The outcome of a chunk whose worker kept dying: the run fails with the reason."""
     return ChunkOutcome(
         run_id=task.run_id,
         chunk_index=task.chunk.index,

@@ -96,7 +96,7 @@ def _run(
     model_cache: Path, member_tasks: list[list[dict[str, Any]]], release_before: list[int], timeout: float = 240.0
 ) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     """Each member trains its tasks chunk by chunk, all members together, as the fit loop drives a gang: a gang's
-    rendezvous port is picked just before its chunk (as `train_gang` does), and `release_before` positions make
+    rendezvous port is picked just before its chunk (as `train_attempt` does), and `release_before` positions make
     every member drop the run from memory first."""
     ctx = mp.get_context("spawn")
     inboxes, outboxes = [ctx.Queue() for _ in member_tasks], [ctx.Queue() for _ in member_tasks]
