@@ -6,6 +6,7 @@ once. IC Ops queued in the store are applied by the plan step, at each run's chu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import subprocess
@@ -66,7 +67,7 @@ def train_chunk(
             train_task.experiment, run_id, train_task.chunk.index, workers[0].slot, total_chunks
         )
         try:
-            outcome = train_attempt(workers, train_task)
+            outcome = train_attempt(workers, dataclasses.replace(train_task, attempt=timeline_id))
             break
         except WorkerDied as exc:
             if attempt == 2:

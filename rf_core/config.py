@@ -194,8 +194,8 @@ KNOBS: dict[str, KnobSpec] = {
             "how the run trains: torch DDP (used only when num_devices > 1) or DeepSpeed ZeRO (any num_devices)",
         ),
         _K(
-            "zero_stage", "devices", (int,), 2, _between(0, 2),
-            "DeepSpeed ZeRO stage (strategy deepspeed): 1 shards the optimizer state, 2 the gradients too",
+            "zero_stage", "devices", (int,), 2, _between(0, 3),
+            "DeepSpeed ZeRO stage (strategy deepspeed): 1 shards the optimizer state, 2 the gradients, 3 the weights",
         ),
     )
 }  # fmt: skip

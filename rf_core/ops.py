@@ -725,7 +725,8 @@ def log_metrics(store: Store, batch_id: str, rows: Sequence[Mapping[str, Any]]) 
     """Store a batch of metric rows exactly once per `batch_id` (a client may retry or replay it).
 
     Each row: experiment, run_id, step, name, value (number or null), optional chunk and time (epoch seconds;
-    the server's clock when missing).
+    the server's clock when missing), and optional attempt (the timeline id of the chunk attempt that logged it):
+    rows of an attempt that was abandoned meanwhile are dropped, since its retry logs those steps again.
     """
     if not isinstance(batch_id, str) or not 0 < len(batch_id) <= 200:
         raise InvalidRequest(
@@ -754,6 +755,7 @@ def log_metrics(store: Store, batch_id: str, rows: Sequence[Mapping[str, Any]]) 
                 "value": None if value is None else float(value),
                 "chunk": row.get("chunk"),
                 "time": float(row["time"]) if row.get("time") is not None else now,
+                "attempt": row.get("attempt"),
             }
         )
     if problems:
@@ -761,8 +763,21 @@ def log_metrics(store: Store, batch_id: str, rows: Sequence[Mapping[str, Any]]) 
     with store.transaction():
         for experiment in sorted({row["experiment"] for row in clean}):
             _experiment(store, experiment)
-        inserted = store.insert_metric_batch(batch_id, clean, now)
-    return {"batch_id": batch_id, "inserted": inserted, "rows": len(clean) if inserted else 0}
+        abandoned = _abandoned_attempts(store, {row["attempt"] for row in clean if row["attempt"] is not None})
+        kept = [row for row in clean if row.pop("attempt") not in abandoned]
+        inserted = store.insert_metric_batch(batch_id, kept, now)
+    dropped = len(clean) - len(kept)
+    return {"batch_id": batch_id, "inserted": inserted, "rows": len(kept) if inserted else 0, "dropped": dropped}
+
+
+def _abandoned_attempts(store: Store, attempts: set[int]) -> set[int]:
+    """Which of these chunk attempts (timeline ids) were abandoned: their late metric rows are not stored."""
+    found = set()
+    for attempt in attempts:
+        entry = store.get_timeline(attempt)
+        if entry is not None and entry["outcome"] == ABANDONED:
+            found.add(attempt)
+    return found
 
 
 def _metric_row_problems(row: Any) -> list[str]:
@@ -775,8 +790,9 @@ def _metric_row_problems(row: Any) -> list[str]:
     for name in ("run_id", "step"):
         if not _is_int(row.get(name)):
             problems.append(f"{name} must be an integer, got {row.get(name)!r}")
-    if row.get("chunk") is not None and not _is_int(row["chunk"]):
-        problems.append(f"chunk must be an integer or null, got {row['chunk']!r}")
+    for name in ("chunk", "attempt"):
+        if row.get(name) is not None and not _is_int(row[name]):
+            problems.append(f"{name} must be an integer or null, got {row[name]!r}")
     for name in ("value", "time"):
         if row.get(name) is not None and not _is_number(row[name]):
             problems.append(f"{name} must be a number or null, got {row[name]!r}")

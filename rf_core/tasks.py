@@ -70,6 +70,7 @@ class TrainTask:
     keep_checkpoints: int | None = None  # newest step checkpoints kept per run; None keeps all
     pinned_steps: tuple[int, ...] = ()  # checkpoints a pending warm-started clone still needs
     gang: Gang | None = None  # set when the run trains on several processes (or through DeepSpeed)
+    attempt: int | None = None  # the timeline entry of this try at the chunk; its metric rows carry it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +92,7 @@ class TrainTask:
             keep_checkpoints=data.get("keep_checkpoints"),
             pinned_steps=tuple(data.get("pinned_steps") or ()),
             gang=Gang(**{**gang, "slots": tuple(gang["slots"])}) if gang else None,
+            attempt=data.get("attempt"),
         )
 
 

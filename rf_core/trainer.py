@@ -311,7 +311,8 @@ class SlotTrainer:
 
         # 3. Evaluate, then checkpoint the boundary.
         eval_started = time.perf_counter()
-        eval_metrics = self._evaluate(model, base.tokenizer, config) if leads else {}
+        evaluates = leads or zero.partitions_parameters(config)  # ZeRO-3: every member's forward takes part
+        eval_metrics = self._evaluate(model, base.tokenizer, config) if evaluates else {}
         if session is not None:
             eval_metrics = session.from_leader(eval_metrics)  # every member keeps the run's best chunk right
         eval_seconds = time.perf_counter() - eval_started
@@ -326,8 +327,10 @@ class SlotTrainer:
         checkpoint = step_checkpoint_path(task.run_dir, state.step)
         if state.engine is not None:
             zero.save_shards(state.engine, task.run_dir, state.step)  # every member writes its shard
-        if leads:
-            self._save(state, config, checkpoint, self._follow_ups(task, base, state, improved))
+        readable = list(state.trainable.values()) if state.is_lora else list(state.model.parameters())
+        with zero.gathered(state.engine, readable):  # ZeRO-3 holds a shard of each weight per member
+            if leads:
+                self._save(state, config, checkpoint, self._follow_ups(task, base, state, improved))
         state_seconds = swap_in_seconds + time.perf_counter() - swap_out_started
         exports = {LATEST: str(export_dir(task.run_dir, LATEST))}
         if state.best is not None:

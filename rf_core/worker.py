@@ -100,8 +100,12 @@ class SlotService:
     def train(self, payload: dict[str, Any]) -> dict[str, Any]:
         task = TrainTask.from_dict(payload)
 
+        tags = {"experiment": task.experiment, "run_id": task.run_id}
+        if task.attempt is not None:
+            tags["attempt"] = task.attempt  # a batch replayed after this attempt was abandoned is dropped
+
         def emit(rows: list[dict[str, Any]]) -> None:
-            self.writer.add([{"experiment": task.experiment, "run_id": task.run_id, **row} for row in rows])
+            self.writer.add([{**tags, **row} for row in rows])
 
         outcome = self.trainer.train(task, emit)
         # The chunk's metric rows are committed before the chunk is recorded as done.

@@ -5,13 +5,16 @@ cannot outlive the chunk's process group, so every chunk starts one from the run
 LR schedule, RNG and counters come from the run's own checkpoint, as for any run; the optimizer state, which
 ZeRO shards across the gang (stages 1 and 2), comes from DeepSpeed's checkpoint of the same step, one file per
 rank, in `<run dir>/deepspeed/step-<N>/`. Restoring it needs the same world size, which a run keeps for life.
+ZeRO-3 also shards the parameters: every member then evaluates (its forward gathers them), and the weights are
+gathered to be saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,20 @@ def start_engine(
         model=model, optimizer=optimizer, config=engine_config(config, gang.world_size), dist_init_required=False
     )
     return engine
+
+
+def partitions_parameters(config: Mapping[str, Any]) -> bool:
+    """ZeRO-3 shards the parameters themselves: every member's forward takes part in gathering them."""
+    return config["strategy"] == "deepspeed" and int(config["zero_stage"]) >= 3
+
+
+def gathered(engine: Any, parameters: Sequence[torch.nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+    """Full values of these parameters while inside (collective: every member enters); a no-op below ZeRO-3."""
+    if engine is None or engine.zero_optimization_stage() < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
 
 
 def save_shards(engine: Any, run_dir: str | Path, step: int) -> Path:

@@ -46,7 +46,7 @@ VALID: dict[str, list[Any]] = {
     "num_devices": [1, 2, 64],
     "max_devices": [None, 1, 64],
     "strategy": ["ddp", "deepspeed"],
-    "zero_stage": [0, 1, 2],
+    "zero_stage": [0, 1, 2, 3],
 }  # fmt: skip
 INVALID: dict[str, list[Any]] = {
     "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../../../../../../../../etc/llama"],
@@ -70,7 +70,7 @@ INVALID: dict[str, list[Any]] = {
     "num_devices": [0, 65, 2.0, True, None],
     "max_devices": [0, 65, 2.0, True, "4"],
     "strategy": ["DDP", "fsdp", "", None],
-    "zero_stage": [-1, 3, 2.0, None],
+    "zero_stage": [-1, 4, 2.0, None],
 }
 
 

@@ -345,7 +345,7 @@ def test_snapshot_has_losses_best_metric_pending_ops_and_varying_knobs(store: Du
         for step, name, value in [(1, "train_loss", 2.0), (2, "train_loss", 1.5), (2, "eval_loss", 1.8),
                                   (4, "eval_loss", 1.2), (6, "eval_loss", 1.4)]
     ]  # fmt: skip
-    assert ops.log_metrics(store, "batch-a", rows) == {"batch_id": "batch-a", "inserted": True, "rows": 5}
+    assert ops.log_metrics(store, "batch-a", rows) == {"batch_id": "batch-a", "inserted": True, "rows": 5, "dropped": 0}
     assert ops.log_metrics(store, "batch-a", rows)["inserted"] is False
     submit(store, "stop", 2)
     snapshot = ops.experiment_snapshot(store, "exp")
@@ -404,3 +404,21 @@ def test_a_fit_that_starts_abandons_the_chunks_a_dead_fit_left_open(store: DuckD
     assert entry["outcome"] == ops.ABANDONED and entry["end"] is not None
     assert ops.metrics(store, exp, run_ids=[2]) == []  # chunk 0 logged nothing here; chunk 1's partial row is gone
     assert ops.get_run(store, exp, 2)["chunks_done"] == 1  # the committed chunk stays
+
+
+def test_late_metric_rows_of_an_abandoned_attempt_are_dropped(store: DuckDBStore, exp: str) -> None:
+    def row(step: int, attempt: int) -> dict[str, Any]:
+        return {"experiment": "exp", "run_id": 1, "step": step, "name": "train_loss", "value": 1.0, "chunk": 0,
+                "attempt": attempt}  # fmt: skip
+
+    first = ops.record_chunk_start(store, "exp", 1, 0, slot=0, total_chunks=4)
+    ops.log_metrics(store, "sent-before-the-worker-died", [row(1, first)])
+    retry = ops.record_chunk_start(store, "exp", 1, 0, slot=1, total_chunks=4)  # the first attempt's worker died
+    late = ops.log_metrics(store, "spooled-by-the-dead-worker", [row(1, first), row(2, first)])
+    assert (late["inserted"], late["rows"], late["dropped"]) == (True, 0, 2)
+    ops.log_metrics(store, "the-retry", [row(1, retry), row(2, retry)])
+    stored = [(r["step"], r["name"]) for r in ops.metrics(store, "exp", run_ids=[1])]
+    assert stored == [(1, "train_loss"), (2, "train_loss")]  # each step once, from the retry
+    assert [entry["outcome"] for entry in ops.timeline(store, "exp")][:1] == ["abandoned"]
+    with pytest.raises(ops.InvalidRequest, match="attempt must be an integer"):
+        ops.log_metrics(store, "bad", [{**row(3, retry), "attempt": "x"}])
