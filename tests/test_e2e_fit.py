@@ -522,10 +522,11 @@ def test_slot_workers_on_a_ray_cluster_with_ic_ops(prefect_harness, api_token, r
         assert sorted(steps) == list(range(1, 12 // run["config"]["num_devices"] + 1)), (run_id, sorted(steps))
 
 
-def test_fit_rides_out_an_rf_server_killed_and_restarted(prefect_harness, rf_server, tmp_path, capfd):
+def test_fit_rides_out_an_rf_server_killed_and_restarted(prefect_harness, rf_server, tmp_path):
     """kill -9 the rf server once chunks are being recorded; a new one starts on the same port 4 s later. The fit
-    warns, waits and goes on; the workers spool metric batches meanwhile and replay them: every step's metrics are
-    stored exactly once, and every run completes."""
+    waits and goes on; the workers spool metric batches meanwhile and replay them: every step's metrics are stored
+    exactly once, and every run completes. (The warnings the user sees are checked on `rf fit`'s output by the
+    server kill trials in tests/test_kill_trials.py.)"""
     import signal
     import urllib.parse
 
@@ -559,10 +560,7 @@ def test_fit_rides_out_an_rf_server_killed_and_restarted(prefect_harness, rf_ser
     try:
         rf_fit("restart", entrypoint="tests.e2e_experiment:spec", cpu_slots=2, idle_timeout=2, server_url=url)
         chaos.join(10)
-        printed = capfd.readouterr()
         assert killed_at and killed_at["chunks_done"] < 12, killed_at  # killed mid-fit, not after it
-        assert f"the rf server at {url} does not answer" in printed.err
-        assert "answers again after" in printed.err
         runs = client.list_runs("restart")
         assert [run["status"] for run in runs] == ["Completed"] * 3
         rows = client.get_metrics("restart", names=["train_loss", "eval_loss"])
