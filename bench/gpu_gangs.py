@@ -178,12 +178,15 @@ def check_placement(pool: SlotPool, devices: list[str], runs: int, work: Path) -
     }
 
 
-def check_deepspeed(pool: SlotPool, sink: MetricSink, slot: int, reference_slot: int, work: Path) -> dict[str, Any]:
-    """The same LoRA config trained through a ZeRO-2 engine (a gang of one) and plainly, chunk by chunk."""
+def check_deepspeed(
+    pool: SlotPool, sink: MetricSink, slot: int, reference_slot: int, work: Path, stage: int
+) -> dict[str, Any]:
+    """The same LoRA config trained through a ZeRO engine (a gang of one) and plainly, chunk by chunk."""
     trajectories = {}
     seconds = {}
-    for run_id, strategy in ((101, "deepspeed"), (102, "ddp")):
-        config = _config(3, strategy=strategy, zero_stage=2)
+    deepspeed_run = 100 + 2 * stage
+    for run_id, strategy in ((deepspeed_run, "deepspeed"), (deepspeed_run + 1, "ddp")):
+        config = _config(3, strategy=strategy, zero_stage=stage)
         chosen = slot if strategy == "deepspeed" else reference_slot
         train_s = 0.0
         for chunk_index in range(NUM_CHUNKS):
@@ -200,7 +203,7 @@ def check_deepspeed(pool: SlotPool, sink: MetricSink, slot: int, reference_slot:
         time.sleep(1.0)  # the workers' metric writers flush every 0.5 s
         trajectories[strategy] = sink.series(run_id, "train_loss")
     deepspeed, plain = trajectories["deepspeed"], trajectories["ddp"]
-    shards = work / "run-101" / "deepspeed" / f"step-{STEPS_PER_CHUNK * NUM_CHUNKS}"
+    shards = work / f"run-{deepspeed_run}" / "deepspeed" / f"step-{STEPS_PER_CHUNK * NUM_CHUNKS}"
     return {
         "steps": len(deepspeed),
         "max_relative_loss_difference": max(
@@ -220,6 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="25m")
     parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--zero-stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -230,7 +234,8 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": f"PYTHONPATH=. python bench/gpu_gangs.py --shape {args.shape} --runs {args.runs}",
+        "command": f"PYTHONPATH=. python bench/gpu_gangs.py --shape {args.shape} --runs {args.runs} "
+        f"--zero-stages {' '.join(map(str, args.zero_stages))}",
     }
     with tempfile.TemporaryDirectory() as tmp:
         os.environ[ROOTS_ENV] = tmp
@@ -247,11 +252,13 @@ def main() -> None:
             results["workers_ready_s"] = time.perf_counter() - started
             results["placement"] = check_placement(pool, devices, args.runs, Path(tmp) / "placement")
             print(json.dumps({k: v for k, v in results["placement"].items() if k != "placements"}, indent=2))
-            try:
-                results["deepspeed_zero2_world1"] = check_deepspeed(pool, sink, 0, 1, Path(tmp) / "deepspeed")
-            except Exception as exc:  # report it; the placement figures stand on their own
-                results["deepspeed_zero2_world1"] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(json.dumps(results["deepspeed_zero2_world1"], indent=2))
+            for stage in args.zero_stages:
+                key = f"deepspeed_zero{stage}_world1"
+                try:
+                    results[key] = check_deepspeed(pool, sink, 0, 1, Path(tmp) / "deepspeed", stage)
+                except Exception as exc:  # report it; the placement figures stand on their own
+                    results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(key, json.dumps(results[key], indent=2))
         sink.close()
     peaks = results["placement"]["peak_mib_per_gpu_slot"]
     if peaks:
