@@ -9,7 +9,7 @@ What it does:
    the slot workers will), and sizes the training set so that one chunk is about `--chunk-seconds` of training.
 2. Runs `flows.fit.rf_fit` in this process, in Prefect's ephemeral mode, with a fresh RF_HOME and PREFECT_HOME
    in a temporary folder and an rf server started here first (`ensure_server`), so the store outlives the flow.
-3. Observes without changing behaviour: wrappers around `SlotWorker.train`, `RFClient` calls, `FitLoop.plan` and
+3. Observes without changing behaviour: wrappers around `SlotWorker.train_once`, `RFClient` calls, `FitLoop.plan` and
    the fit loop's completion detection read the clock in this process; `bench.bench_experiment` does the same in
    each slot worker (setup, training loop, evaluation, checkpoint, metric flush). All clocks are `time.time()`.
 4. Reads the store's timeline and metrics, and reports slot utilisation and the non-training time between
@@ -183,7 +183,7 @@ class FlowProbe:
         from rf_core.worker import SlotWorker
 
         probe = self
-        original_train = SlotWorker.train
+        original_train = SlotWorker.train_once
         original_chunk_start = RFClient.chunk_start
         original_chunk_end = RFClient.chunk_end
         original_request = RFClient._request
@@ -247,7 +247,7 @@ class FlowProbe:
                     probe.completion_notices.append(time.time())
             return result
 
-        SlotWorker.train = train  # type: ignore[method-assign]
+        SlotWorker.train_once = train  # type: ignore[method-assign]
         RFClient.chunk_start = chunk_start  # type: ignore[method-assign]
         RFClient.chunk_end = chunk_end  # type: ignore[method-assign]
         RFClient._request = request  # type: ignore[method-assign]
@@ -255,7 +255,7 @@ class FlowProbe:
         setattr(flows.fit, detector_name, detector)
 
         def restore() -> None:
-            SlotWorker.train = original_train  # type: ignore[method-assign]
+            SlotWorker.train_once = original_train  # type: ignore[method-assign]
             RFClient.chunk_start = original_chunk_start  # type: ignore[method-assign]
             RFClient.chunk_end = original_chunk_end  # type: ignore[method-assign]
             RFClient._request = original_request  # type: ignore[method-assign]
