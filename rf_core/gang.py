@@ -93,9 +93,6 @@ class GangSession:
         dist.broadcast_object_list(box, src=0, device=self._collective_device)
         return box[0]
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     @property
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")

@@ -39,7 +39,6 @@ from rf_core import chunks, zero
 from rf_core.artifacts import BEST, LATEST, ExportRecipe, copy_export, export_dir, prune_checkpoints, write_export
 from rf_core.checkpoints import (
     capture_rng_state,
-    checkpoints_dir,
     init_checkpoint_path,
     latest_checkpoint,
     restore_rng_state,
@@ -381,9 +380,9 @@ class SlotTrainer:
                 copy_export(latest, best)
 
         def prune(_: Path) -> None:
-            prune_checkpoints(task.run_dir, task.keep_checkpoints, task.pinned_steps)
+            deleted = prune_checkpoints(task.run_dir, task.keep_checkpoints, task.pinned_steps)
             if task.config["strategy"] == "deepspeed":
-                zero.prune_shards(task.run_dir, _checkpoint_steps(task.run_dir))
+                zero.prune_shards(task.run_dir, [step for path in deleted if (step := step_of(path)) is not None])
 
         return [export, prune]
 
@@ -785,11 +784,6 @@ def _improves(best: Mapping[str, Any] | None, value: float | None, mode: str) ->
     if best is None:
         return True
     return value < best["value"] if mode == "min" else value > best["value"]
-
-
-def _checkpoint_steps(run_dir: str | Path) -> list[int]:
-    folder = checkpoints_dir(run_dir)
-    return [step for path in folder.iterdir() if (step := step_of(path)) is not None] if folder.is_dir() else []
 
 
 def _being_written(path: Path) -> bool:

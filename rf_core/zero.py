@@ -124,12 +124,7 @@ def load_shards(engine: Any, run_dir: str | Path, step: int) -> None:
         raise FileNotFoundError(f"DeepSpeed could not load its state for step {step} from {folder}")
 
 
-def prune_shards(run_dir: str | Path, kept_steps: Iterable[int]) -> None:
-    """Delete the shard folders of steps whose run checkpoint is gone."""
-    folder = shards_dir(run_dir)
-    if not folder.is_dir():
-        return
-    keep = {_tag(step) for step in kept_steps}
-    for entry in folder.iterdir():
-        if entry.is_dir() and entry.name.startswith("step-") and entry.name not in keep:
-            shutil.rmtree(entry, ignore_errors=True)
+def prune_shards(run_dir: str | Path, deleted_steps: Iterable[int]) -> None:
+    """Delete the shard folders of the steps whose run checkpoints were just pruned."""
+    for step in deleted_steps:
+        shutil.rmtree(shards_dir(run_dir) / _tag(step), ignore_errors=True)

@@ -238,3 +238,13 @@ def test_deepspeed_on_one_process_matches_plain_training(stage, model_cache, sin
     shards = {path.name for path in (tmp_path / "run" / "deepspeed" / f"step-{STEPS}").iterdir()}
     # Stage 0 keeps the whole optimizer state with the module's; stage 1 writes it as the one rank's shard.
     assert ("zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards) == (stage > 0)
+
+
+def test_shards_of_pruned_checkpoints_go_with_them(tmp_path) -> None:
+    from rf_core.zero import prune_shards, shards_dir
+
+    for step in (4, 8, 12):
+        (shards_dir(tmp_path) / f"step-{step}").mkdir(parents=True)
+        (shards_dir(tmp_path) / f"step-{step}" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    prune_shards(tmp_path, [4, 8])
+    assert sorted(path.name for path in shards_dir(tmp_path).iterdir()) == ["step-12"]
