@@ -66,7 +66,7 @@ def bench_configs(num_runs: int) -> dict[str, Any]:
 def create_model_fn(config: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rf_core.models import ensure_pretrained
+    from rf_core.training.models import ensure_pretrained
 
     folder = ensure_pretrained(config["model_name_or_path"], Path(os.environ[MODEL_CACHE_ENV]), pretrain_steps=0)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -142,8 +142,8 @@ def _install_worker_probe(probe_dir: Path) -> None:
     process_name = multiprocessing.current_process().name
     if not process_name.startswith(WORKER_PROCESS_PREFIX):
         return
-    from rf_core.client import MetricWriter
-    from rf_core.trainer import SlotTrainer
+    from rf_core.metric_writer import MetricWriter
+    from rf_core.training.trainer import SlotTrainer
 
     if getattr(SlotTrainer.train, "_bench_probe", False):
         return
@@ -205,8 +205,8 @@ def measure_steps_per_second(steps: int, threads: int = 1) -> float:
     from rf_core.chunks import plan_chunks
     from rf_core.config import normalize_config
     from rf_core.knobs import expand_config_group
-    from rf_core.tasks import TrainTask
-    from rf_core.trainer import SlotTrainer
+    from rf_core.messages import TrainTask
+    from rf_core.training.trainer import SlotTrainer
 
     torch.set_num_threads(threads)
     config = normalize_config(expand_config_group(bench_configs(1))[0])

@@ -5,8 +5,8 @@
 
 For each run count:
 
-1. Writes a synthetic experiment into a fresh store through rf_core.ops (`dash_app.sample.seed_experiment`): every
-   run has `--points` minibatch-loss points, as many learning-rate points, and an eval loss per chunk.
+1. Writes a synthetic experiment into a fresh store through rf_core.control (`tests.dashboard_sample.seed_experiment`):
+   every run has `--points` minibatch-loss points, as many learning-rate points, and an eval loss per chunk.
 2. Builds the real Dash app on that store and posts the chart refresh callback's request exactly as the page sends
    it on each refresh tick (all three charts), through Flask's test client: the time measured is the server's
    whole answer (Dash dispatch, reading the store, M4 downsampling, figure building, JSON encoding), without the
@@ -40,10 +40,10 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 import numpy as np  # noqa: E402
 
-from dash_app.sample import append_points, seed_experiment  # noqa: E402
 from dash_app.server import build_app  # noqa: E402
 from rf_core import paths  # noqa: E402
-from rf_core.store import DuckDBStore  # noqa: E402
+from rf_core.control.store import DuckDBStore  # noqa: E402
+from tests.dashboard_sample import append_points, seed_experiment  # noqa: E402
 
 EXPERIMENT = "bench"
 CHARTS = ("train_loss", "learning_rate", "eval_loss")

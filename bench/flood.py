@@ -32,7 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rf_core.client import OpRejected, RFClient  # noqa: E402
+from rf_core.client import RFClient  # noqa: E402
+from rf_core.errors import OpRejected  # noqa: E402
 from rf_core.server_process import ensure_server, stop_server  # noqa: E402
 
 EXPERIMENT = "flood"

@@ -27,12 +27,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noq
 
 from rf_core.chunks import plan_chunks  # noqa: E402
 from rf_core.config import normalize_config  # noqa: E402
-from rf_core.data import demo_datasets  # noqa: E402
+from rf_core.messages import TrainTask  # noqa: E402
 from rf_core.model_roots import ROOTS_ENV  # noqa: E402
-from rf_core.models import build_tokenizer  # noqa: E402
-from rf_core.staging import default_staging_root  # noqa: E402
-from rf_core.tasks import TrainTask  # noqa: E402
-from rf_core.trainer import SlotTrainer  # noqa: E402
+from rf_core.training.data import demo_datasets  # noqa: E402
+from rf_core.training.models import build_tokenizer  # noqa: E402
+from rf_core.training.staging import default_staging_root  # noqa: E402
+from rf_core.training.trainer import SlotTrainer  # noqa: E402
 
 SHAPES = {
     # ~25 M parameters: the size the swap targets are set for.

@@ -30,11 +30,11 @@ from bench.gpu_check import build_base  # noqa: E402
 from rf_core.chunks import plan_chunks  # noqa: E402
 from rf_core.config import normalize_config  # noqa: E402
 from rf_core.experiment import ExperimentSpec  # noqa: E402
-from rf_core.gang import free_address  # noqa: E402
+from rf_core.messages import ChunkOutcome, Gang, TrainTask  # noqa: E402
 from rf_core.model_roots import ROOTS_ENV  # noqa: E402
 from rf_core.scheduler import RunnableRun, assign  # noqa: E402
-from rf_core.tasks import ChunkOutcome, Gang, TrainTask  # noqa: E402
-from rf_core.worker import SlotPool, SpecSource  # noqa: E402
+from rf_core.training.gang import free_address  # noqa: E402
+from rf_core.training.worker import SlotPool, SpecSource, train_with_retry  # noqa: E402
 
 BASE_ENV = "RF_GPU_GANGS_BASE"
 BATCH, MAX_LENGTH, STEPS_PER_CHUNK, NUM_CHUNKS = 8, 64, 10, 3
@@ -53,7 +53,7 @@ def _load_base(config: dict[str, Any]) -> tuple[Any, Any]:
 
 def spec() -> ExperimentSpec:
     """The workers' experiment: the locally built base, the demo data (imported by each worker)."""
-    from rf_core.data import demo_datasets
+    from rf_core.training.data import demo_datasets
 
     train, evaluation = demo_datasets(eval_size=32)
     return ExperimentSpec(
@@ -195,7 +195,7 @@ def check_deepspeed(
                 if strategy == "deepspeed"
                 else None
             )
-            outcome = pool[chosen].train(_task(run_id, config, chunk_index, work, gang))
+            outcome = train_with_retry([pool[chosen]], _task(run_id, config, chunk_index, work, gang))
             if outcome.status == "failed":
                 raise RuntimeError(f"{strategy} chunk {chunk_index}: {outcome.error}\n{outcome.traceback}")
             train_s += outcome.train_seconds

@@ -188,7 +188,7 @@ class EngineContestants:
         import flows.fit
         from rf_core.client import RFClient
         from rf_core.experiment import Experiment
-        from rf_core.models import demo_create_model_fn
+        from rf_core.training.models import demo_create_model_fn
 
         original = flows.fit.format_chunk_line
 
@@ -311,8 +311,8 @@ def _hf_train_one(config: dict[str, Any], size: TaskSize, output_dir: str) -> di
 
     from rf_core.chunks import plan_chunks
     from rf_core.config import normalize_config
-    from rf_core.data import tokenize_examples
-    from rf_core.models import demo_create_model_fn
+    from rf_core.training.data import tokenize_examples
+    from rf_core.training.models import demo_create_model_fn
 
     torch.set_num_threads(1)
     normalized = normalize_config(config)
@@ -432,7 +432,7 @@ def prepare_environment(scratch: Path) -> Path:
 
 def build_base_model() -> None:
     """The demo's pretrained tiny model, built once before any clock starts (in a subprocess: torch stays out)."""
-    code = "from rf_core.models import demo_create_model_fn as f; f({'model_name_or_path': 'rf-tiny-llama'})"
+    code = "from rf_core.training.models import demo_create_model_fn as f; f({'model_name_or_path': 'rf-tiny-llama'})"
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL)
 
 

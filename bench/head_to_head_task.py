@@ -62,7 +62,7 @@ class TaskSize:
         return expand_config_group(self.config_group())
 
     def datasets(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-        from rf_core.data import demo_datasets
+        from rf_core.training.data import demo_datasets
 
         train, evaluation = demo_datasets()
         if self.train_examples is not None:
@@ -113,10 +113,10 @@ def train_in_chunks(
     {chunk, eval_loss, step, chunk_start, chunk_end, time}; `report` returning False stops the training."""
     from rf_core.chunks import plan_chunks
     from rf_core.config import normalize_config
-    from rf_core.models import demo_create_model_fn
-    from rf_core.staging import default_staging_root
-    from rf_core.tasks import TrainTask
-    from rf_core.trainer import SlotTrainer
+    from rf_core.messages import TrainTask
+    from rf_core.training.models import demo_create_model_fn
+    from rf_core.training.staging import default_staging_root
+    from rf_core.training.trainer import SlotTrainer
 
     normalized = normalize_config(config)
     train, evaluation = size.datasets()

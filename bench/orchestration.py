@@ -179,8 +179,8 @@ class FlowProbe:
     def install(self) -> None:
         import flows.fit
         from rf_core.client import RFClient
-        from rf_core.fitloop import FitLoop
-        from rf_core.worker import SlotWorker
+        from rf_core.planner import FitLoop
+        from rf_core.training.worker import SlotWorker
 
         probe = self
         original_train = SlotWorker.train_once
@@ -687,7 +687,7 @@ def calibrate_steps_per_second(num_slots: int, threads: int) -> list[float]:
 def start_base_model_build() -> subprocess.Popen[bytes]:
     """Build the tiny base model once, outside the measured window (a subprocess: torch stays out of this one)."""
     code = (
-        "import os, pathlib; from rf_core.models import ensure_pretrained; "
+        "import os, pathlib; from rf_core.training.models import ensure_pretrained; "
         "ensure_pretrained('rf-tiny-llama', pathlib.Path(os.environ['RF_BENCH_MODEL_CACHE']), pretrain_steps=0)"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)

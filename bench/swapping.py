@@ -43,12 +43,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noq
 
 from rf_core.chunks import plan_chunks  # noqa: E402
 from rf_core.config import normalize_config  # noqa: E402
-from rf_core.data import demo_datasets, tokenize_examples  # noqa: E402
+from rf_core.messages import TrainTask  # noqa: E402
 from rf_core.model_roots import ROOTS_ENV  # noqa: E402
-from rf_core.models import build_tokenizer  # noqa: E402
-from rf_core.staging import STAGING_ENV, default_staging_root, persist_staged  # noqa: E402
-from rf_core.tasks import TrainTask  # noqa: E402
-from rf_core.trainer import SlotTrainer  # noqa: E402
+from rf_core.training.data import demo_datasets, tokenize_examples  # noqa: E402
+from rf_core.training.models import build_tokenizer  # noqa: E402
+from rf_core.training.staging import STAGING_ENV, default_staging_root, persist_staged  # noqa: E402
+from rf_core.training.trainer import SlotTrainer  # noqa: E402
 
 SHAPES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},

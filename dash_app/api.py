@@ -1,4 +1,4 @@
-"""The rf server's JSON API, registered on the Dash app's Flask server. Every route goes through rf_core.ops.
+"""The rf server's JSON API, registered on the Dash app's Flask server. Every route goes through rf_core.control.
 
 Errors are JSON: {"error": message, "problems": [...], "type": exception class}. Bad input (malformed JSON,
 wrong types, unknown experiment or run, an illegal op) is always a 4xx, never a 5xx.
@@ -14,18 +14,19 @@ from typing import Any
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from rf_core import ops
-from rf_core.store import Store, StoreError
+from rf_core import errors
+from rf_core.control import decisions, experiments, metrics, ops, timeline
+from rf_core.control.store import Store, StoreError
 
 API_PREFIX = "/api"
 
 # Exception class -> HTTP status. The class name travels in the body so the client raises the same class.
 _STATUS = (
-    (ops.OpRejected, 422),
-    (ops.ExperimentExists, 409),
-    (ops.IllegalTransition, 409),
-    (ops.InvalidRequest, 400),
-    (ops.NotFound, 404),
+    (errors.OpRejected, 422),
+    (errors.ExperimentExists, 409),
+    (errors.IllegalTransition, 409),
+    (errors.InvalidRequest, 400),
+    (errors.NotFound, 404),
 )
 
 
@@ -33,7 +34,7 @@ MAX_REQUEST_BYTES = 16 * 2**20  # far above any op or metric batch; a bigger bod
 
 
 def register_routes(server: Flask, store: Store) -> None:
-    """Add the /api routes to `server`; they read and write `store` through rf_core.ops."""
+    """Add the /api routes to `server`; they read and write `store` through rf_core.control."""
     server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     api = Blueprint("rf_api", __name__, url_prefix=API_PREFIX)
 
@@ -43,13 +44,13 @@ def register_routes(server: Flask, store: Store) -> None:
 
     @api.get("/experiments")
     def list_experiments() -> Response:
-        return _json(ops.list_experiments(store))
+        return _json(experiments.list_experiments(store))
 
     @api.post("/experiments")
     def create_experiment() -> Response:
         body = _body()
         _require(body, "name", "configs", "num_chunks")
-        created = ops.create_experiment(
+        created = experiments.create_experiment(
             store,
             body["name"],
             body["configs"],
@@ -63,25 +64,25 @@ def register_routes(server: Flask, store: Store) -> None:
 
     @api.get("/experiments/<name>")
     def get_experiment(name: str) -> Response:
-        return _json(ops.get_experiment(store, name))
+        return _json(experiments.get_experiment(store, name))
 
     @api.get("/experiments/<name>/snapshot")
     def snapshot(name: str) -> Response:
-        return _json(ops.experiment_snapshot(store, name, include_deleted=_flag("all")))
+        return _json(experiments.experiment_snapshot(store, name, include_deleted=_flag("all")))
 
     @api.post("/experiments/<name>/status")
     def set_status(name: str) -> Response:
         body = _body()
         _require(body, "status")
-        return _json(ops.set_experiment_status(store, name, body["status"]))
+        return _json(experiments.set_experiment_status(store, name, body["status"]))
 
     @api.get("/experiments/<name>/runs")
     def list_runs(name: str) -> Response:
-        return _json(ops.list_runs(store, name, include_deleted=_flag("all")))
+        return _json(experiments.list_runs(store, name, include_deleted=_flag("all")))
 
     @api.get("/experiments/<name>/runs/<int:run_id>")
     def get_run(name: str, run_id: int) -> Response:
-        return _json(ops.get_run(store, name, run_id))
+        return _json(experiments.get_run(store, name, run_id))
 
     @api.post("/experiments/<name>/ops")
     def submit_op(name: str) -> Response:
@@ -102,7 +103,7 @@ def register_routes(server: Flask, store: Store) -> None:
     def list_ops(name: str) -> Response:
         run_ids = _int_args("run")
         if len(run_ids) > 1:
-            raise ops.InvalidRequest(["give at most one run= filter for ops"])
+            raise errors.InvalidRequest(["give at most one run= filter for ops"])
         run_id = run_ids[0] if run_ids else None
         return _json(ops.list_ops(store, name, run_id=run_id, status=request.args.get("status")))
 
@@ -112,17 +113,11 @@ def register_routes(server: Flask, store: Store) -> None:
         _require(body, "busy_run_ids")
         return _json(ops.boundary_view(store, name, body["busy_run_ids"]))
 
-    @api.post("/experiments/<name>/apply-ops")
-    def apply_ops(name: str) -> Response:
-        body = _body()
-        _require(body, "idle_run_ids")
-        return _json(ops.apply_due_ops(store, name, body["idle_run_ids"]))
-
     @api.post("/experiments/<name>/chunk-start")
     def chunk_start(name: str) -> Response:
         body = _body()
         _require(body, "run_id", "chunk_index", "slot", "total_chunks")
-        timeline_id = ops.record_chunk_start(
+        timeline_id = timeline.record_chunk_start(
             store, name, body["run_id"], body["chunk_index"], body["slot"], body["total_chunks"]
         )
         return _json({"timeline_id": timeline_id}, 201)
@@ -131,17 +126,23 @@ def register_routes(server: Flask, store: Store) -> None:
     def chunk_end(name: str) -> Response:
         body = _body()
         _require(body, "timeline_id", "outcome")
-        return _json(ops.record_chunk_end(store, name, body["timeline_id"], body["outcome"]))
+        return _json(timeline.record_chunk_end(store, name, body["timeline_id"], body["outcome"]))
+
+    @api.post("/experiments/<name>/runs/<int:run_id>/fail")
+    def fail_run(name: str, run_id: int) -> Response:
+        body = _body()
+        _require(body, "error")
+        return _json(timeline.fail_run(store, name, run_id, body["error"]))
 
     @api.get("/experiments/<name>/timeline")
-    def timeline(name: str) -> Response:
-        return _json(ops.timeline(store, name))
+    def list_timeline(name: str) -> Response:
+        return _json(timeline.timeline(store, name))
 
     @api.post("/metrics")
     def log_metrics() -> Response:
         body = _body()
         _require(body, "batch_id", "rows")
-        return _json(ops.log_metrics(store, body["batch_id"], body["rows"]))
+        return _json(metrics.log_metrics(store, body["batch_id"], body["rows"]))
 
     @api.get("/experiments/<name>/metrics")
     def get_metrics(name: str) -> Response:
@@ -153,14 +154,14 @@ def register_routes(server: Flask, store: Store) -> None:
             try:
                 since_time = float(since)
             except ValueError:
-                raise ops.InvalidRequest([f"since must be a number (epoch seconds), got {since!r}"]) from None
-        return _json(ops.metrics(store, name, run_ids=run_ids, names=names, since_time=since_time))
+                raise errors.InvalidRequest([f"since must be a number (epoch seconds), got {since!r}"]) from None
+        return _json(metrics.metrics(store, name, run_ids=run_ids, names=names, since_time=since_time))
 
     @api.post("/experiments/<name>/policy-decisions")
     def record_policy_decision(name: str) -> Response:
         body = _body()
         _require(body, "policy", "run_id", "boundary", "kind", "reason")
-        recorded = ops.record_policy_decision(
+        recorded = decisions.record_policy_decision(
             store,
             name,
             body["policy"],
@@ -177,7 +178,7 @@ def register_routes(server: Flask, store: Store) -> None:
     @api.get("/experiments/<name>/policy-decisions")
     def list_policy_decisions(name: str) -> Response:
         return _json(
-            ops.list_policy_decisions(
+            decisions.list_policy_decisions(
                 store, name, policy=request.args.get("policy"), status=request.args.get("status")
             )
         )
@@ -185,10 +186,10 @@ def register_routes(server: Flask, store: Store) -> None:
     @api.post("/experiments/<name>/policy-decisions/<int:decision_id>/<action>")
     def resolve_proposal(name: str, decision_id: int, action: str) -> Response:
         if action not in ("approve", "dismiss"):
-            raise ops.InvalidRequest([f"a proposal can be approved or dismissed, not {action!r}"])
+            raise errors.InvalidRequest([f"a proposal can be approved or dismissed, not {action!r}"])
         body = _body()
         _require(body, "who")
-        return _json(ops.resolve_proposal(store, name, decision_id, action == "approve", body["who"]))
+        return _json(decisions.resolve_proposal(store, name, decision_id, action == "approve", body["who"]))
 
     @api.route("/", defaults={"unknown": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     @api.route("/<path:unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -257,20 +258,20 @@ def _finite(data: Any) -> Any:
 def _body() -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if not raw.strip():
-        raise ops.InvalidRequest(["the request body is empty: send a JSON object"])
+        raise errors.InvalidRequest(["the request body is empty: send a JSON object"])
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ops.InvalidRequest([f"the request body is not valid JSON: {exc}"]) from None
+        raise errors.InvalidRequest([f"the request body is not valid JSON: {exc}"]) from None
     if not isinstance(data, dict):
-        raise ops.InvalidRequest([f"the request body must be a JSON object, got {type(data).__name__}"])
+        raise errors.InvalidRequest([f"the request body must be a JSON object, got {type(data).__name__}"])
     return data
 
 
 def _require(body: dict[str, Any], *names: str) -> None:
     missing = [name for name in names if name not in body]
     if missing:
-        raise ops.InvalidRequest([f"missing field {name!r}" for name in missing])
+        raise errors.InvalidRequest([f"missing field {name!r}" for name in missing])
 
 
 def _flag(name: str) -> bool:
@@ -282,4 +283,4 @@ def _int_args(name: str) -> list[int]:
     try:
         return [int(value) for value in values]
     except ValueError:
-        raise ops.InvalidRequest([f"{name} must be integers, got {values!r}"]) from None
+        raise errors.InvalidRequest([f"{name} must be integers, got {values!r}"]) from None

@@ -14,7 +14,7 @@ from dash import ALL, Dash, Input, Output, State, ctx, html, no_update
 from dash_app import data, figures
 from dash_app.downsample import M4Cache
 from dash_app.layout import chart_cells
-from rf_core.store import Store
+from rf_core.control.store import Store
 
 Callbacks = dict[str, Any]
 

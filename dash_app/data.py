@@ -1,6 +1,6 @@
-"""What the dashboard shows, read in-process from the store through rf_core.ops (plain data, no Dash).
+"""What the dashboard shows, read in-process from the store through rf_core.control (plain data, no Dash).
 
-Every write (an IC Op) also goes through rf_core.ops, which validates it exactly as it does for the CLI.
+Every write (an IC Op) also goes through rf_core.control.ops, which validates it exactly as it does for the CLI.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from datetime import datetime
 from typing import Any
 
 from dash_app.downsample import CACHE_BUCKETS, M4Cache, Series, width_for
-from rf_core import ops
+from rf_core import errors, states
 from rf_core.config import varying_knobs
+from rf_core.control import experiments, metrics, ops
+from rf_core.control import timeline as chunk_timeline
+from rf_core.control.store import Store
+from rf_core.report import RunRow, experiment_metric, run_row
+from rf_core.report import runs_table as table_rows
 from rf_core.states import OpKind, RunStatus, allowed_ops
-from rf_core.store import Store
 
 PIXEL_BUCKETS = 400  # about a chart's width in pixels on a laptop screen, two charts side by side
 POINTS_PER_CHART = 48_000  # beyond this the browser redraws slowly: fewer buckets per run when runs are many
@@ -31,7 +35,7 @@ IC_OPS_CELL = "IC Ops ▸"
 def experiment_options(store: Store) -> list[dict[str, str]]:
     """Dropdown options, newest experiment first."""
     return [
-        {"label": f"{row['name']} ({row['status']})", "value": row["name"]} for row in ops.list_experiments(store)
+        {"label": f"{row['name']} ({row['status']})", "value": row["name"]} for row in experiments.list_experiments(store)
     ]
 
 
@@ -42,38 +46,27 @@ def snapshot(store: Store, experiment: str | None, include_deleted: bool = False
     if not experiment:
         return None
     try:
-        return ops.experiment_snapshot(store, experiment, include_deleted=include_deleted)
-    except ops.NotFound:
+        return experiments.experiment_snapshot(store, experiment, include_deleted=include_deleted)
+    except errors.NotFound:
         return None
 
 
 def runs_view(
     store: Store, cache: M4Cache, experiment: str | None, include_deleted: bool = False
 ) -> dict[str, Any] | None:
-    """What `ops.experiment_snapshot` returns (experiment, runs with their latest and best metrics and queued
+    """What `experiments.experiment_snapshot` returns (experiment, runs with their latest and best metrics and queued
     ops, varying knobs), with the metrics read from the charts' cache instead of a scan of every point: on every
     refresh tick, that scan cost ~300 ms with 64 runs x 20,000 steps."""
     if not experiment:
         return None
     try:
-        experiment_row = ops.get_experiment(store, experiment)
-        runs = ops.list_runs(store, experiment, include_deleted=include_deleted)
+        experiment_row = experiments.get_experiment(store, experiment)
+        runs = experiments.list_runs(store, experiment, include_deleted=include_deleted)
         pending = ops.list_ops(store, experiment, status="pending")
-    except ops.NotFound:
+    except errors.NotFound:
         return None
-    summary = cache.summary(experiment, ops.TRAIN_LOSS_METRIC, experiment_row["metric"], experiment_row["mode"])
-    for run in runs:
-        metrics = summary.get(int(run["run_id"]), {})
-        queued = [op for op in pending if int(op["run_id"]) == int(run["run_id"])]
-        run.update(
-            train_loss=metrics.get("train_loss"),
-            latest_metric=metrics.get("latest_metric"),
-            best_metric=metrics.get("best_metric"),
-            pending_ops=len(queued),
-            pending_op_kinds=[op["kind"] for op in queued],
-        )
-    knobs = varying_knobs([run["config"] for run in runs]) if runs else []
-    return {"experiment": experiment_row, "runs": runs, "varying_knobs": knobs}
+    summary = cache.summary(experiment, states.TRAIN_LOSS_METRIC, experiment_row["metric"], experiment_row["mode"])
+    return experiments.snapshot_of(experiment_row, runs, pending, summary)
 
 
 def header_summary(snap: Mapping[str, Any], timeline: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -110,26 +103,25 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
     """(rowData, columnDefs) for the runs grid: one row per run, plus a column per varying knob."""
     if snap is None:
         return [], []
-    metric = snap["experiment"]["metric"]
-    knobs = snap["varying_knobs"]
-    rows = []
-    for run in snap["runs"]:
-        rows.append(
-            {
-                "run": run["run_id"],
-                "status": run["status"],
-                "source": run["source"],
-                "parent": run["parent_id"],
-                "warm_start": _warm_start_text(run),
-                "progress": progress_text(run),
-                "train_loss": run["train_loss"],
-                "latest_metric": run["latest_metric"],
-                "best_metric": run["best_metric"],
-                "pending_ops": ", ".join(run.get("pending_op_kinds") or []),
-                "ic_ops": IC_OPS_CELL,
-                **{f"knob:{knob}": _display(run["config"].get(knob)) for knob in knobs},
-            }
-        )
+    metric = experiment_metric(snap)
+    knobs, runs = table_rows(snap)
+    rows = [
+        {
+            "run": row.run_id,
+            "status": row.status,
+            "source": row.source,
+            "parent": row.parent_id,
+            "warm_start": warm_start_text(row),
+            "progress": progress_text(row),
+            "train_loss": row.train_loss,
+            "latest_metric": row.latest_metric,
+            "best_metric": row.best_metric,
+            "pending_ops": ", ".join(row.pending_op_kinds),
+            "ic_ops": IC_OPS_CELL,
+            **{f"knob:{knob}": _display(row.knobs[knob]) for knob in knobs},
+        }
+        for row in runs
+    ]
     number = {"valueFormatter": {"function": "params.value == null ? '-' : d3.format('.4~g')(params.value)"}}
     columns = [
         {"field": "run", "width": 80, "pinned": "left"},
@@ -156,17 +148,16 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
     return rows, columns
 
 
-def progress_text(run: Mapping[str, Any]) -> str:
-    total = run.get("total_chunks") or "?"
-    return f"epoch {run.get('epoch', 0)} · chunk {run.get('chunks_done', 0)}/{total} · step {run.get('step', 0)}"
+def progress_text(row: RunRow) -> str:
+    return f"epoch {row.epoch} · chunk {row.chunks_done}/{row.total_chunks or '?'} · step {row.step}"
 
 
-def _warm_start_text(run: Mapping[str, Any]) -> str:
-    if run.get("parent_id") is None:
+def warm_start_text(row: RunRow) -> str:
+    if not row.is_clone:
         return ""
-    if run.get("warm_start", "off") == "off":
+    if not row.is_warm:
         return "cold"
-    return f"{run['warm_start']} of run {run['parent_id']} @ step {run.get('parent_step') or 0}"
+    return f"{row.warm_start} of run {row.parent_id} @ step {row.parent_step or 0}"
 
 
 # -- charts -------------------------------------------------------------------------------------------------
@@ -185,8 +176,8 @@ def ordered_metrics(names: Iterable[str]) -> list[str]:
 def chart_cache(store: Store) -> M4Cache:
     """The charts' downsampled points of every experiment, kept current from the store's new rows."""
     return M4Cache(
-        lambda experiment, width, after_row: ops.metric_buckets(store, experiment, width, after_row),
-        lambda experiment: width_for(ops.max_metric_step(store, experiment) or 0, CACHE_BUCKETS),
+        lambda experiment, width, after_row: metrics.metric_buckets(store, experiment, width, after_row),
+        lambda experiment: width_for(metrics.max_metric_step(store, experiment) or 0, CACHE_BUCKETS),
     )
 
 
@@ -204,8 +195,8 @@ def chart_names(store: Store, experiment: str | None) -> list[str]:
     if not experiment:
         return []
     try:
-        return ordered_metrics(ops.metric_names(store, experiment))
-    except ops.NotFound:
+        return ordered_metrics(metrics.metric_names(store, experiment))
+    except errors.NotFound:
         return []
 
 
@@ -217,8 +208,8 @@ def chart_runs(
     if not experiment:
         return None
     try:
-        runs = ops.list_runs(store, experiment, include_deleted=include_deleted)
-    except ops.NotFound:
+        runs = experiments.list_runs(store, experiment, include_deleted=include_deleted)
+    except errors.NotFound:
         return None
     return runs, varying_knobs([run["config"] for run in runs]) if runs else []
 
@@ -240,7 +231,7 @@ def ops_log(store: Store, experiment: str | None) -> list[dict[str, Any]]:
         return []
     try:
         rows = ops.list_ops(store, experiment)
-    except ops.NotFound:
+    except errors.NotFound:
         return []
     return [
         {
@@ -292,8 +283,8 @@ def timeline(store: Store, experiment: str | None) -> list[dict[str, Any]]:
     if not experiment:
         return []
     try:
-        return ops.timeline(store, experiment)
-    except ops.NotFound:
+        return chunk_timeline.timeline(store, experiment)
+    except errors.NotFound:
         return []
 
 
@@ -319,16 +310,17 @@ def panel_state(store: Store, experiment: str | None, run_id: int | None) -> Pan
     if not experiment or run_id is None:
         return None
     try:
-        run = ops.get_run(store, experiment, run_id)
+        run = experiments.get_run(store, experiment, run_id)
         pending = ops.list_ops(store, experiment, run_id=run_id, status="pending")
-    except ops.NotFound:
+    except errors.NotFound:
         return None
     future, _ = ops.fold_pending(run["status"], pending)
-    parent = "" if run.get("parent_id") is None else f"clone of run {run['parent_id']} ({_warm_start_text(run)})"
+    row = run_row(run)
+    parent = f"clone of run {row.parent_id} ({warm_start_text(row)})" if row.is_clone else ""
     return PanelState(
-        run_id=int(run["run_id"]),
-        status=run["status"],
-        progress=progress_text(run),
+        run_id=row.run_id,
+        status=row.status,
+        progress=progress_text(row),
         source=run["source"],
         parent=parent,
         pending=[f"{op['kind']} (op {op['op_id']})" for op in pending],
@@ -420,7 +412,7 @@ def submit(
     """Queue an IC Op from the dashboard: (the op's row, []) or (None, every reason it was rejected)."""
     try:
         return ops.submit_op(store, experiment, kind, run_id, payload=payload, source="user", who="dashboard"), []
-    except (ops.InvalidRequest, ops.NotFound) as exc:
+    except (errors.InvalidRequest, errors.NotFound) as exc:
         return None, list(exc.problems)
 
 

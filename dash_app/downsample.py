@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rf_core.store import M4_COLUMNS  # the columns Store.metric_buckets returns
+from rf_core.control.store import M4_COLUMNS  # the columns Store.metric_buckets returns
 
 M4_PARTS = ("first", "last", "min", "max")
 CACHE_BUCKETS = 1024  # finest resolution kept per run and metric: above any chart's width in pixels
@@ -200,7 +200,7 @@ class M4Cache:
 
     Args:
         fetch: (experiment, width, after_row) -> (aggregates of the points stored after that row, last row read);
-            `rf_core.ops.metric_buckets` over the store.
+            `rf_core.control.metrics.metric_buckets` over the store.
         first_width: experiment -> the width to start from (from its highest step so far), so the first read
             aggregates straight to about `max_buckets` buckets.
     """

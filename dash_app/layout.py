@@ -8,7 +8,7 @@ import dash_ag_grid as dag
 from dash import dcc, html
 
 from dash_app.data import OPS_LOG_COLUMNS
-from rf_core.ops import WARM_START_MODES
+from rf_core.states import WARM_START_MODES
 
 REFRESH_MS = 2000
 OP_BUTTONS = (("stop", "Stop"), ("resume", "Resume"), ("delete", "Delete"))

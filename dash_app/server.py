@@ -28,8 +28,8 @@ from dash_app.auth import binding_problem, configured_token, require_token
 from dash_app.callbacks import register_callbacks
 from dash_app.layout import build_layout
 from rf_core import paths
+from rf_core.control.store import DuckDBStore, Store, StoreError
 from rf_core.server_process import is_process_alive, read_server_info, write_server_info
-from rf_core.store import DuckDBStore, Store, StoreError
 
 PARENT_POLL_S = 1.0
 

@@ -6,15 +6,10 @@ once. IC Ops queued in the store are applied by the plan step, at each run's chu
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
-import subprocess
-import threading
 import time
-import urllib.parse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -24,15 +19,17 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.policy import Policy, boundary_policies, build_policies
 from rf_core import paths
-from rf_core.client import ExperimentExists, RFClient
+from rf_core.client import RFClient
+from rf_core.errors import ExperimentExists
 from rf_core.experiment import ExperimentSpec, load_entrypoint
-from rf_core.fitloop import FitLoop, Plan
 from rf_core.knobs import expand_config_group
-from rf_core.report import format_chunk_line, format_results_table
-from rf_core.server_process import ensure_server, stop_server
-from rf_core.staging import default_staging_root, persist_staged
-from rf_core.tasks import ChunkOutcome, TrainTask
-from rf_core.worker import Slot, SlotPool, SpecSource, WorkerDied, died_outcome, slot_devices, train_attempt
+from rf_core.messages import ChunkOutcome, TrainTask
+from rf_core.planner import FitLoop, Plan
+from rf_core.report import format_chunk_line, format_op_line, format_results_table
+from rf_core.server_process import TemporaryServer, ensure_server, stop_server
+from rf_core.states import FAILED_CHUNK_OUTCOMES
+from rf_core.training.staging import default_staging_root, persist_staged
+from rf_core.training.worker import Slot, SlotPool, SpecSource, WorkerDied, slot_devices, train_with_retry
 
 # Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
@@ -59,23 +56,31 @@ def train_chunk(
 ) -> ChunkOutcome:
     """Train one chunk of one run on its slot's worker (or its gang's workers) and record the outcome.
 
-    A worker that dies mid-chunk is restarted and the chunk trained again, once, as a new attempt: recording its
-    start closes the dead attempt's entry and drops the metrics it had sent, so each step is stored once.
+    Each attempt is recorded as it starts: a worker that dies mid-chunk is restarted and the chunk trained again
+    as a new attempt, whose start closes the dead one's entry and drops the metrics it had sent.
     """
-    for attempt in (1, 2):
-        timeline_id = client.chunk_start(
-            train_task.experiment, run_id, train_task.chunk.index, workers[0].slot, total_chunks
-        )
-        try:
-            outcome = train_attempt(workers, dataclasses.replace(train_task, attempt=timeline_id))
-            break
-        except WorkerDied as exc:
-            if attempt == 2:
-                outcome = died_outcome(train_task, f"the worker died twice training this chunk: {exc}")
-                break
-            print(f"run {run_id} chunk {chunk_number}: {exc}; restarted, training the chunk again")
-    client.chunk_end(train_task.experiment, timeline_id, outcome.to_dict())
+    attempts: list[int] = []
+
+    def start_attempt() -> int:
+        attempts.append(client.chunk_start(train_task.experiment, run_id, train_task.chunk.index, workers[0].slot,
+                                           total_chunks))  # fmt: skip
+        return attempts[-1]
+
+    def on_retry(died: WorkerDied) -> None:
+        print(f"run {run_id} chunk {chunk_number}: {died}; restarted, training the chunk again")
+
+    outcome = train_with_retry(workers, train_task, start_attempt, on_retry)
+    client.chunk_end(train_task.experiment, attempts[-1], outcome.to_dict())
     return outcome
+
+
+# Retrying is safe: a run that has failed already is left as it is.
+@task(task_run_name="fail-run-{run_id}", cache_policy=NONE, retries=2, retry_delay_seconds=[0.5, 2])
+def fail_run(client: RFClient, experiment: str, run_id: int, reason: str) -> None:
+    """A run that cannot train at all fails with the reason (its chunks cannot be planned, or it needs more
+    devices than the fit has)."""
+    client.fail_run(experiment, run_id, reason)
+    print(f"run {run_id} failed: {reason}")
 
 
 @flow(
@@ -125,10 +130,10 @@ def rf_fit(
         spec.num_chunks = num_chunks
     home = paths.rf_home()
     home.mkdir(parents=True, exist_ok=True)
-    temporary_server: _TemporaryServer | None = None
+    temporary_server: TemporaryServer | None = None
     if server_url is None:
         server_url, process = ensure_server(home)
-        temporary_server = _TemporaryServer(process, server_url, home) if process else None
+        temporary_server = TemporaryServer(process, server_url, home) if process else None
         kind = "temporary, exits with this flow" if temporary_server else "already running"
         print(f"rf server ({kind}): {server_url}  (DB {paths.db_path(home)})")
     outage_wait = float(os.environ.get(SERVER_OUTAGE_ENV, DEFAULT_SERVER_OUTAGE_S))
@@ -154,7 +159,9 @@ def rf_fit(
             client.set_experiment_status(experiment, "running")
             print(f"experiment {experiment!r} continues: its runs, metrics and queued ops are kept")
         if ray_address:
-            devices, threads, worker_class = _ray_slots(ray_address, ray_slots, ray_gpus_per_slot)
+            from rf_core.training.ray_workers import ray_slots as size_ray_slots
+
+            devices, threads, worker_class = size_ray_slots(ray_address, ray_slots, ray_gpus_per_slot)
         else:
             devices, worker_class = slot_devices(cpu_slots), None
             threads = max(1, (os.cpu_count() or 1) // len(devices))
@@ -176,7 +183,7 @@ def rf_fit(
         finally:
             persist_staged(staging_root, paths.experiment_dir(experiment, home))
             if ray_address:
-                from rf_core.ray_workers import disconnect
+                from rf_core.training.ray_workers import disconnect
 
                 disconnect()
         client.set_experiment_status(experiment, "finished")
@@ -186,32 +193,6 @@ def rf_fit(
     finally:
         if temporary_server is not None:
             stop_server(temporary_server.process)
-
-
-class _TemporaryServer:
-    """The rf server this fit started for itself: if it dies mid-fit, it is started again on the same port (its
-    store is the DuckDB file, so nothing committed is lost) while the fit's calls wait for it."""
-
-    def __init__(self, process: subprocess.Popen[bytes], url: str, home: Path) -> None:
-        self.process: subprocess.Popen[bytes] | None = process
-        self.url = url
-        self.home = home
-        self._lock = threading.Lock()
-
-    def revive(self) -> None:
-        with self._lock:
-            if self.process is None or self.process.poll() is None:
-                return  # still running (slow, not dead), or not ours any more: wait for it
-            port = urllib.parse.urlsplit(self.url).port or 0
-            print(f"rf: the temporary rf server exited (code {self.process.returncode}); starting it again on "
-                  f"port {port}")  # fmt: skip
-            try:
-                url, self.process = ensure_server(self.home, port=port)
-            except Exception as exc:  # the calls waiting for it give up in their own time, with the reason
-                print(f"rf: could not restart the rf server: {exc}")
-                return
-            if url != self.url:
-                print(f"rf: another rf server answers for this RF_HOME at {url}; the fit keeps using {self.url}")
 
 
 def _drive(
@@ -239,14 +220,12 @@ def _drive(
                 boundary_policies(client, experiment, policies, tick)
             plan = plan_step(loop, experiment, tick, {slot: task.run_id for slot, task in running.items()})
             for op in plan.applied_ops:
-                print(_describe_op(op))
+                print(format_op_line(op))
             for slot, run_ids in plan.releases.items():
                 deferred_releases.setdefault(slot, []).extend(run_ids)
-            for outcome in plan.unplannable:
-                timeline_id = client.chunk_start(experiment, outcome.run_id, outcome.chunk_index, -1, 0)
-                client.chunk_end(experiment, timeline_id, outcome.to_dict())
-                print(f"run {outcome.run_id} failed: {outcome.error}")
-                need_plan = True
+            for run_id, reason in plan.unplannable.items():
+                fail_run(client, experiment, run_id, reason)
+                need_plan = True  # the next plan sees the run Failed (and may find every run final)
             for slot, train_task in plan.tasks:
                 slots = _slots_of(slot, train_task)
                 for member in slots:
@@ -288,7 +267,7 @@ def _drive(
                     if crashes[train_task.run_id] >= 3:
                         raise
                     continue
-                if outcome.status in ("failed", "interrupted"):
+                if outcome.status in FAILED_CHUNK_OUTCOMES:
                     loop.forget(train_task.run_id)
                 total = len(loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
                 print(format_chunk_line(outcome, total, slot))
@@ -298,25 +277,10 @@ def _drive(
             # Idle, every remaining run stopped: plan again only when an op arrives, so an idle fit does not
             # add a Prefect task run every poll.
             time.sleep(POLL_SECONDS)
-            need_plan = _has_pending_ops(client, experiment)
+            need_plan = need_plan or _has_pending_ops(client, experiment)
             if not need_plan and idle_since is not None and time.monotonic() - idle_since >= idle_timeout:
                 print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
                 return
-
-
-def _ray_slots(address: str, slots: int | None, gpus_per_slot: int) -> tuple[list[str | None], int, type[Slot]]:
-    """Join the Ray cluster and size its slots: one per GPU (or `slots`), CPU threads shared out evenly."""
-    from rf_core.ray_workers import RaySlotWorker, connect
-
-    if gpus_per_slot not in (0, 1):
-        raise ValueError(f"ray_gpus_per_slot must be 0 or 1, got {gpus_per_slot}")
-    resources = connect(address)
-    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    count = slots or (gpus if gpus_per_slot and gpus else 2)
-    if count < 1:
-        raise ValueError(f"ray_slots must be >= 1, got {count}")
-    devices: list[str | None] = ["cuda" if gpus_per_slot else None] * count
-    return devices, max(1, cpus // count), RaySlotWorker
 
 
 def _slots_of(slot: int, train_task: TrainTask) -> tuple[int, ...]:
@@ -343,13 +307,6 @@ def _flush_releases(pool: SlotPool, slot: int, deferred: dict[int, list[int]]) -
 
 def _has_pending_ops(client: RFClient, experiment: str) -> bool:
     return bool(client.list_ops(experiment, status="pending"))
-
-
-def _describe_op(op: dict[str, Any]) -> str:
-    verb = "applied" if op.get("status") == "applied" else f"skipped ({op.get('reason')})"
-    created = (op.get("result") or {}).get("created_run_ids")
-    extra = f" -> new runs {created}" if created else ""
-    return f"op {op['op_id']} {op['kind']} run {op['run_id']} from {op.get('source')}: {verb}{extra}"
 
 
 def run_fit(

@@ -19,7 +19,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from rf_core.client import NotFound, RFClient
+from rf_core.client import RFClient
+from rf_core.errors import NotFound
 from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp
 from rf_core.policies_runner import (
     DecisionOutcome,

@@ -27,9 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rf_core.client import InvalidRequest, NotFound, OpRejected, RFClient, ServerError, ServerUnavailable
+from rf_core.client import RFClient, ServerError, ServerUnavailable
 from rf_core.config import apply_overrides, parse_set_overrides
+from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.knobs import ConfigError
+from rf_core.report import experiment_metric, format_table, runs_table
+from rf_core.states import DECISION_STATUSES, WARM_START_MODES
 
 EXIT_OK = 0
 EXIT_REJECTED = 1  # the server refused the request (an illegal op, bad input, unknown experiment or run)
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="weights",
         default="off",
-        choices=["off", "weights", "weights+optimizer"],
+        choices=WARM_START_MODES,
         help="start from the parent's weights (bare flag: weights)",
     )
     clone.set_defaults(handler=cmd_clone, kind="clone")
@@ -194,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     decisions.add_argument(
         "--status",
         default=None,
-        choices=["submitted", "rejected", "proposed", "approved", "dismissed"],
+        choices=DECISION_STATUSES,
         help="only decisions in this status (proposed: those waiting for a person)",
     )
     decisions.set_defaults(handler=cmd_policy_decisions)
@@ -245,7 +248,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    demo = importlib.import_module("flows.demo")  # Prefect and torch load only for the demo
+    demo = importlib.import_module("rf_cli.demo")  # Prefect and torch load only for the demo
     return int(demo.main(args) or 0)
 
 
@@ -582,52 +585,27 @@ def _print_json(data: Any) -> int:
     return EXIT_OK
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(header) for header in headers]] + [
-        ["-" if cell is None else str(cell) for cell in row] for row in rows
-    ]
-    widths = [max(len(row[index]) for row in cells) for index in range(len(headers))]
-    lines = ["  ".join(cell.ljust(widths[index]) for index, cell in enumerate(row)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 def format_runs(snapshot: dict[str, Any]) -> str:
     experiment = snapshot["experiment"]
-    runs = snapshot["runs"]
-    if not runs:
+    if not snapshot["runs"]:
         return f"experiment {experiment['name']} has no runs to show (--all includes deleted runs)"
-    knobs = list(snapshot.get("varying_knobs") or [])
-    metric = experiment["metric"]
-    headers = [
-        "run",
-        "status",
-        "source",
-        "parent",
-        "progress",
-        "train loss",
-        metric,
-        f"best {metric}",
-        *knobs,
+    metric = experiment_metric(snapshot)
+    knobs, runs = runs_table(snapshot)
+    headers = ["run", "status", "source", "parent", "progress", "train loss", metric, f"best {metric}", *knobs]
+    rows = [
+        [
+            row.run_id,
+            row.status + (f" ({', '.join(row.pending_op_kinds)} queued)" if row.pending_op_kinds else ""),
+            row.source,
+            row.parent_id,
+            f"ep {row.epoch} {row.chunks_done}/{row.total_chunks or '?'} step {row.step}",
+            _number(row.train_loss),
+            _number(row.latest_metric),
+            _number(row.best_metric),
+            *(_knob(row.knobs[knob]) for knob in knobs),
+        ]
+        for row in runs
     ]
-    rows = []
-    for run in runs:
-        status = run["status"]
-        if run.get("pending_ops"):
-            status += f" ({', '.join(run.get('pending_op_kinds') or [])} queued)"
-        rows.append(
-            [
-                run["run_id"],
-                status,
-                run["source"],
-                run.get("parent_id"),
-                _progress(run),
-                _number(run.get("train_loss")),
-                _number(run.get("latest_metric")),
-                _number(run.get("best_metric")),
-                *(_knob(_lookup(run["config"], knob)) for knob in knobs),
-            ]
-        )
     header = (
         f"experiment {experiment['name']} ({experiment['status']}, {experiment['num_chunks']} chunks/epoch)"
     )
@@ -670,23 +648,6 @@ def _result(result: Any) -> str | None:
     if "to" in result:
         return f"{result.get('from')} -> {result['to']}"
     return json.dumps(result)
-
-
-def _progress(run: dict[str, Any]) -> str:
-    total = run.get("total_chunks") or "?"
-    return f"ep {run.get('epoch', 0)} {run.get('chunks_done', 0)}/{total} step {run.get('step', 0)}"
-
-
-def _lookup(config: dict[str, Any], key: str) -> Any:
-    """A knob's value; dotted keys reach into nested config sections."""
-    if key in config:
-        return config[key]
-    value: Any = config
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
 
 
 def _number(value: Any) -> str | None:

@@ -14,7 +14,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from rf_core.tasks import ChunkSpec
+from rf_core.messages import ChunkSpec
 
 
 class ChunkingError(ValueError):

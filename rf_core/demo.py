@@ -23,8 +23,8 @@ DEMO_GRID = {
 
 
 def demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
-    from rf_core.data import demo_datasets
-    from rf_core.models import demo_create_model_fn
+    from rf_core.training.data import demo_datasets
+    from rf_core.training.models import demo_create_model_fn
 
     train, evaluation = demo_datasets()
     return ExperimentSpec(

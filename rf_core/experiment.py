@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from rf_core.paths import check_name
+from rf_core.states import DEFAULT_METRIC
+
+# The orchestration layer registers the function that runs a fit under this entry-point group (pyproject.toml):
+# the engine finds it by name and never imports the layer above it.
+FIT_RUNNER_GROUP = "rf_core.fit_runner"
 
 
 @dataclass
@@ -25,10 +31,9 @@ class ExperimentSpec:
     num_chunks: int
     seed: int = 42
     compute_metrics: Callable[..., dict[str, float]] | None = None
-    metric: str = "eval_loss"
+    metric: str = DEFAULT_METRIC
     mode: str = "min"
     keep_checkpoints: int | None = 2  # newest chunk checkpoints kept per run (plus what clones need); None: all
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not callable(self.create_model_fn):
@@ -85,7 +90,7 @@ class Experiment:
         seed: int = 42,
         *,
         compute_metrics: Callable[..., dict[str, float]] | None = None,
-        metric: str = "eval_loss",
+        metric: str = DEFAULT_METRIC,
         mode: str = "min",
         keep_checkpoints: int | None = 2,
         policies: Sequence[Any] | None = None,
@@ -114,10 +119,7 @@ class Experiment:
             mode=mode,
             keep_checkpoints=keep_checkpoints,
         )
-        # The orchestration layer is imported only here, when a fit is asked for: the engine itself stays
-        # free of Prefect, and `import rf_core` stays cheap.
-        fit = importlib.import_module("flows.fit")
-        return fit.run_fit(
+        return fit_runner()(
             self.name,
             spec,
             entrypoint=entrypoint,
@@ -126,3 +128,17 @@ class Experiment:
             server_url=self.server_url,
             policies=policies,
         )
+
+
+def fit_runner() -> Callable[..., dict[str, Any]]:
+    """The registered `run_fit(experiment, spec, **options)` of the orchestration layer (the Prefect fit flow).
+
+    Loaded only when a fit is asked for, so `import rf_core` stays free of Prefect and torch.
+    """
+    runners = list(entry_points(group=FIT_RUNNER_GROUP))
+    if not runners:
+        raise RuntimeError(
+            f"no fit runner is registered under the entry-point group {FIT_RUNNER_GROUP!r}: install the project "
+            "(pip install -e .) so that its fit flow registers itself"
+        )
+    return runners[0].load()

@@ -36,7 +36,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from rf_core.paths import check_name
-from rf_core.states import OpKind, RunStatus, op_result
+from rf_core.states import WARM_START_MODES, OpKind, RunStatus, op_result
 
 __all__ = [
     "TEMPLATES",
@@ -62,9 +62,6 @@ __all__ = [
     "build_policy",
     "illegal_op_problems",
 ]
-
-WARM_START_MODES = ("off", "weights", "weights+optimizer")
-
 
 # -- the snapshot a policy reads ----------------------------------------------------------------------------
 
@@ -405,7 +402,7 @@ class StopBottomFraction(_MetricPolicy):
         name: str = "stop-bottom-fraction",
     ) -> None:
         super().__init__(metric=metric, mode=mode, name=name)
-        if not _is_number(fraction) or not 0 < fraction < 1:
+        if not _is_finite_number(fraction) or not 0 < fraction < 1:
             raise ValueError(f"fraction must be a number between 0 and 1 (exclusive), got {fraction=}")
         _check_int("after_chunks", after_chunks, 1)
         _check_int("min_runs", min_runs, 2)
@@ -543,7 +540,7 @@ class PercentileStopping(_MetricPolicy):
         name: str = "percentile-stopping",
     ) -> None:
         super().__init__(metric=metric, mode=mode, name=name)
-        if not _is_number(percentile) or not 0 <= percentile <= 100:
+        if not _is_finite_number(percentile) or not 0 <= percentile <= 100:
             raise ValueError(f"percentile must be a number between 0 and 100, got {percentile=}")
         _check_int("after_chunks", after_chunks, 1)
         _check_int("min_peers", min_peers, 1)
@@ -638,9 +635,9 @@ class PopulationBasedTraining(_MetricPolicy):
             raise ValueError(f"perturb must name at least one knob, got {perturb=}")
         if any(choices is not None and len(choices) < 2 for choices in self.perturb.values()):
             raise ValueError(f"each knob's choices need at least two values, got {perturb=}")
-        if not factors or not all(_is_number(factor) and factor > 0 for factor in factors):
+        if not factors or not all(_is_finite_number(factor) and factor > 0 for factor in factors):
             raise ValueError(f"factors must be positive numbers, got {factors=}")
-        if not _is_number(quantile) or not 0 < quantile <= 0.5:
+        if not _is_finite_number(quantile) or not 0 < quantile <= 0.5:
             raise ValueError(f"quantile must be in (0, 0.5], got {quantile=}")
         if warm_start not in WARM_START_MODES:
             raise ValueError(f"warm_start must be one of {WARM_START_MODES}, got {warm_start=}")
@@ -711,7 +708,7 @@ class PopulationBasedTraining(_MetricPolicy):
             if choices is not None:
                 others = [choice for choice in choices if choice != current] or choices
                 overrides[knob] = rng.choice(others)
-            elif _is_number(current):
+            elif _is_finite_number(current):
                 factor = rng.choice(self.factors)
                 overrides[knob] = max(1, round(current * factor)) if isinstance(current, int) else current * factor
             else:
@@ -728,7 +725,7 @@ class Budget(Policy):
     ) -> None:
         if max_seconds is None and max_chunks is None:
             raise ValueError("give max_seconds, max_chunks or both")
-        if max_seconds is not None and (not _is_number(max_seconds) or max_seconds <= 0):
+        if max_seconds is not None and (not _is_finite_number(max_seconds) or max_seconds <= 0):
             raise ValueError(f"max_seconds must be a positive number, got {max_seconds=}")
         if max_chunks is not None:
             _check_int("max_chunks", max_chunks, 1)
@@ -805,7 +802,7 @@ class Patient(_MetricPolicy):
             raise ValueError(f"Patient wraps a Policy, got {policy=}")
         super().__init__(metric=metric, mode=mode, name=name or f"patient-{policy.name}")
         _check_int("patience", patience, 1)
-        if not _is_number(min_delta) or min_delta < 0:
+        if not _is_finite_number(min_delta) or min_delta < 0:
             raise ValueError(f"min_delta must be a number >= 0, got {min_delta=}")
         self.policy, self.patience, self.min_delta = policy, patience, float(min_delta)
 
@@ -964,5 +961,5 @@ def _check_int(label: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{label} must be an integer >= {minimum}, got {label}={value!r}")
 
 
-def _is_number(value: Any) -> bool:
+def _is_finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

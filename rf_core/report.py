@@ -1,12 +1,82 @@
-"""Plain-text lines and tables the fit prints: one line per chunk, one results table at the end."""
+"""The runs table every view shows, and the plain-text lines and tables the fit and the CLI print.
+
+`runs_table(snapshot)` is the one row builder: the dashboard's runs grid, `rf runs` and the fit's results table
+each format its rows their own way.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rf_core.config import varying_knobs
-from rf_core.tasks import ChunkOutcome
+from rf_core.messages import ChunkOutcome
+from rf_core.states import DEFAULT_METRIC
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run as a runs table shows it."""
+
+    run_id: int
+    status: str
+    source: str | None
+    parent_id: int | None
+    warm_start: str  # "off" for initial runs and cold clones
+    parent_step: int | None
+    epoch: int
+    chunks_done: int
+    total_chunks: int | None  # None until the run's first chunk is planned
+    step: int
+    train_loss: float | None
+    latest_metric: float | None  # the experiment's metric
+    best_metric: float | None
+    pending_op_kinds: tuple[str, ...]
+    knobs: dict[str, Any]  # the run's value of each knob that varies between the runs
+
+    @property
+    def is_clone(self) -> bool:
+        return self.parent_id is not None
+
+    @property
+    def is_warm(self) -> bool:
+        return self.is_clone and self.warm_start != "off"
+
+
+def runs_table(snapshot: Mapping[str, Any]) -> tuple[list[str], list[RunRow]]:
+    """An experiment snapshot's runs table: (the knobs that vary between its runs, one row per run)."""
+    runs = list(snapshot.get("runs") or [])
+    knobs = snapshot.get("varying_knobs")
+    if knobs is None:
+        knobs = varying_knobs([run["config"] for run in runs]) if runs else []
+    rows = [run_row(run, knobs) for run in runs]
+    return list(knobs), rows
+
+
+def run_row(run: Mapping[str, Any], knobs: Sequence[str] = ()) -> RunRow:
+    """One run (a runs-table or snapshot row of the store) as a RunRow."""
+    return RunRow(
+        run_id=int(run["run_id"]),
+        status=run["status"],
+        source=run.get("source"),
+        parent_id=run.get("parent_id"),
+        warm_start=run.get("warm_start") or "off",
+        parent_step=run.get("parent_step"),
+        epoch=int(run.get("epoch") or 0),
+        chunks_done=int(run.get("chunks_done") or 0),
+        total_chunks=run.get("total_chunks") or None,
+        step=int(run.get("step") or 0),
+        train_loss=run.get("train_loss"),
+        latest_metric=run.get("latest_metric"),
+        best_metric=run.get("best_metric"),
+        pending_op_kinds=tuple(run.get("pending_op_kinds") or ()),
+        knobs={knob: run["config"].get(knob) for knob in knobs},
+    )
+
+
+def experiment_metric(snapshot: Mapping[str, Any]) -> str:
+    return (snapshot.get("experiment") or {}).get("metric") or DEFAULT_METRIC
 
 
 def _num(value: Any, fmt: str = ".4f") -> str:
@@ -27,6 +97,14 @@ def format_chunk_line(outcome: ChunkOutcome, total_chunks: int, slot: int) -> st
     )
 
 
+def format_op_line(op: Mapping[str, Any]) -> str:
+    """One line for an op the fit applied or skipped at a boundary."""
+    verb = "applied" if op.get("status") == "applied" else f"skipped ({op.get('reason')})"
+    created = (op.get("result") or {}).get("created_run_ids")
+    extra = f" -> new runs {created}" if created else ""
+    return f"op {op['op_id']} {op['kind']} run {op['run_id']} from {op.get('source')}: {verb}{extra}"
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -37,46 +115,29 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def results_rows(snapshot: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """The final results table: one row per run, the knobs that vary between runs, and its metrics."""
-    runs = list(snapshot.get("runs", []))
-    metric = snapshot.get("experiment", {}).get("metric", "eval_loss")
-    knobs = varying_knobs([run["config"] for run in runs]) if runs else []
-    headers = [
-        "run",
-        "status",
-        "source",
-        "parent",
-        "warm start",
-        *knobs,
-        "chunks",
-        "step",
-        f"final {metric}",
-        f"best {metric}",
+    metric = experiment_metric(snapshot)
+    knobs, runs = runs_table(snapshot)
+    headers = ["run", "status", "source", "parent", "warm start", *knobs, "chunks", "step", f"final {metric}",
+               f"best {metric}"]  # fmt: skip
+    rows = [
+        [
+            row.run_id,
+            row.status,
+            row.source,
+            row.parent_id,
+            f"{row.warm_start} @ step {row.parent_step}" if row.is_warm else "-",
+            *[format_knob(row.knobs[knob]) for knob in knobs],
+            f"{row.chunks_done}/{row.total_chunks or '-'}",
+            row.step,
+            _num(row.latest_metric),
+            _num(row.best_metric),
+        ]
+        for row in runs
     ]
-    rows = []
-    for run in runs:
-        rows.append(
-            [
-                run["run_id"],
-                run["status"],
-                run.get("source"),
-                run.get("parent_id"),
-                _warm(run),
-                *[_knob(run["config"].get(k)) for k in knobs],
-                f"{run.get('chunks_done', 0)}/{run.get('total_chunks') or '-'}",
-                run.get("step"),
-                _num(run.get("latest_metric")),
-                _num(run.get("best_metric")),
-            ]
-        )
     return headers, rows
 
 
-def _warm(run: Mapping[str, Any]) -> str:
-    mode = run.get("warm_start") or "off"
-    return "-" if mode == "off" else f"{mode} @ step {run.get('parent_step')}"
-
-
-def _knob(value: Any) -> str:
+def format_knob(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)

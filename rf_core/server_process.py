@@ -9,7 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,32 @@ def stop_server(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) 
             process.kill()
             process.wait(timeout=timeout)
     return process.returncode
+
+
+class TemporaryServer:
+    """The rf server this fit started for itself: if it dies mid-fit, it is started again on the same port (its
+    store is the DuckDB file, so nothing committed is lost) while the fit's calls wait for it."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, home: Path) -> None:
+        self.process: subprocess.Popen[bytes] | None = process
+        self.url = url
+        self.home = home
+        self._lock = threading.Lock()
+
+    def revive(self) -> None:
+        with self._lock:
+            if self.process is None or self.process.poll() is None:
+                return  # still running (slow, not dead), or not ours any more: wait for it
+            port = urllib.parse.urlsplit(self.url).port or 0
+            print(f"rf: the temporary rf server exited (code {self.process.returncode}); starting it again on "
+                  f"port {port}")  # fmt: skip
+            try:
+                url, self.process = ensure_server(self.home, port=port)
+            except Exception as exc:  # the calls waiting for it give up in their own time, with the reason
+                print(f"rf: could not restart the rf server: {exc}")
+                return
+            if url != self.url:
+                print(f"rf: another rf server answers for this RF_HOME at {url}; the fit keeps using {self.url}")
 
 
 def _log_tail(log_path: Path, lines: int = 5) -> str:

@@ -2,11 +2,16 @@
 
 Every status change in the engine is looked up here. `OP_TABLE` is the state × op table, `EVENT_TABLE` the
 state × system-event table, and `TRANSITIONS` (derived from both) lists every legal move.
+
+The rest of the engine's shared words are defined here once too (warm-start modes, chunk outcomes, policy
+decision modes and statuses, experiment statuses, the default metric); every other module, the CLI's `choices=`
+included, reads them from here.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal, get_args
 
 
 class RunStatus(StrEnum):
@@ -24,10 +29,6 @@ class RunStatus(StrEnum):
     def is_trainable(self) -> bool:
         """The scheduler may give this run its next chunk."""
         return self in _TRAINABLE
-
-    def is_idle(self) -> bool:
-        """Not training and not waiting to train: Stopped, or terminal."""
-        return not self.is_trainable()
 
 
 _TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.DELETED})
@@ -50,7 +51,7 @@ class SystemEvent(StrEnum):
 
 # The IC Op table: state -> op -> the run's state after the op. A missing cell means the op is rejected.
 # Clone leaves the parent as it is. Warm clones also need the parent's trained state (a checkpoint): a New
-# run has none yet, and a Failed run warm-starts from its last good checkpoint; rf_core.ops checks that.
+# run has none yet, and a Failed run warm-starts from its last good checkpoint; rf_core.control.ops checks that.
 OP_TABLE: dict[RunStatus, dict[OpKind, RunStatus]] = {
     RunStatus.NEW: {
         OpKind.STOP: RunStatus.STOPPED,
@@ -116,3 +117,33 @@ def op_rejection(state: RunStatus | str, kind: OpKind | str, run_id: int) -> str
 def event_result(state: RunStatus | str, event: SystemEvent | str) -> RunStatus | None:
     """The run's state after a system event; None when the event is not legal in `state`."""
     return EVENT_TABLE[SystemEvent(event)].get(RunStatus(state))
+
+
+# -- the shared vocabulary ----------------------------------------------------------------------------------
+
+# How a clone starts: from scratch, from the parent's weights, or from its weights and optimizer state.
+WarmStartMode = Literal["off", "weights", "weights+optimizer"]
+WARM_START_MODES: tuple[str, ...] = get_args(WarmStartMode)
+
+# How a chunk ended. "completed": the run has nothing left to train; "interrupted": the chunk could not be saved
+# for a reason outside the run (a full disk), and the run stays resumable.
+ChunkStatus = Literal["ok", "completed", "failed", "interrupted"]
+CHUNK_OUTCOMES: tuple[str, ...] = get_args(ChunkStatus)
+FAILED_CHUNK_OUTCOMES = frozenset({"failed", "interrupted"})  # the chunk's progress does not count
+ABANDONED = "abandoned"  # the timeline outcome of an attempt whose worker or flow died before it answered
+# The system event a chunk's outcome sends to its run ("ok" sends none).
+OUTCOME_EVENTS: dict[str, SystemEvent] = {
+    "completed": SystemEvent.COMPLETE,
+    "failed": SystemEvent.FAIL,
+    "interrupted": SystemEvent.INTERRUPT,
+}
+
+# A policy's decision: "act" queues its op at once, "propose" waits for a person to approve or dismiss it.
+DecisionMode = Literal["act", "propose"]
+DECISION_MODES: tuple[str, ...] = get_args(DecisionMode)
+DECISION_STATUSES = ("submitted", "rejected", "proposed", "approved", "dismissed")
+
+EXPERIMENT_STATUSES = ("running", "finished")  # a fit sets "running" when it starts and "finished" when it ends
+
+DEFAULT_METRIC = "eval_loss"  # what ranks runs unless the experiment names another metric
+TRAIN_LOSS_METRIC = "train_loss"

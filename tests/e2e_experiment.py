@@ -28,7 +28,7 @@ CONFIGS = {
 def create_model_fn(config: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rf_core.models import ensure_pretrained
+    from rf_core.training.models import ensure_pretrained
 
     folder = ensure_pretrained(
         config["model_name_or_path"], Path(os.environ[MODEL_CACHE_ENV]), pretrain_steps=0

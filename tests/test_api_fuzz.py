@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dash_app.server import build_app
-from rf_core import ops
-from rf_core.store import DuckDBStore
+from rf_core.control import decisions, experiments, metrics, ops, timeline
+from rf_core.control.store import DuckDBStore
 from tests.test_server_api import CONFIG, start_server, stop
 
 EXPERIMENT = "exp"
@@ -59,7 +59,7 @@ POST_FIELDS: dict[str, tuple[str, ...]] = {
     "/api/experiments/{name}/status": ("status",),
     "/api/experiments/{name}/ops": ("kind", "run_id", "payload", "source", "who"),
     "/api/experiments/{name}/boundary": ("busy_run_ids",),
-    "/api/experiments/{name}/apply-ops": ("idle_run_ids",),
+    "/api/experiments/{name}/runs/{run}/fail": ("error",),
     "/api/experiments/{name}/chunk-start": ("run_id", "chunk_index", "slot", "total_chunks"),
     "/api/experiments/{name}/chunk-end": ("timeline_id", "outcome"),
     "/api/metrics": ("batch_id", "rows"),
@@ -77,7 +77,7 @@ GET_ROUTES = (
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, DuckDBStore]]:
     store = DuckDBStore(tmp_path_factory.mktemp("fuzz") / "rf.duckdb")
-    ops.create_experiment(store, EXPERIMENT, [CONFIG, {**CONFIG, "learning_rate": 1e-4}], 4)
+    experiments.create_experiment(store, EXPERIMENT, [CONFIG, {**CONFIG, "learning_rate": 1e-4}], 4)
     ops.submit_op(store, EXPERIMENT, "stop", 1, source="user")
     yield build_app(store).server.test_client(), store
     store.close()
@@ -85,16 +85,16 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, DuckDBS
 
 def _state(store: DuckDBStore) -> str:
     """Everything a request could write, as one comparable string."""
-    experiments = ops.list_experiments(store)
-    parts: list[Any] = [experiments]
-    for experiment in experiments:
+    rows = experiments.list_experiments(store)
+    parts: list[Any] = [rows]
+    for experiment in rows:
         name = experiment["name"]
         parts += [
-            ops.list_runs(store, name, include_deleted=True),
+            experiments.list_runs(store, name, include_deleted=True),
             ops.list_ops(store, name),
-            ops.timeline(store, name),
-            ops.metrics(store, name),
-            ops.list_policy_decisions(store, name),
+            timeline.timeline(store, name),
+            metrics.metrics(store, name),
+            decisions.list_policy_decisions(store, name),
         ]
     return json.dumps(parts, sort_keys=True, default=str)
 

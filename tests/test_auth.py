@@ -134,7 +134,7 @@ def test_browsers_sign_in_once_and_carry_a_cookie(token_server: str) -> None:
 def test_the_dashboard_asks_for_the_token_in_a_browser(token_server: str) -> None:
     from playwright.sync_api import sync_playwright
 
-    from tests.browser.test_dashboard_browser import CHROMIUM_ARGS
+    from tests.e2e.browser.test_dashboard_browser import CHROMIUM_ARGS
 
     RFClient(token_server, token=TOKEN).create_experiment("in-browser", [CONFIG], num_chunks=2)
     with sync_playwright() as playwright:

@@ -19,7 +19,7 @@ from rf_core.chunks import (
     total_steps,
 )
 from rf_core.config import normalize_config
-from rf_core.tasks import ChunkSpec
+from rf_core.messages import ChunkSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """RFClient riding out a server outage: it waits (warning once), runs the outage hook, and gives up in time.
 
 A stub HTTP server plays the rf server here; the real server killed and restarted under a real fit is in
-tests/test_e2e_fit.py.
+tests/e2e/test_fit.py.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from dash._utils import AttributeDict
 from dash_app import data
 from dash_app.callbacks import register_callbacks, run_from_cell, run_from_click
 from dash_app.layout import build_layout
-from dash_app.sample import seed_experiment
-from rf_core import ops
-from rf_core.store import DuckDBStore
+from rf_core.control import experiments, ops
+from rf_core.control.store import DuckDBStore
+from tests.dashboard_sample import seed_experiment
 
 BUTTONS = [{"type": "op-btn", "op": kind} for kind in ("stop", "resume", "delete", "clone")]
 
@@ -155,7 +155,7 @@ def test_stop_from_the_panel_and_a_rejected_second_stop(callbacks, store):
 
 
 def test_an_ended_experiment_stays_browsable(callbacks, store):
-    ops.set_experiment_status(store, "older", "finished")
+    experiments.set_experiment_status(store, "older", "finished")
     header, rows, _, _ = callbacks["refresh_runs"]("older", 1, [], 0, [], None)
     rendered = _render(header[0]) + _render(header[-1])
     assert "finished" in rendered and "ended" in rendered

@@ -1,14 +1,14 @@
-"""dash_app.data against a real DuckDB store: what the dashboard reads, and IC Ops it submits through rf_core.ops."""
+"""dash_app.data against a real DuckDB store: what the dashboard reads, and the IC Ops it submits."""
 
 from __future__ import annotations
 
 import pytest
 
 from dash_app import data
-from dash_app.sample import seed_experiment
-from rf_core import ops
+from rf_core.control import experiments, ops, timeline
+from rf_core.control.store import DuckDBStore
 from rf_core.states import OP_TABLE, RunStatus
-from rf_core.store import DuckDBStore
+from tests.dashboard_sample import seed_experiment
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_runs_table_has_a_row_per_run_and_a_column_per_varying_knob(store):
 
 
 def test_header_counts_runs_chunks_and_busy_slots(store):
-    ops.record_chunk_start(store, "exp", 1, 2, 0, 4)
+    timeline.record_chunk_start(store, "exp", 1, 2, 0, 4)
     summary = data.header_summary(data.snapshot(store, "exp"), data.timeline(store, "exp"))
     assert summary["runs_by_status"] == {"Ongoing": 4}
     assert (summary["chunks_done"], summary["chunks_planned"]) == (8, 16)
@@ -140,7 +140,7 @@ def test_runs_view_reads_the_metrics_the_snapshot_reads_without_scanning(store):
     cache = data.chart_cache(store)
     for include_deleted in (False, True):
         view = data.runs_view(store, cache, "exp", include_deleted)
-        snap = ops.experiment_snapshot(store, "exp", include_deleted=include_deleted)
+        snap = experiments.experiment_snapshot(store, "exp", include_deleted=include_deleted)
         assert view["varying_knobs"] == snap["varying_knobs"] and view["experiment"] == snap["experiment"]
         assert len(view["runs"]) == len(snap["runs"]) == (4 if include_deleted else 3)
         for mine, theirs in zip(view["runs"], snap["runs"], strict=True):

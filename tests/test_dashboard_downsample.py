@@ -8,15 +8,15 @@ import pytest
 
 from dash_app import data
 from dash_app.downsample import M4Cache, coarsen, ema, empty_aggregates, m4_reference, merge_buckets, width_for
-from rf_core import ops
-from rf_core.store import DuckDBStore
+from rf_core.control import experiments, metrics
+from rf_core.control.store import DuckDBStore
 
 
 @pytest.fixture
 def store(tmp_path):
     store = DuckDBStore(tmp_path / "rf.duckdb")
-    ops.create_experiment(store, "exp", [{"learning_rate": 1e-3}, {"learning_rate": 2e-3}, {"learning_rate": 3e-3}], 2)
-    ops.create_experiment(store, "other", [{"learning_rate": 1e-3}], 2)
+    experiments.create_experiment(store, "exp", [{"learning_rate": 1e-3}, {"learning_rate": 2e-3}, {"learning_rate": 3e-3}], 2)
+    experiments.create_experiment(store, "other", [{"learning_rate": 1e-3}], 2)
     yield store
     store.close()
 
@@ -36,7 +36,7 @@ def _log(store: DuckDBStore, batch: str, run_ids, steps, values, name: str = "tr
          "value": None if np.isnan(v) else float(v)}
         for r, s, v in zip(run_ids, steps, values, strict=True)
     ]  # fmt: skip
-    ops.log_metrics(store, batch, rows)
+    metrics.log_metrics(store, batch, rows)
 
 
 def _assert_same(got: dict, expected: dict) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rf_core.client import OpRejected, RFClient
+from rf_core.client import RFClient
 from rf_core.config import validate_config
+from rf_core.errors import OpRejected
 from rf_core.model_roots import ROOTS_ENV, model_roots, model_source_problem
-from rf_core.models import ModelNotFoundError, load_base_model
+from rf_core.training.models import ModelNotFoundError, load_base_model
 from tests.test_server_api import CONFIG, start_server, stop
 
 

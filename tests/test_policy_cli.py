@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rf_core.client import InvalidRequest, RFClient
+from rf_core.client import RFClient
+from rf_core.errors import InvalidRequest
 from tests.test_server_api import CONFIG, start_server, stop
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
+from rf_core.messages import ChunkOutcome
 from rf_core.report import format_chunk_line, format_results_table
-from rf_core.tasks import ChunkOutcome
 
 SNAPSHOT = {
     "experiment": {"name": "exp", "metric": "eval_loss"},

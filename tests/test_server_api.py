@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from rf_core import paths
-from rf_core.client import MetricWriter, NoServerRunning, NotFound, OpRejected, RFClient, discover_server_url
+from rf_core.client import NoServerRunning, RFClient, discover_server_url
+from rf_core.errors import NotFound, OpRejected
+from rf_core.metric_writer import MetricWriter
 from rf_core.server_process import ensure_server, read_server_info, stop_server
 
 CONFIG = {"model_name_or_path": "rf-tiny-llama", "learning_rate": 1e-3, "r": 8, "lora_alpha": 16}
@@ -126,12 +128,18 @@ def test_the_fit_flow_routes(server: tuple[RFClient, dict[str, Any], Path]) -> N
     run = client.chunk_end("flow", timeline_id, outcome)
     assert run["status"] == "Ongoing" and run["chunks_done"] == 1
     assert client.chunk_end("flow", timeline_id, outcome)["chunks_done"] == 1  # a retried call is harmless
-    (applied,) = client.apply_due_ops("flow", [1, 2])
+    view = client.boundary_view("flow", busy_run_ids=[])
+    (applied,) = view["applied_ops"]
     assert applied["op_id"] == clone["op_id"] and applied["result"] == {"created_run_ids": [3]}
+    assert [run["run_id"] for run in view["runs"]] == [1, 2, 3]
     clone_run = client.get_run("flow", 3)
     assert clone_run["warm_start_checkpoint"] == "/ckpt/1-0.pt" and clone_run["source"] == "policy:pbt"
     assert [run["run_id"] for run in client.list_runs("flow")] == [1, 2, 3]
     assert client.timeline("flow")[0]["outcome"] == "ok"
+    failed = client.fail_run("flow", 2, "cannot split run 2 into chunks: too few steps")
+    assert (failed["status"], failed["ended_by"], failed["error"]) == ("Failed", "failed", failed["error"])
+    assert "too few steps" in failed["error"] and client.fail_run("flow", 2, "again")["error"] == failed["error"]
+    assert len(client.timeline("flow")) == 1  # failing a run that never trained records no chunk
     snapshot = client.experiment_snapshot("flow")
     assert snapshot["experiment"]["name"] == "flow" and len(snapshot["runs"]) == 3
 
@@ -151,7 +159,7 @@ def test_the_fit_flow_routes(server: tuple[RFClient, dict[str, Any], Path]) -> N
         ("/api/experiments/exp/chunk-start",
          b'{"run_id": 1, "chunk_index": "0", "slot": 0, "total_chunks": 4}', 400,
          "chunk_index must be an integer"),
-        ("/api/experiments/exp/apply-ops", b'{"idle_run_ids": "all"}', 400, "idle_run_ids"),
+        ("/api/experiments/exp/runs/1/fail", b'{"error": 3}', 400, "error must be a non-empty string"),
         ("/api/experiments/exp/boundary", b'{"busy_run_ids": [1, "x"]}', 400, "busy_run_ids"),
         ("/api/experiments/exp/boundary", b'{}', 400, "busy_run_ids"),
         ("/api/metrics", b'{"batch_id": 7, "rows": []}', 400, "batch_id"),
@@ -284,12 +292,12 @@ def test_the_dashboard_page_serves_every_asset_locally(server: tuple[RFClient, d
 
 def test_the_runs_grid_data(tmp_path: Path) -> None:
     from dash_app import data
-    from rf_core import ops
-    from rf_core.store import DuckDBStore
+    from rf_core.control import experiments
+    from rf_core.control.store import DuckDBStore
 
     store = DuckDBStore(tmp_path / "rf.duckdb")
     try:
-        ops.create_experiment(store, "grid", [CONFIG, {**CONFIG, "learning_rate": 1e-4}], num_chunks=2)
+        experiments.create_experiment(store, "grid", [CONFIG, {**CONFIG, "learning_rate": 1e-4}], num_chunks=2)
         assert data.experiment_options(store) == [{"label": "grid (running)", "value": "grid"}]
         rows, columns = data.runs_table(store, "grid")
         assert [row["run"] for row in rows] == [1, 2]

@@ -91,7 +91,6 @@ def test_transitions_are_exactly_the_moves_of_both_tables() -> None:
 def test_state_helpers(state: RunStatus, terminal: bool, trainable: bool) -> None:
     assert state.is_terminal() is terminal
     assert state.is_trainable() is trainable
-    assert state.is_idle() is (not trainable)
 
 
 def test_rejection_names_what_the_state_allows() -> None:

@@ -1,0 +1,160 @@
+"""Policy decisions: what a policy decided about a run at a boundary, acted on (an op queued) or proposed for a
+person to approve or dismiss; each (policy, run, boundary) is decided once."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from rf_core.control.checks import is_int, require_experiment, type_name
+from rf_core.control.ops import check_op, submit_op
+from rf_core.errors import InvalidRequest, NotFound, OpRejected
+from rf_core.paths import check_name
+from rf_core.states import DECISION_MODES, DECISION_STATUSES, OpKind
+
+if TYPE_CHECKING:
+    from rf_core.control.store import Store
+
+
+def record_policy_decision(
+    store: Store,
+    experiment: str,
+    policy: str,
+    run_id: int,
+    boundary: int,
+    kind: OpKind | str,
+    payload: Any = None,
+    reason: str = "",
+    mode: str = "act",
+    who: str | None = None,
+) -> dict[str, Any]:
+    """Record a policy's decision about a run at a chunk boundary; in "act" mode also queue its op.
+
+    A policy decides at most once per (policy, run, boundary): when that key is already recorded, nothing is
+    written and the earlier decision comes back with `duplicate` set. An op that is not legal is recorded as
+    rejected, with its problems, rather than raised: the policy did decide, and the audit log keeps it.
+
+    Returns {"decision": row, "op": the queued op's row or None, "duplicate": bool}.
+    """
+    problems = []
+    try:
+        check_name("policy", policy)
+    except ValueError as exc:
+        problems.append(str(exc))
+    for name, value in (("run_id", run_id), ("boundary", boundary)):
+        if not is_int(value) or value < 0:
+            problems.append(f"{name} must be an integer >= 0, got {value!r}")
+    if not isinstance(kind, str) or kind not in {op.value for op in OpKind}:
+        problems.append(f"unknown op kind {kind!r}: use one of {', '.join(op.value for op in OpKind)}")
+    if not isinstance(reason, str) or not reason.strip():
+        problems.append("reason must be a non-empty string: every policy decision says why")
+    if mode not in DECISION_MODES:
+        problems.append(f"mode must be one of {', '.join(DECISION_MODES)}, got {mode!r}")
+    if who is not None and not isinstance(who, str):
+        problems.append(f"who must be a string, got {type_name(who)}")
+    if payload is not None and not isinstance(payload, dict):
+        problems.append(f"payload must be a JSON object or null, got {type_name(payload)}")
+    if problems:
+        raise InvalidRequest(problems)
+    with store.transaction():
+        require_experiment(store, experiment)
+        earlier = [
+            row
+            for row in store.list_policy_decisions(experiment, policies=[policy], run_ids=[run_id])
+            if int(row["boundary"]) == boundary
+        ]
+        if earlier:
+            op = store.get_op(int(earlier[0]["op_id"])) if earlier[0]["op_id"] is not None else None
+            return {"decision": earlier[0], "op": op, "duplicate": True}
+        row: dict[str, Any] = {
+            "experiment": experiment,
+            "policy": policy,
+            "run_id": run_id,
+            "boundary": boundary,
+            "kind": OpKind(kind).value,
+            "payload": payload,
+            "reason": reason.strip(),
+            "decided_at": time.time(),
+        }
+        note = {"name": policy, "reason": row["reason"], "boundary": boundary}
+        op = None
+        if mode == "act":
+            try:
+                op = submit_op(
+                    store, experiment, kind, run_id, payload, source=f"policy:{policy}", who=who, policy_note=note
+                )
+            except OpRejected as exc:
+                row.update(status="rejected", problems=exc.problems)
+            else:
+                row.update(status="submitted", op_id=int(op["op_id"]))
+        else:
+            run = store.get_run(experiment, run_id)
+            pending = store.list_ops(experiment, run_ids=[run_id], statuses=["pending"]) if run else []
+            rejected, _ = check_op(kind, run, pending, payload, None, experiment=experiment, run_id=run_id)
+            if rejected:
+                row.update(status="rejected", problems=rejected)
+            else:
+                row["status"] = "proposed"
+        decision = store.insert_policy_decision(row)
+    return {"decision": decision, "op": op, "duplicate": False}
+
+
+def list_policy_decisions(
+    store: Store, experiment: str, policy: str | None = None, status: str | None = None
+) -> list[dict[str, Any]]:
+    if status is not None and status not in DECISION_STATUSES:
+        raise InvalidRequest([f"status must be one of {', '.join(DECISION_STATUSES)}, got {status!r}"])
+    require_experiment(store, experiment)
+    return store.list_policy_decisions(
+        experiment,
+        policies=None if policy is None else [policy],
+        statuses=None if status is None else [status],
+    )
+
+
+def resolve_proposal(
+    store: Store, experiment: str, decision_id: int, approve: bool, who: str
+) -> dict[str, Any]:
+    """Approve (queue the proposed op, with `who` as its submitter) or dismiss a policy's proposal.
+
+    Approval validates the op against the run's state now: an op that is no longer legal raises OpRejected and
+    leaves the proposal waiting (dismiss it). Returns {"decision": row, "op": the queued op's row or None}.
+    """
+    problems = []
+    if not is_int(decision_id):
+        problems.append(f"decision_id must be an integer, got {type_name(decision_id)}")
+    if not isinstance(who, str) or not who.strip():
+        problems.append("who must name the person approving or dismissing the proposal")
+    if problems:
+        raise InvalidRequest(problems)
+    with store.transaction():
+        require_experiment(store, experiment)
+        decision = store.get_policy_decision(decision_id)
+        if decision is None or decision["experiment"] != experiment:
+            raise NotFound(f"experiment {experiment} has no policy proposal {decision_id}")
+        if decision["status"] != "proposed":
+            by = f" by {decision['resolved_by']}" if decision.get("resolved_by") else ""
+            raise InvalidRequest([f"proposal {decision_id} is {decision['status']}{by}: only a waiting one can be"])
+        now = time.time()
+        op = None
+        fields: dict[str, Any] = {"resolved_by": who, "resolved_at": now, "status": "dismissed"}
+        if approve:
+            note = {
+                "name": decision["policy"],
+                "reason": decision["reason"],
+                "boundary": int(decision["boundary"]),
+                "decision_id": decision_id,
+                "approved_by": who,
+            }
+            op = submit_op(
+                store,
+                experiment,
+                decision["kind"],
+                int(decision["run_id"]),
+                decision["payload"],
+                source=f"policy:{decision['policy']}",
+                who=who,
+                policy_note=note,
+            )
+            fields.update(status="approved", op_id=int(op["op_id"]))
+        return {"decision": store.update_policy_decision(decision_id, fields), "op": op}

@@ -1,0 +1,211 @@
+"""The fit's planner, free of Prefect and torch: apply due ops, pick runs for free slots, build train tasks.
+
+`flows/fit.py` runs the loop and wraps these steps in Prefect tasks; everything here is testable with a fake
+client.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rf_core.chunks import ChunkingError, elastic_device_counts, plan_chunks
+from rf_core.experiment import ExperimentSpec
+from rf_core.messages import ChunkSpec, Gang, TrainTask, WarmStart
+from rf_core.paths import run_dir
+from rf_core.scheduler import Assignment, RunnableRun, assign
+from rf_core.states import RunStatus
+
+
+@dataclass
+class Plan:
+    tasks: list[tuple[int, TrainTask]] = field(default_factory=list)  # (slot, task); a gang's: its rank-0 slot
+    applied_ops: list[dict[str, Any]] = field(default_factory=list)
+    releases: dict[int, list[int]] = field(default_factory=dict)  # slot -> runs whose warm state can go
+    unplannable: dict[int, str] = field(default_factory=dict)  # run -> why it cannot train at all (it fails)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def all_final(self) -> bool:
+        """Every run is Completed, Failed or Deleted: nothing can train again."""
+        return all(RunStatus(run["status"]).is_terminal() for run in self.runs)
+
+
+class FitLoop:
+    """Per-fit bookkeeping: chunk plans per run and which slot holds which run's state warm."""
+
+    def __init__(
+        self, client: Any, experiment: str, spec: ExperimentSpec, num_slots: int, home: Path
+    ) -> None:
+        self.client = client
+        self.experiment = experiment
+        self.spec = spec
+        self.num_slots = num_slots
+        self.home = home
+        self._chunk_plans: dict[int, list[ChunkSpec]] = {}
+        self.warm_slots: dict[int, tuple[int, ...]] = {}  # run -> slots whose workers hold its state in memory
+        self._dispatched_at: dict[int, float] = {}  # run in flight -> when its chunk was planned
+        self._chunk_seconds: dict[int, list[float]] = {}  # run -> how long its chunks took, as seen from here
+
+    def chunk_plan(self, run: Mapping[str, Any]) -> list[ChunkSpec]:
+        run_id = int(run["run_id"])
+        if run_id not in self._chunk_plans:
+            self._chunk_plans[run_id] = plan_chunks(
+                len(self.spec.train_dataset), run["config"], self.spec.num_chunks
+            )
+        return self._chunk_plans[run_id]
+
+    def plan(self, in_flight: Mapping[int, int]) -> Plan:
+        """One planning step. `in_flight` maps busy slots to the run each is training."""
+        busy_runs = set(in_flight.values())
+        now = time.monotonic()
+        self._note_finished(busy_runs, now)
+        view = self.client.boundary_view(self.experiment, sorted(busy_runs))
+        plan = Plan(applied_ops=view["applied_ops"], runs=view["runs"])
+        runs = plan.runs
+
+        runnable: list[RunnableRun] = []
+        for run in runs:
+            run_id = int(run["run_id"])
+            status = RunStatus(run["status"])
+            if not status.is_trainable():
+                for slot in self.warm_slots.pop(run_id, ()):
+                    plan.releases.setdefault(slot, []).append(run_id)
+                continue
+            if run_id in busy_runs:
+                continue
+            devices = int(run["config"].get("num_devices", 1))
+            if devices > self.num_slots:
+                plan.unplannable[run_id] = (
+                    f"run {run_id} needs {devices} devices (num_devices) but this fit has {self.num_slots} "
+                    "slots: clone it with fewer, or continue the experiment with more slots"
+                )
+                continue
+            try:
+                chunks = self.chunk_plan(run)
+            except (ChunkingError, ValueError) as exc:
+                plan.unplannable[run_id] = f"cannot split run {run_id} into chunks: {exc}"
+                continue
+            done = int(run.get("chunks_done") or 0)
+            if done < len(chunks):
+                runnable.append(
+                    RunnableRun(
+                        run_id,
+                        done,
+                        len(chunks),
+                        self._preferred_slot(run),
+                        devices,
+                        self._expected_seconds(run_id),
+                        elastic_device_counts(run["config"], self.num_slots),
+                    )
+                )
+
+        free_slots = [slot for slot in range(self.num_slots) if slot not in in_flight]
+        busy_for = {
+            slot: (self._expected_seconds(run_id) or 0.0) - (now - self._dispatched_at.get(run_id, now))
+            for slot, run_id in in_flight.items()
+        }
+        by_id = {int(run["run_id"]): run for run in runs}
+        pinned = _pinned_steps(runs)
+        for assignment in assign(runnable, free_slots, busy_for):
+            run = by_id[assignment.run_id]
+            for slot in self.warm_slots.get(assignment.run_id, ()):
+                if slot not in assignment.slots:
+                    # The state moves to other workers: the old copy must not be used again.
+                    plan.releases.setdefault(slot, []).append(assignment.run_id)
+            self.warm_slots[assignment.run_id] = assignment.slots
+            self._dispatched_at[assignment.run_id] = now
+            task = self.train_task(run, pinned.get(assignment.run_id, ()), assignment)
+            plan.tasks.append((assignment.slot, task))
+        return plan
+
+    def _note_finished(self, busy_runs: set[int], now: float) -> None:
+        """Runs planned earlier and no longer in flight have finished a chunk: learn how long it took."""
+        for run_id in [run_id for run_id in self._dispatched_at if run_id not in busy_runs]:
+            seconds = now - self._dispatched_at.pop(run_id)
+            history = self._chunk_seconds.setdefault(run_id, [])
+            history.append(seconds)
+            del history[:-5]  # recent chunks only: a run's chunks change length when its data or batch does
+
+    def _expected_seconds(self, run_id: int) -> float | None:
+        """A run's next chunk length: its recent mean, else the mean over all runs; None before any chunk ended."""
+        own = self._chunk_seconds.get(run_id)
+        if own:
+            return statistics.fmean(own)
+        everyone = [seconds for history in self._chunk_seconds.values() for seconds in history]
+        return statistics.fmean(everyone) if everyone else None
+
+    def _preferred_slot(self, run: Mapping[str, Any]) -> int | None:
+        """Where the run's state is warm; for a warm clone's first chunk, where its parent's is."""
+        run_id = int(run["run_id"])
+        if run_id in self.warm_slots:
+            return self.warm_slots[run_id][0]
+        if int(run.get("chunks_done") or 0) == 0 and _is_warm_clone(run):
+            parent_slots = self.warm_slots.get(int(run["parent_id"]))
+            return parent_slots[0] if parent_slots else None
+        return None
+
+    def train_task(
+        self, run: Mapping[str, Any], pinned_steps: tuple[int, ...] = (), assignment: Assignment | None = None
+    ) -> TrainTask:
+        run_id = int(run["run_id"])
+        done = int(run.get("chunks_done") or 0)
+        chunk = self.chunk_plan(run)[done]
+        warm = None
+        if done == 0 and _is_warm_clone(run):
+            warm = WarmStart(
+                parent_run_id=int(run["parent_id"]),
+                parent_checkpoint=str(run["warm_start_checkpoint"]),
+                parent_step=int(run.get("parent_step") or 0),
+                mode=run["warm_start"],
+            )
+        return TrainTask(
+            experiment=self.experiment,
+            run_id=run_id,
+            config=run["config"],
+            chunk=chunk,
+            run_dir=str(run_dir(self.experiment, run_id, self.home)),
+            seed=self.spec.seed,
+            warm_start=warm,
+            metric=self.spec.metric,
+            mode=self.spec.mode,
+            keep_checkpoints=self.spec.keep_checkpoints,
+            pinned_steps=pinned_steps,
+            gang=_gang(run["config"], assignment.slots if assignment else (0,)),
+        )
+
+    def forget(self, run_id: int) -> None:
+        """The run's worker died or failed: its warm copy, if any, is gone."""
+        self.warm_slots.pop(run_id, None)
+
+
+def _gang(config: Mapping[str, Any], slots: Sequence[int]) -> Gang | None:
+    """The gang a run trains in on these slots; None when it trains alone in one process."""
+    strategy = config.get("strategy", "ddp")
+    if len(slots) == 1 and strategy != "deepspeed":
+        return None
+    # The rendezvous address is picked just before the chunk, by rank 0's worker on its own machine.
+    return Gang(rank=0, world_size=len(slots), address="", slots=tuple(slots), strategy=strategy)
+
+
+def _is_warm_clone(run: Mapping[str, Any]) -> bool:
+    return run.get("warm_start") not in (None, "", "off") and run.get("parent_id") is not None
+
+
+def _pinned_steps(runs: list[dict[str, Any]]) -> dict[int, tuple[int, ...]]:
+    """Per parent run, the checkpoint steps its not-yet-started warm clones will start from: never pruned."""
+    pinned: dict[int, set[int]] = {}
+    for run in runs:
+        if (
+            _is_warm_clone(run)
+            and int(run.get("chunks_done") or 0) == 0
+            and RunStatus(run["status"]) != RunStatus.DELETED
+            and run.get("parent_step") is not None
+        ):
+            pinned.setdefault(int(run["parent_id"]), set()).add(int(run["parent_step"]))
+    return {run_id: tuple(sorted(steps)) for run_id, steps in pinned.items()}
+

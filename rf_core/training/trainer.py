@@ -1,0 +1,816 @@
+"""Training one chunk of one run inside a slot worker, exactly resumable at every chunk boundary.
+
+A `SlotTrainer` lives in one worker process for a whole experiment. It caches base models and tokenized
+data, and keeps the state of the runs it trained (adapter or full weights, optimizer, LR schedule, RNG) in
+memory, so the next chunk of a run it trained last needs no disk read. Any other chunk starts from the run's
+checkpoint on disk, a warm-start parent's checkpoint, or a fresh seed.
+
+Exactness contract: with a fixed thread count on CPU, training a config in k chunks (state kept in memory,
+interleaved with other runs, or swapped to another trainer through the staging area or disk) gives bitwise the
+same per-step losses and final weights as one chunk. That is why every chunk restores the run's RNG state, why the data
+order is a pure function of (seed, epoch), and why the LR schedule spans the whole run.
+
+LoRA runs on the same base share one frozen copy of it: a single PEFT model per base holds one adapter per run
+and switches the active adapter per chunk. A full fine-tune run trains its own copy of the base.
+
+At each boundary the state is snapshotted into the staging area and persisted, exported and pruned by a
+background `StateWriter` (see `rf_core.training.staging`), so saving costs the chunk a memory copy, not a disk write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import get_scheduler
+
+from rf_core import chunks
+from rf_core.messages import ChunkOutcome, ChunkSpec, Gang, TrainTask, WarmStart
+from rf_core.training import zero
+from rf_core.training.artifacts import (
+    BEST,
+    LATEST,
+    ExportRecipe,
+    copy_export,
+    export_dir,
+    prune_checkpoints,
+    write_export,
+)
+from rf_core.training.checkpoints import (
+    capture_rng_state,
+    init_checkpoint_path,
+    latest_checkpoint,
+    restore_rng_state,
+    step_checkpoint_path,
+    step_of,
+)
+from rf_core.training.data import IGNORE_INDEX, TokenizedData, tokenize_examples
+from rf_core.training.gang import DeepSpeedStep, GangSession, PlainStep, free_address, gang_session
+from rf_core.training.staging import AfterPersist, StateWriter, StorageFull, load_state, state_exists
+
+CreateModelFn = Callable[[dict[str, Any]], tuple[Any, Any]]
+ComputeMetricsFn = Callable[[Any, Any, Any], Mapping[str, float]]
+EmitFn = Callable[[list[dict[str, Any]]], None]
+
+_MAX_LISTED_KEYS = 5  # how many mismatching keys an error message names before summarising
+MAX_FREE_ADAPTERS = 8  # per base and LoRA shape; more released adapters are deleted
+MAX_FREE_FULL_COPIES = 1  # per base: a full copy costs the base model's size in memory
+STATE_WAIT_S = 120.0  # how long a chunk waits for its start state that another worker is still writing
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: a micro-batch loss was NaN or infinite."""
+
+
+@dataclass
+class _BaseEntry:
+    """One base model: the single copy of its weights, its tokenizer, and the LoRA host wrapping it."""
+
+    model: Any
+    tokenizer: Any
+    lora_host: PeftModel | None = None
+    # Adapters of released runs, by LoRA shape: a run swapped in reuses one (its weights are loaded over it)
+    # instead of paying PEFT's adapter injection again.
+    free_adapters: dict[tuple[Any, ...], list[str]] = field(default_factory=dict)
+    # Likewise a released full fine-tune's model: the next full run swapped in loads its weights over it
+    # instead of deep-copying the base again.
+    free_full_copies: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class _RunState:
+    """Everything needed to continue a run at its next chunk boundary without touching disk."""
+
+    run_id: int
+    base_key: str
+    model: Any  # what to call: the shared LoRA host, or the run's own full copy
+    adapter_name: str | None  # the run's adapter inside the LoRA host; None for a full fine-tune
+    trainable: dict[str, torch.nn.Parameter]  # checkpoint key -> parameter, in the optimizer's order
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    chunk_index: int = -1
+    rng: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # {"value", "step"}: the run's best chunk by the experiment's metric
+    chunk_started: tuple[int, int] | None = None  # (chunk index, step) of the chunk being trained
+    samples_at_chunk_start: int = 0
+    engine: Any = None  # a DeepSpeed run's engine, for the chunk being trained; it holds the optimizer state
+
+    @property
+    def is_lora(self) -> bool:
+        return self.adapter_name is not None
+
+
+class SlotTrainer:
+    """Trains chunks of many runs in one process; see the module docstring for the exactness contract.
+
+    Args:
+        create_model_fn: config -> (base_model, tokenizer); called once per distinct `model_name_or_path`.
+        train_dataset: examples with "text", or "prompt" and "completion" (list, `datasets.Dataset`, ...).
+        eval_dataset: same forms; evaluated at every chunk end. None or empty: no evaluation.
+        compute_metrics: optional (model, tokenizer, eval_dataset) -> {name: value}, run after eval_loss.
+        num_threads: torch intra-op threads for this process. Fix it: float sums differ across thread counts.
+        step_delay_s: sleep after every optimizer step (tests use it so operations arrive mid-chunk).
+        device: where base models and run state live ("cpu", "cuda:1", ...); None keeps the model's own.
+        staging_root: RAM-backed folder for state snapshots (`rf_core.training.staging.default_staging_root()`);
+            None snapshots into this process's memory. Either way disk writes happen in the background.
+        max_pending_writes: how many states may wait for the disk before a save blocks.
+    """
+
+    def __init__(
+        self,
+        create_model_fn: CreateModelFn,
+        train_dataset: Iterable[Mapping[str, Any]],
+        eval_dataset: Iterable[Mapping[str, Any]] | None,
+        compute_metrics: ComputeMetricsFn | None = None,
+        *,
+        num_threads: int | None = None,
+        step_delay_s: float = 0.0,
+        device: str | None = None,
+        staging_root: Path | None = None,
+        max_pending_writes: int = 2,
+    ) -> None:
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"{num_threads=} must be >= 1")
+        if step_delay_s < 0:
+            raise ValueError(f"{step_delay_s=} must be >= 0")
+        self._create_model_fn = create_model_fn
+        self._train_examples = list(train_dataset)
+        self._eval_examples = list(eval_dataset) if eval_dataset is not None else []
+        if not self._train_examples:
+            raise ValueError("train_dataset is empty")
+        self._compute_metrics = compute_metrics
+        self._step_delay_s = step_delay_s
+        self._device = torch.device(device) if device is not None else None
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self._bases: dict[str, _BaseEntry] = {}
+        self._tokenized: dict[tuple[str, int, int], TokenizedData] = {}
+        self._runs: dict[int, _RunState] = {}
+        self._adapters: dict[int, tuple[str, str, tuple[Any, ...]]] = {}  # run -> (base, adapter, LoRA shape)
+        self._adapters_made = 0
+        self._writer = StateWriter(staging_root, max_pending_writes)
+        self._staging_root = staging_root
+
+    # ----------------------------------------------------------------------------------------------- public
+
+    def train(self, task: TrainTask, emit: EmitFn) -> ChunkOutcome:
+        """Train `task.chunk` of run `task.run_id`. Never raises: a failure comes back as status "failed"."""
+        try:
+            return self._train_chunk(task, emit)
+        except Exception as error:
+            state = self._runs.get(task.run_id)
+            samples = 0  # unknown unless the chunk got as far as starting
+            if state is not None and state.chunk_started == (task.chunk.index, task.chunk.start_step):
+                samples = state.samples_at_chunk_start
+            details = traceback.format_exc()
+            # The in-memory state may be half-updated: drop it; a retry resumes from the last good checkpoint.
+            with contextlib.suppress(Exception):
+                self.release(task.run_id)
+            if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the next run on this device the memory this one could not use
+            return ChunkOutcome(
+                run_id=task.run_id,
+                chunk_index=task.chunk.index,
+                status="interrupted" if isinstance(error, StorageFull) else "failed",
+                step=task.chunk.start_step,
+                epoch=task.chunk.epoch,
+                samples=samples,
+                error=_one_line(error),
+                traceback=details,
+            )
+
+    def prepare(self, configs: Iterable[Mapping[str, Any]]) -> None:
+        """Load the base models and tokenize the data these configs need, ahead of their first chunk."""
+        for config in configs:
+            base = self._base(config)
+            self._tokenized_data("train", self._train_examples, base.tokenizer, config["max_length"])
+            if self._eval_examples:
+                self._tokenized_data("eval", self._eval_examples, base.tokenizer, config["max_length"])
+
+    def flush(self) -> None:
+        """Wait until every state saved so far is on disk (its exports and pruning done too)."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def release(self, run_id: int) -> None:
+        """Forget a run's in-memory state (stopped, deleted, completed or failed); its checkpoints stay."""
+        state = self._runs.pop(run_id, None)
+        if state is not None and not state.is_lora:
+            base = self._bases[state.base_key]
+            if len(base.free_full_copies) < MAX_FREE_FULL_COPIES:
+                base.free_full_copies.append(state.model)
+        held = self._adapters.pop(run_id, None)
+        if held is None:
+            return
+        base_key, adapter_name, shape = held
+        base = self._bases[base_key]
+        free = base.free_adapters.setdefault(shape, [])
+        if len(free) < MAX_FREE_ADAPTERS:
+            free.append(adapter_name)  # frozen and inactive until a run of the same shape takes it over
+            return
+        assert base.lora_host is not None
+        # PEFT warns when the deleted adapter was the active one; each chunk activates its own anyway.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+            base.lora_host.delete_adapter(adapter_name)
+
+    # --------------------------------------------------------------------------------------- the chunk loop
+
+    def _train_chunk(self, task: TrainTask, emit: EmitFn) -> ChunkOutcome:
+        gang = task.gang
+        if gang is None and task.config["strategy"] == "deepspeed":
+            gang = Gang(rank=0, world_size=1, address=free_address(), slots=(0,), strategy="deepspeed")
+        with gang_session(gang, self._device or torch.device("cpu")) as session:
+            return self._train_chunk_in(task, emit, session)
+
+    def _train_chunk_in(self, task: TrainTask, emit: EmitFn, session: GangSession | None) -> ChunkOutcome:
+        """The chunk loop; `session` is this process's gang for multi-process runs (None: trains alone)."""
+        config, chunk = task.config, task.chunk
+        leads = session is None or session.is_leader  # evaluates, logs and checkpoints
+        base = self._base(config)
+        train_data = self._tokenized_data("train", self._train_examples, base.tokenizer, config["max_length"])
+        run_total_steps = chunks.total_steps(len(train_data), config)
+        if not 0 <= chunk.start_step < chunk.end_step <= run_total_steps:
+            raise ValueError(
+                f"chunk {chunk.index} spans steps {chunk.start_step}-{chunk.end_step}, "
+                f"outside the run's {run_total_steps} steps"
+            )
+        seed = _run_seed(task)
+
+        # 1. Get the run's state at the chunk's first step, and make it the one the model trains.
+        swap_in_started = time.perf_counter()
+        state = self._state_at_chunk_start(task, base, seed, run_total_steps, writes=leads)
+        swap_in_seconds = time.perf_counter() - swap_in_started
+        if state.step != chunk.start_step:
+            raise ValueError(
+                f"run {task.run_id} is at step {state.step} but chunk {chunk.index} starts at step {chunk.start_step}"
+            )
+        state.chunk_started, state.samples_at_chunk_start = (chunk.index, chunk.start_step), state.samples
+        model = self._activate(state)
+        parameters = list(state.trainable.values())
+        stepper = self._stepper(task, state, model, session)
+
+        # 2. Train: this chunk's slice of the epoch's order, in optimizer steps of accumulated micro-batches
+        # (a gang member trains its share of each step's micro-batches; DDP or DeepSpeed averages the gradients).
+        order = chunks.epoch_order(len(train_data), seed, chunk.epoch)
+        step_batches = _step_batches(
+            order, chunk, config["per_device_train_batch_size"], chunks.micro_batches_per_step(config)
+        )
+        device = _model_device(model)
+        last_train_loss: float | None = None
+        loop_started = time.perf_counter()
+        for micro_batches in step_batches:
+            step_number = state.step + 1  # 1-based number of the update being computed
+            state.optimizer.zero_grad(set_to_none=True)
+            mine = micro_batches if session is None else session.my_micro_batches(micro_batches)
+            micro_losses: list[float] = []
+            for position, indices in enumerate(mine):
+                batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
+                with stepper.micro_batch(position, len(mine)):
+                    loss = stepper.forward(batch)
+                    if session is None and not torch.isfinite(loss):
+                        raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
+                    stepper.backward(loss, position, len(mine))
+                micro_losses.append(loss.item())
+            if session is not None:
+                # Every member must see the same losses, so all of them stop together on a bad one.
+                loss_sum, count = session.sum([sum(micro_losses), len(micro_losses)])
+                micro_losses = [loss_sum / count]
+                if not np.isfinite(micro_losses[0]):
+                    raise NonFiniteLossError(f"loss became {micro_losses[0]} at step {step_number}")
+            learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this update uses
+            stepper.update(state.optimizer, parameters, config["max_grad_norm"])
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.step = step_number
+            state.samples += sum(len(indices) for indices in micro_batches)
+            last_train_loss = sum(micro_losses) / len(micro_losses)
+            now = time.time()
+            if leads:
+                emit(
+                    [
+                        _metric_row(state.step, "train_loss", last_train_loss, chunk.index, now),
+                        _metric_row(state.step, "learning_rate", learning_rate, chunk.index, now),
+                    ]
+                )
+            if self._step_delay_s > 0:
+                time.sleep(self._step_delay_s)
+        train_seconds = time.perf_counter() - loop_started
+        state.epoch = chunk.epoch
+        state.chunk_index = chunk.index
+        # Captured before evaluation so a compute_metrics that draws random numbers can't change training.
+        state.rng = capture_rng_state()
+
+        # 3. Evaluate, then checkpoint the boundary.
+        eval_started = time.perf_counter()
+        evaluates = leads or zero.partitions_parameters(config)  # ZeRO-3: every member's forward takes part
+        eval_metrics = self._evaluate(model, base.tokenizer, config) if evaluates else {}
+        if session is not None:
+            eval_metrics = session.from_leader(eval_metrics)  # every member keeps the run's best chunk right
+        eval_seconds = time.perf_counter() - eval_started
+        restore_rng_state(state.rng)
+        if eval_metrics and leads:
+            now = time.time()
+            emit([_metric_row(state.step, name, value, chunk.index, now) for name, value in eval_metrics.items()])
+        improved = _improves(state.best, eval_metrics.get(task.metric), task.mode)
+        if improved:
+            state.best = {"value": float(eval_metrics[task.metric]), "step": state.step}
+        swap_out_started = time.perf_counter()
+        checkpoint = step_checkpoint_path(task.run_dir, state.step)
+        if state.engine is not None:
+            zero.save_shards(state.engine, task.run_dir, state.step)  # every member writes its shard
+        readable = list(state.trainable.values()) if state.is_lora else list(state.model.parameters())
+        with zero.gathered(state.engine, readable):  # ZeRO-3 holds a shard of each weight per member
+            if leads:
+                self._save(state, config, checkpoint, self._follow_ups(task, base, state, improved))
+        state_seconds = swap_in_seconds + time.perf_counter() - swap_out_started
+        exports = {LATEST: str(export_dir(task.run_dir, LATEST))}
+        if state.best is not None:
+            exports[BEST] = str(export_dir(task.run_dir, BEST))
+
+        return ChunkOutcome(
+            run_id=task.run_id,
+            chunk_index=chunk.index,
+            status="completed" if chunk.end_step == run_total_steps else "ok",
+            step=state.step,
+            epoch=state.epoch,
+            samples=state.samples,
+            checkpoint=str(checkpoint),
+            eval_metrics=eval_metrics,
+            last_train_loss=last_train_loss,
+            train_seconds=train_seconds,
+            state_seconds=state_seconds,
+            eval_seconds=eval_seconds,
+            exports=exports,
+            best_step=None if state.best is None else int(state.best["step"]),
+            best_value=None if state.best is None else float(state.best["value"]),
+            device=str(device),
+            device_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        )
+
+    def _stepper(self, task: TrainTask, state: _RunState, model: Any, session: GangSession | None) -> PlainStep:
+        """How this process computes each step of the chunk: alone, as a DDP member, or through DeepSpeed."""
+        if task.config["strategy"] == "deepspeed":
+            assert session is not None  # _train_chunk forms a gang of one when the task came without one
+            state.engine = zero.start_engine(model, state.optimizer, task.config, session.gang, session.device)
+            if task.chunk.index > 0:
+                zero.load_shards(state.engine, task.run_dir, task.chunk.start_step)
+            restore_rng_state(state.rng)  # starting the engine must not move the run's random streams
+            return DeepSpeedStep(state.engine)
+        if session is None:
+            return PlainStep(model)
+        return session.wrap_ddp(model, list(state.trainable.values()))
+
+    def _follow_ups(self, task: TrainTask, base: _BaseEntry, state: _RunState, improved: bool) -> list[AfterPersist]:
+        """Once the boundary's state is on disk: export it as the latest (and best), prune old checkpoints."""
+        recipe = self._export_recipe(base, state, task.config)
+        latest, best = export_dir(task.run_dir, LATEST), export_dir(task.run_dir, BEST)
+        info = {"run_id": task.run_id, "metric": task.metric, "best": state.best}
+
+        def export(checkpoint: Path) -> None:
+            write_export(checkpoint, recipe, latest, info)
+            if improved:
+                copy_export(latest, best)
+
+        def prune(_: Path) -> None:
+            deleted = prune_checkpoints(task.run_dir, task.keep_checkpoints, task.pinned_steps)
+            if task.config["strategy"] == "deepspeed":
+                zero.prune_shards(task.run_dir, [step for path in deleted if (step := step_of(path)) is not None])
+
+        return [export, prune]
+
+    def _export_recipe(self, base: _BaseEntry, state: _RunState, config: dict[str, Any]) -> ExportRecipe:
+        base_name = str(getattr(base.model.config, "_name_or_path", "") or config["model_name_or_path"])
+        if state.is_lora:
+            return ExportRecipe.for_lora(base.tokenizer, state.model.peft_config[state.adapter_name], base_name)
+        return ExportRecipe(tokenizer=base.tokenizer, model_config=state.model.config)
+
+    # ---------------------------------------------------------------------------------------- run state
+
+    def _state_at_chunk_start(
+        self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int, writes: bool = True
+    ) -> _RunState:
+        """The run's state at the chunk's first step: from memory, its checkpoint, a warm-start parent or the seed.
+
+        `writes`: this process saves the run's state (False for gang members other than rank 0). A DeepSpeed run's
+        engine takes its module over, so it trains a private copy of the base, rebuilt every chunk, and its
+        optimizer state comes later, from the run's ZeRO shards once the engine exists.
+        """
+        chunk = task.chunk
+        deepspeed = task.config["strategy"] == "deepspeed"
+        if deepspeed:
+            copy_of_base = self._full_copy(base)
+            # A full fine-tune trains the copy itself; a LoRA run wraps it in an adapter of its own.
+            base = _BaseEntry(model=copy_of_base, tokenizer=base.tokenizer, free_full_copies=[copy_of_base])
+        else:
+            in_memory = self._runs.get(task.run_id)
+            if in_memory is not None and self._is_current(in_memory, task):
+                return in_memory
+            self.release(task.run_id)  # stale or absent: rebuild from disk, the parent, or the seed
+
+        if chunk.index > 0:
+            path = step_checkpoint_path(task.run_dir, chunk.start_step)
+            self._wait_for_state(path, f"run {task.run_id}: chunk {chunk.index} starts at step {chunk.start_step}")
+            state = self._new_state(task, base, seed, run_total_steps, weights_follow=True)
+            self._restore(state, load_state(path, self._staging_root), str(path))
+        elif task.warm_start is not None and task.warm_start.mode != "off":
+            warm = task.warm_start
+            if deepspeed and warm.mode == "weights+optimizer":
+                raise ValueError(
+                    f"run {task.run_id} trains with DeepSpeed, whose optimizer state is sharded its own way: "
+                    "warm-start it with weights only"
+                )
+            state = self._new_state(task, base, seed, run_total_steps, weights_follow=True)
+            trainable, optimizer, source = self._parent_state(warm)
+            _load_trainable(state, trainable, source)
+            if warm.mode == "weights+optimizer":
+                _load_optimizer_moments(state, optimizer, source)
+            # The schedule stays fresh: the clone's own warmup and decay over its own total steps. The RNG
+            # starts from the seed, whichever way the adapter came to be (new, or reused).
+            _seed_everything(seed)
+            state.rng = capture_rng_state()
+            if writes:
+                self._save(state, task.config, init_checkpoint_path(task.run_dir))
+        else:
+            state = self._new_state(task, base, seed, run_total_steps, weights_follow=deepspeed)
+            state.rng = capture_rng_state()
+        if deepspeed:
+            self._adapters.pop(task.run_id, None)  # the adapter is the private copy's, gone with the chunk
+        else:
+            self._runs[task.run_id] = state
+        return state
+
+    def _is_current(self, state: _RunState, task: TrainTask) -> bool:
+        """True when the in-memory state is the one the chunk starts from.
+
+        Training is deterministic, so a state at the chunk's start step is the state, whoever else also
+        computed it; a state at any other step is stale (the run moved on elsewhere, or failed and went back).
+        """
+        chunk = task.chunk
+        return chunk.index > 0 and state.chunk_index == chunk.index - 1 and state.step == chunk.start_step
+
+    def _parent_state(self, warm: WarmStart) -> tuple[Mapping[str, torch.Tensor], Mapping[str, Any], str]:
+        """A warm start's weights and optimizer state: from the parent's in-memory state when this worker
+        holds it at the clone's step (no disk at all), else from its checkpoint (staged copy first)."""
+        parent = self._runs.get(warm.parent_run_id)
+        if parent is not None and parent.step == warm.parent_step:
+            weights = (
+                {key: parameter.detach() for key, parameter in parent.trainable.items()}
+                if parent.is_lora
+                else parent.model.state_dict()
+            )
+            return weights, parent.optimizer.state_dict(), f"parent run {warm.parent_run_id} (in memory)"
+        self._wait_for_state(Path(warm.parent_checkpoint), f"parent run {warm.parent_run_id}'s state")
+        checkpoint = load_state(warm.parent_checkpoint, self._staging_root)
+        source = f"parent run {warm.parent_run_id} checkpoint {warm.parent_checkpoint}"
+        return checkpoint["trainable"], checkpoint["optimizer"], source
+
+    def _wait_for_state(self, path: Path, what: str) -> None:
+        """Another worker may still be writing the state (without a staging area, its disk write is behind)."""
+        deadline = time.monotonic() + STATE_WAIT_S
+        while not state_exists(path, self._staging_root):
+            if time.monotonic() > deadline or not _being_written(path):
+                raise FileNotFoundError(
+                    f"{what} but there is no checkpoint {path} (latest: {latest_checkpoint(path.parent.parent)})"
+                )
+            time.sleep(0.01)
+
+    def _new_state(
+        self, task: TrainTask, base: _BaseEntry, seed: int, run_total_steps: int, weights_follow: bool = False
+    ) -> _RunState:
+        """A run with its adapter (or full copy), optimizer and LR schedule.
+
+        `weights_follow`: the caller loads every trainable weight next (a swap in, a warm start), so a released
+        adapter of the same shape may be reused as is. Otherwise the adapter is new and initialised from the seed.
+        """
+        config = task.config
+        if config["use_peft"]:
+            shape = _lora_shape(config)
+            free = base.free_adapters.get(shape) if weights_follow else None
+            if free:
+                adapter_name, model = free.pop(), base.lora_host
+            else:
+                _seed_everything(seed)  # adapter init draws random numbers: seed first so it is the same everywhere
+                self._adapters_made += 1
+                adapter_name = f"adapter-{self._adapters_made}"
+                model = self._add_adapter(base, adapter_name, config)
+            self._adapters[task.run_id] = (config["model_name_or_path"], adapter_name, shape)
+            trainable = _adapter_parameters(model, adapter_name)
+        else:
+            _seed_everything(seed)
+            adapter_name = None
+            model = base.free_full_copies.pop() if weights_follow and base.free_full_copies else self._full_copy(base)
+            trainable = dict(model.named_parameters())
+        optimizer = torch.optim.AdamW(
+            list(trainable.values()), lr=config["learning_rate"], weight_decay=config["weight_decay"]
+        )
+        scheduler_type = config["lr_scheduler_type"]
+        if scheduler_type == "constant" and config["warmup_steps"] > 0:
+            # transformers' "constant" drops num_warmup_steps without a word; the user asked for a warm-up.
+            scheduler_type = "constant_with_warmup"
+        scheduler = get_scheduler(
+            scheduler_type,
+            optimizer,
+            num_warmup_steps=config["warmup_steps"],
+            num_training_steps=run_total_steps,
+        )
+        return _RunState(
+            run_id=task.run_id,
+            base_key=config["model_name_or_path"],
+            model=model,
+            adapter_name=adapter_name,
+            trainable=trainable,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+
+    def _restore(self, state: _RunState, checkpoint: dict[str, Any], source: str) -> None:
+        _load_trainable(state, checkpoint["trainable"], source)
+        # Optimizer before scheduler: the optimizer's state carries the current learning rate. A DeepSpeed run's
+        # checkpoint has none: its optimizer state is in the ZeRO shards.
+        if checkpoint["optimizer"] is not None:
+            state.optimizer.load_state_dict(checkpoint["optimizer"])
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+        state.step = int(checkpoint["step"])
+        state.epoch = int(checkpoint["epoch"])
+        state.samples = int(checkpoint["samples"])
+        state.chunk_index = int(checkpoint["chunk_index"])
+        state.rng = checkpoint["rng"]
+        state.best = checkpoint.get("best")
+
+    def _activate(self, state: _RunState) -> Any:
+        """Make `state` the one that trains: its adapter active and alone trainable, train mode, its RNG."""
+        model = state.model
+        if state.is_lora:
+            model.set_adapter(state.adapter_name)
+            trainable_ids = {id(parameter) for parameter in state.trainable.values()}
+            for parameter in model.parameters():
+                parameter.requires_grad_(id(parameter) in trainable_ids)
+        model.train()
+        restore_rng_state(state.rng)
+        return model
+
+    def _save(
+        self, state: _RunState, config: dict[str, Any], path: Path, follow_ups: list[AfterPersist] = ()
+    ) -> Path:
+        return self._writer.save(
+            {
+                "config": config,
+                "step": state.step,
+                "epoch": state.epoch,
+                "samples": state.samples,
+                "chunk_index": state.chunk_index,
+                "trainable": {key: parameter.detach() for key, parameter in state.trainable.items()}
+                if state.is_lora
+                else state.model.state_dict(),
+                "optimizer": state.optimizer.state_dict() if state.engine is None else None,
+                "scheduler": state.scheduler.state_dict(),
+                "rng": state.rng,
+                "best": state.best,
+            },
+            path,
+            follow_ups,
+        )
+
+    # ------------------------------------------------------------------------------------ models and data
+
+    def _base(self, config: dict[str, Any]) -> _BaseEntry:
+        key = config["model_name_or_path"]
+        if key not in self._bases:
+            model, tokenizer = self._create_model_fn(config)
+            if self._device is not None:
+                model = model.to(self._device)
+            if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self._bases[key] = _BaseEntry(model=model, tokenizer=tokenizer)
+        return self._bases[key]
+
+    def _add_adapter(self, base: _BaseEntry, adapter_name: str, config: dict[str, Any]) -> PeftModel:
+        lora_config = LoraConfig(
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=config["lora_dropout"],
+            target_modules=config["target_modules"],
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        with warnings.catch_warnings():
+            # peft 0.21 calls a transformers API that transformers 5 deprecates; nothing for us to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if base.lora_host is None:
+                # Wraps the base in place: from here on it is the one frozen copy all LoRA runs on it share.
+                base.lora_host = get_peft_model(base.model, lora_config, adapter_name=adapter_name)
+            else:
+                base.lora_host.add_adapter(adapter_name, lora_config)
+        return base.lora_host
+
+    def _full_copy(self, base: _BaseEntry) -> Any:
+        if base.lora_host is None:
+            model = copy.deepcopy(base.model)
+        else:
+            # Base weights under the LoRA layers are never trained, so unloading a copy gives the original.
+            model = copy.deepcopy(base.lora_host).unload()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+
+    def _tokenized_data(self, split: str, examples: list[Any], tokenizer: Any, max_length: int) -> TokenizedData:
+        # Keyed by tokenizer identity: tokenizers live as long as their base entry, i.e. as long as self.
+        key = (split, id(tokenizer), int(max_length))
+        if key not in self._tokenized:
+            self._tokenized[key] = tokenize_examples(examples, tokenizer, int(max_length))
+        return self._tokenized[key]
+
+    def _evaluate(self, model: Any, tokenizer: Any, config: dict[str, Any]) -> dict[str, float]:
+        if not self._eval_examples:
+            return {}
+        eval_data = self._tokenized_data("eval", self._eval_examples, tokenizer, config["max_length"])
+        device = _model_device(model)
+        batch_size = config["per_device_eval_batch_size"]
+        loss_sum = 0.0
+        token_count = 0
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(eval_data), batch_size):
+                batch = eval_data.batch(list(range(start, min(start + batch_size, len(eval_data)))))
+                batch = {name: tensor.to(device) for name, tensor in batch.items()}
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+                targets = batch["labels"][:, 1:]
+                losses = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(),
+                    targets.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                loss_sum += float(losses)
+                token_count += int((targets != IGNORE_INDEX).sum())
+            metrics = {"eval_loss": loss_sum / max(token_count, 1)}
+            if self._compute_metrics is not None:
+                extra = self._compute_metrics(model, tokenizer, self._eval_examples)
+                metrics.update({str(name): float(value) for name, value in dict(extra).items()})
+        model.train()
+        return metrics
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _run_seed(task: TrainTask) -> int:
+    seed = task.config.get("seed")
+    return int(task.seed if seed is None else seed)
+
+
+def _lora_shape(config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes two adapters interchangeable once their weights are overwritten."""
+    modules = config["target_modules"]
+    return (
+        config["r"],
+        config["lora_alpha"],
+        config["lora_dropout"],
+        modules if isinstance(modules, str) else tuple(sorted(modules)) if modules is not None else None,
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _adapter_parameters(host: PeftModel, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters keyed without the adapter name, so a parent's keys match a clone's."""
+    parameters: dict[str, torch.nn.Parameter] = {}
+    for name, parameter in host.named_parameters():
+        parts = name.split(".")
+        if adapter_name in parts:
+            parameters[".".join(part for part in parts if part != adapter_name)] = parameter
+    if not parameters:
+        raise ValueError(f"adapter {adapter_name!r} has no parameters: do its target_modules match the model?")
+    return parameters
+
+
+def _load_trainable(state: _RunState, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy checkpoint weights into the run, insisting on equal keys and shapes (PEFT skips mismatches)."""
+    expected = (
+        {key: parameter.detach() for key, parameter in state.trainable.items()}
+        if state.is_lora
+        else state.model.state_dict()
+    )
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = [
+        f"{key}: {tuple(weights[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(weights))
+        if weights[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_summarise(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_summarise(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches (checkpoint vs run) {_summarise(mismatched)}")
+        raise ValueError(
+            f"weights from {source} do not fit run {state.run_id}'s "
+            f"{'LoRA adapter' if state.is_lora else 'model'}: {'; '.join(problems)}. Warm starts need the "
+            "same base model, fine-tuning kind, target_modules and rank"
+        )
+    with torch.no_grad():
+        if state.is_lora:
+            for key, parameter in state.trainable.items():
+                parameter.copy_(weights[key])
+        else:
+            state.model.load_state_dict(dict(weights), strict=True)
+
+
+def _load_optimizer_moments(state: _RunState, parent_optimizer: Mapping[str, Any], source: str) -> None:
+    """Take the parent's per-parameter AdamW state but keep the clone's own hyperparameters (lr, decay)."""
+    parent_moments = parent_optimizer["state"]
+    parameters = list(state.trainable.values())
+    for index, parameter in enumerate(parameters):
+        moment = parent_moments.get(index, {}).get("exp_avg")
+        if moment is not None and moment.shape != parameter.shape:
+            raise ValueError(
+                f"optimizer state from {source} does not fit run {state.run_id}: parameter {index} has "
+                f"moments of shape {tuple(moment.shape)}, the run's parameter {tuple(parameter.shape)}"
+            )
+    if len(parent_moments) > len(parameters):
+        raise ValueError(
+            f"optimizer state from {source} has {len(parent_moments)} parameters; "
+            f"run {state.run_id} has {len(parameters)}"
+        )
+    merged = state.optimizer.state_dict()
+    # Copies: the parent may be training in this process, and its moments must not move the clone's.
+    merged["state"] = {
+        index: {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in moments.items()}
+        for index, moments in parent_moments.items()
+    }
+    state.optimizer.load_state_dict(merged)
+
+
+def _step_batches(order: list[int], chunk: ChunkSpec, batch_size: int, accumulation: int) -> list[list[list[int]]]:
+    """Per optimizer step of the chunk, its micro-batches of sample indices (an epoch's last may be short)."""
+    samples_per_step = batch_size * accumulation
+    steps: list[list[list[int]]] = []
+    for step_in_chunk in range(chunk.num_steps):
+        start = chunk.start_sample + step_in_chunk * samples_per_step
+        indices = order[start : min(start + samples_per_step, chunk.end_sample)]
+        if not indices:
+            raise ValueError(
+                f"chunk {chunk.index} has {chunk.num_steps} steps but samples {chunk.start_sample}-"
+                f"{chunk.end_sample} fill only {step_in_chunk} steps of {samples_per_step} samples"
+            )
+        steps.append([indices[offset : offset + batch_size] for offset in range(0, len(indices), batch_size)])
+    return steps
+
+
+def _improves(best: Mapping[str, Any] | None, value: float | None, mode: str) -> bool:
+    if value is None or not np.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best["value"] if mode == "min" else value > best["value"]
+
+
+def _being_written(path: Path) -> bool:
+    """A temporary file for `path` exists: a writer is on it right now."""
+    folder = path.parent
+    return folder.is_dir() and any(entry.name.startswith(f".{path.name}.") for entry in folder.iterdir())
+
+
+def _metric_row(step: int, name: str, value: float, chunk_index: int, at: float) -> dict[str, Any]:
+    return {"step": step, "name": name, "value": float(value), "chunk": chunk_index, "time": at}
+
+
+def _summarise(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED_KEYS])
+    more = len(items) - _MAX_LISTED_KEYS
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}".rstrip(": ")

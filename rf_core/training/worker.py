@@ -1,0 +1,455 @@
+"""Persistent slot workers: one process per device slot, alive for the whole fit.
+
+A worker imports torch/transformers once, caches base models, and keeps the runs it trained warm in memory.
+The fit loop talks to it through a pipe with three messages: train a chunk, release runs, stop. Experiments
+travel by import path (`module:function`) or, for functions defined in a notebook, by cloudpickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from rf_core.messages import ChunkOutcome, TrainTask
+from rf_core.states import FAILED_CHUNK_OUTCOMES
+
+STEP_DELAY_ENV = "RF_TEST_STEP_DELAY_S"  # test-only slow-down so IC Ops reliably arrive mid-chunk
+WORKER_START_TIMEOUT_S = 180.0
+PARENT_POLL_S = 0.5
+EXIT_PARENT_GONE = 70
+
+
+@dataclass(frozen=True)
+class SpecSource:
+    """How a worker obtains the experiment: an importable entrypoint, or a cloudpickled ExperimentSpec."""
+
+    entrypoint: str | None = None
+    pickled: bytes | None = None
+
+    def load(self) -> Any:
+        if self.entrypoint:
+            from rf_core.experiment import load_entrypoint
+
+            return load_entrypoint(self.entrypoint)
+        if self.pickled is None:
+            raise ValueError("a SpecSource needs an entrypoint or a pickled spec")
+        import cloudpickle
+
+        return cloudpickle.loads(self.pickled)
+
+    @classmethod
+    def for_spec(cls, spec: Any, entrypoint: str | None) -> SpecSource:
+        if entrypoint:
+            return cls(entrypoint=entrypoint)
+        import cloudpickle
+
+        return cls(pickled=cloudpickle.dumps(spec))
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class SlotService:
+    """What a slot worker is, wherever it runs (a child process here, a Ray actor elsewhere): the experiment loaded
+    once, a SlotTrainer for the slot's device, and a metric writer to the rf server."""
+
+    def __init__(
+        self, slot: int, source: SpecSource, server_url: str, spool_dir: str, num_threads: int, device: str | None
+    ) -> None:
+        os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
+        # Spinning OpenMP threads slow every other slot's worker several-fold on a shared CPU.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
+        import transformers
+
+        from rf_core.metric_writer import MetricWriter
+        from rf_core.training.staging import default_staging_root
+        from rf_core.training.trainer import SlotTrainer
+
+        transformers.utils.logging.disable_progress_bar()
+        torch.set_num_threads(num_threads)
+        self.slot = slot
+        spec = source.load()
+        self.trainer = SlotTrainer(
+            spec.create_model_fn,
+            spec.train_dataset,
+            spec.eval_dataset,
+            spec.compute_metrics,
+            num_threads=num_threads,
+            step_delay_s=float(os.environ.get(STEP_DELAY_ENV, "0") or 0),
+            device=device,
+            staging_root=default_staging_root(),
+        )
+        # Base models and tokenized data are ready before the first chunk, not paid for inside it.
+        with contextlib.suppress(Exception):  # a config that cannot load fails its own run, with the reason
+            self.trainer.prepare(_initial_configs(spec))
+        self.writer = MetricWriter(server_url, spool_dir=Path(spool_dir))
+
+    def train(self, payload: dict[str, Any]) -> dict[str, Any]:
+        task = TrainTask.from_dict(payload)
+
+        tags = {"experiment": task.experiment, "run_id": task.run_id}
+        if task.attempt is not None:
+            tags["attempt"] = task.attempt  # a batch replayed after this attempt was abandoned is dropped
+
+        def emit(rows: list[dict[str, Any]]) -> None:
+            self.writer.add([{**tags, **row} for row in rows])
+
+        outcome = self.trainer.train(task, emit)
+        # The chunk's metric rows are committed before the chunk is recorded as done.
+        self.writer.flush()
+        return outcome.to_dict()
+
+    def release(self, run_ids: Sequence[int]) -> None:
+        for run_id in run_ids:
+            self.trainer.release(run_id)
+
+    def close(self) -> None:
+        try:
+            self.trainer.close()  # every state on disk before the worker goes
+        finally:
+            self.writer.close()
+
+
+def _serve(
+    conn: Connection,
+    slot: int,
+    source: SpecSource,
+    server_url: str,
+    spool_dir: str,
+    num_threads: int,
+    device: str | None,
+) -> None:
+    """Worker process main loop."""
+    _exit_with_parent()
+    try:
+        service = SlotService(slot, source, server_url, spool_dir, num_threads, device)
+    except Exception as exc:  # report start-up failures instead of dying silently
+        conn.send(("error", f"slot {slot} worker failed to start: {exc}", traceback.format_exc()))
+        return
+    conn.send(("ready", None, None))
+    try:
+        while True:
+            kind, payload = conn.recv()
+            if kind == "train":
+                conn.send(("result", service.train(payload), None))
+            elif kind == "release":
+                service.release(payload)
+                conn.send(("released", None, None))
+            elif kind == "stop":
+                break
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        service.close()
+
+
+def _exit_with_parent(poll_s: float = PARENT_POLL_S) -> None:
+    """End this worker at once if the fit process dies (kill -9 included): an orphan would go on training its
+    chunk and log metrics for an attempt the resumed fit has already replaced."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="rf-parent-watch", daemon=True).start()
+
+
+def _initial_configs(spec: Any) -> list[dict[str, Any]]:
+    from rf_core.config import normalize_config
+    from rf_core.knobs import expand_config_group
+
+    return [normalize_config(config) for config in expand_config_group(spec.config_group)]
+
+
+class Slot:
+    """The fit loop's handle on one slot's worker, whatever runs it. Subclasses start, stop and talk to it."""
+
+    def __init__(
+        self,
+        slot: int,
+        source: SpecSource,
+        server_url: str,
+        spool_dir: Path,
+        num_threads: int,
+        device: str | None = None,
+    ) -> None:
+        self.slot = slot
+        self.device = device
+        self._source = source
+        self._server_url = server_url
+        self._spool_dir = spool_dir
+        self._num_threads = num_threads
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = WORKER_START_TIMEOUT_S) -> None:
+        raise NotImplementedError
+
+    def train_once(self, task: TrainTask) -> ChunkOutcome:
+        """Train one chunk; raises WorkerDied if the worker dies meanwhile (it stays dead)."""
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        raise NotImplementedError
+
+    def release(self, run_ids: list[int]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def rendezvous_address(self) -> str:
+        """A host:port, free now, where this worker can host a gang's rendezvous as its rank 0."""
+        from rf_core.training.gang import free_address
+
+        return free_address()
+
+
+class SlotWorker(Slot):
+    """One slot's worker as a child process of the fit, spoken to through a pipe. One caller at a time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._process: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent_conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_serve,
+            args=(
+                child_conn,
+                self.slot,
+                self._source,
+                self._server_url,
+                str(self._spool_dir),
+                self._num_threads,
+                self.device,
+            ),
+            name=f"rf-slot-{self.slot}",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        self._conn = parent_conn
+
+    def wait_ready(self, timeout: float = WORKER_START_TIMEOUT_S) -> None:
+        assert self._conn is not None
+        if not self._conn.poll(timeout):
+            raise WorkerDied(f"slot {self.slot} worker did not start within {timeout:.0f} s")
+        kind, message, trace = self._recv()
+        if kind != "ready":
+            raise WorkerDied(f"{message}\n{trace or ''}")
+
+    def _recv(self) -> tuple[str, Any, Any]:
+        assert self._conn is not None and self._process is not None
+        while not self._conn.poll(1.0):
+            if not self._process.is_alive():
+                raise WorkerDied(f"slot {self.slot} worker exited with code {self._process.exitcode}")
+        try:
+            return self._conn.recv()
+        except (EOFError, ConnectionResetError) as exc:
+            raise WorkerDied(f"slot {self.slot} worker closed its pipe: {exc}") from exc
+
+    def train_once(self, task: TrainTask) -> ChunkOutcome:
+        with self._lock:
+            if self._conn is None or self._process is None:
+                raise WorkerDied(f"slot {self.slot} worker is not running")
+            try:
+                self._conn.send(("train", task.to_dict()))
+                _kind, payload, _ = self._recv()
+                return ChunkOutcome(**payload)
+            except (BrokenPipeError, OSError) as exc:
+                raise WorkerDied(f"slot {self.slot} worker is gone: {exc}") from exc
+
+    def restart(self) -> None:
+        with self._lock:
+            self._restart()
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        self._kill()
+        self.start()
+        self.wait_ready()
+
+    def release(self, run_ids: list[int]) -> None:
+        if not run_ids:
+            return
+        with self._lock:
+            try:
+                assert self._conn is not None
+                self._conn.send(("release", list(run_ids)))
+                self._recv()
+            except (WorkerDied, BrokenPipeError, OSError):
+                pass  # a dead worker holds no state to release
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            if self._process is None:
+                return
+            try:
+                assert self._conn is not None
+                self._conn.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self._process.join(timeout)
+            self._kill()
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._process, self._conn = None, None
+
+
+def train_attempt(workers: Sequence[Slot], task: TrainTask) -> ChunkOutcome:
+    """One attempt at a chunk: on its slot's worker, or on its gang's workers at once (each as one rank of
+    `task.gang`; rank 0's outcome is returned, or the first failed member's).
+
+    If a worker dies meanwhile (a gang's other members then fail in their collectives), the dead workers are
+    restarted and WorkerDied is raised: the caller records a new attempt and trains the chunk again from its
+    start, so the dead attempt's metrics are dropped, not stored twice.
+    """
+    if task.gang is None:
+        try:
+            return workers[0].train_once(task)
+        except WorkerDied:
+            workers[0].restart()
+            raise
+    assert len(workers) == task.gang.world_size
+    # Rank 0's worker hosts the rendezvous, on its own machine when workers are spread over several.
+    gang = dataclasses.replace(task.gang, address=workers[0].rendezvous_address())
+    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="rf-gang") as pool:
+        futures = [
+            pool.submit(worker.train_once, dataclasses.replace(task, gang=dataclasses.replace(gang, rank=rank)))
+            for rank, worker in enumerate(workers)
+        ]
+        results: list[ChunkOutcome | WorkerDied] = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except WorkerDied as exc:
+                results.append(exc)
+    deaths = [(worker, died) for worker, died in zip(workers, results, strict=True) if isinstance(died, WorkerDied)]
+    for worker, _ in deaths:
+        worker.restart()
+    if deaths:
+        raise WorkerDied(f"a gang member died: {deaths[0][1]}")
+    outcomes = [result for result in results if isinstance(result, ChunkOutcome)]
+    failed = [outcome for outcome in outcomes if outcome.status in FAILED_CHUNK_OUTCOMES]
+    return failed[0] if failed else outcomes[0]
+
+
+def train_with_retry(
+    workers: Sequence[Slot],
+    task: TrainTask,
+    start_attempt: Callable[[], int | None] = lambda: None,
+    on_retry: Callable[[WorkerDied], None] = lambda _died: None,
+) -> ChunkOutcome:
+    """Train one chunk on its workers; if a worker dies, it is restarted and the chunk trained again from its saved
+    state, once, as a new attempt. A chunk whose worker dies twice fails its run, with the reason.
+
+    `start_attempt()` is called before each attempt and returns its id (the fit records a timeline entry, which
+    closes the dead attempt's entry and drops the metrics it sent, so each step is stored once); `on_retry` is told
+    why the first attempt died.
+    """
+    for attempt in (1, 2):
+        attempt_id = start_attempt()
+        try:
+            return train_attempt(workers, dataclasses.replace(task, attempt=attempt_id))
+        except WorkerDied as exc:
+            if attempt == 2:
+                return died_outcome(task, f"the worker died twice training this chunk: {exc}")
+            on_retry(exc)
+    raise AssertionError("unreachable")
+
+
+def died_outcome(task: TrainTask, error: str) -> ChunkOutcome:
+    """The outcome of a chunk whose worker kept dying: the run fails with the reason."""
+    return ChunkOutcome(
+        run_id=task.run_id,
+        chunk_index=task.chunk.index,
+        status="failed",
+        step=task.chunk.start_step,
+        epoch=task.chunk.epoch,
+        samples=0,
+        error=error,
+    )
+
+
+def slot_devices(cpu_slots: int | None, default_cpu_slots: int = 2) -> list[str | None]:
+    """One slot per visible GPU, unless CPU slots are asked for (or there is no GPU); None means the CPU."""
+    if cpu_slots is not None:
+        if cpu_slots < 1:
+            raise ValueError(f"cpu_slots must be >= 1, got {cpu_slots=}")
+        return [None] * cpu_slots
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return [f"cuda:{index}" for index in range(gpus)] if gpus else [None] * default_cpu_slots
+
+
+class SlotPool:
+    """All slot workers of one fit, started in parallel (each pays its imports once)."""
+
+    def __init__(
+        self,
+        devices: list[str | None],
+        source: SpecSource,
+        server_url: str,
+        spool_root: Path,
+        threads_per_slot: int,
+        worker_class: type[Slot] | None = None,
+    ):
+        """`worker_class`: what runs each slot: SlotWorker (a child process, the default) or RaySlotWorker."""
+        if not devices:
+            raise ValueError("need at least one slot")
+        make = worker_class or SlotWorker
+        self.workers: list[Slot] = [
+            make(slot, source, server_url, spool_root / f"slot-{slot}", threads_per_slot, device)  # type: ignore[call-arg]
+            for slot, device in enumerate(devices)
+        ]
+
+    def __enter__(self) -> SlotPool:
+        for worker in self.workers:
+            worker.start()
+        try:
+            for worker in self.workers:
+                worker.wait_ready()
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+    def __getitem__(self, slot: int) -> Slot:
+        return self.workers[slot]

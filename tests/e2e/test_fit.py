@@ -1,0 +1,582 @@
+"""End to end through the real parts: an `rf server` process, the Prefect fit flow, slot worker processes,
+real LoRA training, and IC Ops typed into the real `rf` CLI while chunks are in flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rf_core import paths
+from rf_core.client import RFClient
+from rf_core.training.checkpoints import init_checkpoint_path, load_checkpoint, step_checkpoint_path
+from rf_core.training.staging import default_staging_root, staged_path
+from rf_core.training.worker import STEP_DELAY_ENV
+from tests.e2e_experiment import MODEL_CACHE_ENV
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = "e2e"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def rf_server(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.setenv(STEP_DELAY_ENV, "0.4")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", "0"],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not paths.server_info_path(home).exists():
+        assert process.poll() is None, "rf server exited during start-up"
+        assert time.monotonic() < deadline, "rf server did not start"
+        time.sleep(0.1)
+    url = json.loads(paths.server_info_path(home).read_text())["url"]
+    yield home, url
+    process.terminate()
+    process.wait(15)
+
+
+def rf(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, RF_SERVER_URL=url)
+    return subprocess.run(
+        [sys.executable, "-m", "rf_cli.main", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
+    )
+
+
+class Steerer(threading.Thread):
+    """Plays the user: watches the experiment and types IC Ops into the CLI at the right moments."""
+
+    def __init__(self, url: str, tmp_path: Path) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.client = RFClient(url)
+        self.tmp_path = tmp_path
+        self.accepted: dict[str, subprocess.CompletedProcess[str]] = {}
+        self.rejected: dict[str, tuple[subprocess.CompletedProcess[str], int, int]] = {}
+        self.streamed_mid_chunk = False
+        self.run_1_when_resumed: dict[str, Any] = {}
+        self.run_1_chunks_started_when_resumed = -1
+        self.errors: list[str] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._steer()
+        except Exception as exc:  # surfaced by the test's assertions
+            self.errors.append(repr(exc))
+
+    def _reject(self, label: str, *args: str) -> None:
+        before = len(self.client.list_ops(EXPERIMENT))
+        result = rf(self.url, *args)
+        self.rejected[label] = (result, before, len(self.client.list_ops(EXPERIMENT)))
+
+    def _steer(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                runs = {r["run_id"]: r for r in self.client.list_runs(EXPERIMENT, include_deleted=True)}
+            except Exception:
+                time.sleep(0.1)
+                continue
+            self._check_streaming()
+            if "stop" not in self.accepted and runs.get(1, {}).get("chunks_done", 0) >= 1:
+                self.accepted["stop"] = rf(self.url, "stop", EXPERIMENT, "1")
+                self._reject("second stop", "stop", EXPERIMENT, "1")
+                self._reject("resume ongoing", "resume", EXPERIMENT, "3")
+            if "clone" not in self.accepted and runs.get(2, {}).get("chunks_done", 0) >= 1:
+                self.accepted["clone"] = rf(
+                    self.url, "clone", EXPERIMENT, "2", "--set", "learning_rate=3e-4", "--warm-start"
+                )
+                self._reject("warm clone other r", "clone", EXPERIMENT, "2", "--set", "r=8", "--warm-start")
+                self._reject("unknown key", "clone", EXPERIMENT, "2", "--set", "learnin_rate=0.1")
+                bad = self.tmp_path / "bad.json"
+                bad.write_text('{"learning_rate": 0.1,')
+                self._reject("malformed json", "clone", EXPERIMENT, "2", "--config", str(bad))
+                self._reject(
+                    "range low > high", "clone", EXPERIMENT, "2", "--set",
+                    'learning_rate={"$range": {"low": 0.2, "high": 0.1}}',
+                )  # fmt: skip
+            others_done = all(runs.get(r, {}).get("status") == "Completed" for r in (2, 3, 4))
+            if "resume" not in self.accepted and others_done and runs[1]["status"] == "Stopped":
+                # Every other run is done: the fit now waits idle for an op, and a Resume wakes it.
+                self.run_1_when_resumed = runs[1]
+                timeline = self.client.timeline(EXPERIMENT)
+                self.run_1_chunks_started_when_resumed = sum(entry["run_id"] == 1 for entry in timeline)
+                self.accepted["resume"] = rf(self.url, "resume", EXPERIMENT, "1")
+            time.sleep(0.1)
+
+    def _check_streaming(self) -> None:
+        if self.streamed_mid_chunk:
+            return
+        for entry in self.client.timeline(EXPERIMENT):
+            if entry["end"] is None:
+                rows = self.client.get_metrics(EXPERIMENT, run_ids=[entry["run_id"]], names=["train_loss"])
+                still_open = any(
+                    e["id"] == entry["id"] and e["end"] is None for e in self.client.timeline(EXPERIMENT)
+                )
+                if still_open and any(row["chunk"] == entry["chunk"] for row in rows):
+                    self.streamed_mid_chunk = True
+
+
+def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
+    from flows.fit import rf_fit
+
+    home, url = rf_server
+    steerer = Steerer(url, tmp_path)
+    steerer.start()
+    try:
+        rf_fit(EXPERIMENT, entrypoint="tests.e2e_experiment:spec", cpu_slots=2, idle_timeout=6, server_url=url)
+    finally:
+        steerer.stop_event.set()
+        steerer.join(10)
+    client = RFClient(url)
+    assert steerer.errors == []
+
+    # Every op typed was either accepted (exit 0) or rejected with its reason, adding no op row.
+    for label, result in steerer.accepted.items():
+        assert result.returncode == 0, (label, result.stderr)
+    # A second stop meets either the pending stop or, if the boundary came first, the Stopped run.
+    expected_reasons = {
+        "second stop": r"already be stopped by op \d+|cannot stop run 1: it is Stopped",
+        "resume ongoing": "cannot resume run 3: it is (Ongoing|New)",
+        "warm clone other r": "r differs",
+        "unknown key": "learnin_rate",
+        "malformed json": "JSON",
+        "range low > high": "low",
+    }
+    assert set(steerer.rejected) == set(expected_reasons)
+    for label, (result, before, after) in steerer.rejected.items():
+        assert result.returncode != 0, label
+        assert re.search(expected_reasons[label], result.stderr), (label, result.stderr)
+        assert after == before, f"{label}: a rejected op added a row"
+
+    runs = {run["run_id"]: run for run in client.list_runs(EXPERIMENT, include_deleted=True)}
+    timeline = client.timeline(EXPERIMENT)
+
+    # Run 1 stopped at a chunk boundary, having finished every chunk it started; resumed from the idle fit, it
+    # trained its remaining chunks.
+    stopped = steerer.run_1_when_resumed
+    assert stopped["status"] == "Stopped"
+    assert 1 <= stopped["chunks_done"] == steerer.run_1_chunks_started_when_resumed < 4
+    assert runs[1]["status"] == "Completed" and runs[1]["chunks_done"] == 4
+    assert [entry["outcome"] for entry in timeline if entry["run_id"] == 1] == ["ok"] * 3 + ["completed"]
+
+    # The warm clone of run 2 records its lineage and starts from the parent's weights at that step.
+    clone_id = max(runs)
+    clone = runs[clone_id]
+    assert clone_id == 4
+    assert (clone["parent_id"], clone["warm_start"], clone["source"]) == (2, "weights", "cli")
+    assert clone["config"]["learning_rate"] == 3e-4
+    assert clone["status"] == "Completed"
+    assert runs[2]["status"] == runs[3]["status"] == "Completed"
+    parent_state = load_checkpoint(step_checkpoint_path(paths.run_dir(EXPERIMENT, 2, home), clone["parent_step"]))
+    clone_start = load_checkpoint(init_checkpoint_path(paths.run_dir(EXPERIMENT, clone_id, home)))
+    assert clone["parent_step"] > 0
+    assert parent_state["trainable"].keys() == clone_start["trainable"].keys()
+    for key, tensor in parent_state["trainable"].items():
+        assert torch.equal(tensor, clone_start["trainable"][key]), key
+
+    # Every run that trained left loadable exports of its latest and best chunk, listed with the run.
+    for run in runs.values():
+        assert Path(run["export_latest"], "adapter_model.safetensors").is_file(), run
+        assert Path(run["export_best"], "adapter_model.safetensors").is_file(), run
+        assert run["best_step"] is not None and run["best_value"] is not None
+
+    # Every trained chunk has its metric rows, and some arrived while their chunk was still training.
+    metrics = client.get_metrics(EXPERIMENT)
+    for entry in timeline:
+        rows = [m for m in metrics if m["run_id"] == entry["run_id"] and m["chunk"] == entry["chunk"]]
+        assert {m["name"] for m in rows} >= {"train_loss", "learning_rate", "eval_loss"}, entry
+        assert sum(m["name"] == "train_loss" for m in rows) == 3, entry  # 96 samples / batch 8 / 4 chunks
+    assert steerer.streamed_mid_chunk
+
+    # The ops log shows each accepted op and what became of it.
+    ops = {op["kind"]: op for op in client.list_ops(EXPERIMENT)}
+    assert ops["stop"]["status"] == "applied" and ops["stop"]["source"] == "cli"
+    assert ops["resume"]["status"] == "applied"
+    assert ops["clone"]["status"] == "applied"
+    assert ops["clone"]["result"]["created_run_ids"] == [clone_id]
+    assert client.get_experiment(EXPERIMENT)["status"] == "finished"
+
+
+
+
+def test_run_fit_from_python_with_notebook_functions(prefect_harness, tmp_path, monkeypatch):
+    """`Experiment.run_fit` with functions defined in place (sent to workers by cloudpickle) and a temporary
+    server; a run whose model cannot be built fails alone, with its reason, while the other completes."""
+    from rf_core import Experiment, List
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    broken_name = "no-such-model"
+
+    def create_model_fn(config: dict) -> tuple:
+        if config["model_name_or_path"] == broken_name:
+            raise FileNotFoundError(f"model folder {broken_name!r} does not exist")
+        return e2e_experiment.create_model_fn(config)
+
+    data = e2e_experiment.spec()
+    snapshot = Experiment("notebook").run_fit(
+        {"model_name_or_path": List(["rf-tiny-llama", broken_name]), "r": 4, "max_length": 32},
+        create_model_fn,
+        data.train_dataset[:48],
+        data.eval_dataset,
+        num_chunks=3,
+        seed=3,
+        keep_checkpoints=1,
+        cpu_slots=1,
+        idle_timeout=1,
+    )
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert runs[1]["status"] == "Completed" and runs[1]["chunks_done"] == 3
+    assert runs[1]["latest_metric"] is not None
+    # Retention: only the newest chunk checkpoint stays; the staging area holds nothing once the fit is over.
+    checkpoints = paths.run_dir("notebook", 1, tmp_path / "home") / "checkpoints"
+    assert [path.name for path in checkpoints.iterdir()] == [Path(runs[1]["checkpoint"]).name]
+    staging_root = default_staging_root()
+    assert staging_root is None or not staged_path(staging_root, checkpoints).exists()
+    assert runs[2]["status"] == "Failed" and runs[2]["chunks_done"] == 0
+    assert broken_name in runs[2]["error"]
+    # The temporary server went away with the fit.
+    assert not paths.server_info_path(tmp_path / "home").exists()
+
+
+def test_runs_moved_between_workers_in_a_real_fit_end_bitwise_as_trained_straight_through(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Exactness through every real part: Prefect, two slot worker processes, the store server, state handed
+    between workers through the staging area. A run's final weights equal the same config trained straight
+    through (one chunk per epoch) in this process with the workers' thread count."""
+    from rf_core import Experiment
+    from rf_core.chunks import plan_chunks
+    from rf_core.config import normalize_config
+    from rf_core.control import timeline
+    from rf_core.control.store import DuckDBStore
+    from rf_core.messages import TrainTask
+    from rf_core.training.trainer import SlotTrainer
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    data = e2e_experiment.spec()
+    snapshot = Experiment("exact").run_fit(
+        data.config_group, e2e_experiment.create_model_fn, data.train_dataset, data.eval_dataset,
+        num_chunks=4, seed=data.seed, cpu_slots=2, idle_timeout=1,
+    )  # fmt: skip
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert all(run["status"] == "Completed" for run in runs.values())
+    store = DuckDBStore(paths.db_path(tmp_path / "home"))  # the fit's temporary server is gone
+    try:
+        slots_per_run = {run_id: {entry["slot"] for entry in timeline.timeline(store, "exact") if entry["run_id"] == run_id}
+                         for run_id in runs}  # fmt: skip
+    finally:
+        store.close()
+    assert any(len(slots) == 2 for slots in slots_per_run.values()), slots_per_run  # some run changed workers
+    threads = max(1, (os.cpu_count() or 1) // 2)  # what the fit gave each of its two slot workers
+    trainer = SlotTrainer(e2e_experiment.create_model_fn, data.train_dataset, None, num_threads=threads)
+    for run_id, run in runs.items():
+        config = normalize_config(run["config"])
+        for chunk in plan_chunks(len(data.train_dataset), config, 1):
+            task = TrainTask("reference", run_id, config, chunk, str(tmp_path / f"ref-{run_id}"), seed=data.seed)
+            reference = trainer.train(task, lambda rows: None)
+            assert reference.status != "failed", reference.traceback
+        trainer.flush()
+        got = load_checkpoint(run["checkpoint"])["trainable"]
+        want = load_checkpoint(reference.checkpoint)["trainable"]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[key], want[key]) for key in want), f"run {run_id} differs"
+    trainer.close()
+
+
+def test_run_fit_with_a_policy_object_defined_in_place(prefect_harness, tmp_path, monkeypatch):
+    """A Policy written in a notebook, attached with `run_fit(policies=[...])`, acts at chunk boundaries."""
+    from rf_core import Experiment, List
+    from rf_core.control import ops
+    from rf_core.control.store import DuckDBStore
+    from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Stop
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+
+    class StopTheSlowLearner(Policy):
+        name = "stop-slow-learner"
+
+        def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+            return [
+                Stop(run.run_id, "the smallest learning rate")
+                for run in snapshot.trainable()
+                if run.config["learning_rate"] == 1e-5 and run.chunks_done >= 1
+            ]
+
+    data = e2e_experiment.spec()
+    snapshot = Experiment("policy-object").run_fit(
+        {"model_name_or_path": "rf-tiny-llama", "learning_rate": List([1e-5, 1e-3]), "r": 4, "max_length": 32},
+        e2e_experiment.create_model_fn, data.train_dataset[:48], data.eval_dataset,
+        num_chunks=3, seed=3, policies=[StopTheSlowLearner()], cpu_slots=1, idle_timeout=1,
+    )  # fmt: skip
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert runs[1]["status"] == "Stopped" and 1 <= runs[1]["chunks_done"] < 3
+    assert runs[2]["status"] == "Completed"
+    store = DuckDBStore(paths.db_path(tmp_path / "home"))
+    try:
+        (stop,) = ops.list_ops(store, "policy-object")
+    finally:
+        store.close()
+    assert (stop["kind"], stop["run_id"], stop["status"]) == ("stop", 1, "applied")
+    assert stop["source"] == "policy:stop-slow-learner"
+
+
+def test_multi_device_runs_gang_schedule_next_to_single_ones_with_ic_ops(prefect_harness, tmp_path, monkeypatch):
+    """A 2-process DDP run (gloo, two slot workers) trains next to single-slot runs in a real fit, and a
+    Clone-Modify of it onto one device (warm-started with its optimizer state) lands at a chunk boundary. The gang's
+    final weights equal the same config trained by one process over the same global batch."""
+    from rf_core import Experiment
+    from rf_core.chunks import plan_chunks
+    from rf_core.config import normalize_config
+    from rf_core.control import timeline
+    from rf_core.control.store import DuckDBStore
+    from rf_core.messages import TrainTask
+    from rf_core.training.trainer import SlotTrainer
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.setenv(STEP_DELAY_ENV, "0.2")
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    base = {"model_name_or_path": "rf-tiny-llama", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_length": 32,
+            "per_device_train_batch_size": 4}  # fmt: skip
+    group = [
+        {**base, "learning_rate": 3e-3, "num_devices": 2},
+        {**base, "learning_rate": 1e-3, "gradient_accumulation_steps": 2},
+        {**base, "learning_rate": 1e-2, "gradient_accumulation_steps": 2},
+    ]
+    clone_result: dict[str, Any] = {}
+
+    def clone_the_gang_run_once_it_has_a_chunk() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if paths.server_info_path(home).exists():
+                client = RFClient(json.loads(paths.server_info_path(home).read_text())["url"])
+                try:
+                    run = client.get_run("gangs", 1)
+                except Exception:
+                    time.sleep(0.2)
+                    continue
+                if run["chunks_done"] >= 1:
+                    overrides = {"num_devices": 1, "gradient_accumulation_steps": 2}
+                    payload = {"overrides": overrides, "warm_start": "weights+optimizer"}
+                    clone_result.update(client.submit_op("gangs", "clone", 1, payload))
+                    return
+            time.sleep(0.2)
+
+    steering = threading.Thread(target=clone_the_gang_run_once_it_has_a_chunk, daemon=True)
+    steering.start()
+    data = e2e_experiment.spec()
+    snapshot = Experiment("gangs").run_fit(
+        group, e2e_experiment.create_model_fn, data.train_dataset[:64], data.eval_dataset,
+        num_chunks=4, seed=data.seed, cpu_slots=2, idle_timeout=1,
+    )  # fmt: skip
+    steering.join(5)
+    assert clone_result.get("op_id"), clone_result
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert len(runs) == 4 and all(run["status"] == "Completed" for run in runs.values()), runs
+    assert runs[4]["parent_id"] == 1 and runs[4]["config"]["num_devices"] == 1
+    store = DuckDBStore(paths.db_path(home))
+    try:
+        timeline = timeline.timeline(store, "gangs")
+    finally:
+        store.close()
+    assert {entry["outcome"] for entry in timeline if entry["run_id"] == 1} == {"ok", "completed"}
+
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    trainer = SlotTrainer(e2e_experiment.create_model_fn, data.train_dataset[:64], None, num_threads=threads)
+    config = normalize_config(runs[1]["config"])  # num_devices 2, trained here by one process: the same batches
+    for chunk in plan_chunks(64, config, 1):
+        reference = trainer.train(TrainTask("reference", 1, config, chunk, str(tmp_path / "ref"), seed=data.seed),
+                                  lambda rows: None)  # fmt: skip
+        assert reference.status != "failed", reference.traceback
+    trainer.close()
+    got = load_checkpoint(runs[1]["checkpoint"])["trainable"]
+    want = load_checkpoint(reference.checkpoint)["trainable"]
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[key], want[key], rtol=1e-5, atol=1e-7) for key in want)
+
+
+@pytest.fixture
+def api_token(monkeypatch) -> str:
+    """Every request to the rf server started after this needs the token (and the test's clients send it)."""
+    token = "ray-workers-token-0123456789"
+    monkeypatch.setenv("RF_API_TOKEN", token)
+    return token
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """A real local Ray cluster (`ray start --head` on 127.0.0.1) with 2 CPUs: the fit joins it by address."""
+    # Ray swaps 127.0.0.1 for the machine's network address unless told this is a single-machine cluster: the
+    # test's traffic stays on the loopback interface.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's own token authentication, as the README recommends: the cluster and the fit share the token.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    pytest.importorskip("ray", reason="the ray extra is installed by make install")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = dict(os.environ)
+    started = subprocess.run(
+        [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_slot_workers_on_a_ray_cluster_with_ic_ops(prefect_harness, api_token, rf_server, ray_cluster, capsys):
+    """The fit's slot workers are Ray actors on a local Ray cluster; they reach the token-protected rf server for
+    metrics, and Stop, Resume and Clone-Modify typed into the CLI land at chunk boundaries; a clone onto 2 devices
+    trains as a DDP gang of both actors."""
+    from flows.fit import rf_fit
+
+    home, url = rf_server
+    client = RFClient(url)
+    with pytest.raises(Exception, match="401|token"):
+        RFClient(url, token="wrong-token-0123456789").list_experiments()
+    typed: dict[str, subprocess.CompletedProcess[str]] = {}
+    stop_watching = threading.Event()
+
+    def steer() -> None:
+        while not stop_watching.is_set():
+            try:
+                runs = {run["run_id"]: run for run in client.list_runs("ray")}
+            except Exception:
+                time.sleep(0.2)
+                continue
+            if "stop" not in typed and runs.get(1, {}).get("chunks_done", 0) >= 1:
+                typed["stop"] = rf(url, "stop", "ray", "1")
+            if "clone" not in typed and runs.get(2, {}).get("chunks_done", 0) >= 1:
+                typed["clone"] = rf(url, "clone", "ray", "2", "--set", "learning_rate=3e-4", "--warm-start")
+                typed["gang clone"] = rf(url, "clone", "ray", "3", "--set", "num_devices=2")
+            others_done = all(runs.get(run_id, {}).get("status") == "Completed" for run_id in (2, 3, 4, 5))
+            if "resume" not in typed and others_done and runs[1]["status"] == "Stopped":
+                typed["resume"] = rf(url, "resume", "ray", "1")
+            time.sleep(0.2)
+
+    steering = threading.Thread(target=steer, daemon=True)
+    steering.start()
+    try:
+        rf_fit("ray", entrypoint="tests.e2e_experiment:spec", idle_timeout=6, server_url=url,
+               ray_address=ray_cluster, ray_slots=2)  # fmt: skip
+    finally:
+        stop_watching.set()
+        steering.join(10)
+    printed = capsys.readouterr().out
+    assert "2 slot workers ready (cpu, cpu; 1 CPU threads each) on Ray nodes" in printed, printed[-3000:]
+    assert set(typed) == {"stop", "clone", "gang clone", "resume"}
+    assert all(result.returncode == 0 for result in typed.values()), {k: r.stderr for k, r in typed.items()}
+    runs = {run["run_id"]: run for run in client.list_runs("ray")}
+    assert all(run["status"] == "Completed" for run in runs.values()), runs
+    # Clones get their ids when they are applied, at their parents' boundaries: in either order.
+    clones = {run["parent_id"]: run for run in runs.values() if run["parent_id"] is not None}
+    assert set(clones) == {2, 3} and {run["run_id"] for run in clones.values()} == {4, 5}
+    assert clones[2]["warm_start"] == "weights" and clones[3]["config"]["num_devices"] == 2
+    assert sorted((op["kind"], op["status"]) for op in client.list_ops("ray")) == [
+        ("clone", "applied"), ("clone", "applied"), ("resume", "applied"), ("stop", "applied"),
+    ]  # fmt: skip
+    # The actors' metric batches reached the token-protected server: every chunk's steps, once each (96 samples,
+    # batch 8: 12 steps; the 2-device clone's steps take 16 samples: 6 steps).
+    metrics = client.get_metrics("ray", names=["train_loss"])
+    for run_id, run in runs.items():
+        steps = [row["step"] for row in metrics if row["run_id"] == run_id]
+        assert sorted(steps) == list(range(1, 12 // run["config"]["num_devices"] + 1)), (run_id, sorted(steps))
+
+
+def test_fit_rides_out_an_rf_server_killed_and_restarted(prefect_harness, rf_server, tmp_path):
+    """kill -9 the rf server once chunks are being recorded; a new one starts on the same port 4 s later. The fit
+    waits and goes on; the workers spool metric batches meanwhile and replay them: every step's metrics are stored
+    exactly once, and every run completes. (The warnings the user sees are checked on `rf fit`'s output by the
+    server kill trials in tests/e2e/test_kill_trials.py.)"""
+    import signal
+    import urllib.parse
+
+    from flows.fit import rf_fit
+
+    home, url = rf_server
+    port = urllib.parse.urlsplit(url).port
+    client = RFClient(url, outage_wait_s=60)
+    replacement: list[subprocess.Popen[bytes]] = []
+    killed_at: dict[str, Any] = {}
+
+    def kill_and_restart_the_server() -> None:
+        deadline = time.monotonic() + 180
+        runs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            if any(experiment["name"] == "restart" for experiment in client.list_experiments()):
+                runs = client.list_runs("restart")
+                if any(run["chunks_done"] >= 1 for run in runs):
+                    break
+            time.sleep(0.2)
+        killed_at["chunks_done"] = sum(run["chunks_done"] for run in runs)
+        os.kill(int(json.loads(paths.server_info_path(home).read_text())["pid"]), signal.SIGKILL)
+        time.sleep(4)
+        replacement.append(subprocess.Popen(
+            [sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", str(port)],
+            cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+
+    chaos = threading.Thread(target=kill_and_restart_the_server, daemon=True)
+    chaos.start()
+    try:
+        rf_fit("restart", entrypoint="tests.e2e_experiment:spec", cpu_slots=2, idle_timeout=2, server_url=url)
+        chaos.join(10)
+        assert killed_at and killed_at["chunks_done"] < 12, killed_at  # killed mid-fit, not after it
+        runs = client.list_runs("restart")
+        assert [run["status"] for run in runs] == ["Completed"] * 3
+        rows = client.get_metrics("restart", names=["train_loss", "eval_loss"])
+        keys = [(row["run_id"], row["name"], row["step"]) for row in rows]
+        assert len(keys) == len(set(keys)), "a metric row was stored twice"
+        for run in runs:
+            steps = sorted(step for run_id, name, step in keys if run_id == run["run_id"] and name == "train_loss")
+            assert steps == list(range(1, 13)), (run["run_id"], steps)
+            evals = sorted(step for run_id, name, step in keys if run_id == run["run_id"] and name == "eval_loss")
+            assert evals == [3, 6, 9, 12], (run["run_id"], evals)
+    finally:
+        for process in replacement:
+            process.terminate()
+            process.wait(15)

@@ -1,0 +1,164 @@
+"""The fit loop's planning step with a fake store client: no Prefect, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rf_core.config import normalize_config
+from rf_core.experiment import ExperimentSpec
+from rf_core.planner import FitLoop
+
+
+class FakeClient:
+    def __init__(self, runs: list[dict[str, Any]], due_ops: dict[int, list[dict[str, Any]]] | None = None):
+        self.runs = {run["run_id"]: run for run in runs}
+        self.due_ops = due_ops or {}
+        self.apply_calls: list[list[int]] = []
+
+    def list_runs(self, experiment: str, include_deleted: bool = False) -> list[dict[str, Any]]:
+        return [dict(run) for run in self.runs.values()]
+
+    def apply_due_ops(self, experiment: str, idle_run_ids: list[int]) -> list[dict[str, Any]]:
+        self.apply_calls.append(list(idle_run_ids))
+        applied = []
+        for run_id in idle_run_ids:
+            for op in self.due_ops.pop(run_id, []):
+                self.runs[run_id]["status"] = op["new_status"]
+                applied.append(op)
+        return applied
+
+    def boundary_view(self, experiment: str, busy_run_ids: list[int]) -> dict[str, Any]:
+        idle = [run_id for run_id in self.runs if run_id not in set(busy_run_ids)]
+        applied = self.apply_due_ops(experiment, idle) if idle else []
+        return {"applied_ops": applied, "runs": self.list_runs(experiment, include_deleted=True)}
+
+
+def make_run(run_id: int, status: str = "New", done: int = 0, **extra: Any) -> dict[str, Any]:
+    config = normalize_config({"per_device_train_batch_size": 4})
+    return {"run_id": run_id, "status": status, "chunks_done": done, "config": config, **extra}
+
+
+def make_loop(client: FakeClient, slots: int = 2, samples: int = 32) -> FitLoop:
+    spec = ExperimentSpec(
+        config_group={},
+        create_model_fn=lambda cfg: (None, None),
+        train_dataset=[{"text": "x"}] * samples,
+        eval_dataset=[{"text": "y"}],
+        num_chunks=4,
+        seed=5,
+    )
+    return FitLoop(client, "exp", spec, slots, Path("/tmp/rf-home"))
+
+
+def test_ops_are_applied_only_to_runs_not_in_flight():
+    client = FakeClient([make_run(1, "Ongoing", 1), make_run(2, "Ongoing", 1), make_run(3)])
+    loop = make_loop(client)
+    loop.plan(in_flight={0: 1})
+    assert client.apply_calls == [[2, 3]]
+
+
+def test_least_progress_first_and_chunk_specs():
+    client = FakeClient([make_run(1, "Ongoing", 2), make_run(2, "Ongoing", 1), make_run(3)])
+    plan = make_loop(client).plan(in_flight={})
+    assert [(slot, task.run_id, task.chunk.index) for slot, task in plan.tasks] == [(0, 3, 0), (1, 2, 1)]
+    task = plan.tasks[0][1]
+    assert (task.chunk.start_step, task.chunk.end_step, task.seed) == (0, 2, 5)  # 8 steps / 4 chunks
+    assert task.run_dir.endswith("experiments/exp/runs/run-3")
+
+
+@pytest.mark.parametrize("status", ["Stopped", "Completed", "Failed", "Deleted"])
+def test_runs_that_cannot_train_are_not_scheduled(status):
+    plan = make_loop(FakeClient([make_run(1, status, 1)])).plan(in_flight={})
+    assert plan.tasks == []
+
+
+def test_a_stop_applied_at_the_boundary_releases_the_warm_state():
+    client = FakeClient([make_run(1, "Ongoing", 0)])
+    loop = make_loop(client)
+    first = loop.plan(in_flight={})
+    assert [slot for slot, _ in first.tasks] == [0]
+    client.runs[1]["chunks_done"] = 1
+    client.due_ops[1] = [{"op_id": 7, "kind": "stop", "new_status": "Stopped"}]
+    second = loop.plan(in_flight={})
+    assert second.tasks == [] and second.releases == {0: [1]}
+    assert [run["status"] for run in second.runs] == ["Stopped"] and not second.all_final
+
+
+def test_warm_clone_gets_its_parents_checkpoint_on_its_first_chunk_only():
+    clone = make_run(
+        4, "New", 0, parent_id=2, warm_start="weights", warm_start_checkpoint="/ckpt/step-6.pt", parent_step=6
+    )
+    plan = make_loop(FakeClient([clone])).plan(in_flight={})
+    warm = plan.tasks[0][1].warm_start
+    assert warm is not None and (warm.parent_run_id, warm.parent_checkpoint, warm.parent_step) == (
+        2,
+        "/ckpt/step-6.pt",
+        6,
+    )
+    clone.update(status="Ongoing", chunks_done=1)
+    assert make_loop(FakeClient([clone])).plan(in_flight={}).tasks[0][1].warm_start is None
+
+
+def test_a_run_that_cannot_be_chunked_is_reported_not_scheduled():
+    plan = make_loop(FakeClient([make_run(1)]), samples=8).plan(in_flight={})  # 2 steps < 4 chunks
+    assert plan.tasks == []
+    assert list(plan.unplannable) == [1] and "num_chunks=4 exceeds" in plan.unplannable[1]
+
+
+def test_all_final_when_every_run_is_done():
+    plan = make_loop(FakeClient([make_run(1, "Completed", 4), make_run(2, "Deleted", 1)])).plan(in_flight={})
+    assert plan.all_final and plan.tasks == []
+
+
+def make_gang_run(run_id: int, devices: int, done: int = 0, **config: Any) -> dict[str, Any]:
+    run = make_run(run_id, "Ongoing" if done else "New", done)
+    run["config"] = normalize_config({"per_device_train_batch_size": 2, "num_devices": devices, **config})
+    return run
+
+
+def test_a_multi_device_run_trains_as_a_gang_on_several_slots():
+    client = FakeClient([make_gang_run(1, 2), make_run(2)])
+    loop = make_loop(client, slots=3)
+    plan = loop.plan(in_flight={})
+    [(gang_slot, gang_task), (single_slot, single_task)] = plan.tasks
+    assert gang_task.gang is not None and gang_task.gang.slots == (0, 1) and gang_task.gang.world_size == 2
+    assert gang_task.gang.strategy == "ddp" and gang_task.gang.rank == 0 and gang_slot == 0
+    assert (single_slot, single_task.gang) == (2, None)
+    # 32 samples, 2 per device × 2 devices a step: 8 steps in 4 chunks.
+    assert (gang_task.chunk.start_step, gang_task.chunk.end_step, gang_task.chunk.end_sample) == (0, 2, 8)
+
+
+def test_deepspeed_trains_through_a_gang_even_on_one_device():
+    plan = make_loop(FakeClient([make_gang_run(1, 1, strategy="deepspeed")])).plan(in_flight={})
+    gang = plan.tasks[0][1].gang
+    assert gang is not None and (gang.world_size, gang.strategy) == (1, "deepspeed")
+
+
+def test_a_gang_waits_for_enough_slots_and_a_single_run_does_not_take_them():
+    client = FakeClient([make_gang_run(1, 2), make_run(2, "Ongoing", 1)])
+    loop = make_loop(client, slots=2)
+    # Run 3 trains on slot 1; run 1 (first in line, 0 chunks done) needs both slots: slot 0 is held for it,
+    # since nothing is known yet about how long run 2's chunk would take.
+    plan = loop.plan(in_flight={1: 3})
+    assert plan.tasks == []
+
+
+def test_a_run_needing_more_devices_than_slots_fails_with_the_reason():
+    plan = make_loop(FakeClient([make_gang_run(1, 3)]), slots=2).plan(in_flight={})
+    assert plan.tasks == []
+    assert list(plan.unplannable) == [1]
+    assert "needs 3 devices" in plan.unplannable[1] and "2 slots" in plan.unplannable[1]
+
+
+def test_a_run_allowed_more_devices_takes_idle_slots_as_a_gang():
+    # 1 device, accumulation 2: a step of 2 micro-batches can be shared by 2 processes with the same result.
+    elastic = make_gang_run(1, 1, gradient_accumulation_steps=2, max_devices=4)
+    plan = make_loop(FakeClient([elastic]), slots=4).plan(in_flight={})
+    [(slot, task)] = plan.tasks
+    assert task.gang is not None and task.gang.slots == (0, 1) and slot == 0  # 4 would not divide 2 micro-batches
+    # With another run to train, each gets one slot of two.
+    plan = make_loop(FakeClient([elastic, make_run(2)]), slots=2).plan(in_flight={})
+    assert [(slot, task.run_id, task.gang) for slot, task in plan.tasks] == [(0, 1, None), (1, 2, None)]

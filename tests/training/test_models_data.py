@@ -1,0 +1,212 @@
+"""Tiny offline models and the offline data: build/cache/reload, tokenizer, stdlib SFT pairs, tokenization."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from rf_core.training import models
+from rf_core.training.data import (
+    IGNORE_INDEX,
+    demo_datasets,
+    pretraining_texts,
+    stdlib_sft_examples,
+    tokenize_examples,
+)
+from rf_core.training.models import ModelNotFoundError, ensure_pretrained, load_base_model
+
+QUICK_PRETRAIN_STEPS = 2  # the build path end to end, without the seconds of real pretraining
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("models")
+    for name in models.TINY_MODELS:
+        ensure_pretrained(name, cache, pretrain_steps=QUICK_PRETRAIN_STEPS)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_cache: Path):
+    return load_base_model("rf-tiny-llama", model_cache)[1]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def test_tokenizer_round_trips_text_and_has_special_tokens(tokenizer) -> None:
+    text = 'def f(x):\n    """Ünïcödé ✓ tabs\tand  spaces."""\n    return x ** 2\n'
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert len(ids) < len(text.encode())  # BPE merges, not bytes
+    assert len(tokenizer) == models.VOCAB_SIZE
+    assert tokenizer.eos_token == models.EOS_TOKEN and tokenizer.pad_token == models.PAD_TOKEN
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_ensure_pretrained_builds_once_then_hits_the_cache(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = model_cache / "rf-tiny-llama"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert not [p for p in model_cache.iterdir() if "building" in p.name]  # no staging leftovers
+
+    def no_rebuild(*args: object) -> None:
+        raise AssertionError("cache hit expected, but the model was rebuilt")
+
+    monkeypatch.setattr(models, "_build", no_rebuild)
+    assert ensure_pretrained("rf-tiny-llama", model_cache) == folder
+
+
+def test_concurrent_builders_share_one_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_build = models._build
+    builds: list[str] = []
+
+    def counting_build(name: str, folder: Path, steps: int) -> None:
+        builds.append(name)
+        real_build(name, folder, steps)
+
+    monkeypatch.setattr(models, "_build", counting_build)
+    results: list[Path] = []
+    # flock locks belong to open file descriptions, so two threads exclude each other like two processes.
+    threads = [
+        threading.Thread(target=lambda: results.append(ensure_pretrained("rf-tiny-gpt2", tmp_path, pretrain_steps=0)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == ["rf-tiny-gpt2"]
+    assert results == [tmp_path / "rf-tiny-gpt2"] * 2
+
+
+def test_build_is_deterministic_and_keeps_the_callers_rng(tmp_path: Path) -> None:
+    torch.manual_seed(99)
+    expected_next = torch.rand(3)
+    torch.manual_seed(99)
+    first = ensure_pretrained("rf-tiny-llama", tmp_path / "a", pretrain_steps=QUICK_PRETRAIN_STEPS)
+    assert torch.equal(torch.rand(3), expected_next)
+    second = ensure_pretrained("rf-tiny-llama", tmp_path / "b", pretrain_steps=QUICK_PRETRAIN_STEPS)
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+
+
+def test_built_models_reload_through_from_pretrained_and_differ_in_shape(model_cache: Path) -> None:
+    llama, llama_tokenizer = load_base_model("rf-tiny-llama", model_cache)
+    gpt2, _ = load_base_model(str(model_cache / "rf-tiny-gpt2"), model_cache)  # a plain local folder too
+    assert llama.config.model_type == "llama" and gpt2.config.model_type == "gpt2"
+    assert llama.config.tie_word_embeddings and llama.lm_head.weight is llama.model.embed_tokens.weight
+    assert llama.config.hidden_size == 128 and llama.config.num_hidden_layers == 2
+    assert gpt2.config.n_embd == 128 and gpt2.config.n_layer == 2
+    assert set(llama.state_dict()) != set(gpt2.state_dict())
+    batch = llama_tokenizer(["def f():"], return_tensors="pt")
+    for model in (llama, gpt2):
+        logits = model(**batch).logits
+        assert logits.shape[-1] == models.VOCAB_SIZE and torch.isfinite(logits).all()
+
+
+def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        load_base_model(str(missing), tmp_path)
+    with pytest.raises(ModelNotFoundError, match="someone/not-cached-model"):
+        load_base_model("someone/not-cached-model", tmp_path)
+    with pytest.raises(ValueError, match="unknown built-in model"):
+        ensure_pretrained("rf-huge", tmp_path)
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def test_pretraining_texts_are_the_pydoc_topics() -> None:
+    texts = pretraining_texts()
+    assert len(texts) > 50 and sum(map(len, texts)) > 300_000
+
+
+def test_stdlib_sft_examples_are_many_real_unique_and_deterministic() -> None:
+    examples = stdlib_sft_examples()
+    assert len(examples) >= 1500
+    assert examples == stdlib_sft_examples()
+    assert stdlib_sft_examples(limit=10) == examples[:10]
+    prompts = [example["prompt"] for example in examples]
+    completions = [example["completion"] for example in examples]
+    assert len(set(prompts)) == len(prompts) and len(set(completions)) == len(completions)
+    assert all(p.startswith(("def ", "class ")) and p.endswith(":\n") for p in prompts)
+    assert all(len(c) >= 20 and "\n" not in c for c in completions)
+    assert " at 0x" not in "".join(prompts)  # object addresses would change between processes
+    by_prompt = dict(zip(prompts, completions, strict=True))
+    assert any(p.startswith("def json.dumps(") for p in by_prompt)
+    assert by_prompt["def math.gcd(*integers):\n"].startswith("Greatest Common Divisor")
+
+
+def test_stdlib_sft_examples_do_not_depend_on_what_the_process_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Libraries replace stdlib functions (Ray swaps inspect.isgenerator and sys.excepthook) and add logging
+    handlers; a slot worker that imported one must still build the same data set as the flow that did not."""
+    import inspect
+    import logging
+    import sys
+
+    from rf_core.training import data
+
+    before = stdlib_sft_examples()
+    monkeypatch.setattr(sys, "excepthook", lambda *args: None)
+    monkeypatch.setattr(inspect, "isgenerator", lambda value: False)
+    handler = logging.StreamHandler()
+    logging.getLogger("a-library").addHandler(handler)
+    data._examples_from_a_clean_interpreter.cache_clear()
+    try:
+        assert stdlib_sft_examples() == before
+    finally:
+        logging.getLogger("a-library").removeHandler(handler)
+    prompts = {example["prompt"] for example in before}
+    assert "def inspect.isgenerator(object):\n" in prompts
+    assert not any("<weakref" in prompt or "<function" in prompt for prompt in prompts)
+
+
+def test_demo_datasets_split_is_deterministic_and_disjoint() -> None:
+    train, evaluation = demo_datasets(eval_size=64)
+    assert len(evaluation) == 64 and len(train) + 64 == len(stdlib_sft_examples())
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in evaluation}
+    assert (train, evaluation) == demo_datasets(eval_size=64)
+    with pytest.raises(ValueError, match="eval_size"):
+        demo_datasets(eval_size=0)
+
+
+def test_tokenize_trains_only_on_completion_and_eos(tokenizer) -> None:
+    examples = [{"prompt": "def os.getcwd():\n", "completion": "Return the current directory."}]
+    data = tokenize_examples(examples, tokenizer, max_length=32)
+    prompt_ids = tokenizer(examples[0]["prompt"])["input_ids"]
+    completion_ids = tokenizer(examples[0]["completion"], add_special_tokens=False)["input_ids"]
+    length = len(prompt_ids) + len(completion_ids) + 1
+    assert data.input_ids.shape == data.labels.shape == data.attention_mask.shape == (1, 32)
+    assert data.input_ids[0, :length].tolist() == prompt_ids + completion_ids + [tokenizer.eos_token_id]
+    assert data.labels[0, : len(prompt_ids)].eq(IGNORE_INDEX).all()
+    assert data.labels[0, len(prompt_ids) : length].tolist() == completion_ids + [tokenizer.eos_token_id]
+    assert data.labels[0, length:].eq(IGNORE_INDEX).all()
+    assert data.attention_mask[0].tolist() == [1] * length + [0] * (32 - length)
+    assert data.input_ids[0, length:].eq(tokenizer.pad_token_id).all()
+
+
+def test_tokenize_text_examples_and_truncation(tokenizer) -> None:
+    long_prompt = {"prompt": "def f(" + "argument, " * 60 + "):\n", "completion": "Does things."}
+    data = tokenize_examples([{"text": "hello world"}, long_prompt], tokenizer, max_length=16)
+    text_length = int(data.attention_mask[0].sum())
+    assert data.labels[0, :text_length].tolist() == data.input_ids[0, :text_length].tolist()
+    assert data.attention_mask[1].all()  # truncated to exactly max_length
+    assert (data.labels[1] != IGNORE_INDEX).sum() >= 1  # the prompt never crowds out the whole completion
+    batch = data.batch([0])
+    assert batch["input_ids"].shape == (1, text_length)  # micro-batches drop all-padding columns
+
+
+def test_tokenize_accepts_any_iterable_of_dicts(tokenizer) -> None:
+    rows = ({"text": f"line {i}"} for i in range(3))
+    assert len(tokenize_examples(rows, tokenizer, max_length=8)) == 3
+
+
+def test_tokenize_rejects_an_example_of_neither_form(tokenizer) -> None:
+    with pytest.raises(ValueError, match=r"example 1 has keys \['input', 'output'\]"):
+        tokenize_examples([{"text": "ok"}, {"input": "a", "output": "b"}], tokenizer, max_length=8)
+    with pytest.raises(ValueError, match="example 0"):
+        tokenize_examples(["just a string"], tokenizer, max_length=8)
