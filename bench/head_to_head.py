@@ -502,9 +502,7 @@ def run_benchmark(size: TaskSize, contestants: Sequence[str], ray_python: Path |
     )  # fmt: skip
     extra_evals = max(len(curve) for curve in curves.values()) - 1
     sequential_durations = {key: seconds + extra_evals * eval_seconds for key, seconds in durations.items()}
-    sequential = sequential_over_orders(
-        sequential_durations, curves, SLOTS, target, ORDER_SAMPLES, startup=startup
-    )
+    sequential = sequential_over_orders(sequential_durations, curves, SLOTS, target, ORDER_SAMPLES, startup=startup)
     sequential["eval_seconds_added_per_config"] = extra_evals * eval_seconds
     if "ray" in observed and "engine" in observed:
         observed["ray"].notes["max_abs_diff_vs_engine_evals"] = max_disagreement(observed["ray"], curves)

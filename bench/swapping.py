@@ -129,9 +129,7 @@ def measure_swap(
     trainers = [
         SlotTrainer(_loader(base_path), train, None, num_threads=THREADS, staging_root=staging_root) for _ in range(2)
     ]
-    config = _config(
-        base_path, use_peft, num_train_epochs=2, per_device_train_batch_size=batch, max_length=max_length
-    )
+    config = _config(base_path, use_peft, num_train_epochs=2, per_device_train_batch_size=batch, max_length=max_length)
     plan = plan_chunks(len(train), config, chunks_per_epoch)
     fractions, swap_ms, train_s = [], [], []
     for trainer in trainers:
@@ -341,7 +339,8 @@ def main() -> None:
         "threads_per_slot": THREADS,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": "python bench/swapping.py" + (" --smoke" if args.smoke else "")
+        "command": "python bench/swapping.py"
+        + (" --smoke" if args.smoke else "")
         + (f" --parts {args.parts}" if args.parts != "swap,hf,memory" else "")
         + (f" --cases '{args.cases}'" if args.cases else ""),
     }

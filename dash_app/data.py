@@ -35,7 +35,8 @@ IC_OPS_CELL = "IC Ops ▸"
 def experiment_options(store: Store) -> list[dict[str, str]]:
     """Dropdown options, newest experiment first."""
     return [
-        {"label": f"{row['name']} ({row['status']})", "value": row["name"]} for row in experiments.list_experiments(store)
+        {"label": f"{row['name']} ({row['status']})", "value": row["name"]}
+        for row in experiments.list_experiments(store)
     ]
 
 
@@ -217,8 +218,7 @@ def chart_runs(
 def hover_labels(runs: Sequence[Mapping[str, Any]], knobs: Sequence[str]) -> dict[int, str]:
     """Per run, the knobs that differ between runs, as "name=value" lines for the chart hover."""
     return {
-        int(run["run_id"]): "<br>".join(f"{knob}={_display(run['config'].get(knob))}" for knob in knobs)
-        for run in runs
+        int(run["run_id"]): "<br>".join(f"{knob}={_display(run['config'].get(knob))}" for knob in knobs) for run in runs
     }
 
 
@@ -374,9 +374,9 @@ _KEY_IN_PROBLEM = (
 )
 
 
-def annotate_problems(text: str, problems: Sequence[str], bad_json_at: tuple[int, int] | None = None) -> tuple[
-    list[tuple[str, list[str]]], list[str]
-]:
+def annotate_problems(
+    text: str, problems: Sequence[str], bad_json_at: tuple[int, int] | None = None
+) -> tuple[list[tuple[str, list[str]]], list[str]]:
     """Place each problem under the line of the JSON box it is about.
 
     Returns ([(line text, messages under it)] for every line, problems that name no line of the text).

@@ -166,6 +166,4 @@ def _ic_ops_panel() -> html.Div:
 
 def chart_cells(names: list[str]) -> list[Any]:
     """One chart per metric; the figures are filled by the figure callback."""
-    return [
-        html.Div(dcc.Graph(id=metric_graph_id(name), config=GRAPH_CONFIG), className="rf-chart") for name in names
-    ]
+    return [html.Div(dcc.Graph(id=metric_graph_id(name), config=GRAPH_CONFIG), className="rf-chart") for name in names]

@@ -72,14 +72,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--rf-home", type=Path, default=None, help="store folder (default: $RF_HOME or ~/.rf)"
-    )
+    parser.add_argument("--rf-home", type=Path, default=None, help="store folder (default: $RF_HOME or ~/.rf)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default 0)")
-    parser.add_argument(
-        "--exit-with-pid", type=int, default=None, metavar="PID", help="exit when this process is gone"
-    )
+    parser.add_argument("--exit-with-pid", type=int, default=None, metavar="PID", help="exit when this process is gone")
 
 
 def serve(home: Path, host: str = "127.0.0.1", port: int = 0, exit_with_pid: int | None = None) -> int:
@@ -110,9 +106,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, exit_with_pid: int
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per metric batch
         app = build_app(store, token)
         try:
-            http_server = make_server(
-                host, port, app.server, threaded=True, request_handler=_NoDelayRequestHandler
-            )
+            http_server = make_server(host, port, app.server, threaded=True, request_handler=_NoDelayRequestHandler)
         except OSError as exc:
             print(f"rf server: cannot listen on {host}:{port}: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -121,9 +115,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, exit_with_pid: int
         store.close()
 
 
-def _serve_until_stopped(
-    http_server: BaseWSGIServer, home: Path, db_path: Path, exit_with_pid: int | None
-) -> int:
+def _serve_until_stopped(http_server: BaseWSGIServer, home: Path, db_path: Path, exit_with_pid: int | None) -> int:
     url_host = "127.0.0.1" if http_server.host in ("0.0.0.0", "", "::") else http_server.host
     url = f"http://{url_host}:{http_server.server_port}"
     stop = threading.Event()

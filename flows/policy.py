@@ -128,4 +128,3 @@ def build_policies(specs: Sequence[Any] | None) -> list[tuple[Policy, str]]:
         spec = PolicySpec.from_json(data)
         built.append((spec.build(), spec.mode))
     return built
-

@@ -49,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--server", metavar="URL", help="rf server URL (default: $RF_SERVER_URL or server.json)"
-    )
+    common.add_argument("--server", metavar="URL", help="rf server URL (default: $RF_SERVER_URL or server.json)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     server = commands.add_parser("server", help="run the rf server (dashboard + JSON API)")
@@ -105,9 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a knob (VALUE is JSON, else a string); repeatable; a tagged value like "
         "'{\"$list\": [1e-4, 3e-4]}' makes one clone per value",
     )
-    clone.add_argument(
-        "--config", type=Path, metavar="FILE.json", help="the clone's full config as a JSON file"
-    )
+    clone.add_argument("--config", type=Path, metavar="FILE.json", help="the clone's full config as a JSON file")
     clone.add_argument(
         "--warm-start",
         nargs="?",
@@ -321,7 +317,9 @@ def cmd_ops(args: argparse.Namespace) -> int:
 
 def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--ray", dest="ray_address", metavar="ADDRESS",
+        "--ray",
+        dest="ray_address",
+        metavar="ADDRESS",
         help='run the slot workers on this Ray cluster ("auto", "host:port"; needs the ray extra)',
     )
     parser.add_argument("--ray-slots", type=int, default=None, help="slots on the Ray cluster")
@@ -431,9 +429,7 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
         policy = spec.build()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    outcomes = apply_policy(
-        _client(args), args.experiment, policy, mode=spec.mode, dry_run=args.dry_run, who=_who()
-    )
+    outcomes = apply_policy(_client(args), args.experiment, policy, mode=spec.mode, dry_run=args.dry_run, who=_who())
     if args.json:
         return _print_json([outcome.to_json() for outcome in outcomes])
     print(format_outcomes(policy.name, outcomes, args.dry_run))
@@ -606,9 +602,7 @@ def format_runs(snapshot: dict[str, Any]) -> str:
         ]
         for row in runs
     ]
-    header = (
-        f"experiment {experiment['name']} ({experiment['status']}, {experiment['num_chunks']} chunks/epoch)"
-    )
+    header = f"experiment {experiment['name']} ({experiment['status']}, {experiment['num_chunks']} chunks/epoch)"
     return header + "\n" + format_table(headers, rows)
 
 

@@ -219,24 +219,18 @@ class RFClient:
         return self._request("GET", self._experiment_path(name), idempotent=True)
 
     def set_experiment_status(self, name: str, status: str) -> dict[str, Any]:
-        return self._request(
-            "POST", self._experiment_path(name, "/status"), {"status": status}, idempotent=True
-        )
+        return self._request("POST", self._experiment_path(name, "/status"), {"status": status}, idempotent=True)
 
     def list_runs(self, experiment: str, include_deleted: bool = False) -> list[dict[str, Any]]:
         query = {"all": 1} if include_deleted else None
         return self._request("GET", self._experiment_path(experiment, "/runs"), query=query, idempotent=True)
 
     def get_run(self, experiment: str, run_id: int) -> dict[str, Any]:
-        return self._request(
-            "GET", self._experiment_path(experiment, f"/runs/{int(run_id)}"), idempotent=True
-        )
+        return self._request("GET", self._experiment_path(experiment, f"/runs/{int(run_id)}"), idempotent=True)
 
     def experiment_snapshot(self, experiment: str, include_deleted: bool = False) -> dict[str, Any]:
         query = {"all": 1} if include_deleted else None
-        return self._request(
-            "GET", self._experiment_path(experiment, "/snapshot"), query=query, idempotent=True
-        )
+        return self._request("GET", self._experiment_path(experiment, "/snapshot"), query=query, idempotent=True)
 
     def submit_op(
         self,
@@ -251,9 +245,7 @@ class RFClient:
         body = {"kind": str(kind), "run_id": run_id, "payload": payload, "source": source, "who": who}
         return self._request("POST", self._experiment_path(experiment, "/ops"), body)
 
-    def list_ops(
-        self, experiment: str, run_id: int | None = None, status: str | None = None
-    ) -> list[dict[str, Any]]:
+    def list_ops(self, experiment: str, run_id: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
         query = {"run": run_id, "status": status}
         return self._request("GET", self._experiment_path(experiment, "/ops"), query=query, idempotent=True)
 
@@ -262,9 +254,7 @@ class RFClient:
         body = {"busy_run_ids": [int(run_id) for run_id in busy_run_ids]}
         return self._request("POST", self._experiment_path(experiment, "/boundary"), body, idempotent=True)
 
-    def chunk_start(
-        self, experiment: str, run_id: int, chunk_index: int, slot: int, total_chunks: int
-    ) -> int:
+    def chunk_start(self, experiment: str, run_id: int, chunk_index: int, slot: int, total_chunks: int) -> int:
         """Record that a chunk was dispatched (New → Ongoing); returns the timeline id for `chunk_end`."""
         body = {"run_id": run_id, "chunk_index": chunk_index, "slot": slot, "total_chunks": total_chunks}
         return int(
@@ -287,9 +277,7 @@ class RFClient:
 
     def log_metrics(self, batch_id: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Store a batch of metric rows once per batch_id (retries and replays are harmless)."""
-        return self._request(
-            "POST", "/api/metrics", {"batch_id": batch_id, "rows": list(rows)}, idempotent=True
-        )
+        return self._request("POST", "/api/metrics", {"batch_id": batch_id, "rows": list(rows)}, idempotent=True)
 
     def get_metrics(
         self,
@@ -303,9 +291,7 @@ class RFClient:
             "name": None if names is None else list(names),
             "since": since,
         }
-        return self._request(
-            "GET", self._experiment_path(experiment, "/metrics"), query=query, idempotent=True
-        )
+        return self._request("GET", self._experiment_path(experiment, "/metrics"), query=query, idempotent=True)
 
     def timeline(self, experiment: str) -> list[dict[str, Any]]:
         return self._request("GET", self._experiment_path(experiment, "/timeline"), idempotent=True)
@@ -336,9 +322,7 @@ class RFClient:
             "mode": mode,
             "who": who,
         }
-        return self._request(
-            "POST", self._experiment_path(experiment, "/policy-decisions"), body, idempotent=True
-        )
+        return self._request("POST", self._experiment_path(experiment, "/policy-decisions"), body, idempotent=True)
 
     def list_policy_decisions(
         self, experiment: str, policy: str | None = None, status: str | None = None

@@ -93,8 +93,7 @@ class GridSearch:
             ranged = [key for key, value in item.items() if isinstance(value, Range)]
             if ranged:
                 raise ConfigError(
-                    f"{_where(index, configs)}knob(s) {ranged} are Ranges: a Range needs RandomSearch, "
-                    "not GridSearch"
+                    f"{_where(index, configs)}knob(s) {ranged} are Ranges: a Range needs RandomSearch, not GridSearch"
                 )
         object.__setattr__(self, "config", configs)
 
@@ -118,9 +117,7 @@ class RandomSearch:
     num_runs: int
     seed: int = 0
 
-    def __init__(
-        self, config: Mapping[str, Any] | Sequence[Mapping[str, Any]], num_runs: int, seed: int = 0
-    ) -> None:
+    def __init__(self, config: Mapping[str, Any] | Sequence[Mapping[str, Any]], num_runs: int, seed: int = 0) -> None:
         if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
             raise ConfigError(f"RandomSearch num_runs must be an integer >= 1, got {num_runs=}")
         if isinstance(seed, bool) or not isinstance(seed, int):

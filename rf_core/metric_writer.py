@@ -135,9 +135,7 @@ class MetricWriter:
             self._client.log_metrics(batch["batch_id"], batch["rows"])
         except (InvalidRequest, NotFound) as exc:
             # The server will never accept this batch; keeping it would block every later one.
-            print(
-                f"rf: metric batch {batch['batch_id']} dropped, the server refused it: {exc}", file=sys.stderr
-            )
+            print(f"rf: metric batch {batch['batch_id']} dropped, the server refused it: {exc}", file=sys.stderr)
             return True
         except ServerError as exc:
             self._enter_outage(exc)

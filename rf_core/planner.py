@@ -38,9 +38,7 @@ class Plan:
 class FitLoop:
     """Per-fit bookkeeping: chunk plans per run and which slot holds which run's state warm."""
 
-    def __init__(
-        self, client: Any, experiment: str, spec: ExperimentSpec, num_slots: int, home: Path
-    ) -> None:
+    def __init__(self, client: Any, experiment: str, spec: ExperimentSpec, num_slots: int, home: Path) -> None:
         self.client = client
         self.experiment = experiment
         self.spec = spec
@@ -54,9 +52,7 @@ class FitLoop:
     def chunk_plan(self, run: Mapping[str, Any]) -> list[ChunkSpec]:
         run_id = int(run["run_id"])
         if run_id not in self._chunk_plans:
-            self._chunk_plans[run_id] = plan_chunks(
-                len(self.spec.train_dataset), run["config"], self.spec.num_chunks
-            )
+            self._chunk_plans[run_id] = plan_chunks(len(self.spec.train_dataset), run["config"], self.spec.num_chunks)
         return self._chunk_plans[run_id]
 
     def plan(self, in_flight: Mapping[int, int]) -> Plan:
@@ -208,4 +204,3 @@ def _pinned_steps(runs: list[dict[str, Any]]) -> dict[int, tuple[int, ...]]:
         ):
             pinned.setdefault(int(run["parent_id"]), set()).add(int(run["parent_step"]))
     return {run_id: tuple(sorted(steps)) for run_id, steps in pinned.items()}
-

@@ -681,12 +681,7 @@ class PopulationBasedTraining(_MetricPolicy):
         return ops
 
     def _at_decision_boundary(self, run: RunView) -> bool:
-        return (
-            run.is_trainable
-            and run.chunks_done > 0
-            and run.chunks_done % self.interval == 0
-            and run.has_chunks_left
-        )
+        return run.is_trainable and run.chunks_done > 0 and run.chunks_done % self.interval == 0 and run.has_chunks_left
 
     def _can_donate(self, snapshot: ExperimentSnapshot, donor: RunView) -> bool:
         """A donor gives one clone per boundary: none queued, none already made from its current step."""

@@ -123,9 +123,7 @@ def ensure_server(
             live = find_live_server(home)  # another process won the race to start one: use it
             if live:
                 return str(live["url"]), None
-            raise ServerStartError(
-                f"the rf server exited while starting (code {code}): {_log_tail(log_path)}"
-            )
+            raise ServerStartError(f"the rf server exited while starting (code {code}): {_log_tail(log_path)}")
         info = read_server_info(home)
         if info and info.get("pid") == process.pid and health_ok(str(info["url"]), timeout=1.0):
             return str(info["url"]), process

@@ -30,9 +30,7 @@ def create_model_fn(config: dict[str, Any]) -> tuple[Any, Any]:
 
     from rf_core.training.models import ensure_pretrained
 
-    folder = ensure_pretrained(
-        config["model_name_or_path"], Path(os.environ[MODEL_CACHE_ENV]), pretrain_steps=0
-    )
+    folder = ensure_pretrained(config["model_name_or_path"], Path(os.environ[MODEL_CACHE_ENV]), pretrain_steps=0)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True), tokenizer
 

@@ -125,9 +125,7 @@ def test_max_steps_ends_the_run_inside_its_chunk(max_steps: int, expected: list[
 
 def test_too_many_chunks_names_the_numbers() -> None:
     cfg = config(per_device_train_batch_size=8, gradient_accumulation_steps=16)
-    message = (
-        "num_chunks=5 exceeds the 4 optimizer steps in one epoch (600 samples / (batch 8 × accumulation 16))"
-    )
+    message = "num_chunks=5 exceeds the 4 optimizer steps in one epoch (600 samples / (batch 8 × accumulation 16))"
     with pytest.raises(ChunkingError) as info:
         plan_chunks(600, cfg, 5)
     assert str(info.value) == message

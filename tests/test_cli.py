@@ -24,9 +24,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RFClient,
     home = tmp_path_factory.mktemp("rf_home")
     process, info = start_server(home)
     client = RFClient(info["url"])
-    client.create_experiment(
-        "exp", [CONFIG, {**CONFIG, "learning_rate": 1e-4}, {**CONFIG, "r": 16}], num_chunks=4
-    )
+    client.create_experiment("exp", [CONFIG, {**CONFIG, "learning_rate": 1e-4}, {**CONFIG, "r": 16}], num_chunks=4)
     yield client, home
     stop(process)
 
@@ -43,10 +41,7 @@ def test_stop_is_accepted_with_exit_0_and_a_readable_line(served: tuple[RFClient
     result = rf(home, "stop", "exp", "1")
     assert result.returncode == 0, result.stderr
     (op,) = [op for op in client.list_ops("exp") if op["run_id"] == 1]
-    assert (
-        result.stdout.strip()
-        == f"op {op['op_id']} queued: stop run 1 (applies at run 1's next chunk boundary)"
-    )
+    assert result.stdout.strip() == f"op {op['op_id']} queued: stop run 1 (applies at run 1's next chunk boundary)"
     assert op["source"] == "cli" and op["who"]
 
 
@@ -118,9 +113,7 @@ def test_clone_from_a_config_file(served: tuple[RFClient, Path], tmp_path: Path)
     assert "into 1 new run" in result.stdout
     config_file.write_text("{oops")
     broken = rf(home, "clone", "exp", "3", "--config", str(config_file))
-    assert (
-        broken.returncode == 1 and "is not valid JSON" in broken.stderr and "Traceback" not in broken.stderr
-    )
+    assert broken.returncode == 1 and "is not valid JSON" in broken.stderr and "Traceback" not in broken.stderr
 
 
 def test_server_flag_overrides_discovery(served: tuple[RFClient, Path], tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ from rf_core.control.store import DuckDBStore
 @pytest.fixture
 def store(tmp_path):
     store = DuckDBStore(tmp_path / "rf.duckdb")
-    experiments.create_experiment(store, "exp", [{"learning_rate": 1e-3}, {"learning_rate": 2e-3}, {"learning_rate": 3e-3}], 2)
+    experiments.create_experiment(
+        store, "exp", [{"learning_rate": 1e-3}, {"learning_rate": 2e-3}, {"learning_rate": 3e-3}], 2
+    )
     experiments.create_experiment(store, "other", [{"learning_rate": 1e-3}], 2)
     yield store
     store.close()

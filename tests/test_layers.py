@@ -51,10 +51,7 @@ def engine_files(under: Path = RF_CORE) -> list[Path]:
 
 @pytest.mark.parametrize("module", ["rf_core", "rf_core.control", "rf_core.client", "rf_core.planner"])
 def test_importing_the_engine_loads_nothing_heavy(module: str) -> None:
-    code = (
-        f"import sys, {module}\n"
-        f"print(','.join(sorted(name for name in {HEAVY!r} if name in sys.modules)))"
-    )
+    code = f"import sys, {module}\nprint(','.join(sorted(name for name in {HEAVY!r} if name in sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stderr
     loaded = set(filter(None, result.stdout.strip().split(",")))
@@ -99,10 +96,7 @@ def test_the_checks_above_can_fail(tmp_path: Path) -> None:
     # The helpers see imports inside functions and through importlib, the way rf_core reached `flows` before.
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "import importlib\n"
-        "def run():\n"
-        "    import duckdb\n"
-        "    return importlib.import_module('flows.fit')\n"
+        "import importlib\ndef run():\n    import duckdb\n    return importlib.import_module('flows.fit')\n"
     )
     assert {"duckdb", "flows"} <= roots(imported_modules(sample))
     assert roots(imported_modules(sample, top_level_only=True)) == {"importlib"}

@@ -314,7 +314,10 @@ def test_pbt_needs_a_checkpoint_to_warm_start_from_and_a_population() -> None:
 
 def test_budget_stops_every_training_run_once_time_or_chunks_run_out() -> None:
     runs = (
-        run(1, [1.0, 1.0]), run(2, [2.0], status="Stopped"), run(3, [], status="New"), run(4, [1.0], pending=("stop",))
+        run(1, [1.0, 1.0]),
+        run(2, [2.0], status="Stopped"),
+        run(3, [], status="New"),
+        run(4, [1.0], pending=("stop",)),
     )
     assert Budget(max_seconds=100).decide(snapshot(*runs, now=99.0)) == []
     ops = Budget(max_seconds=100).decide(snapshot(*runs, now=100.0))

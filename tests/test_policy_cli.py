@@ -33,7 +33,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RFClient,
 
 def make_experiment(client: RFClient, name: str) -> None:
     """Four runs that have each trained one chunk of four and logged an eval loss there."""
-    configs = [{**CONFIG, "learning_rate": 10.0 ** -exponent} for exponent in range(2, 6)]
+    configs = [{**CONFIG, "learning_rate": 10.0**-exponent} for exponent in range(2, 6)]
     client.create_experiment(name, configs, num_chunks=4)
     for run_id, loss in EVAL_LOSS_AT_CHUNK_1.items():
         timeline_id = client.chunk_start(name, run_id, 0, 0, 4)

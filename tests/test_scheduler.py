@@ -176,8 +176,10 @@ def test_gang_mix_simulation_idle_time_and_no_starvation(mix: str) -> None:
     idle_waiting = sum(result[0] for result in results) / len(results)
     idle_total = sum(result[1] for result in results) / len(results)
     worst_lag = max(result[2] for result in results)
-    print(f"{mix}: idle slot time while runs waited {idle_waiting:.2%}, over the whole fit {idle_total:.2%}, "
-          f"worst lag {worst_lag} chunks (mean of {SEEDS} seeds)")
+    print(
+        f"{mix}: idle slot time while runs waited {idle_waiting:.2%}, over the whole fit {idle_total:.2%}, "
+        f"worst lag {worst_lag} chunks (mean of {SEEDS} seeds)"
+    )
     assert all(all(count == 8 for count in result[3].values()) for result in results)  # nobody starved
     assert worst_lag <= 4  # backfilling lets short chunks run ahead a little; priority pulls them level again
     assert idle_waiting <= idle_allowed

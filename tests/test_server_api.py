@@ -69,9 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RFClient,
 
 
 def raw_post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -88,9 +86,7 @@ def test_server_json_names_the_url_pid_and_db(server: tuple[RFClient, dict[str, 
 
 def test_experiments_are_created_listed_and_read(server: tuple[RFClient, dict[str, Any], Path]) -> None:
     client, _, _ = server
-    created = client.create_experiment(
-        "second", [CONFIG], num_chunks=2, seed=7, mode="max", metric="accuracy"
-    )
+    created = client.create_experiment("second", [CONFIG], num_chunks=2, seed=7, mode="max", metric="accuracy")
     assert [run["run_id"] for run in created["runs"]] == [1]
     assert created["runs"][0]["config"]["learning_rate"] == 1e-3
     assert {row["name"] for row in client.list_experiments()} >= {"exp", "second"}

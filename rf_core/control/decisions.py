@@ -112,9 +112,7 @@ def list_policy_decisions(
     )
 
 
-def resolve_proposal(
-    store: Store, experiment: str, decision_id: int, approve: bool, who: str
-) -> dict[str, Any]:
+def resolve_proposal(store: Store, experiment: str, decision_id: int, approve: bool, who: str) -> dict[str, Any]:
     """Approve (queue the proposed op, with `who` as its submitter) or dismiss a policy's proposal.
 
     Approval validates the op against the run's state now: an op that is no longer legal raises OpRejected and

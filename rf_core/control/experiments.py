@@ -50,12 +50,7 @@ def create_experiment(
     if spec_ref is not None and (not isinstance(spec_ref, str) or ":" not in spec_ref):
         problems.append(f"spec_ref must look like 'package.module:function', got {spec_ref!r}")
     normalised: list[dict[str, Any]] = []
-    if (
-        isinstance(configs, Mapping)
-        or not isinstance(configs, Sequence)
-        or isinstance(configs, str)
-        or not configs
-    ):
+    if isinstance(configs, Mapping) or not isinstance(configs, Sequence) or isinstance(configs, str) or not configs:
         problems.append("configs must be a non-empty list of config objects")
     else:
         for index, config in enumerate(configs, start=1):
@@ -154,11 +149,7 @@ def list_runs(store: Store, experiment: str, include_deleted: bool = False) -> l
 
 def _visible(runs: list[dict[str, Any]], pending: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     being_deleted = {int(op["run_id"]) for op in pending if op["kind"] == OpKind.DELETE.value}
-    return [
-        run
-        for run in runs
-        if run["status"] != RunStatus.DELETED.value and int(run["run_id"]) not in being_deleted
-    ]
+    return [run for run in runs if run["status"] != RunStatus.DELETED.value and int(run["run_id"]) not in being_deleted]
 
 
 def experiment_snapshot(store: Store, name: str, include_deleted: bool = False) -> dict[str, Any]:

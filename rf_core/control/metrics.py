@@ -24,9 +24,7 @@ def log_metrics(store: Store, batch_id: str, rows: Sequence[Mapping[str, Any]]) 
     rows of an attempt that was abandoned meanwhile are dropped, since its retry logs those steps again.
     """
     if not isinstance(batch_id, str) or not 0 < len(batch_id) <= 200:
-        raise InvalidRequest(
-            [f"batch_id must be a non-empty string of at most 200 characters, got {batch_id!r}"]
-        )
+        raise InvalidRequest([f"batch_id must be a non-empty string of at most 200 characters, got {batch_id!r}"])
     if not isinstance(rows, list):
         raise InvalidRequest([f"rows must be a list of metric objects, got {type_name(rows)}"])
     if len(rows) > MAX_METRIC_ROWS:
@@ -118,9 +116,7 @@ def max_metric_step(store: Store, experiment: str) -> int | None:
     return store.max_metric_step(experiment)
 
 
-def metric_buckets(
-    store: Store, experiment: str, width: int, after_row: int = -1
-) -> tuple[dict[str, Any], int]:
+def metric_buckets(store: Store, experiment: str, width: int, after_row: int = -1) -> tuple[dict[str, Any], int]:
     """M4 aggregates of the experiment's metric points stored after row `after_row` (see `Store.metric_buckets`)."""
     require_experiment(store, experiment)
     return store.metric_buckets(experiment, width, after_row)

@@ -58,8 +58,7 @@ def check_op(
         if pending_kind == kind and kind in _ALREADY:
             return [f"run {rid} will already be {_ALREADY[kind]} by op {pending_id}"], {}
         return [
-            f"cannot {kind} run {rid}: it will be {future} once pending op {pending_id} ({pending_kind}) "
-            "applies"
+            f"cannot {kind} run {rid}: it will be {future} once pending op {pending_id} ({pending_kind}) applies"
         ], {}
 
     if kind != OpKind.CLONE:
@@ -69,20 +68,14 @@ def check_op(
             return [f"a {kind} op's payload must be a JSON object or null, got {type(payload).__name__}"], {}
         return [], dict(payload)
 
-    configs, warm, problems = expand_clone(
-        payload, parent_config if parent_config is not None else run["config"]
-    )
+    configs, warm, problems = expand_clone(payload, parent_config if parent_config is not None else run["config"])
     if warm != "off" and not run.get("checkpoint"):
         if current == RunStatus.FAILED:
-            problems.append(
-                f"run {rid} failed before saving any checkpoint: there is no good state to warm-start from"
-            )
+            problems.append(f"run {rid} failed before saving any checkpoint: there is no good state to warm-start from")
         elif current != RunStatus.ONGOING:
             # An Ongoing run without a checkpoint is training its first chunk: it has state by its boundary,
             # where the op applies (and is re-checked).
-            problems.append(
-                f"run {rid} has no trained state yet: clone it cold (warm_start off) or after a chunk"
-            )
+            problems.append(f"run {rid} has no trained state yet: clone it cold (warm_start off) or after a chunk")
     stored = {"configs": configs, "count": len(configs), "warm_start": warm, "request": payload}
     return problems, stored
 
@@ -121,9 +114,7 @@ def _clone_base(payload: Mapping[str, Any], parent_config: Mapping[str, Any]) ->
     return dict(parent_config)
 
 
-def expand_clone(
-    payload: Any, parent_config: Mapping[str, Any]
-) -> tuple[list[dict[str, Any]], str, list[str]]:
+def expand_clone(payload: Any, parent_config: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str, list[str]]:
     """A clone payload as (normalised configs it creates, warm-start mode, problems)."""
     if payload is None:
         payload = {}
@@ -132,9 +123,7 @@ def expand_clone(
     problems: list[str] = []
     unknown = sorted(set(payload) - CLONE_PAYLOAD_KEYS)
     if unknown:
-        problems.append(
-            f"unknown clone payload keys {unknown}: use 'config' or 'overrides', and 'warm_start'"
-        )
+        problems.append(f"unknown clone payload keys {unknown}: use 'config' or 'overrides', and 'warm_start'")
     warm = payload.get("warm_start") or "off"
     if warm not in WARM_START_MODES:
         problems.append(f"warm_start must be one of {', '.join(WARM_START_MODES)}, got {warm!r}")
@@ -202,9 +191,7 @@ def submit_op(
         require_experiment(store, experiment)
         run = store.get_run(experiment, run_id)
         pending = store.list_ops(experiment, run_ids=[run_id], statuses=["pending"]) if run else []
-        problems, stored_payload = check_op(
-            kind, run, pending, payload, None, experiment=experiment, run_id=run_id
-        )
+        problems, stored_payload = check_op(kind, run, pending, payload, None, experiment=experiment, run_id=run_id)
         if problems:
             raise OpRejected(problems)
         if policy_note is not None:
@@ -223,9 +210,7 @@ def submit_op(
         )
 
 
-def preview_op(
-    store: Store, experiment: str, kind: OpKind | str, run_id: int, payload: Any = None
-) -> dict[str, Any]:
+def preview_op(store: Store, experiment: str, kind: OpKind | str, run_id: int, payload: Any = None) -> dict[str, Any]:
     """What `submit_op` would decide now, without queuing anything: {"problems", "count"}.
 
     `count` is the number of runs a clone would create (0 for other ops or when the payload does not expand).
@@ -281,9 +266,7 @@ def boundary_view(store: Store, experiment: str, busy_run_ids: Iterable[int]) ->
     return {"applied_ops": applied, "runs": runs}
 
 
-def _apply_one(
-    store: Store, op: Mapping[str, Any], run: Mapping[str, Any] | None, now: float
-) -> dict[str, Any]:
+def _apply_one(store: Store, op: Mapping[str, Any], run: Mapping[str, Any] | None, now: float) -> dict[str, Any]:
     op_id, kind = int(op["op_id"]), OpKind(op["kind"])
     if run is None:
         return _skip(store, op_id, f"run {op['run_id']} no longer exists", now)
@@ -343,8 +326,6 @@ def list_ops(
 
 
 def _source_problems(source: Any) -> list[str]:
-    if isinstance(source, str) and (
-        source in OP_SOURCES or (source.startswith("policy:") and len(source) > 7)
-    ):
+    if isinstance(source, str) and (source in OP_SOURCES or (source.startswith("policy:") and len(source) > 7)):
         return []
     return [f"source must be 'user', 'cli' or 'policy:<name>', got {source!r}"]

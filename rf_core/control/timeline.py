@@ -63,9 +63,7 @@ def record_chunk_start(
         return int(entry["id"])
 
 
-def record_chunk_end(
-    store: Store, experiment: str, timeline_id: int, outcome: Mapping[str, Any]
-) -> dict[str, Any]:
+def record_chunk_end(store: Store, experiment: str, timeline_id: int, outcome: Mapping[str, Any]) -> dict[str, Any]:
     """Record a finished chunk (a `ChunkOutcome.to_dict()`); returns the run's row.
 
     Progress (epoch, chunks done, step, samples, checkpoint) moves only on "ok" and "completed"; "completed"
@@ -82,9 +80,7 @@ def record_chunk_end(
             raise NotFound(f"experiment {experiment} has no chunk with timeline id {timeline_id}")
         run_id = int(entry["run_id"])
         if outcome.get("run_id") is not None and int(outcome["run_id"]) != run_id:
-            raise InvalidRequest(
-                [f"timeline entry {timeline_id} is run {run_id}'s, not run {outcome['run_id']}'s"]
-            )
+            raise InvalidRequest([f"timeline entry {timeline_id} is run {run_id}'s, not run {outcome['run_id']}'s"])
         run = require_run(store, experiment, run_id)
         if entry["end"] is not None:
             return dict(run)
@@ -114,9 +110,7 @@ def record_chunk_end(
             if target is not None:
                 fields.update(status=target.value, ended_by=chunk_status)
         if chunk_status in FAILED_CHUNK_OUTCOMES:
-            fields.update(
-                error=str(outcome.get("error") or "the chunk failed"), traceback=outcome.get("traceback")
-            )
+            fields.update(error=str(outcome.get("error") or "the chunk failed"), traceback=outcome.get("traceback"))
         updated = store.update_run(experiment, run_id, fields)
         store.update_timeline(timeline_id, {"end": now, "outcome": chunk_status})
         return updated
@@ -129,9 +123,7 @@ def _outcome_problems(timeline_id: Any, outcome: Any) -> list[str]:
         return [f"outcome must be a JSON object (ChunkOutcome.to_dict()), got {type_name(outcome)}"]
     problems = []
     if outcome.get("status") not in CHUNK_OUTCOMES:
-        problems.append(
-            f"outcome status must be one of {', '.join(CHUNK_OUTCOMES)}, got {outcome.get('status')!r}"
-        )
+        problems.append(f"outcome status must be one of {', '.join(CHUNK_OUTCOMES)}, got {outcome.get('status')!r}")
     if outcome.get("status") not in FAILED_CHUNK_OUTCOMES:
         problems += [
             f"outcome {name} must be an integer, got {type_name(outcome.get(name))}"
@@ -173,8 +165,13 @@ def fail_run(store: Store, experiment: str, run_id: int, error: str) -> dict[str
         target = event_result(status, SystemEvent.FAIL)
         if target is None:
             raise IllegalTransition([f"run {run_id} is {status}: it cannot fail"])
-        fields = {"status": target.value, "ended_by": "failed", "error": error, "traceback": None,
-                  "updated_at": time.time()}
+        fields = {
+            "status": target.value,
+            "ended_by": "failed",
+            "error": error,
+            "traceback": None,
+            "updated_at": time.time(),
+        }
         return store.update_run(experiment, run_id, fields)
 
 

@@ -118,7 +118,6 @@ def collect(limit: int | None = None) -> list[dict[str, str]]:
     return examples
 
 
-
 def _module_pairs(module_name: str) -> list[tuple[str, str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated modules and names are still fine to document

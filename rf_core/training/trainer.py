@@ -566,9 +566,7 @@ class SlotTrainer:
         restore_rng_state(state.rng)
         return model
 
-    def _save(
-        self, state: _RunState, config: dict[str, Any], path: Path, follow_ups: list[AfterPersist] = ()
-    ) -> Path:
+    def _save(self, state: _RunState, config: dict[str, Any], path: Path, follow_ups: list[AfterPersist] = ()) -> Path:
         return self._writer.save(
             {
                 "config": config,

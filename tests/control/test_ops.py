@@ -31,9 +31,7 @@ def exp(store: DuckDBStore) -> str:
     return "exp"
 
 
-def train_chunk(
-    store: DuckDBStore, run_id: int, chunk: int, status: str = "ok", **extra: Any
-) -> dict[str, Any]:
+def train_chunk(store: DuckDBStore, run_id: int, chunk: int, status: str = "ok", **extra: Any) -> dict[str, Any]:
     """Record one chunk of `run_id` as the fit flow would."""
     timeline_id = timeline.record_chunk_start(store, "exp", run_id, chunk, slot=0, total_chunks=4)
     outcome = {
@@ -273,9 +271,7 @@ def test_clones_are_created_with_parent_and_warm_start_fields(store: DuckDBStore
     assert runs[6]["source"] == "cli" and runs[6]["parent_step"] == 20
 
 
-def test_a_warm_clone_of_a_run_in_its_first_chunk_waits_for_its_checkpoint(
-    store: DuckDBStore, exp: str
-) -> None:
+def test_a_warm_clone_of_a_run_in_its_first_chunk_waits_for_its_checkpoint(store: DuckDBStore, exp: str) -> None:
     timeline_id = timeline.record_chunk_start(store, "exp", 1, 0, slot=0, total_chunks=4)
     op = submit(store, "clone", 1, {"warm_start": "weights"})  # Ongoing: it will have state at its boundary
     timeline.record_chunk_end(
@@ -327,9 +323,7 @@ def test_recording_a_chunk_end_twice_changes_nothing(store: DuckDBStore, exp: st
 def test_bad_chunk_outcomes_are_invalid_requests(store: DuckDBStore, exp: str) -> None:
     timeline_id = timeline.record_chunk_start(store, "exp", 2, 0, slot=1, total_chunks=4)
     with pytest.raises(errors.InvalidRequest, match="outcome status must be one of"):
-        timeline.record_chunk_end(
-            store, "exp", timeline_id, {"status": "great", "step": 1, "epoch": 0, "samples": 1}
-        )
+        timeline.record_chunk_end(store, "exp", timeline_id, {"status": "great", "step": 1, "epoch": 0, "samples": 1})
     with pytest.raises(errors.NotFound):
         timeline.record_chunk_end(store, "exp", 999, {"status": "ok", "step": 1, "epoch": 0, "samples": 1})
 
@@ -337,9 +331,7 @@ def test_bad_chunk_outcomes_are_invalid_requests(store: DuckDBStore, exp: str) -
 # -- experiments, listings, metrics ------------------------------------------------------------------------
 
 
-def test_create_experiment_validates_every_config_and_refuses_a_used_name(
-    store: DuckDBStore, exp: str
-) -> None:
+def test_create_experiment_validates_every_config_and_refuses_a_used_name(store: DuckDBStore, exp: str) -> None:
     with pytest.raises(errors.InvalidRequest) as info:
         experiments.create_experiment(store, "other", [BASE, {**BASE, "learning_rat": 1}], num_chunks=0)
     assert any("num_chunks" in problem for problem in info.value.problems)
@@ -364,7 +356,12 @@ def test_snapshot_has_losses_best_metric_pending_ops_and_varying_knobs(store: Du
         for step, name, value in [(1, "train_loss", 2.0), (2, "train_loss", 1.5), (2, "eval_loss", 1.8),
                                   (4, "eval_loss", 1.2), (6, "eval_loss", 1.4)]
     ]  # fmt: skip
-    assert metrics.log_metrics(store, "batch-a", rows) == {"batch_id": "batch-a", "inserted": True, "rows": 5, "dropped": 0}
+    assert metrics.log_metrics(store, "batch-a", rows) == {
+        "batch_id": "batch-a",
+        "inserted": True,
+        "rows": 5,
+        "dropped": 0,
+    }
     assert metrics.log_metrics(store, "batch-a", rows)["inserted"] is False
     submit(store, "stop", 2)
     snapshot = experiments.experiment_snapshot(store, "exp")
@@ -378,9 +375,7 @@ def test_snapshot_has_losses_best_metric_pending_ops_and_varying_knobs(store: Du
 
 def test_metric_rows_are_validated(store: DuckDBStore, exp: str) -> None:
     with pytest.raises(errors.InvalidRequest, match="row 0: run_id must be an integer"):
-        metrics.log_metrics(
-            store, "b", [{"experiment": "exp", "run_id": "one", "step": 1, "name": "x", "value": 1}]
-        )
+        metrics.log_metrics(store, "b", [{"experiment": "exp", "run_id": "one", "step": 1, "name": "x", "value": 1}])
     with pytest.raises(errors.NotFound):
         metrics.log_metrics(store, "b", [{"experiment": "nope", "run_id": 1, "step": 1, "name": "x", "value": 1}])
 

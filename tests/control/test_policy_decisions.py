@@ -25,7 +25,9 @@ def store(tmp_path: Path):
 
 
 def test_a_policy_acts_on_a_run_at_most_once_per_boundary(store: DuckDBStore) -> None:
-    first = decisions.record_policy_decision(store, "exp", "pbt", 1, 2, "stop", reason="bottom quarter", who="scheduler")
+    first = decisions.record_policy_decision(
+        store, "exp", "pbt", 1, 2, "stop", reason="bottom quarter", who="scheduler"
+    )
     assert not first["duplicate"] and first["decision"]["status"] == "submitted"
     op = first["op"]
     assert op["source"] == "policy:pbt" and op["who"] == "scheduler" and op["status"] == "pending"
@@ -61,7 +63,9 @@ def test_a_clone_decision_stores_its_configs_and_the_policy_note(store: DuckDBSt
 
 
 def test_proposals_wait_until_a_person_approves_or_dismisses_them(store: DuckDBStore) -> None:
-    proposed = decisions.record_policy_decision(store, "exp", "median", 2, 1, "stop", reason="below median", mode="propose")
+    proposed = decisions.record_policy_decision(
+        store, "exp", "median", 2, 1, "stop", reason="below median", mode="propose"
+    )
     assert proposed["op"] is None and proposed["decision"]["status"] == "proposed"
     assert ops.list_ops(store, "exp") == []
     decision_id = proposed["decision"]["decision_id"]
@@ -74,7 +78,9 @@ def test_proposals_wait_until_a_person_approves_or_dismisses_them(store: DuckDBS
     with pytest.raises(errors.InvalidRequest, match="is approved by alice"):
         decisions.resolve_proposal(store, "exp", decision_id, approve=False, who="bob")
 
-    other = decisions.record_policy_decision(store, "exp", "median", 3, 1, "stop", reason="r", mode="propose")["decision"]
+    other = decisions.record_policy_decision(store, "exp", "median", 3, 1, "stop", reason="r", mode="propose")[
+        "decision"
+    ]
     dismissed = decisions.resolve_proposal(store, "exp", other["decision_id"], approve=False, who="bob")
     assert dismissed["op"] is None and dismissed["decision"]["status"] == "dismissed"
     assert [op["run_id"] for op in ops.list_ops(store, "exp")] == [2]
@@ -89,7 +95,9 @@ def test_approving_a_proposal_that_is_no_longer_legal_is_rejected_and_it_keeps_w
 
 
 def test_a_proposal_that_is_illegal_already_is_recorded_as_rejected(store: DuckDBStore) -> None:
-    decision = decisions.record_policy_decision(store, "exp", "m", 1, 0, "resume", reason="r", mode="propose")["decision"]
+    decision = decisions.record_policy_decision(store, "exp", "m", 1, 0, "resume", reason="r", mode="propose")[
+        "decision"
+    ]
     assert decision["status"] == "rejected" and "cannot resume run 1" in decision["problems"][0]
 
 

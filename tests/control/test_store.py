@@ -43,9 +43,7 @@ def _rows(n: int, run_id: int = 1, start: int = 0) -> list[dict]:
 def test_migrations_create_the_schema_and_reopening_applies_nothing_twice(tmp_path: Path) -> None:
     path = tmp_path / "rf.duckdb"
     first = DuckDBStore(path)
-    tables = {
-        row["table_name"] for row in first._query(None, "SELECT table_name FROM information_schema.tables")
-    }
+    tables = {row["table_name"] for row in first._query(None, "SELECT table_name FROM information_schema.tables")}
     assert TABLES <= tables
     assert first.schema_version() == len(migration_files())
     _experiment(first)
@@ -122,9 +120,7 @@ def test_metric_queries_filter_by_run_name_and_time(store: DuckDBStore) -> None:
     assert store.query_metrics("exp", since_time=latest) == []
     summary = store.metric_summary("exp", "train_loss", "eval_loss", "min")
     assert summary[1]["train_loss"] == pytest.approx(1 / 5)
-    assert summary[2]["latest_metric"] == pytest.approx(1 / 5) and summary[2]["best_metric"] == pytest.approx(
-        1 / 5
-    )
+    assert summary[2]["latest_metric"] == pytest.approx(1 / 5) and summary[2]["best_metric"] == pytest.approx(1 / 5)
 
 
 def test_two_threads_writing_at_once_lose_nothing(store: DuckDBStore) -> None:

@@ -133,9 +133,7 @@ class Steerer(threading.Thread):
         for entry in self.client.timeline(EXPERIMENT):
             if entry["end"] is None:
                 rows = self.client.get_metrics(EXPERIMENT, run_ids=[entry["run_id"]], names=["train_loss"])
-                still_open = any(
-                    e["id"] == entry["id"] and e["end"] is None for e in self.client.timeline(EXPERIMENT)
-                )
+                still_open = any(e["id"] == entry["id"] and e["end"] is None for e in self.client.timeline(EXPERIMENT))
                 if still_open and any(row["chunk"] == entry["chunk"] for row in rows):
                     self.streamed_mid_chunk = True
 
@@ -221,8 +219,6 @@ def test_fit_flow_with_ops_from_the_cli(prefect_harness, rf_server, tmp_path):
     assert client.get_experiment(EXPERIMENT)["status"] == "finished"
 
 
-
-
 def test_run_fit_from_python_with_notebook_functions(prefect_harness, tmp_path, monkeypatch):
     """`Experiment.run_fit` with functions defined in place (sent to workers by cloudpickle) and a temporary
     server; a run whose model cannot be built fails alone, with its reason, while the other completes."""
@@ -292,8 +288,8 @@ def test_runs_moved_between_workers_in_a_real_fit_end_bitwise_as_trained_straigh
     assert all(run["status"] == "Completed" for run in runs.values())
     store = DuckDBStore(paths.db_path(tmp_path / "home"))  # the fit's temporary server is gone
     try:
-        slots_per_run = {run_id: {entry["slot"] for entry in timeline.timeline(store, "exact") if entry["run_id"] == run_id}
-                         for run_id in runs}  # fmt: skip
+        entries = timeline.timeline(store, "exact")
+        slots_per_run = {run_id: {entry["slot"] for entry in entries if entry["run_id"] == run_id} for run_id in runs}
     finally:
         store.close()
     assert any(len(slots) == 2 for slots in slots_per_run.values()), slots_per_run  # some run changed workers

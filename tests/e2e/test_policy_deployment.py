@@ -147,7 +147,10 @@ def test_a_deployed_fit_steered_by_a_scheduled_policy(tmp_path: Path) -> None:
         assert len(policy_ops) == 1, client.list_ops(EXPERIMENT)
         (stop,) = policy_ops
         assert (stop["kind"], stop["status"], stop["reason"]) == ("stop", "applied", None), (
-            stop, client.list_policy_decisions(EXPERIMENT, policy=POLICY), _timeline(client))
+            stop,
+            client.list_policy_decisions(EXPERIMENT, policy=POLICY),
+            _timeline(client),
+        )
         assert "ranks 3 of 3" in stop["payload"]["policy"]["reason"]
         assert stop["who"] == f"flow:rf-policy/{POLICY}"
 
@@ -226,6 +229,7 @@ def test_a_deployed_fit_steered_by_a_scheduled_policy(tmp_path: Path) -> None:
         assert set(final) == set(runs) | {clone_id} and clone_id not in runs
         assert final[clone_id]["parent_id"] == 1 and final[clone_id]["status"] == "Completed"
         assert all(final[run_id]["chunks_done"] == after[run_id]["chunks_done"] for run_id in runs)
+
         # Fit flow runs: the first deployment run, `rf continue` (in the CLI's process), and the deployment run
         # the clone started.
         def fit_runs_completed() -> bool:  # the flow marks the experiment finished just before it returns

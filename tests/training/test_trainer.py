@@ -401,9 +401,10 @@ def test_checkpoint_keeps_every_value_type_bit_for_bit_and_tied_tensors_once(tmp
     shared = torch.randn(4, 3)
     state = {
         "trainable": {"embed.weight": shared, "lm_head.weight": shared.detach(), "half": torch.ones(2).half()},
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2)}}, "param_groups": [
-            {"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "foreach": None, "maximize": False}
-        ]},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "foreach": None, "maximize": False}],
+        },
         "values": [float("inf"), -0.0, 2**40, "text", True, None],
         "view": shared[1:],  # another view of a stored buffer: written as its own copy
     }

@@ -205,9 +205,7 @@ def grid_rows(page: Any) -> set[int]:
 
 def open_panel_from_grid(page: Any, run_id: int) -> None:
     page.locator(f"#runs-grid .ag-row[row-id='{run_id}'] [col-id='ic_ops']").first.click()
-    page.wait_for_function(
-        "(title) => document.querySelector('#panel-title').innerText === title", arg=f"Run {run_id}"
-    )
+    page.wait_for_function("(title) => document.querySelector('#panel-title').innerText === title", arg=f"Run {run_id}")
 
 
 def edit_config(page: Any, **changes: Any) -> dict[str, Any]:
