@@ -20,6 +20,7 @@ import functools
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -209,6 +210,8 @@ def measure_steps_per_second(steps: int, threads: int = 1) -> float:
     from rf_core.training.trainer import SlotTrainer
 
     torch.set_num_threads(threads)
+    if MODEL_CACHE_ENV not in os.environ:  # run alone: the tiny base model is built in a folder of its own
+        os.environ[MODEL_CACHE_ENV] = tempfile.mkdtemp(prefix="rf-bench-models-")
     config = normalize_config(expand_config_group(bench_configs(1))[0])
     num_chunks = 2
     os.environ[CHUNKS_ENV], os.environ[STEPS_PER_CHUNK_ENV] = str(num_chunks), str(steps)

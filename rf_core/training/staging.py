@@ -16,12 +16,14 @@ is a bytes buffer in the worker's memory and only the disk write happens in the 
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import queue
 import shutil
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,21 @@ def state_exists(path: str | Path, staging_root: Path | None) -> bool:
     return Path(path).is_file() or (staging_root is not None and staged_path(staging_root, path).is_file())
 
 
+# Writers not closed yet. At interpreter exit each is closed (its queued writes finished, its thread joined): a
+# daemon thread still inside torch's C++ code when Python finalises is unwound by force, and the process aborts
+# ("terminate called without an active exception", exit -6) instead of exiting 0.
+_LIVE_WRITERS: weakref.WeakSet[StateWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_writers() -> None:
+    for writer in list(_LIVE_WRITERS):
+        try:
+            writer.close()
+        except Exception as exc:  # a write that failed at exit keeps its staged copy: say so, go on closing
+            print(f"rf: a run state could not be written at exit: {exc}", file=sys.stderr)
+
+
 @dataclass
 class _Job:
     disk_path: Path
@@ -101,8 +118,10 @@ class StateWriter:
         self._pending_bytes = 0
         self._lock = threading.Lock()
         self._failures: dict[Path, str] = {}  # run folder -> why its last background write failed
+        self._closed = False
         self._thread = threading.Thread(target=self._persist_forever, name="rf-state-writer", daemon=True)
         self._thread.start()
+        _LIVE_WRITERS.add(self)
 
     # ----------------------------------------------------------------------------------------------- public
 
@@ -145,6 +164,12 @@ class StateWriter:
             raise CheckpointError("; ".join(failures.values()))
 
     def close(self) -> None:
+        """Finish every queued write and stop the thread. Safe to call twice; also called at interpreter exit for
+        a writer nobody closed."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE_WRITERS.discard(self)
         try:
             self.flush()
         finally:

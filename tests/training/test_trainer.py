@@ -443,3 +443,52 @@ def test_missing_or_corrupt_checkpoint_errors_name_the_path(tmp_path) -> None:
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"corrupt\.pt is unreadable or corrupt"):
         load_checkpoint(corrupt)
+
+
+EXIT_SCRIPT = """
+import sys
+from pathlib import Path
+
+from rf_core.chunks import plan_chunks
+from rf_core.config import normalize_config
+from rf_core.messages import TrainTask
+from rf_core.training.trainer import SlotTrainer
+from tests import e2e_experiment
+
+spec = e2e_experiment.spec()
+config = normalize_config({**spec.config_group, "learning_rate": 1e-3, "num_train_epochs": 1})
+trainer = SlotTrainer(spec.create_model_fn, spec.train_dataset, spec.eval_dataset, num_threads=1)
+for chunk in plan_chunks(len(spec.train_dataset), config, spec.num_chunks):
+    outcome = trainer.train(TrainTask("exit", 1, config, chunk, sys.argv[1], seed=1), lambda rows: None)
+    assert outcome.status in ("ok", "completed"), outcome.error
+print(outcome.checkpoint)
+# No trainer.close(): the process just ends, its last state still being written in the background.
+"""
+
+
+def test_a_process_that_trains_and_exits_without_closing_exits_0_with_its_state_on_disk(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e_experiment import MODEL_CACHE_ENV
+
+    project = Path(__file__).resolve().parents[2]
+    environment = {**os.environ, MODEL_CACHE_ENV: str(model_cache), "PYTHONPATH": str(project)}
+    environment["RF_STAGING_DIR"] = str(tmp_path / "staging")  # a RAM copy first, the disk copy in the background
+    for attempt in range(3):  # the abort this guards against was a race: about one exit in three
+        run_folder = tmp_path / f"run-{attempt}"
+        result = subprocess.run(
+            [sys.executable, "-c", EXIT_SCRIPT, str(run_folder)],
+            capture_output=True,
+            text=True,
+            env=environment,
+            cwd=project,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        last_checkpoint = Path(result.stdout.strip().splitlines()[-1])
+        assert last_checkpoint.is_file(), f"{last_checkpoint} was not written before the process ended"
+        assert run_folder in last_checkpoint.parents
