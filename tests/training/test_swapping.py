@@ -28,8 +28,8 @@ from rf_core.training.checkpoints import CheckpointError, checkpoints_dir, load_
 from rf_core.training.models import load_base_model
 from rf_core.training.staging import StateWriter, persist_staged, staged_path
 from rf_core.training.trainer import SlotTrainer
-from tests import test_trainer
-from tests.test_trainer import (
+from tests.training import test_trainer
+from tests.training.test_trainer import (
     CONFIGS,
     FULL_FT,
     LORA,
