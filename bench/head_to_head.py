@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -45,6 +44,7 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # the project, when run as a script
 
+from bench.common import isolated_environment  # noqa: E402
 from bench.head_to_head_task import FULL, SEED, SLOTS, SMOKE, TaskSize, config_key  # noqa: E402
 
 TARGET_FACTOR = 1.01
@@ -409,25 +409,7 @@ def run_ray(size: TaskSize, scratch: Path, python: Path) -> Observed:
 
 
 def prepare_environment(scratch: Path) -> Path:
-    home = scratch / "rf-home"
-    os.environ.update(
-        {
-            "RF_HOME": str(home),
-            "PREFECT_HOME": str(scratch / "prefect-home"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_VERBOSITY": "error",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-    )
-    for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "RF_SERVER_URL", "RF_TEST_STEP_DELAY_S"):
-        os.environ.pop(name, None)
-    return home
+    return isolated_environment(scratch, RAY_USAGE_STATS_ENABLED="0")
 
 
 def build_base_model() -> None:

@@ -45,6 +45,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as a script: make `bench`, `flows` and `rf_core` importable
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from bench.common import isolated_environment  # noqa: E402
+
 EXPERIMENT = "bench-orchestration"
 ENTRYPOINT = "bench.bench_experiment:spec"
 SMOKE_RUNS = 2
@@ -639,29 +641,14 @@ def machine_description() -> dict[str, Any]:
 
 def prepare_environment(scratch: Path, runs: int, chunks: int, steps_per_chunk: int) -> Path:
     """Fresh RF_HOME and PREFECT_HOME (ephemeral Prefect), offline libraries, bench experiment sizes."""
-    home = scratch / "rf-home"
-    os.environ.update(
-        {
-            "RF_HOME": str(home),
-            "PREFECT_HOME": str(scratch / "prefect-home"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_VERBOSITY": "error",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "RF_BENCH_MODEL_CACHE": str(scratch / "models"),
-            "RF_BENCH_PROBE_DIR": str(scratch / "worker-probe"),
-            "RF_BENCH_RUNS": str(runs),
-            "RF_BENCH_CHUNKS": str(chunks),
-            "RF_BENCH_STEPS_PER_CHUNK": str(steps_per_chunk),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-        }
+    return isolated_environment(
+        scratch,
+        RF_BENCH_MODEL_CACHE=str(scratch / "models"),
+        RF_BENCH_PROBE_DIR=str(scratch / "worker-probe"),
+        RF_BENCH_RUNS=str(runs),
+        RF_BENCH_CHUNKS=str(chunks),
+        RF_BENCH_STEPS_PER_CHUNK=str(steps_per_chunk),
     )
-    for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "RF_SERVER_URL", "RF_TEST_STEP_DELAY_S"):
-        os.environ.pop(name, None)  # ephemeral Prefect, our own store, no test slow-down
-    return home
 
 
 def calibrate_steps_per_second(num_slots: int, threads: int) -> list[float]:

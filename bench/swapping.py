@@ -39,14 +39,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from bench.common import build_llama_base  # noqa: E402
 from rf_core.chunks import plan_chunks  # noqa: E402
 from rf_core.config import normalize_config  # noqa: E402
 from rf_core.messages import TrainTask  # noqa: E402
 from rf_core.model_roots import ROOTS_ENV  # noqa: E402
 from rf_core.training.data import demo_datasets, tokenize_examples  # noqa: E402
-from rf_core.training.models import build_tokenizer  # noqa: E402
 from rf_core.training.staging import STAGING_ENV, default_staging_root, persist_staged  # noqa: E402
 from rf_core.training.trainer import SlotTrainer  # noqa: E402
 
@@ -62,22 +62,7 @@ SWAP_BATCH = {"tiny": (8, 64), "25m": (4, 32)}
 
 
 def build_base(folder: Path, shape: str) -> Path:
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **SHAPES[shape],
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_llama_base(folder, SHAPES[shape], max_positions=256)
 
 
 def _loader(base_path: Path):

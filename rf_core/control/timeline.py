@@ -44,9 +44,7 @@ def record_chunk_start(
     if problems:
         raise InvalidRequest(problems)
     with store.transaction():
-        require_experiment(store, experiment)
-        run = require_run(store, experiment, run_id)
-        status = RunStatus(run["status"])
+        run, status = _run_and_status(store, experiment, run_id)
         target = event_result(status, SystemEvent.START)
         if target is None:
             raise IllegalTransition([f"run {run_id} is {status}: a chunk cannot start"])
@@ -157,9 +155,7 @@ def fail_run(store: Store, experiment: str, run_id: int, error: str) -> dict[str
     if problems:
         raise InvalidRequest(problems)
     with store.transaction():
-        require_experiment(store, experiment)
-        run = require_run(store, experiment, run_id)
-        status = RunStatus(run["status"])
+        run, status = _run_and_status(store, experiment, run_id)
         if status == RunStatus.FAILED:
             return dict(run)
         target = event_result(status, SystemEvent.FAIL)
@@ -173,6 +169,12 @@ def fail_run(store: Store, experiment: str, run_id: int, error: str) -> dict[str
             "updated_at": time.time(),
         }
         return store.update_run(experiment, run_id, fields)
+
+
+def _run_and_status(store: Store, experiment: str, run_id: int) -> tuple[dict[str, Any], RunStatus]:
+    require_experiment(store, experiment)
+    run = require_run(store, experiment, run_id)
+    return run, RunStatus(run["status"])
 
 
 def abandon_open_chunks(store: Store, experiment: str, entries: Sequence[Mapping[str, Any]], now: float) -> None:
