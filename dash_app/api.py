@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from rf_core import errors
 from rf_core.control import decisions, experiments, metrics, ops, timeline
 from rf_core.control.store import Store, StoreError
+from rf_core.states import DEFAULT_METRIC
 
 API_PREFIX = "/api"
 
@@ -56,7 +57,7 @@ def register_routes(server: Flask, store: Store) -> None:
             body["configs"],
             body["num_chunks"],
             seed=body.get("seed", 42),
-            metric=body.get("metric") or "eval_loss",
+            metric=body.get("metric") or DEFAULT_METRIC,
             mode=body.get("mode") or "min",
             spec_ref=body.get("spec_ref"),
         )

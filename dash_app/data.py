@@ -28,7 +28,7 @@ PIXEL_BUCKETS = 400  # about a chart's width in pixels on a laptop screen, two c
 POINTS_PER_CHART = 48_000  # beyond this the browser redraws slowly: fewer buckets per run when runs are many
 MIN_BUCKETS = 100
 # Metrics shown first, in this order; any other metric follows alphabetically.
-METRIC_ORDER = ("train_loss", "learning_rate", "eval_loss")
+METRIC_ORDER = (states.TRAIN_LOSS_METRIC, states.LEARNING_RATE_METRIC, states.EVAL_LOSS_METRIC)
 IC_OPS_CELL = "IC Ops ▸"
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from dash_app.downsample import Series, ema
+from rf_core.states import EVAL_LOSS_METRIC, LEARNING_RATE_METRIC, TRAIN_LOSS_METRIC
 
 # Plotly's and D3's category colours: run N keeps its colour in every chart and when runs come and go.
 PALETTE = (
@@ -28,7 +29,11 @@ STATUS_COLORS = {
     "Failed": "#d62728",
     "Deleted": "#555555",
 }
-METRIC_TITLES = {"train_loss": "minibatch loss", "learning_rate": "learning rate", "eval_loss": "eval loss"}
+METRIC_TITLES = {
+    TRAIN_LOSS_METRIC: "minibatch loss",
+    LEARNING_RATE_METRIC: "learning rate",
+    EVAL_LOSS_METRIC: "eval loss",
+}
 _MARGIN = {"l": 55, "r": 10, "t": 36, "b": 36}
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from rf_core import paths
 from rf_core.errors import ExperimentExists, IllegalTransition, InvalidRequest, NotFound, OpRejected
 from rf_core.server_process import TOKEN_ENV, is_process_alive, read_server_info
+from rf_core.states import DEFAULT_METRIC
 
 RETRY_DELAYS_S = (0.1, 0.3, 1.0)
 OUTAGE_POLL_S = 1.0
@@ -196,7 +197,7 @@ class RFClient:
         configs: Sequence[Mapping[str, Any]],
         num_chunks: int,
         seed: int = 42,
-        metric: str = "eval_loss",
+        metric: str = DEFAULT_METRIC,
         mode: str = "min",
         spec_ref: str | None = None,
     ) -> dict[str, Any]:

@@ -14,8 +14,7 @@ from typing import Any
 
 from rf_core.client import RFClient
 from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, build_policy, illegal_op_problems
-
-MODES = ("act", "propose")
+from rf_core.states import DECISION_MODES
 
 
 @dataclass(frozen=True)
@@ -28,8 +27,8 @@ class PolicySpec:
     mode: str = "act"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode=}")
+        if self.mode not in DECISION_MODES:
+            raise ValueError(f"mode must be one of {', '.join(DECISION_MODES)}, got {self.mode=}")
         if not isinstance(self.params, Mapping):
             raise ValueError(f"params must be a JSON object, got {self.params=}")
 
@@ -125,8 +124,8 @@ def submit_decisions(
 
     Ops that are illegal on the snapshot are not sent. A dry run sends nothing and says what would happen.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode=}")
+    if mode not in DECISION_MODES:
+        raise ValueError(f"mode must be one of {', '.join(DECISION_MODES)}, got {mode=}")
     decided: set[tuple[int, int]] = set()
     if dry_run:
         decided = {

@@ -145,5 +145,8 @@ DECISION_STATUSES = ("submitted", "rejected", "proposed", "approved", "dismissed
 
 EXPERIMENT_STATUSES = ("running", "finished")  # a fit sets "running" when it starts and "finished" when it ends
 
-DEFAULT_METRIC = "eval_loss"  # what ranks runs unless the experiment names another metric
+# The metrics every run logs: the minibatch loss and the learning rate at each step, the eval loss at each boundary.
 TRAIN_LOSS_METRIC = "train_loss"
+LEARNING_RATE_METRIC = "learning_rate"
+EVAL_LOSS_METRIC = "eval_loss"
+DEFAULT_METRIC = EVAL_LOSS_METRIC  # what ranks runs unless the experiment names another metric

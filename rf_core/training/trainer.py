@@ -37,6 +37,7 @@ from transformers import get_scheduler
 
 from rf_core import chunks
 from rf_core.messages import ChunkOutcome, ChunkSpec, Gang, TrainTask, WarmStart
+from rf_core.states import EVAL_LOSS_METRIC, LEARNING_RATE_METRIC, TRAIN_LOSS_METRIC
 from rf_core.training import zero
 from rf_core.training.artifacts import (
     BEST,
@@ -305,8 +306,8 @@ class SlotTrainer:
             if leads:
                 emit(
                     [
-                        _metric_row(state.step, "train_loss", last_train_loss, chunk.index, now),
-                        _metric_row(state.step, "learning_rate", learning_rate, chunk.index, now),
+                        _metric_row(state.step, TRAIN_LOSS_METRIC, last_train_loss, chunk.index, now),
+                        _metric_row(state.step, LEARNING_RATE_METRIC, learning_rate, chunk.index, now),
                     ]
                 )
             if self._step_delay_s > 0:
@@ -660,7 +661,7 @@ class SlotTrainer:
                 )
                 loss_sum += float(losses)
                 token_count += int((targets != IGNORE_INDEX).sum())
-            metrics = {"eval_loss": loss_sum / max(token_count, 1)}
+            metrics = {EVAL_LOSS_METRIC: loss_sum / max(token_count, 1)}
             if self._compute_metrics is not None:
                 extra = self._compute_metrics(model, tokenizer, self._eval_examples)
                 metrics.update({str(name): float(value) for name, value in dict(extra).items()})
