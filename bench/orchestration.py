@@ -15,8 +15,8 @@ What it does:
 4. Reads the store's timeline and metrics, and reports slot utilisation and the non-training time between
    consecutive chunks on each slot, broken into its steps. Results go to `--out` (JSON) and stdout.
 
-"Completion detection" is read where the fit loop learns that a chunk is done: `flows.fit._finished` (the
-queue fed by the train tasks' done callbacks) or, in fit loops before it, `prefect.futures.wait` as used there.
+"Completion detection" is read where the fit loop learns that a chunk is done: `_SlotsInFlight.collect` in
+`flows/fit.py` (the queue fed by the train tasks' done callbacks).
 """
 
 from __future__ import annotations
@@ -190,9 +190,8 @@ class FlowProbe:
         original_chunk_end = RFClient.chunk_end
         original_request = RFClient._request
         original_plan = FitLoop.plan
-        # Where the loop learns of finished chunks: `_finished(queue, timeout) -> slots` or `wait(futures).done`.
-        detector_name = "_finished" if hasattr(flows.fit, "_finished") else "wait"
-        original_detector = getattr(flows.fit, detector_name)
+        # Where the loop learns of finished chunks: `collect(timeout) -> the chunks that ended`.
+        original_detector = flows.fit._SlotsInFlight.collect
 
         @functools.wraps(original_train)
         def train(self: SlotWorker, task: Any) -> Any:
@@ -244,7 +243,7 @@ class FlowProbe:
         @functools.wraps(original_detector)
         def detector(*args: Any, **kwargs: Any) -> Any:
             result = original_detector(*args, **kwargs)
-            if result.done if detector_name == "wait" else result:
+            if result:
                 with probe._lock:
                     probe.completion_notices.append(time.time())
             return result
@@ -254,7 +253,7 @@ class FlowProbe:
         RFClient.chunk_end = chunk_end  # type: ignore[method-assign]
         RFClient._request = request  # type: ignore[method-assign]
         FitLoop.plan = plan  # type: ignore[method-assign]
-        setattr(flows.fit, detector_name, detector)
+        flows.fit._SlotsInFlight.collect = detector  # type: ignore[method-assign]
 
         def restore() -> None:
             SlotWorker.train_once = original_train  # type: ignore[method-assign]
@@ -262,7 +261,7 @@ class FlowProbe:
             RFClient.chunk_end = original_chunk_end  # type: ignore[method-assign]
             RFClient._request = original_request  # type: ignore[method-assign]
             FitLoop.plan = original_plan  # type: ignore[method-assign]
-            setattr(flows.fit, detector_name, original_detector)
+            flows.fit._SlotsInFlight.collect = original_detector  # type: ignore[method-assign]
 
         self._restore.append(restore)
 

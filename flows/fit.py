@@ -203,12 +203,10 @@ def _drive(
     idle_timeout: float,
     policies: list[tuple[Policy, str]] | None = None,
 ) -> None:
-    futures: dict[int, PrefectFuture] = {}  # slot -> future of the chunk it trains
-    # Slots whose chunk finished, in the order they did: a freed slot is re-planned at once, while others train.
-    finished_slots: queue.Queue[int] = queue.Queue()
-    running: dict[int, TrainTask] = {}  # slot -> that chunk's task
-    deferred_releases: dict[int, list[int]] = {}  # busy slots get their releases once free
-    crashes: dict[int, int] = {}
+    """The loop: plan when a slot frees up or an op arrives, train the planned chunks, record what came of them;
+    end when every run is final, or when every remaining run has been stopped for `idle_timeout` seconds."""
+    slots = _SlotsInFlight(pool, client, loop)
+    crashes: dict[int, int] = {}  # run -> chunks whose recording failed
     tick = 0
     need_plan = True
     idle_since: float | None = None
@@ -218,27 +216,16 @@ def _drive(
             tick += 1
             if policies:  # policies decide first, so their ops apply at the boundary that was just reached
                 boundary_policies(client, experiment, policies, tick)
-            plan = plan_step(loop, experiment, tick, {slot: task.run_id for slot, task in running.items()})
+            plan = plan_step(loop, experiment, tick, slots.runs_in_flight())
             for op in plan.applied_ops:
                 print(format_op_line(op))
-            for slot, run_ids in plan.releases.items():
-                deferred_releases.setdefault(slot, []).extend(run_ids)
+            slots.defer_releases(plan.releases)
             for run_id, reason in plan.unplannable.items():
                 fail_run(client, experiment, run_id, reason)
                 need_plan = True  # the next plan sees the run Failed (and may find every run final)
             for slot, train_task in plan.tasks:
-                slots = _slots_of(slot, train_task)
-                for member in slots:
-                    _flush_releases(pool, member, deferred_releases)
-                chunk_number = train_task.chunk.index + 1
-                total = len(loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
-                futures[slot] = train_chunk.with_options(
-                    task_run_name=f"train-run-{train_task.run_id}-chunk-{chunk_number}"
-                ).submit(client, [pool[member] for member in slots], train_task, train_task.run_id, chunk_number, total)
-                futures[slot].add_done_callback(lambda _future, slot=slot: finished_slots.put(slot))
-                for member in slots:
-                    running[member] = train_task
-            if running:
+                slots.dispatch(slot, train_task)
+            if slots.busy:
                 idle_since = None
             elif plan.all_final:
                 return
@@ -251,12 +238,8 @@ def _drive(
                 elif now - idle_since >= idle_timeout:
                     print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
                     return
-        if running:
-            for slot in _finished(finished_slots, POLL_SECONDS):
-                future, train_task = futures.pop(slot), running[slot]
-                for member in _slots_of(slot, train_task):
-                    del running[member]
-                    _flush_releases(pool, member, deferred_releases)
+        if slots.busy:
+            for slot, train_task, future in slots.collect(POLL_SECONDS):
                 need_plan = True
                 try:
                     outcome = future.result()
@@ -269,9 +252,8 @@ def _drive(
                     continue
                 if outcome.status in FAILED_CHUNK_OUTCOMES:
                     loop.forget(train_task.run_id)
-                total = len(loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
-                print(format_chunk_line(outcome, total, slot))
-            if not need_plan and len(running) < loop.num_slots:
+                print(format_chunk_line(outcome, slots.total_chunks(train_task), slot))
+            if not need_plan and slots.free:
                 need_plan = _has_pending_ops(client, experiment)
         else:
             # Idle, every remaining run stopped: plan again only when an op arrives, so an idle fit does not
@@ -283,26 +265,82 @@ def _drive(
                 return
 
 
+class _SlotsInFlight:
+    """Which slot trains which chunk now: chunks are submitted as Prefect task runs, and a slot whose chunk ends
+    is reported at once, in the order they end, while the others train on. A gang's chunk holds all its slots."""
+
+    def __init__(self, pool: SlotPool, client: RFClient, loop: FitLoop) -> None:
+        self.pool = pool
+        self.client = client
+        self.loop = loop
+        self.futures: dict[int, PrefectFuture] = {}  # slot -> future of the chunk it trains (a gang's rank-0 slot)
+        self.running: dict[int, TrainTask] = {}  # every busy slot -> its chunk's task
+        self.finished: queue.Queue[int] = queue.Queue()
+        self.deferred_releases: dict[int, list[int]] = {}  # runs a busy slot may forget once its chunk ends
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    @property
+    def free(self) -> bool:
+        return len(self.running) < self.loop.num_slots
+
+    def runs_in_flight(self) -> dict[int, int]:
+        return {slot: task.run_id for slot, task in self.running.items()}
+
+    def total_chunks(self, train_task: TrainTask) -> int:
+        return len(self.loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
+
+    def defer_releases(self, releases: dict[int, list[int]]) -> None:
+        for slot, run_ids in releases.items():
+            self.deferred_releases.setdefault(slot, []).extend(run_ids)
+
+    def dispatch(self, slot: int, train_task: TrainTask) -> None:
+        members = _slots_of(slot, train_task)
+        for member in members:
+            self._flush_releases(member)
+        chunk_number = train_task.chunk.index + 1
+        future = train_chunk.with_options(task_run_name=f"train-run-{train_task.run_id}-chunk-{chunk_number}").submit(
+            self.client,
+            [self.pool[member] for member in members],
+            train_task,
+            train_task.run_id,
+            chunk_number,
+            self.total_chunks(train_task),
+        )
+        future.add_done_callback(lambda _future: self.finished.put(slot))
+        self.futures[slot] = future
+        for member in members:
+            self.running[member] = train_task
+
+    def collect(self, timeout: float) -> list[tuple[int, TrainTask, PrefectFuture]]:
+        """The chunks that ended, as (slot, task, future): waits up to `timeout` for the first, then takes any
+        others already done; their slots are free again."""
+        try:
+            slots = [self.finished.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not self.finished.empty():
+            slots.append(self.finished.get_nowait())
+        ended = []
+        for slot in slots:
+            future, train_task = self.futures.pop(slot), self.running[slot]
+            for member in _slots_of(slot, train_task):
+                del self.running[member]
+                self._flush_releases(member)
+            ended.append((slot, train_task, future))
+        return ended
+
+    def _flush_releases(self, slot: int) -> None:
+        run_ids = self.deferred_releases.pop(slot, None)
+        if run_ids:
+            self.pool[slot].release(run_ids)
+
+
 def _slots_of(slot: int, train_task: TrainTask) -> tuple[int, ...]:
     """The slots a chunk occupies: its own, or every slot of its gang (the first is the one it is keyed by)."""
     return train_task.gang.slots if train_task.gang is not None else (slot,)
-
-
-def _finished(finished_slots: queue.Queue[int], timeout: float) -> list[int]:
-    """Slots whose chunk is done: waits up to `timeout` for the first, then takes any others already done."""
-    try:
-        slots = [finished_slots.get(timeout=timeout)]
-    except queue.Empty:
-        return []
-    while not finished_slots.empty():
-        slots.append(finished_slots.get_nowait())
-    return slots
-
-
-def _flush_releases(pool: SlotPool, slot: int, deferred: dict[int, list[int]]) -> None:
-    run_ids = deferred.pop(slot, None)
-    if run_ids:
-        pool[slot].release(run_ids)
 
 
 def _has_pending_ops(client: RFClient, experiment: str) -> bool:

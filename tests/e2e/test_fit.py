@@ -576,3 +576,32 @@ def test_fit_rides_out_an_rf_server_killed_and_restarted(prefect_harness, rf_ser
         for process in replacement:
             process.terminate()
             process.wait(15)
+
+
+def test_a_fit_whose_every_run_cannot_be_planned_fails_them_and_ends(prefect_harness, rf_server):
+    # 96 examples at batch 8 are 12 steps an epoch: 500 chunks an epoch cannot be planned. The fit used to sleep
+    # forever here; now each run fails through the fail-run route, with the reason, and the fit ends.
+    from flows.fit import rf_fit
+
+    _, url = rf_server
+    outcome: dict[str, Any] = {}
+    fit = threading.Thread(
+        target=lambda: outcome.update(
+            snapshot=rf_fit(
+                "unplannable",
+                entrypoint="tests.e2e_experiment:spec",
+                cpu_slots=1,
+                idle_timeout=60,
+                server_url=url,
+                num_chunks=500,
+            )
+        ),
+        daemon=True,
+    )
+    fit.start()
+    fit.join(timeout=240)
+    assert not fit.is_alive(), "the fit did not end although no run can train"
+    runs = outcome["snapshot"]["runs"]
+    assert runs and all(run["status"] == "Failed" and run["ended_by"] == "failed" for run in runs)
+    assert all("cannot split run" in run["error"] and "500" in run["error"] for run in runs), runs
+    assert RFClient(url).timeline("unplannable") == []  # no chunk was faked to record the failure
