@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
+import sys
 import threading
 import time
 import traceback
@@ -171,6 +172,34 @@ def _exit_with_parent(poll_s: float = PARENT_POLL_S) -> None:
     threading.Thread(target=watch, name="rf-parent-watch", daemon=True).start()
 
 
+_MAIN_MODULE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _users_main_module_hidden() -> Any:
+    """While a worker process starts, `__main__` (the user's script or notebook) names no file and no module.
+
+    A spawned child otherwise runs the parent's `__main__` again before its own work: a script without
+    `if __name__ == "__main__":` would start a whole fit in every worker, and a guarded one would still run its top
+    level (loading data, printing) once per worker. The worker needs nothing from it: the experiment reaches it by
+    import path or by value (cloudpickle sends functions defined in `__main__` by value).
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    with _MAIN_MODULE_LOCK:
+        saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+        main.__spec__ = None
+        main.__dict__.pop("__file__", None)
+        try:
+            yield
+        finally:
+            main.__dict__.update(saved)
+            if "__spec__" not in saved:
+                del main.__spec__
+
+
 def _initial_configs(spec: Any) -> list[dict[str, Any]]:
     from rf_core.config import normalize_config
     from rf_core.knobs import expand_config_group
@@ -250,7 +279,8 @@ class SlotWorker(Slot):
             name=f"rf-slot-{self.slot}",
             daemon=True,
         )
-        self._process.start()
+        with _users_main_module_hidden():
+            self._process.start()
         child_conn.close()
         self._conn = parent_conn
 
