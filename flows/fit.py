@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.policy import Policy, boundary_policies, build_policies
 from rf_core import paths
 from rf_core.client import RFClient
+from rf_core.data_forms import check_datasets
 from rf_core.errors import ExperimentExists
 from rf_core.experiment import ExperimentSpec, load_entrypoint
 from rf_core.knobs import expand_config_group
@@ -128,6 +129,7 @@ def rf_fit(
     spec = load_entrypoint(entrypoint) if entrypoint else _IN_MEMORY_SPECS[experiment]
     if num_chunks is not None:
         spec.num_chunks = num_chunks
+    check_datasets(spec.train_dataset, spec.eval_dataset)  # before any server, worker or row exists
     home = paths.rf_home()
     home.mkdir(parents=True, exist_ok=True)
     temporary_server: TemporaryServer | None = None

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from rf_core.data_forms import example_form
+
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
 DEMO_SPLIT_SEED = 0
@@ -134,15 +136,11 @@ def _split_by_form(rows: list[Mapping[str, Any]]) -> tuple[list[int], list[int]]
     text_rows: list[int] = []
     pair_rows: list[int] = []
     for index, row in enumerate(rows):
-        if isinstance(row, Mapping) and isinstance(row.get("text"), str):
-            text_rows.append(index)
-        elif isinstance(row, Mapping) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-            pair_rows.append(index)
-        else:
-            keys = sorted(map(str, row.keys())) if isinstance(row, Mapping) else type(row).__name__
-            raise ValueError(
-                f"example {index} has keys {keys}: expected a string 'text', or string 'prompt' and 'completion' fields"
-            )
+        try:
+            form = example_form(row)
+        except ValueError as exc:
+            raise ValueError(f"example {index} {exc}") from None
+        (text_rows if form == "text" else pair_rows).append(index)
     return text_rows, pair_rows
 
 

@@ -605,3 +605,24 @@ def test_a_fit_whose_every_run_cannot_be_planned_fails_them_and_ends(prefect_har
     assert runs and all(run["status"] == "Failed" and run["ended_by"] == "failed" for run in runs)
     assert all("cannot split run" in run["error"] and "500" in run["error"] for run in runs), runs
     assert RFClient(url).timeline("unplannable") == []  # no chunk was faked to record the failure
+
+
+def test_run_fit_refuses_data_it_cannot_train_on_before_anything_starts(prefect_harness, tmp_path, monkeypatch):
+    from rf_core import Experiment
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    data = e2e_experiment.spec()
+    with pytest.raises(ValueError, match=r"train_dataset row 48 is conversational"):
+        Experiment("chat").run_fit(
+            {"model_name_or_path": "rf-tiny-llama"},
+            e2e_experiment.create_model_fn,
+            data.train_dataset[:48] + chat,
+            data.eval_dataset,
+            num_chunks=2,
+            cpu_slots=1,
+        )
+    assert not paths.db_path(home).exists() and not paths.server_info_path(home).exists()  # no server, no store

@@ -206,7 +206,7 @@ def test_tokenize_accepts_any_iterable_of_dicts(tokenizer) -> None:
 
 
 def test_tokenize_rejects_an_example_of_neither_form(tokenizer) -> None:
-    with pytest.raises(ValueError, match=r"example 1 has keys \['input', 'output'\]"):
+    with pytest.raises(ValueError, match=r"example 1 has columns \['input', 'output'\]"):
         tokenize_examples([{"text": "ok"}, {"input": "a", "output": "b"}], tokenizer, max_length=8)
     with pytest.raises(ValueError, match="example 0"):
         tokenize_examples(["just a string"], tokenizer, max_length=8)
