@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_core.control.store import M4_COLUMNS  # the columns Store.metric_buckets returns
+from rf_core.states import METRIC_MODES
 
 M4_PARTS = ("first", "last", "min", "max")
 CACHE_BUCKETS = 1024  # finest resolution kept per run and metric: above any chart's width in pixels
@@ -257,7 +258,7 @@ class M4Cache:
     def summary(self, experiment: str, train_name: str, metric: str, mode: str) -> dict[int, dict[str, float]]:
         """Per run: the latest `train_name` value, and the latest and best (`mode` min or max) `metric` value, from
         the aggregates (every finite point is in them), without a scan of the points."""
-        if mode not in ("min", "max"):
+        if mode not in METRIC_MODES:
             raise ValueError(f"{mode=} must be 'min' or 'max'")
         rows, _ = self.read(experiment)
         with self._lock:

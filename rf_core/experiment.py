@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from rf_core.paths import check_name
-from rf_core.states import DEFAULT_METRIC
+from rf_core.states import DEFAULT_METRIC, METRIC_MODES
 
 # The orchestration layer registers the function that runs a fit under this entry-point group (pyproject.toml):
 # the engine finds it by name and never imports the layer above it.
@@ -43,7 +43,7 @@ class ExperimentSpec:
         keep = self.keep_checkpoints
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ValueError(f"keep_checkpoints must be None or an integer >= 1, got {self.keep_checkpoints=}")
-        if self.mode not in ("min", "max"):
+        if self.mode not in METRIC_MODES:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode=}")
         if len(self.train_dataset) == 0:
             raise ValueError("train_dataset is empty")

@@ -36,7 +36,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from rf_core.paths import check_name
-from rf_core.states import WARM_START_MODES, OpKind, RunStatus, op_result
+from rf_core.states import METRIC_MODES, WARM_START_MODES, OpKind, RunStatus, op_result
 
 __all__ = [
     "TEMPLATES",
@@ -141,7 +141,7 @@ class ExperimentSnapshot:
     runs: tuple[RunView, ...]
 
     def __post_init__(self) -> None:
-        if self.mode not in ("min", "max"):
+        if self.mode not in METRIC_MODES:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode=}")
 
     def run(self, run_id: int) -> RunView | None:
@@ -352,7 +352,7 @@ class _MetricPolicy(Policy):
     def __init__(self, *, metric: str | None, mode: str | None, name: str) -> None:
         if metric is not None and (not isinstance(metric, str) or not metric):
             raise ValueError(f"metric must be a metric name, got {metric=}")
-        if mode is not None and mode not in ("min", "max"):
+        if mode is not None and mode not in METRIC_MODES:
             raise ValueError(f"mode must be 'min' or 'max', got {mode=}")
         self.metric = metric
         self.mode = mode

@@ -150,3 +150,4 @@ TRAIN_LOSS_METRIC = "train_loss"
 LEARNING_RATE_METRIC = "learning_rate"
 EVAL_LOSS_METRIC = "eval_loss"
 DEFAULT_METRIC = EVAL_LOSS_METRIC  # what ranks runs unless the experiment names another metric
+METRIC_MODES = ("min", "max")  # whether a lower or a higher value of the metric is better

@@ -13,7 +13,7 @@ from rf_core.control.timeline import abandon_open_chunks
 from rf_core.errors import ExperimentExists, InvalidRequest
 from rf_core.knobs import ConfigError
 from rf_core.paths import check_name
-from rf_core.states import DEFAULT_METRIC, EXPERIMENT_STATUSES, TRAIN_LOSS_METRIC, OpKind, RunStatus
+from rf_core.states import DEFAULT_METRIC, EXPERIMENT_STATUSES, METRIC_MODES, TRAIN_LOSS_METRIC, OpKind, RunStatus
 
 if TYPE_CHECKING:
     from rf_core.control.store import Store
@@ -45,7 +45,7 @@ def create_experiment(
         problems.append(f"seed must be an integer, got {seed!r}")
     if not isinstance(metric, str) or not metric:
         problems.append(f"metric must be a metric name, got {metric!r}")
-    if mode not in ("min", "max"):
+    if mode not in METRIC_MODES:
         problems.append(f"mode must be 'min' or 'max', got {mode!r}")
     if spec_ref is not None and (not isinstance(spec_ref, str) or ":" not in spec_ref):
         problems.append(f"spec_ref must look like 'package.module:function', got {spec_ref!r}")
@@ -117,7 +117,8 @@ def set_experiment_status(store: Store, name: str, status: str) -> dict[str, Any
     """A fit sets "running" when it starts and "finished" when it ends. A fit that starts owns every chunk of
     the experiment: one still open was left by a fit that died (`rf continue --force`), and is abandoned."""
     if status not in EXPERIMENT_STATUSES:
-        raise InvalidRequest([f"experiment status must be one of {', '.join(EXPERIMENT_STATUSES)}, got {status!r}"])
+        allowed = " or ".join(repr(each) for each in EXPERIMENT_STATUSES)
+        raise InvalidRequest([f"experiment status must be {allowed}, got {status!r}"])
     with store.transaction():
         require_experiment(store, name)
         now = time.time()
@@ -178,7 +179,7 @@ def snapshot_of(
         metrics = summary.get(rid, {})
         queued = [op for op in pending if int(op["run_id"]) == rid]
         run.update(
-            train_loss=finite_or_none(metrics.get(TRAIN_LOSS_METRIC)),
+            train_loss=finite_or_none(metrics.get("train_loss")),
             latest_metric=finite_or_none(metrics.get("latest_metric")),
             best_metric=finite_or_none(metrics.get("best_metric")),
             pending_ops=len(queued),

@@ -85,7 +85,7 @@ def record_chunk_end(store: Store, experiment: str, timeline_id: int, outcome: M
         now = time.time()
         chunk_status = outcome["status"]
         fields: dict[str, Any] = {"updated_at": now}
-        if chunk_status in ("ok", "completed"):
+        if chunk_status not in FAILED_CHUNK_OUTCOMES:
             fields.update(
                 epoch=int(outcome["epoch"]),
                 chunks_done=int(entry["chunk"]) + 1,

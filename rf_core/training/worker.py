@@ -409,7 +409,7 @@ def train_with_retry(
     for attempt in (1, 2):
         attempt_id = start_attempt()
         try:
-            return train_attempt(workers, dataclasses.replace(task, attempt=attempt_id))
+            return train_attempt(workers, task if attempt_id is None else dataclasses.replace(task, attempt=attempt_id))
         except WorkerDied as exc:
             if attempt == 2:
                 return died_outcome(task, f"the worker died twice training this chunk: {exc}")
