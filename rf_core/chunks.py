@@ -5,6 +5,8 @@ global batch: a multi-device run splits each step's micro-batches across its dev
 incomplete last step is dropped. Each epoch's S steps are split into `num_chunks` contiguous pieces whose sizes
 differ by at most one (the first S % num_chunks pieces get the extra step). Steps are global over the run, sample
 offsets are local to the epoch's order (`epoch_order`), and the LR schedule spans `total_steps` — the whole run.
+As in Hugging Face's Trainer, `max_steps` > 0 overrides `num_train_epochs`: the run takes as many epochs (each in
+its own seeded order) as its steps need, and ends inside the chunk that reaches them.
 """
 
 from __future__ import annotations
@@ -47,17 +49,28 @@ def steps_per_epoch(num_samples: int, config: Mapping[str, Any]) -> int:
 
 
 def total_steps(num_samples: int, config: Mapping[str, Any]) -> int:
-    """Optimizer steps of the whole run (the LR schedule spans these): epochs × steps per epoch, capped by max_steps."""
-    steps = steps_per_epoch(num_samples, config) * int(config["num_train_epochs"])
+    """Optimizer steps of the whole run (the LR schedule spans these): max_steps when set (it overrides the epochs,
+    as in Hugging Face's Trainer), else epochs × steps per epoch."""
     max_steps = int(config["max_steps"])
-    return min(steps, max_steps) if max_steps > 0 else steps
+    if max_steps > 0:
+        return max_steps if steps_per_epoch(num_samples, config) > 0 else 0
+    return steps_per_epoch(num_samples, config) * int(config["num_train_epochs"])
+
+
+def num_epochs(num_samples: int, config: Mapping[str, Any]) -> int:
+    """Epochs the run takes: num_train_epochs, or as many as max_steps needs when it is set (the data repeats)."""
+    steps = steps_per_epoch(num_samples, config)
+    max_steps = int(config["max_steps"])
+    if max_steps > 0:
+        return -(-max_steps // steps) if steps else 0
+    return int(config["num_train_epochs"])
 
 
 def plan_chunks(num_samples: int, config: Mapping[str, Any], num_chunks: int) -> list[ChunkSpec]:
     """Every chunk of a run, epoch-major; `config` is normalised.
 
-    With max_steps > 0 the run ends inside the chunk where the global step reaches max_steps: that chunk ends at
-    max_steps and later chunks are dropped.
+    With max_steps > 0 the run takes as many epochs as it needs and ends inside the chunk where the global step
+    reaches max_steps: that chunk ends at max_steps and later chunks are dropped.
     """
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ChunkingError(f"num_chunks must be an integer >= 1, got {num_chunks=}")
@@ -82,7 +95,7 @@ def plan_chunks(num_samples: int, config: Mapping[str, Any], num_chunks: int) ->
     run_end = total_steps(num_samples, config)
     base_size, extra = divmod(steps, num_chunks)
     chunks: list[ChunkSpec] = []
-    for epoch in range(int(config["num_train_epochs"])):
+    for epoch in range(num_epochs(num_samples, config)):
         step_in_epoch = 0
         for chunk_in_epoch in range(num_chunks):
             size = base_size + (1 if chunk_in_epoch < extra else 0)

@@ -164,7 +164,7 @@ KNOBS: dict[str, KnobSpec] = {
         _K("num_train_epochs", "training", (int,), 1, _at_least(1), "passes over the training set"),
         _K(
             "max_steps", "training", (int,), -1, Constraint("-1 (off) or >= 1", lambda v: v == -1 or v >= 1),
-            "stop after this many optimizer steps; -1 = train all epochs",
+            "train this many optimizer steps, overriding num_train_epochs (the data repeats); -1 = off",
         ),
         _K(
             "lr_scheduler_type", "training", (str,), "linear",

@@ -41,7 +41,8 @@ def spans(chunks: list[ChunkSpec]) -> list[tuple[int, int, int, int]]:
         (600, 8, 16, 1, -1, 128, 4, 4),
         (600, 8, 16, 3, -1, 128, 4, 12),
         (600, 8, 16, 3, 7, 128, 4, 7),
-        (600, 8, 16, 3, 50, 128, 4, 12),  # max_steps beyond the run changes nothing
+        (600, 8, 16, 3, 50, 128, 4, 50),  # max_steps overrides the epochs, as in HF: the data repeats
+        (600, 8, 16, 1, 9, 128, 4, 9),
         (7, 8, 1, 2, -1, 8, 0, 0),
     ],
 )
@@ -113,7 +114,8 @@ def test_chunks_tile_the_run_without_gaps() -> None:
         (1, [(0, 1, 0, 8)]),
         (11, [(0, 2, 0, 16), (2, 4, 16, 32), (4, 6, 32, 48), (6, 8, 48, 64), (8, 10, 0, 16), (10, 11, 16, 24)]),
         (16, [(s, s + 2, (s % 8) * 8, (s % 8 + 2) * 8) for s in range(0, 16, 2)]),
-        (100, [(s, s + 2, (s % 8) * 8, (s % 8 + 2) * 8) for s in range(0, 16, 2)]),
+        # Beyond num_train_epochs: max_steps wins (HF semantics), the epochs go on in their own orders.
+        (21, [(s, min(s + 2, 21), (s % 8) * 8, (min(s + 2, 21) - s + s % 8) * 8) for s in range(0, 21, 2)]),
     ],
 )
 def test_max_steps_ends_the_run_inside_its_chunk(max_steps: int, expected: list[tuple[int, int, int, int]]) -> None:

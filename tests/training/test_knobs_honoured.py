@@ -343,6 +343,15 @@ def case_max_steps(train: Runs) -> None:
     assert capped.lrs == pytest.approx(linear_lrs(LR, 5))  # the schedule spans the 5 steps
     assert len(capped.train_forwards()) == 5
     assert base.last.step == BASE_STEPS
+    # As in HF's Trainer, max_steps overrides num_train_epochs (1 here): the data repeats for a second epoch, in
+    # that epoch's own order, and the schedule spans all 12 steps.
+    longer = train({"max_steps": BASE_STEPS + 4})
+    assert longer.steps("train_loss") == list(range(1, BASE_STEPS + 5))
+    assert [outcome.epoch for outcome in longer.outcomes] == [0, 0, 1]  # 2 chunks of 4 steps an epoch
+    assert [outcome.status for outcome in longer.outcomes] == ["ok", "ok", "completed"]
+    assert (longer.last.step, longer.last.samples) == (BASE_STEPS + 4, (BASE_STEPS + 4) * 4)
+    assert longer.lrs == pytest.approx(linear_lrs(LR, BASE_STEPS + 4))
+    assert longer.losses[:BASE_STEPS] != pytest.approx(base.losses)  # another schedule from the first step
 
 
 def case_lr_scheduler_constant(train: Runs) -> None:
