@@ -249,11 +249,30 @@ _COMMON_ALIASES = {
 }
 
 
+# Hugging Face / TRL training arguments people set that rf does not have yet: named as such, never "corrected" to
+# a knob that merely looks alike (eval_strategy is not strategy).
+_NOT_YET_SUPPORTED = frozenset(
+    {
+        "bf16", "fp16", "tf32", "gradient_checkpointing", "gradient_checkpointing_kwargs", "eval_strategy",
+        "evaluation_strategy", "eval_steps", "warmup_ratio", "logging_steps", "logging_strategy", "run_name",
+        "save_strategy", "save_steps", "bias", "task_type", "model_kwargs", "packing", "completion_only_loss",
+        "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir", "predict_with_generate",
+    }
+)  # fmt: skip
+# Spelling slips only: a lower similarity suggests knobs of another meaning.
+_TYPO_CUTOFF = 0.8
+
+
 def _unknown_key(key: Any) -> str:
     text = str(key)
+    if text in _NOT_YET_SUPPORTED:
+        return (
+            f"unknown key {key!r}: a Hugging Face / TRL training argument that rf does not support yet "
+            f"(known keys: {', '.join(KNOBS)})"
+        )
     suggestion = _COMMON_ALIASES.get(text.lower())
     if suggestion is None:
-        close = difflib.get_close_matches(text, KNOBS, n=1)
+        close = difflib.get_close_matches(text, KNOBS, n=1, cutoff=_TYPO_CUTOFF)
         suggestion = close[0] if close else None
     hint = f"did you mean {suggestion!r}?" if suggestion else f"known keys: {', '.join(KNOBS)}"
     return f"unknown key {key!r} ({hint})"

@@ -6,6 +6,8 @@ the same way. The grid spans learning rates wide enough that the runs end visibl
 
 from __future__ import annotations
 
+from typing import Any
+
 from rf_core.experiment import ExperimentSpec
 from rf_core.knobs import GridSearch, List
 
@@ -20,6 +22,16 @@ DEMO_GRID = {
     "lr_scheduler_type": "linear",
     "warmup_steps": 5,
 }
+
+
+def create_tiny_model(config: dict[str, Any]) -> tuple[Any, Any]:
+    """A `create_model_fn` for the built-in tiny models, for examples and tests: `{"model_name_or_path":
+    "rf-tiny-llama"}` (or "rf-tiny-gpt2") gives (base model, tokenizer), built locally on first use (a byte-level BPE
+    tokenizer and a short pretraining on CPython's help topics, ~30 s on 2 cores) and cached under
+    `$RF_HOME/models`; any other name or path loads as the demo loads it (local folders, the local hub cache)."""
+    from rf_core.training.models import demo_create_model_fn
+
+    return demo_create_model_fn(config)
 
 
 def demo_experiment(num_chunks: int = 4) -> ExperimentSpec:

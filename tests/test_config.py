@@ -139,6 +139,13 @@ def test_unknown_keys_are_rejected_with_a_suggestion(key: str, suggestion: str) 
     assert validate_config({key: 1}) == [f"unknown key {key!r} (did you mean {suggestion!r}?)"]
 
 
+@pytest.mark.parametrize("key", ["eval_strategy", "bf16", "gradient_checkpointing", "warmup_ratio", "bias"])
+def test_hugging_face_knobs_not_supported_yet_are_named_so_and_never_mapped_to_a_look_alike(key: str) -> None:
+    (problem,) = validate_config({key: 1})
+    assert problem.startswith(f"unknown key {key!r}: a Hugging Face / TRL training argument that rf does not")
+    assert "did you mean" not in problem
+
+
 def test_an_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     (problem,) = validate_config({"zzz": 1})
     assert problem.startswith("unknown key 'zzz' (known keys: model_name_or_path, use_peft,")

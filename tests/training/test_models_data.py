@@ -210,3 +210,16 @@ def test_tokenize_rejects_an_example_of_neither_form(tokenizer) -> None:
         tokenize_examples([{"text": "ok"}, {"input": "a", "output": "b"}], tokenizer, max_length=8)
     with pytest.raises(ValueError, match="example 0"):
         tokenize_examples(["just a string"], tokenizer, max_length=8)
+
+
+def test_the_tiny_models_factory_is_exported_and_loads_from_the_rf_home_cache(tmp_path, monkeypatch) -> None:
+    from rf_core import create_tiny_model
+    from rf_core.paths import model_cache_dir
+    from rf_core.training.models import ensure_pretrained
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path))
+    ensure_pretrained("rf-tiny-gpt2", model_cache_dir(), pretrain_steps=0)  # built here without the pretraining
+    model, tokenizer = create_tiny_model({"model_name_or_path": "rf-tiny-gpt2", "learning_rate": 1e-3})
+    assert model.config.model_type == "gpt2" and tokenizer.pad_token_id is not None
+    with pytest.raises(models.ModelNotFoundError, match="not a built-in model"):
+        create_tiny_model({"model_name_or_path": str(tmp_path / "no-such-folder")})
