@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rf_core.data_forms import example_form
+from rf_core.data_forms import CONVERSATIONAL_FORMS, example_form
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
@@ -89,28 +89,23 @@ class TokenizedData:
 
 
 def tokenize_examples(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max_length: int) -> TokenizedData:
-    """Tokenize examples of the form {"text"} or {"prompt", "completion"} into fixed-length tensors.
+    """Tokenize examples of any form `rf_core.data_forms` accepts into fixed-length tensors.
 
     A text example is trained on all its tokens; a prompt/completion example only on the completion and the
-    end-of-sequence token (prompt labels are -100). Too-long examples are truncated, but a prompt never takes
-    more than half of `max_length` when that would leave its completion no room, so every example keeps at
-    least one trained token. `examples` may be a list, a `datasets.Dataset` or any iterable of such dicts.
+    end-of-sequence token (prompt labels are -100). Conversational examples are first rendered with the tokenizer's
+    chat template by TRL's `apply_chat_template` (the prompt with the generation prompt), and then tokenized as TRL
+    does: no special tokens added and no end-of-sequence appended, since the template writes both. Too-long examples
+    are truncated, but a prompt never takes more than half of `max_length` when that would leave its completion no
+    room, so every example keeps at least one trained token. `examples` may be a list, a `datasets.Dataset` or any
+    iterable of such dicts.
     """
     if max_length < 2:
         raise ValueError(f"{max_length=} must be at least 2")
-    rows = list(examples)
+    rows, rendered = _rendered_rows(list(examples), tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
     eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    # Encode each field of every example in one batched call: much faster than one call per example.
-    text_rows, pair_rows = _split_by_form(rows)
-    text_ids = _encode([rows[i]["text"] for i in text_rows], tokenizer, max_length, add_special_tokens=True)
-    prompt_ids = _encode([rows[i]["prompt"] for i in pair_rows], tokenizer, max_length, add_special_tokens=True)
-    completion_ids = _encode(
-        [rows[i]["completion"] for i in pair_rows], tokenizer, max_length, add_special_tokens=False
-    )
 
     input_ids = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), max_length), dtype=torch.long)
@@ -123,28 +118,61 @@ def tokenize_examples(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max
         attention_mask[row, : len(tokens)] = 1
         labels[row, trained_from : len(tokens)] = input_ids[row, trained_from : len(tokens)]
 
-    for row, ids in zip(text_rows, text_ids, strict=True):
-        place(row, [], ids + eos_ids)
-    for row, prompt, completion in zip(pair_rows, prompt_ids, completion_ids, strict=True):
-        target = completion + eos_ids
-        prompt_budget = max(max_length // 2, max_length - len(target))
-        place(row, prompt[:prompt_budget], target)
+    # Encode each field of every example in one batched call per group: much faster than one call per example.
+    text_rows, pair_rows = _split_by_form(rows)
+    for templated in (False, True):
+        special, eos = not templated, [] if templated else eos_ids
+        texts = [row for row in text_rows if (row in rendered) == templated]
+        encoded = _encode([rows[i]["text"] for i in texts], tokenizer, max_length, special)
+        for row, ids in zip(texts, encoded, strict=True):
+            place(row, [], ids + eos)
+        pairs = [row for row in pair_rows if (row in rendered) == templated]
+        prompts = _encode([rows[i]["prompt"] for i in pairs], tokenizer, max_length, special)
+        completions = _encode([rows[i]["completion"] for i in pairs], tokenizer, max_length, False)
+        for row, prompt, completion in zip(pairs, prompts, completions, strict=True):
+            target = completion + eos
+            prompt_budget = max(max_length // 2, max_length - len(target))
+            place(row, prompt[:prompt_budget], target)
     return TokenizedData(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def _rendered_rows(rows: list[Any], tokenizer: Any) -> tuple[list[Any], set[int]]:
+    """The rows with every conversational one rendered to strings by the chat template, and which those are."""
+    conversational = [index for index, row in enumerate(rows) if _form_of(row, index) in CONVERSATIONAL_FORMS]
+    if not conversational:
+        return rows, set()
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"example {conversational[0]} is conversational, but the tokenizer has no chat template to render it "
+            "with: set `tokenizer.chat_template` in create_model_fn, or give the rows as 'text', or 'prompt' and "
+            "'completion', strings"
+        )
+    from trl.data_utils import apply_chat_template
+
+    rows = list(rows)
+    for index in conversational:
+        row = rows[index]
+        columns = ("messages",) if "messages" in row else ("prompt", "completion")
+        rows[index] = apply_chat_template({column: row[column] for column in columns}, tokenizer)
+    return rows, set(conversational)
 
 
 def _split_by_form(rows: list[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
     text_rows: list[int] = []
     pair_rows: list[int] = []
     for index, row in enumerate(rows):
-        try:
-            form = example_form(row)
-        except ValueError as exc:
-            raise ValueError(f"example {index} {exc}") from None
-        (text_rows if form == "text" else pair_rows).append(index)
+        (text_rows if _form_of(row, index) == "text" else pair_rows).append(index)
     return text_rows, pair_rows
 
 
-def _encode(texts: list[str], tokenizer: Any, max_length: int, *, add_special_tokens: bool) -> list[list[int]]:
+def _form_of(row: Any, index: int) -> str:
+    try:
+        return example_form(row)
+    except ValueError as exc:
+        raise ValueError(f"example {index} {exc}") from None
+
+
+def _encode(texts: list[str], tokenizer: Any, max_length: int, add_special_tokens: bool) -> list[list[int]]:
     if not texts:
         return []
     # Truncating here only drops tokens that `place` would cut anyway, and keeps long texts cheap.

@@ -42,6 +42,12 @@ PRETRAIN_SEQ_LEN = 64
 PRETRAIN_LR = 3e-3
 PRETRAIN_WARMUP = 20
 _MAX_POSITIONS = 1024
+# The tiny models' chat template: each turn is "<|role|>\n", its content and the end-of-text token. The generation
+# prompt opens an assistant turn, so a rendered prompt is always a prefix of the prompt with its completion.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 
 
 def _tiny_llama_config(vocab_size: int, eos_id: int, pad_id: int) -> PretrainedConfig:
@@ -136,6 +142,8 @@ def load_base_model(name_or_path: str, cache_dir: Path) -> tuple[PreTrainedModel
         ) from error
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batches need a pad id; pads are masked out of the loss
+    if name_or_path in TINY_MODELS and tokenizer.chat_template is None:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE  # a tiny model cached before its tokenizer had one
     return model, tokenizer
 
 
@@ -177,9 +185,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     bpe.train_from_iterator(pretraining_texts(), bpe_trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=_MAX_POSITIONS
     )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
 
 
 def _build(name: str, folder: Path, pretrain_steps: int) -> None:

@@ -614,9 +614,9 @@ def test_run_fit_refuses_data_it_cannot_train_on_before_anything_starts(prefect_
     home = tmp_path / "home"
     monkeypatch.setenv("RF_HOME", str(home))
     monkeypatch.delenv("RF_SERVER_URL", raising=False)
-    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}]  # a turn without content
     data = e2e_experiment.spec()
-    with pytest.raises(ValueError, match=r"train_dataset row 48 is conversational"):
+    with pytest.raises(ValueError, match=r"train_dataset row 48 has messages message 1 \(assistant\) without"):
         Experiment("chat").run_fit(
             {"model_name_or_path": "rf-tiny-llama"},
             e2e_experiment.create_model_fn,
@@ -626,3 +626,37 @@ def test_run_fit_refuses_data_it_cannot_train_on_before_anything_starts(prefect_
             cpu_slots=1,
         )
     assert not paths.db_path(home).exists() and not paths.server_info_path(home).exists()  # no server, no store
+
+
+def test_a_fit_on_conversational_data_from_a_datasets_dataset(prefect_harness, tmp_path, monkeypatch):
+    """TRL's conversational formats, as a `datasets.Dataset`, through a real fit: `messages` rows to train on, and
+    `prompt`/`completion` message lists to evaluate on, rendered with the tiny model's chat template."""
+    import datasets
+
+    from rf_core import Experiment
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+
+    def turn(i: int) -> tuple[dict[str, str], dict[str, str]]:
+        return {"role": "user", "content": f"item {i}?"}, {"role": "assistant", "content": " ".join(words[i % 8 :])}
+
+    train = datasets.Dataset.from_list([{"messages": list(turn(i))} for i in range(32)])
+    evaluation = datasets.Dataset.from_list(
+        [{"prompt": [turn(i)[0]], "completion": [turn(i)[1]]} for i in range(100, 108)]
+    )
+    snapshot = Experiment("chat").run_fit(
+        {"model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 48, "per_device_train_batch_size": 8},
+        e2e_experiment.create_model_fn,
+        train,
+        evaluation,
+        num_chunks=2,
+        cpu_slots=1,
+        idle_timeout=1,
+    )
+    (run,) = snapshot["runs"]
+    assert run["status"] == "Completed", run.get("error")
+    assert run["chunks_done"] == 2 and run["latest_metric"] is not None and run["latest_metric"] > 0

@@ -223,3 +223,75 @@ def test_the_tiny_models_factory_is_exported_and_loads_from_the_rf_home_cache(tm
     assert model.config.model_type == "gpt2" and tokenizer.pad_token_id is not None
     with pytest.raises(models.ModelNotFoundError, match="not a built-in model"):
         create_tiny_model({"model_name_or_path": str(tmp_path / "no-such-folder")})
+
+
+CHAT = [
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris, on the Seine."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "2 + 2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3 + 3?"},
+            {"role": "assistant", "content": "6"},
+        ]
+    },
+]
+CHAT_PAIRS = [
+    {"prompt": [{"role": "user", "content": "Name a prime number."}],
+     "completion": [{"role": "assistant", "content": "Seven is prime."}]},
+    {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Colour of the sky?"}],
+     "completion": [{"role": "assistant", "content": "Blue."}]},
+]  # fmt: skip
+
+
+def trl_reference(rows: list[dict], model_cache: Path, tmp_path: Path) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row as TRL's own SFTTrainer prepares them (its defaults: completion-only loss for
+    prompt-completion rows, all tokens of a conversation, no packing)."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = load_base_model("rf-tiny-llama", model_cache)
+    arguments = SFTConfig(
+        output_dir=str(tmp_path / "trl"), max_length=256, report_to="none", packing=False, bf16=False, use_cpu=True
+    )
+    prepared = SFTTrainer(
+        model=model, args=arguments, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+    ).train_dataset
+    return [(row["input_ids"], row["labels"]) for row in prepared]
+
+
+def ours(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
+    data = tokenize_examples(rows, tokenizer, max_length=256)
+    lengths = data.attention_mask.sum(dim=1).tolist()
+    return [
+        (data.input_ids[row, :length].tolist(), data.labels[row, :length].tolist())
+        for row, length in enumerate(lengths)
+    ]
+
+
+@pytest.mark.parametrize("rows", [CHAT, CHAT_PAIRS], ids=["messages", "prompt-completion"])
+def test_conversational_rows_tokenize_as_trls_sft_trainer_prepares_them(rows, tokenizer, model_cache, tmp_path):
+    assert ours(rows, tokenizer) == trl_reference(rows, model_cache, tmp_path)
+
+
+def test_conversational_rows_need_a_chat_template(model_cache) -> None:
+    _, tokenizer = load_base_model("rf-tiny-llama", model_cache)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="example 0 is conversational, but the tokenizer has no chat template"):
+        tokenize_examples(CHAT, tokenizer, max_length=64)
+
+
+def test_a_datasets_dataset_tokenizes_like_the_list_it_was_made_from(tokenizer) -> None:
+    import datasets
+
+    for rows in (CHAT_PAIRS, [{"prompt": "2 + 2 = ", "completion": "4"}, {"prompt": "3 + 3 = ", "completion": "6"}]):
+        from_list = tokenize_examples(rows, tokenizer, max_length=64)
+        from_dataset = tokenize_examples(datasets.Dataset.from_list(rows), tokenizer, max_length=64)
+        assert torch.equal(from_list.input_ids, from_dataset.input_ids)
+        assert torch.equal(from_list.labels, from_dataset.labels)
