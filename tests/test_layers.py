@@ -3,7 +3,7 @@
 - `import rf_core` and `import rf_core.control` load no torch, no transformers and no Prefect (the CLI and the rf
   server import them and must start fast);
 - only `rf_core/control/` imports duckdb (the store is the only code that speaks SQL);
-- only `rf_core/training/` imports torch, transformers, peft or deepspeed at module level;
+- only `rf_core/training/` imports torch, transformers, peft, deepspeed, trl or datasets at module level;
 - `rf_core` never imports `flows` or `dash_app` (the engine does not reach up; the fit flow registers itself).
 """
 
@@ -18,7 +18,8 @@ import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RF_CORE = PROJECT_ROOT / "rf_core"
-HEAVY = ("torch", "transformers", "peft", "deepspeed", "prefect", "dash", "duckdb", "ray")
+HEAVY = ("torch", "transformers", "peft", "deepspeed", "trl", "datasets", "prefect", "dash", "duckdb", "ray")
+TORCH_FAMILY = {"torch", "transformers", "peft", "deepspeed", "trl", "datasets"}
 
 
 def imported_modules(path: Path, top_level_only: bool = False) -> set[str]:
@@ -79,7 +80,7 @@ def test_only_the_training_room_imports_torch_when_loaded() -> None:
         str(path.relative_to(PROJECT_ROOT))
         for path in engine_files()
         if RF_CORE / "training" not in path.parents
-        and roots(imported_modules(path, top_level_only=True)) & {"torch", "transformers", "peft", "deepspeed"}
+        and roots(imported_modules(path, top_level_only=True)) & TORCH_FAMILY
     ]
     assert offenders == [], f"torch and friends belong in rf_core/training/: {offenders}"
 
