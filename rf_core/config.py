@@ -173,6 +173,14 @@ KNOBS: dict[str, KnobSpec] = {
         ),
         _K("warmup_steps", "training", (int,), 0, _at_least(0), "linear warm-up steps at the start of the run"),
         _K(
+            "bf16", "training", (bool,), False, None,
+            "as HF's bf16: forward passes (training and eval) under bfloat16 autocast; weights and optimizer stay float32",
+        ),
+        _K(
+            "gradient_checkpointing", "training", (bool,), False, None,
+            "as HF's: recompute activations in the backward pass (non-reentrant) to save memory; same result",
+        ),
+        _K(
             "seed", "training", (int, type(None)), None, _between(0, MAX_SEED),
             "the run's seed (initialisation, dropout, data order); null = the experiment's seed",
         ),
@@ -216,7 +224,13 @@ def validate_config(cfg: Any) -> list[str]:
             problem = model_source_problem(value)
         if problem:
             problems.append(problem)
-    return problems or _device_problems(cfg)
+    return problems or _device_problems(cfg) or _precision_problems(cfg)
+
+
+def _precision_problems(cfg: Mapping[str, Any]) -> list[str]:
+    if cfg.get("bf16") and cfg.get("strategy") == "deepspeed":
+        return ["bf16=true: not supported with strategy deepspeed yet (DeepSpeed keeps its own precision settings)"]
+    return []
 
 
 def _device_problems(cfg: Mapping[str, Any]) -> list[str]:
@@ -253,7 +267,7 @@ _COMMON_ALIASES = {
 # a knob that merely looks alike (eval_strategy is not strategy).
 _NOT_YET_SUPPORTED = frozenset(
     {
-        "bf16", "fp16", "tf32", "gradient_checkpointing", "gradient_checkpointing_kwargs", "eval_strategy",
+        "fp16", "tf32", "gradient_checkpointing_kwargs", "eval_strategy",
         "evaluation_strategy", "eval_steps", "warmup_ratio", "logging_steps", "logging_strategy", "run_name",
         "save_strategy", "save_steps", "bias", "task_type", "model_kwargs", "packing", "completion_only_loss",
         "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir", "predict_with_generate",

@@ -41,6 +41,8 @@ VALID: dict[str, list[Any]] = {
     "lr_scheduler_type": ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                           "constant_with_warmup", "inverse_sqrt"],
     "warmup_steps": [0, 10],
+    "bf16": [False, True],
+    "gradient_checkpointing": [False, True],
     "seed": [None, 0, 42, 2**32 - 1],
     "max_length": [8, 64, 8192],
     "num_devices": [1, 2, 64],
@@ -65,6 +67,8 @@ INVALID: dict[str, list[Any]] = {
     "max_steps": [0, -2, 10.0, True, None],
     "lr_scheduler_type": ["Linear", "cosine_annealing", "", None, 1],
     "warmup_steps": [-1, 2.5, True],
+    "bf16": [1, "true", None],
+    "gradient_checkpointing": [0, "yes", None],
     "seed": [-1, 2**32, 1.5, True, "42"],
     "max_length": [7, 8193, 64.0, True, None],
     "num_devices": [0, 65, 2.0, True, None],
@@ -139,11 +143,19 @@ def test_unknown_keys_are_rejected_with_a_suggestion(key: str, suggestion: str) 
     assert validate_config({key: 1}) == [f"unknown key {key!r} (did you mean {suggestion!r}?)"]
 
 
-@pytest.mark.parametrize("key", ["eval_strategy", "bf16", "gradient_checkpointing", "warmup_ratio", "bias"])
+@pytest.mark.parametrize("key", ["eval_strategy", "fp16", "gradient_checkpointing_kwargs", "warmup_ratio", "bias"])
 def test_hugging_face_knobs_not_supported_yet_are_named_so_and_never_mapped_to_a_look_alike(key: str) -> None:
     (problem,) = validate_config({key: 1})
     assert problem.startswith(f"unknown key {key!r}: a Hugging Face / TRL training argument that rf does not")
     assert "did you mean" not in problem
+
+
+def test_bf16_with_deepspeed_is_refused_naming_both() -> None:
+    assert validate_config({"bf16": True, "strategy": "deepspeed"}) == [
+        "bf16=true: not supported with strategy deepspeed yet (DeepSpeed keeps its own precision settings)"
+    ]
+    assert validate_config({"bf16": True, "gradient_checkpointing": True}) == []
+    assert validate_config({"bf16": 1}) != []  # a bool, not a number
 
 
 def test_an_unknown_key_without_a_close_match_lists_the_known_keys() -> None:

@@ -264,6 +264,7 @@ class SlotTrainer:
             )
         state.chunk_started, state.samples_at_chunk_start = (chunk.index, chunk.start_step), state.samples
         model = self._activate(state)
+        _set_gradient_checkpointing(model, config["gradient_checkpointing"])  # the base may serve other runs too
         parameters = list(state.trainable.values())
         stepper = self._stepper(task, state, model, session)
 
@@ -284,7 +285,8 @@ class SlotTrainer:
             for position, indices in enumerate(mine):
                 batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
                 with stepper.micro_batch(position, len(mine)):
-                    loss = stepper.forward(batch)
+                    with _precision(config, device):
+                        loss = stepper.forward(batch)
                     if session is None and not torch.isfinite(loss):
                         raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
                     stepper.backward(loss, position, len(mine))
@@ -649,9 +651,10 @@ class SlotTrainer:
             for start in range(0, len(eval_data), batch_size):
                 batch = eval_data.batch(list(range(start, min(start + batch_size, len(eval_data)))))
                 batch = {name: tensor.to(device) for name, tensor in batch.items()}
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
+                with _precision(config, device):
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                    ).logits
                 targets = batch["labels"][:, 1:]
                 losses = torch.nn.functional.cross_entropy(
                     logits[:, :-1].flatten(0, 1).float(),
@@ -696,6 +699,24 @@ def _seed_everything(seed: int) -> None:
 
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
+
+
+def _precision(config: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 as Hugging Face's Trainer does it: the forward pass under bfloat16 autocast, on CPU and GPU alike."""
+    if not config["bf16"]:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _set_gradient_checkpointing(model: Any, enabled: bool) -> None:
+    """On or off for this chunk, whatever the last run on this base asked for. Non-reentrant, as Hugging Face now
+    recommends: the frozen embeddings of a LoRA run need no `requires_grad` workaround, and dropout recomputes with
+    the same random state, so the result is the run's without it."""
+    target = model.module if hasattr(model, "module") else model
+    if enabled:
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(target, "is_activation_checkpointing", False):
+        target.activation_checkpointing_disable()
 
 
 def _adapter_parameters(host: PeftModel, adapter_name: str) -> dict[str, torch.nn.Parameter]:

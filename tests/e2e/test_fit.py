@@ -648,8 +648,9 @@ def test_a_fit_on_conversational_data_from_a_datasets_dataset(prefect_harness, t
     evaluation = datasets.Dataset.from_list(
         [{"prompt": [turn(i)[0]], "completion": [turn(i)[1]]} for i in range(100, 108)]
     )
+    config = {"model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 48, "per_device_train_batch_size": 8}
     snapshot = Experiment("chat").run_fit(
-        {"model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 48, "per_device_train_batch_size": 8},
+        [config, {**config, "bf16": True, "gradient_checkpointing": True}],  # the precision knobs in a real fit too
         e2e_experiment.create_model_fn,
         train,
         evaluation,
@@ -657,6 +658,8 @@ def test_a_fit_on_conversational_data_from_a_datasets_dataset(prefect_harness, t
         cpu_slots=1,
         idle_timeout=1,
     )
-    (run,) = snapshot["runs"]
-    assert run["status"] == "Completed", run.get("error")
-    assert run["chunks_done"] == 2 and run["latest_metric"] is not None and run["latest_metric"] > 0
+    plain, mixed = snapshot["runs"]
+    for run in (plain, mixed):
+        assert run["status"] == "Completed", run.get("error")
+        assert run["chunks_done"] == 2 and run["latest_metric"] is not None and run["latest_metric"] > 0
+    assert mixed["config"]["bf16"] and mixed["latest_metric"] != plain["latest_metric"]

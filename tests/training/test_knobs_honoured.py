@@ -354,6 +354,23 @@ def case_max_steps(train: Runs) -> None:
     assert longer.losses[:BASE_STEPS] != pytest.approx(base.losses)  # another schedule from the first step
 
 
+def case_bf16(train: Runs) -> None:
+    # The forward passes run in bfloat16 (training and eval), the weights and the optimizer stay float32.
+    base, mixed = train(), train({"bf16": True})
+    assert mixed.losses != base.losses and mixed.losses == pytest.approx(base.losses, rel=0.05)
+    assert mixed.last.eval_metrics["eval_loss"] != base.last.eval_metrics["eval_loss"]
+    assert all(tensor.dtype == torch.float32 for tensor in mixed.weights.values())
+    assert mixed.steps("train_loss") == base.steps("train_loss")
+
+
+def case_gradient_checkpointing(train: Runs) -> None:
+    # Activations are recomputed in the backward pass: the same run, with the same forward passes seen.
+    base, recomputed = train(), train({"gradient_checkpointing": True})
+    assert recomputed.losses == pytest.approx(base.losses, rel=1e-5)
+    for name, tensor in recomputed.weights.items():
+        torch.testing.assert_close(tensor, base.weights[name], rtol=1e-5, atol=1e-6)
+
+
 def case_lr_scheduler_constant(train: Runs) -> None:
     base, constant = train(), train({"lr_scheduler_type": "constant"})
     assert base.lrs == pytest.approx(linear_lrs(LR, BASE_STEPS))
@@ -434,6 +451,8 @@ CASES = [
         case_warmup_steps_constant,
         id="warmup_steps-constant",
     ),
+    pytest.param("bf16", case_bf16, id="bf16"),
+    pytest.param("gradient_checkpointing", case_gradient_checkpointing, id="gradient_checkpointing"),
     pytest.param("seed", case_seed, id="seed"),
     pytest.param("max_length", case_max_length, id="max_length"),
 ]

@@ -492,3 +492,34 @@ def test_a_process_that_trains_and_exits_without_closing_exits_0_with_its_state_
         last_checkpoint = Path(result.stdout.strip().splitlines()[-1])
         assert last_checkpoint.is_file(), f"{last_checkpoint} was not written before the process ended"
         assert run_folder in last_checkpoint.parents
+
+
+# ------------------------------------------------------------------------------ precision and memory knobs
+
+
+def test_bf16_chunked_equals_straight_through_and_differs_from_float32(make_trainer, references, tmp_path) -> None:
+    config = config_of({**LORA, "bf16": True})
+    reference = straight_through(make_trainer, config, tmp_path / "straight")
+    trainer, recorder = make_trainer(), Recorder()
+    for chunk in plan_chunks(64, config, 3):
+        last = train_ok(trainer, task_for(1, config, chunk, tmp_path / "chunked"), recorder)
+    assert_matches_reference(reference, recorder, last)  # bitwise, as for float32
+    assert recorder.values("train_loss") != references["lora"][0].values("train_loss")  # autocast did something
+    assert all(tensor.dtype == torch.float32 for tensor in final_weights(last).values())  # master weights stay fp32
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_gradient_checkpointing_trains_the_same_run(make_trainer, references, kind, tmp_path) -> None:
+    config = config_of({**(LORA if kind == "lora" else FULL_FT), "gradient_checkpointing": True})
+    trainer, recorder = make_trainer(), Recorder()
+    for chunk in plan_chunks(64, config, 3):
+        last = train_ok(trainer, task_for(1, config, chunk, tmp_path), recorder)
+    reference_recorder, reference_outcome = references[kind]
+    losses, reference_losses = recorder.values("train_loss"), reference_recorder.values("train_loss")
+    assert [step for step, _ in losses] == [step for step, _ in reference_losses]
+    assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference_losses], rel=1e-5)
+    for name, tensor in final_weights(last).items():
+        torch.testing.assert_close(tensor, final_weights(reference_outcome)[name], rtol=1e-5, atol=1e-6)
+    base = trainer._bases[config["model_name_or_path"]]
+    model = base.lora_host if kind == "lora" else trainer._runs[1].model
+    assert model.is_activation_checkpointing  # it was on for this run
