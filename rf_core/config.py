@@ -174,7 +174,7 @@ KNOBS: dict[str, KnobSpec] = {
         _K("warmup_steps", "training", (int,), 0, _at_least(0), "linear warm-up steps at the start of the run"),
         _K(
             "bf16", "training", (bool,), False, None,
-            "as HF's bf16: forward passes (training and eval) under bfloat16 autocast; weights and optimizer stay float32",
+            "as HF's bf16: training and eval forward passes under bfloat16 autocast; weights stay float32",
         ),
         _K(
             "gradient_checkpointing", "training", (bool,), False, None,
