@@ -150,6 +150,14 @@ KNOBS: dict[str, KnobSpec] = {
             "modules that get adapters; null = PEFT's default for the architecture",
         ),
         _K(
+            "bias", "adapter", (str,), "none", Constraint('"none"', lambda v: v == "none"),
+            "PEFT's LoRA bias: only \"none\" (trained biases would live outside the adapter that runs swap)",
+        ),
+        _K(
+            "task_type", "adapter", (str,), "CAUSAL_LM", Constraint('"CAUSAL_LM"', lambda v: v == "CAUSAL_LM"),
+            "PEFT's task type: the engine trains causal language models",
+        ),
+        _K(
             "learning_rate", "training", (float,), 2e-4, Constraint("> 0 and <= 1", lambda v: 0 < v <= 1),
             "peak learning rate (AdamW)",
         ),
@@ -172,6 +180,10 @@ KNOBS: dict[str, KnobSpec] = {
             "learning-rate schedule, spanning the whole run (not one chunk)",
         ),
         _K("warmup_steps", "training", (int,), 0, _at_least(0), "linear warm-up steps at the start of the run"),
+        _K(
+            "warmup_ratio", "training", (float,), 0.0, Constraint(">= 0 and < 1", lambda v: 0 <= v < 1),
+            "warm-up as a fraction of the run's steps, rounded up (transformers 4's); warmup_steps > 0 wins",
+        ),
         _K(
             "bf16", "training", (bool,), False, None,
             "as HF's bf16: training and eval forward passes under bfloat16 autocast; weights stay float32",
@@ -268,8 +280,8 @@ _COMMON_ALIASES = {
 _NOT_YET_SUPPORTED = frozenset(
     {
         "fp16", "tf32", "gradient_checkpointing_kwargs", "eval_strategy",
-        "evaluation_strategy", "eval_steps", "warmup_ratio", "logging_steps", "logging_strategy", "run_name",
-        "save_strategy", "save_steps", "bias", "task_type", "model_kwargs", "packing", "completion_only_loss",
+        "evaluation_strategy", "eval_steps", "logging_steps", "logging_strategy", "run_name",
+        "save_strategy", "save_steps", "model_kwargs", "packing", "completion_only_loss",
         "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir", "predict_with_generate",
     }
 )  # fmt: skip
@@ -333,6 +345,12 @@ def architecture_mismatch(parent: Mapping[str, Any], clone: Mapping[str, Any]) -
         if not same:
             problems.append(f"{name} differs: parent {_show(parent_value)}, clone {_show(clone_value)}")
     return problems
+
+
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config with the knobs added since it was stored filled in with their defaults (which keep the old
+    behaviour), so a run created by an earlier version trains on as it did."""
+    return {**{name: copy.deepcopy(spec.default) for name, spec in KNOBS.items()}, **config}
 
 
 def _get(config: Mapping[str, Any], name: str) -> Any:

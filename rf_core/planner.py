@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rf_core.chunks import ChunkingError, elastic_device_counts, plan_chunks
+from rf_core.config import with_defaults
 from rf_core.experiment import ExperimentSpec
 from rf_core.messages import ChunkSpec, Gang, TrainTask, WarmStart
 from rf_core.paths import run_dir
@@ -162,7 +163,7 @@ class FitLoop:
         return TrainTask(
             experiment=self.experiment,
             run_id=run_id,
-            config=run["config"],
+            config=with_defaults(run["config"]),
             chunk=chunk,
             run_dir=str(run_dir(self.experiment, run_id, self.home)),
             seed=self.spec.seed,

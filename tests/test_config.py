@@ -41,6 +41,9 @@ VALID: dict[str, list[Any]] = {
     "lr_scheduler_type": ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                           "constant_with_warmup", "inverse_sqrt"],
     "warmup_steps": [0, 10],
+    "warmup_ratio": [0, 0.0, 0.03, 0.99],
+    "bias": ["none"],
+    "task_type": ["CAUSAL_LM"],
     "bf16": [False, True],
     "gradient_checkpointing": [False, True],
     "seed": [None, 0, 42, 2**32 - 1],
@@ -67,6 +70,9 @@ INVALID: dict[str, list[Any]] = {
     "max_steps": [0, -2, 10.0, True, None],
     "lr_scheduler_type": ["Linear", "cosine_annealing", "", None, 1],
     "warmup_steps": [-1, 2.5, True],
+    "warmup_ratio": [-0.1, 1, 1.0, "0.1", None],
+    "bias": ["all", "lora_only", None],
+    "task_type": ["SEQ_CLS", "causal_lm", None],
     "bf16": [1, "true", None],
     "gradient_checkpointing": [0, "yes", None],
     "seed": [-1, 2**32, 1.5, True, "42"],
@@ -143,7 +149,7 @@ def test_unknown_keys_are_rejected_with_a_suggestion(key: str, suggestion: str) 
     assert validate_config({key: 1}) == [f"unknown key {key!r} (did you mean {suggestion!r}?)"]
 
 
-@pytest.mark.parametrize("key", ["eval_strategy", "fp16", "gradient_checkpointing_kwargs", "warmup_ratio", "bias"])
+@pytest.mark.parametrize("key", ["eval_strategy", "fp16", "gradient_checkpointing_kwargs", "logging_steps", "packing"])
 def test_hugging_face_knobs_not_supported_yet_are_named_so_and_never_mapped_to_a_look_alike(key: str) -> None:
     (problem,) = validate_config({key: 1})
     assert problem.startswith(f"unknown key {key!r}: a Hugging Face / TRL training argument that rf does not")

@@ -162,3 +162,16 @@ def test_a_run_allowed_more_devices_takes_idle_slots_as_a_gang():
     # With another run to train, each gets one slot of two.
     plan = make_loop(FakeClient([elastic, make_run(2)]), slots=2).plan(in_flight={})
     assert [(slot, task.run_id, task.gang) for slot, task in plan.tasks] == [(0, 1, None), (1, 2, None)]
+
+
+def test_a_run_stored_before_a_knob_existed_trains_with_its_default():
+    run = make_run(1)
+    for newer_knob in ("bf16", "gradient_checkpointing", "warmup_ratio", "bias", "task_type"):
+        del run["config"][newer_knob]
+    [(_, task)] = make_loop(FakeClient([run]), slots=1).plan(in_flight={}).tasks
+    assert (task.config["bf16"], task.config["gradient_checkpointing"], task.config["warmup_ratio"]) == (
+        False,
+        False,
+        0.0,
+    )
+    assert (task.config["bias"], task.config["task_type"]) == ("none", "CAUSAL_LM")

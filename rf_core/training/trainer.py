@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import time
 import traceback
@@ -524,13 +525,14 @@ class SlotTrainer:
             list(trainable.values()), lr=config["learning_rate"], weight_decay=config["weight_decay"]
         )
         scheduler_type = config["lr_scheduler_type"]
-        if scheduler_type == "constant" and config["warmup_steps"] > 0:
+        warmup_steps = config["warmup_steps"] or math.ceil(run_total_steps * config["warmup_ratio"])
+        if scheduler_type == "constant" and warmup_steps > 0:
             # transformers' "constant" drops num_warmup_steps without a word; the user asked for a warm-up.
             scheduler_type = "constant_with_warmup"
         scheduler = get_scheduler(
             scheduler_type,
             optimizer,
-            num_warmup_steps=config["warmup_steps"],
+            num_warmup_steps=warmup_steps,
             num_training_steps=run_total_steps,
         )
         return _RunState(
@@ -608,8 +610,8 @@ class SlotTrainer:
             lora_alpha=config["lora_alpha"],
             lora_dropout=config["lora_dropout"],
             target_modules=config["target_modules"],
-            bias="none",
-            task_type="CAUSAL_LM",
+            bias=config["bias"],
+            task_type=config["task_type"],
         )
         with warnings.catch_warnings():
             # peft 0.21 calls a transformers API that transformers 5 deprecates; nothing for us to act on.

@@ -650,7 +650,8 @@ def test_a_fit_on_conversational_data_from_a_datasets_dataset(prefect_harness, t
     )
     config = {"model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 48, "per_device_train_batch_size": 8}
     snapshot = Experiment("chat").run_fit(
-        [config, {**config, "bf16": True, "gradient_checkpointing": True}],  # the precision knobs in a real fit too
+        # The newer knobs in a real fit too: precision and memory, transformers 4's warm-up ratio, PEFT's names.
+        [config, {**config, "bf16": True, "gradient_checkpointing": True, "warmup_ratio": 0.5, "bias": "none"}],
         e2e_experiment.create_model_fn,
         train,
         evaluation,

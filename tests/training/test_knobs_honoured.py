@@ -354,6 +354,20 @@ def case_max_steps(train: Runs) -> None:
     assert longer.losses[:BASE_STEPS] != pytest.approx(base.losses)  # another schedule from the first step
 
 
+def case_warmup_ratio(train: Runs) -> None:
+    # transformers 4's warmup_ratio: ceil(0.25 x 8 steps) = 2 warm-up steps; warmup_steps > 0 wins over it.
+    ratio = train({"warmup_ratio": 0.25})
+    assert ratio.lrs == pytest.approx(linear_lrs(LR, BASE_STEPS, warmup=2))
+    assert train({"warmup_ratio": 0.3}).lrs == pytest.approx(linear_lrs(LR, BASE_STEPS, warmup=3))  # rounded up
+    assert train({"warmup_ratio": 0.5, "warmup_steps": 3}).lrs == train({"warmup_steps": 3}).lrs
+
+
+def case_bias_and_task_type(train: Runs) -> None:
+    # Accepted only with the one value that works here (PEFT's defaults for a causal LM adapter): the same run.
+    base, explicit = train(), train({"bias": "none", "task_type": "CAUSAL_LM"})
+    assert explicit.losses == base.losses and same_weights(explicit.weights, base.weights)
+
+
 def case_bf16(train: Runs) -> None:
     # The forward passes run in bfloat16 (training and eval), the weights and the optimizer stay float32.
     base, mixed = train(), train({"bf16": True})
@@ -452,6 +466,9 @@ CASES = [
         id="warmup_steps-constant",
     ),
     pytest.param("bf16", case_bf16, id="bf16"),
+    pytest.param("warmup_ratio", case_warmup_ratio, id="warmup_ratio"),
+    pytest.param("bias", case_bias_and_task_type, id="bias"),
+    pytest.param("task_type", case_bias_and_task_type, id="task_type"),
     pytest.param("gradient_checkpointing", case_gradient_checkpointing, id="gradient_checkpointing"),
     pytest.param("seed", case_seed, id="seed"),
     pytest.param("max_length", case_max_length, id="max_length"),
