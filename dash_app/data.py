@@ -109,6 +109,7 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
     rows = [
         {
             "run": row.run_id,
+            "name": row.name,
             "status": row.status,
             "source": row.source,
             "parent": row.parent_id,
@@ -126,6 +127,7 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
     number = {"valueFormatter": {"function": "params.value == null ? '-' : d3.format('.4~g')(params.value)"}}
     columns = [
         {"field": "run", "width": 80, "pinned": "left"},
+        *([{"field": "name", "width": 140, "pinned": "left"}] if any(row.name for row in runs) else []),
         {
             "field": "ic_ops",
             "headerName": "IC Ops",

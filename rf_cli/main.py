@@ -31,7 +31,7 @@ from rf_core.client import RFClient, ServerError, ServerUnavailable
 from rf_core.config import apply_overrides, parse_set_overrides
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.knobs import ConfigError
-from rf_core.report import experiment_metric, format_table, runs_table
+from rf_core.report import experiment_metric, format_table, runs_table, with_names
 from rf_core.states import DECISION_STATUSES, WARM_START_MODES
 
 EXIT_OK = 0
@@ -602,6 +602,7 @@ def format_runs(snapshot: dict[str, Any]) -> str:
         ]
         for row in runs
     ]
+    headers, rows = with_names(headers, runs, rows)
     header = f"experiment {experiment['name']} ({experiment['status']}, {experiment['num_chunks']} chunks/epoch)"
     return header + "\n" + format_table(headers, rows)
 

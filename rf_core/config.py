@@ -197,6 +197,11 @@ KNOBS: dict[str, KnobSpec] = {
             "the run's seed (initialisation, dropout, data order); null = the experiment's seed",
         ),
         _K(
+            "run_name", "training", (str, type(None)), None,
+            Constraint("1 to 100 characters", lambda v: v is None or 0 < len(v.strip()) <= 100),
+            "HF's run_name: a label for the run, shown in every runs table; null = none",
+        ),
+        _K(
             "max_length", "data", (int,), 64, _between(8, 8192),
             "tokens per training example (longer ones are truncated)",
         ),
@@ -280,7 +285,7 @@ _COMMON_ALIASES = {
 _NOT_YET_SUPPORTED = frozenset(
     {
         "fp16", "tf32", "gradient_checkpointing_kwargs", "eval_strategy",
-        "evaluation_strategy", "eval_steps", "logging_steps", "logging_strategy", "run_name",
+        "evaluation_strategy", "eval_steps", "logging_steps", "logging_strategy",
         "save_strategy", "save_steps", "model_kwargs", "packing", "completion_only_loss",
         "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir", "predict_with_generate",
     }

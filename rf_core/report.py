@@ -20,6 +20,7 @@ class RunRow:
     """One run as a runs table shows it."""
 
     run_id: int
+    name: str | None  # the config's run_name
     status: str
     source: str | None
     parent_id: int | None
@@ -50,14 +51,25 @@ def runs_table(snapshot: Mapping[str, Any]) -> tuple[list[str], list[RunRow]]:
     knobs = snapshot.get("varying_knobs")
     if knobs is None:
         knobs = varying_knobs([run["config"] for run in runs]) if runs else []
+    knobs = [knob for knob in knobs if knob != "run_name"]  # every view shows the name in a column of its own
     rows = [run_row(run, knobs) for run in runs]
     return list(knobs), rows
+
+
+def with_names(headers: list[str], rows: list[RunRow], cells: list[list[Any]]) -> tuple[list[str], list[list[Any]]]:
+    """A text table with a "name" column after the run id, when any run has a name (run_name)."""
+    if not any(row.name for row in rows):
+        return headers, cells
+    return [headers[0], "name", *headers[1:]], [
+        [cell[0], row.name, *cell[1:]] for row, cell in zip(rows, cells, strict=True)
+    ]
 
 
 def run_row(run: Mapping[str, Any], knobs: Sequence[str] = ()) -> RunRow:
     """One run (a runs-table or snapshot row of the store) as a RunRow."""
     return RunRow(
         run_id=int(run["run_id"]),
+        name=run["config"].get("run_name"),
         status=run["status"],
         source=run.get("source"),
         parent_id=run.get("parent_id"),
@@ -134,7 +146,7 @@ def results_rows(snapshot: Mapping[str, Any]) -> tuple[list[str], list[list[Any]
         ]
         for row in runs
     ]
-    return headers, rows
+    return with_names(headers, runs, rows)
 
 
 def format_knob(value: Any) -> str:

@@ -23,6 +23,7 @@ from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range
 
 # Per knob: values it accepts and values it rejects (each rejection must name the key).
 VALID: dict[str, list[Any]] = {
+    "run_name": [None, "baseline", "lr 3e-4 / r 16"],
     # Local folders must lie under the model roots (the temporary folder, in tests/conftest.py).
     "model_name_or_path": ["rf-tiny-llama", f"{tempfile.gettempdir()}/models/llama", "org/model"],
     "use_peft": [True, False],
@@ -54,6 +55,7 @@ VALID: dict[str, list[Any]] = {
     "zero_stage": [0, 1, 2, 3],
 }  # fmt: skip
 INVALID: dict[str, list[Any]] = {
+    "run_name": ["", "   ", "x" * 101, 3],
     "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../../../../../../../../etc/llama"],
     "use_peft": [1, 0, "true", None],
     "r": [0, 1025, -1, 8.0, True, "8", None],

@@ -32,6 +32,17 @@ def test_runs_table_has_a_row_per_run_and_a_column_per_varying_knob(store):
     assert by_run[1]["ic_ops"] == data.IC_OPS_CELL
     assert by_run[1]["best_metric"] is not None and by_run[1]["source"] == "initial"
     assert data.runs_grid(None) == ([], []) and data.runs_table(store, "nope") == ([], [])
+    assert "name" not in fields  # no run has a run_name
+
+
+def test_a_run_name_gets_a_pinned_column(store):
+    ops.submit_op(store, "exp", "clone", 1, {"overrides": {"run_name": "lower lr", "learning_rate": 1e-4}})
+    (applied,) = ops.apply_due_ops(store, "exp", [1])
+    (created,) = applied["result"]["created_run_ids"]
+    rows, columns = data.runs_table(store, "exp")
+    assert [column["field"] for column in columns][:2] == ["run", "name"]
+    assert "knob:run_name" not in {column["field"] for column in columns}
+    assert {row["run"]: row["name"] for row in rows}[created] == "lower lr"
 
 
 def test_header_counts_runs_chunks_and_busy_slots(store):

@@ -27,3 +27,16 @@ def test_chunk_line_names_run_chunk_and_losses():
     assert "chunk 3/3" in line and "eval_loss 2.5000" in line and "(completed)" in line
     failed = ChunkOutcome(2, 0, "failed", 0, 0, 0, error="loss became nan at step 3")
     assert "FAILED: loss became nan at step 3" in format_chunk_line(failed, 3, slot=0)
+
+
+def test_run_names_get_a_column_of_their_own_in_every_text_table():
+    from rf_core.report import results_rows, runs_table
+
+    named = {**SNAPSHOT, "runs": [dict(run) for run in SNAPSHOT["runs"]]}
+    named["runs"][0]["config"] = {**named["runs"][0]["config"], "run_name": "baseline"}
+    headers, rows = results_rows(named)
+    assert headers[:3] == ["run", "name", "status"] and rows[0][:3] == [1, "baseline", "Completed"]
+    assert rows[1][1] is None and "run_name" not in headers  # not a knob column besides
+    knobs, table = runs_table(named)
+    assert "run_name" not in knobs and [row.name for row in table] == ["baseline", None]
+    assert results_rows(SNAPSHOT)[0][:2] == ["run", "status"]  # no names, no column

@@ -368,6 +368,12 @@ def case_bias_and_task_type(train: Runs) -> None:
     assert explicit.losses == base.losses and same_weights(explicit.weights, base.weights)
 
 
+def case_run_name(train: Runs) -> None:
+    # A label only: the run trains exactly as without it.
+    base, named = train(), train({"run_name": "baseline"})
+    assert named.losses == base.losses and same_weights(named.weights, base.weights)
+
+
 def case_bf16(train: Runs) -> None:
     # The forward passes run in bfloat16 (training and eval), the weights and the optimizer stay float32.
     base, mixed = train(), train({"bf16": True})
@@ -465,6 +471,7 @@ CASES = [
         case_warmup_steps_constant,
         id="warmup_steps-constant",
     ),
+    pytest.param("run_name", case_run_name, id="run_name"),
     pytest.param("bf16", case_bf16, id="bf16"),
     pytest.param("warmup_ratio", case_warmup_ratio, id="warmup_ratio"),
     pytest.param("bias", case_bias_and_task_type, id="bias"),
