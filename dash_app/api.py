@@ -60,6 +60,7 @@ def register_routes(server: Flask, store: Store) -> None:
             metric=body.get("metric") or DEFAULT_METRIC,
             mode=body.get("mode") or "min",
             spec_ref=body.get("spec_ref"),
+            functions=body.get("functions"),
         )
         return _json(created, 201)
 
@@ -76,6 +77,12 @@ def register_routes(server: Flask, store: Store) -> None:
         body = _body()
         _require(body, "status")
         return _json(experiments.set_experiment_status(store, name, body["status"]))
+
+    @api.put("/experiments/<name>/functions")
+    def set_functions(name: str) -> Response:
+        body = _body()
+        _require(body, "functions")
+        return _json(experiments.set_experiment_functions(store, name, body["functions"]))
 
     @api.get("/experiments/<name>/runs")
     def list_runs(name: str) -> Response:

@@ -20,10 +20,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.policy import Policy, boundary_policies, build_policies
 from rf_core import paths
 from rf_core.client import RFClient
-from rf_core.data_forms import check_datasets
+from rf_core.data_forms import check_fit_data
 from rf_core.errors import ExperimentExists
 from rf_core.experiment import ExperimentSpec, load_entrypoint
-from rf_core.knobs import expand_config_group
 from rf_core.messages import ChunkOutcome, TrainTask
 from rf_core.planner import FitLoop, Plan
 from rf_core.report import format_chunk_line, format_op_line, format_results_table
@@ -129,7 +128,10 @@ def rf_fit(
     spec = load_entrypoint(entrypoint) if entrypoint else _IN_MEMORY_SPECS[experiment]
     if num_chunks is not None:
         spec.num_chunks = num_chunks
-    check_datasets(spec.train_dataset, spec.eval_dataset)  # before any server, worker or row exists
+    configs, functions = spec.named_configs()
+    configs = configs[:max_configs]
+    # Before any server, worker or row exists.
+    check_fit_data(spec.train_dataset, spec.eval_dataset, configs, functions)
     home = paths.rf_home()
     home.mkdir(parents=True, exist_ok=True)
     temporary_server: TemporaryServer | None = None
@@ -143,7 +145,6 @@ def rf_fit(
         server_url, outage_wait_s=outage_wait, on_outage=temporary_server.revive if temporary_server else None
     )
     try:
-        configs = expand_config_group(spec.config_group)[:max_configs]
         try:
             created = client.create_experiment(
                 experiment,
@@ -153,11 +154,13 @@ def rf_fit(
                 metric=spec.metric,
                 mode=spec.mode,
                 spec_ref=entrypoint,
+                functions=sorted(functions),
             )
             print(f"experiment {experiment!r}: {len(created['runs'])} runs, {spec.num_chunks} chunks per epoch")
         except ExperimentExists:
             if not continue_experiment:
                 raise
+            client.set_experiment_functions(experiment, sorted(functions))
             client.set_experiment_status(experiment, "running")
             print(f"experiment {experiment!r} continues: its runs, metrics and queued ops are kept")
         if ray_address:

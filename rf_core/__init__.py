@@ -5,6 +5,17 @@ Importing it is cheap (no torch, Prefect or Dash): the CLI and the server import
 
 from rf_core.demo import create_tiny_model
 from rf_core.experiment import Experiment, ExperimentSpec
+from rf_core.functions import EvaluationContext, evaluation_context
 from rf_core.knobs import GridSearch, List, RandomSearch, Range
 
-__all__ = ["Experiment", "ExperimentSpec", "GridSearch", "List", "RandomSearch", "Range", "create_tiny_model"]
+__all__ = [
+    "EvaluationContext",
+    "Experiment",
+    "ExperimentSpec",
+    "GridSearch",
+    "List",
+    "RandomSearch",
+    "Range",
+    "create_tiny_model",
+    "evaluation_context",
+]

@@ -200,8 +200,11 @@ class RFClient:
         metric: str = DEFAULT_METRIC,
         mode: str = "min",
         spec_ref: str | None = None,
+        functions: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Returns {"experiment": row, "runs": [rows]}. Raises ExperimentExists when the name is taken."""
+        """Returns {"experiment": row, "runs": [rows]}. Raises ExperimentExists when the name is taken.
+
+        `functions`: the names the experiment registers, which its configs' function knobs may name."""
         body = {
             "name": name,
             "configs": list(configs),
@@ -210,6 +213,7 @@ class RFClient:
             "metric": metric,
             "mode": mode,
             "spec_ref": spec_ref,
+            "functions": list(functions) if functions is not None else None,
         }
         return self._request("POST", "/api/experiments", body)
 
@@ -221,6 +225,10 @@ class RFClient:
 
     def set_experiment_status(self, name: str, status: str) -> dict[str, Any]:
         return self._request("POST", self._experiment_path(name, "/status"), {"status": status}, idempotent=True)
+
+    def set_experiment_functions(self, name: str, functions: Sequence[str]) -> dict[str, Any]:
+        body = {"functions": list(functions)}
+        return self._request("PUT", self._experiment_path(name, "/functions"), body, idempotent=True)
 
     def list_runs(self, experiment: str, include_deleted: bool = False) -> list[dict[str, Any]]:
         query = {"all": 1} if include_deleted else None

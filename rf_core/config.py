@@ -16,10 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rf_core.functions import BUILTIN_METRICS, name_problem
 from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range, expand_config_group
 from rf_core.model_roots import model_source_problem
 
-KnobKind = Literal["model", "adapter", "training", "data", "devices"]
+KnobKind = Literal["model", "adapter", "training", "data", "eval", "devices"]
 
 LR_SCHEDULERS = (
     "linear",
@@ -83,13 +84,16 @@ class KnobSpec:
         return " or ".join(_TYPE_NAMES[t] for t in self.types)
 
 
-_TYPE_NAMES = {bool: "bool", int: "int", float: "number", str: "string", list: "list", type(None): "null"}
+_TYPE_NAMES = {
+    bool: "bool", int: "int", float: "number", str: "string", list: "list", dict: "object", type(None): "null"
+}  # fmt: skip
 _TYPE_WORDS = {
     bool: "true or false",
     int: "an integer",
     float: "a number",
     str: "a string",
     list: "a list",
+    dict: "an object",
     type(None): "null",
 }
 
@@ -119,6 +123,45 @@ def _between(low: float, high: float) -> Constraint:
 
 def _at_least(low: float) -> Constraint:
     return Constraint(f">= {low}", lambda v: v >= low)
+
+
+# transformers' GenerationConfig fields a config's generation_config may set, each with what its value must be.
+GENERATION_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "max_new_tokens": ("an integer between 1 and 4096", lambda v: _is_int(v) and 1 <= v <= 4096),
+    "min_new_tokens": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "do_sample": ("true or false", lambda v: isinstance(v, bool)),
+    "temperature": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "top_p": ("a number > 0 and <= 1", lambda v: _is_number(v) and 0 < v <= 1),
+    "top_k": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "repetition_penalty": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "num_beams": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "no_repeat_ngram_size": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+}
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def generation_config_problems(value: Any) -> list[str]:
+    if not isinstance(value, Mapping):
+        return []
+    problems = []
+    for key, item in value.items():
+        field = GENERATION_FIELDS.get(key)
+        if field is None:
+            why = f"{key!r} is not a setting rf passes on (known: {', '.join(GENERATION_FIELDS)})"
+        elif not field[1](item):
+            why = f"{key} must be {field[0]}, got {_show(item)}"
+        else:
+            continue
+        problems.append(f"generation_config={_show(value)}: must be an object of generation settings; {why}")
+    return problems
 
 
 def _is_module_list(value: Any) -> bool:
@@ -206,6 +249,29 @@ KNOBS: dict[str, KnobSpec] = {
             "tokens per training example (longer ones are truncated)",
         ),
         _K(
+            "formatting_func", "data", (str, type(None)), None,
+            Constraint("a registered function's name, or null", lambda v: name_problem(v) is None),
+            "function example -> text, {prompt, completion} or {messages}, by registered name; null = rows as given",
+        ),
+        _K(
+            "compute_metrics", "eval", (str, type(None)), None,
+            Constraint(
+                "a registered function's name, a built-in metric, or null",
+                lambda v: v in BUILTIN_METRICS or not name_problem(v),
+            ),
+            f"metric function by registered name, or built-in {', '.join(BUILTIN_METRICS)}; null = the experiment's",
+        ),
+        _K(
+            "predict_with_generate", "eval", (bool,), False, None,
+            "as HF's: compute_metrics gets generated texts and references (the engine generates, batched)",
+        ),
+        _K(
+            "generation_config", "eval", (dict, type(None)), None,
+            Constraint("an object of generation settings", lambda v: not generation_config_problems(v)),
+            f"generation settings for predict_with_generate ({', '.join(GENERATION_FIELDS)}); "
+            f"null = greedy, {DEFAULT_MAX_NEW_TOKENS} new tokens",
+        ),
+        _K(
             "num_devices", "devices", (int,), 1, _between(1, 64),
             "device slots that train the run together, one process each; a step's batch is split across them",
         ),
@@ -239,9 +305,25 @@ def validate_config(cfg: Any) -> list[str]:
         problem = spec.problem(value)
         if problem is None and key == "model_name_or_path":
             problem = model_source_problem(value)
+        if key == "generation_config" and problem is not None:
+            problems.extend(generation_config_problems(value) or [problem])
+            continue
         if problem:
             problems.append(problem)
-    return problems or _device_problems(cfg) or _precision_problems(cfg)
+    return problems or _device_problems(cfg) or _precision_problems(cfg) or _eval_problems(cfg)
+
+
+def _eval_problems(cfg: Mapping[str, Any]) -> list[str]:
+    problems = []
+    metric = cfg.get("compute_metrics")
+    if metric in BUILTIN_METRICS and not cfg.get("predict_with_generate"):
+        problems.append(
+            f"compute_metrics={_show(metric)}: must be used with predict_with_generate=true (the built-in metric "
+            "scores generated text)"
+        )
+    if cfg.get("predict_with_generate") and cfg.get("strategy") == "deepspeed":
+        problems.append("predict_with_generate=true: must be false with strategy deepspeed (not supported there yet)")
+    return problems
 
 
 def _precision_problems(cfg: Mapping[str, Any]) -> list[str]:
@@ -287,7 +369,7 @@ _NOT_YET_SUPPORTED = frozenset(
         "fp16", "tf32", "gradient_checkpointing_kwargs", "eval_strategy",
         "evaluation_strategy", "eval_steps", "logging_steps", "logging_strategy",
         "save_strategy", "save_steps", "model_kwargs", "packing", "completion_only_loss",
-        "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir", "predict_with_generate",
+        "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir",
     }
 )  # fmt: skip
 # Spelling slips only: a lower similarity suggests knobs of another meaning.

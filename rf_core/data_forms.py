@@ -12,12 +12,15 @@ TRL's dataset formats, with its column names and loss semantics (SFTConfig's def
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 ExampleForm = Literal["text", "prompt_completion", "messages", "prompt_completion_messages"]
 CONVERSATIONAL_FORMS = frozenset({"messages", "prompt_completion_messages"})
 MAX_PROBLEMS_SHOWN = 5
+# Rows a formatting function is tried on before the fit starts: it may be slow, and it runs again in each worker.
+FORMATTING_SAMPLE_ROWS = 16
 # The role a conversational prompt may end on: a question (TRL then adds the generation prompt) or an assistant turn
 # that the completion continues.
 PROMPT_LAST_ROLES = ("user", "tool", "assistant")
@@ -81,6 +84,98 @@ def dataset_problems(dataset: Iterable[Any], name: str) -> list[str]:
 
 def check_datasets(train_dataset: Iterable[Any], eval_dataset: Iterable[Any]) -> None:
     """Raise ValueError listing the rows of either dataset that cannot be trained or evaluated on."""
-    problems = dataset_problems(train_dataset, "train_dataset") + dataset_problems(eval_dataset, "eval_dataset")
+    check_fit_data(train_dataset, eval_dataset, [{}], {})
+
+
+def formatted_example(formatting_func: Callable[[Any], Any] | None, example: Any) -> Any:
+    """What a config trains on for `example`: the row itself, or its `formatting_func`'s output, where a string is
+    a `{"text": ...}` row (TRL's formatting_func) and a mapping is a row of any form."""
+    if formatting_func is None:
+        return example
+    output = formatting_func(example)
+    return {"text": output} if isinstance(output, str) else output
+
+
+def prompt_and_reference(example: Any) -> tuple[Any, str]:
+    """For generation: the part of a row the model is given (a string, or messages) and the text it should write.
+
+    A prompt-completion row gives its prompt and its completion; a `messages` row gives the conversation before its
+    last assistant message, and that message. A text row has no prompt: ValueError.
+    """
+    form = example_form(example)
+    if form == "prompt_completion":
+        return example["prompt"], example["completion"]
+    if form == "prompt_completion_messages":
+        return example["prompt"], "".join(message["content"] for message in example["completion"])
+    if form == "messages":
+        messages = example["messages"]
+        last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=0)
+        if last == 0:
+            raise ValueError("has no assistant message after the first one to generate and score")
+        return messages[:last], messages[last]["content"]
+    raise ValueError("is a 'text' row: generation needs a prompt ('prompt' and 'completion', or 'messages')")
+
+
+def formatting_problems(
+    formatting_func: Callable[[Any], Any], name: str, dataset: Iterable[Any], dataset_name: str
+) -> list[str]:
+    """Run `formatting_func` on the first rows of `dataset` and check what it returns."""
+    problems = []
+    for index, example in enumerate(itertools.islice(dataset, FORMATTING_SAMPLE_ROWS)):
+        try:
+            output = formatted_example(formatting_func, example)
+        except Exception as exc:  # the user's function: whatever it raises is the answer
+            where = f"formatting_func {name!r} on {dataset_name} row {index}"
+            problems.append(f"{where} raised {type(exc).__name__}: {exc}")
+            break
+        try:
+            example_form(output)
+        except ValueError as exc:
+            problems.append(f"formatting_func {name!r} on {dataset_name} row {index} returned a row that {exc}")
+        if len(problems) >= MAX_PROBLEMS_SHOWN:
+            break
+    return problems
+
+
+def check_fit_data(
+    train_dataset: Iterable[Any],
+    eval_dataset: Iterable[Any],
+    configs: Sequence[Mapping[str, Any]],
+    functions: Mapping[str, Callable[..., Any]],
+) -> None:
+    """Raise ValueError listing what in the data the configs cannot use, before any worker starts.
+
+    Rows trained as they are (a config without formatting_func) are checked one by one; a formatting function runs
+    on a sample of each dataset and its output is checked. Configs that generate for their metrics need eval rows
+    with a prompt.
+    """
+    problems: list[str] = []
+    formatters = sorted({config.get("formatting_func") for config in configs}, key=lambda name: name or "")
+    for name in formatters:
+        if name is None:
+            problems += dataset_problems(train_dataset, "train_dataset")
+            problems += dataset_problems(eval_dataset, "eval_dataset")
+        elif name in functions:
+            problems += formatting_problems(functions[name], name, train_dataset, "train_dataset")
+            problems += formatting_problems(functions[name], name, eval_dataset, "eval_dataset")
+    if not problems:
+        problems += _generation_problems(eval_dataset, configs, functions)
     if problems:
         raise ValueError("the data cannot be used as it is:\n  " + "\n  ".join(problems))
+
+
+def _generation_problems(
+    eval_dataset: Iterable[Any], configs: Sequence[Mapping[str, Any]], functions: Mapping[str, Callable[..., Any]]
+) -> list[str]:
+    generating = {config.get("formatting_func") for config in configs if config.get("predict_with_generate")}
+    problems = []
+    for name in sorted(generating, key=lambda name: name or ""):
+        formatting_func = functions.get(name) if name else None
+        for index, example in enumerate(itertools.islice(eval_dataset, FORMATTING_SAMPLE_ROWS)):
+            try:
+                prompt_and_reference(formatted_example(formatting_func, example))
+            except ValueError as exc:
+                shown = f" formatted by {name!r}" if name else ""
+                problems.append(f"predict_with_generate: eval_dataset row {index}{shown} {exc}")
+                break
+    return problems

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+from rf_core.functions import named_configs
 from rf_core.paths import check_name
 from rf_core.states import DEFAULT_METRIC, METRIC_MODES
 
@@ -34,6 +35,8 @@ class ExperimentSpec:
     metric: str = DEFAULT_METRIC
     mode: str = "min"
     keep_checkpoints: int | None = 2  # newest chunk checkpoints kept per run (plus what clones need); None: all
+    # Functions configs may name (formatting_func, compute_metrics): {name: function} or a list (by __name__).
+    functions: Mapping[str, Callable[..., Any]] | Sequence[Callable[..., Any]] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.create_model_fn):
@@ -49,6 +52,11 @@ class ExperimentSpec:
             raise ValueError("train_dataset is empty")
         if len(self.eval_dataset) == 0:
             raise ValueError("eval_dataset is empty")
+        self.named_configs()  # a lambda or two functions of one name are refused here, not in a worker
+
+    def named_configs(self) -> tuple[list[dict[str, Any]], dict[str, Callable[..., Any]]]:
+        """The config group's configs with every function replaced by its registered name, and the registry."""
+        return named_configs(self.config_group, self.functions)
 
 
 def load_entrypoint(ref: str) -> ExperimentSpec:
@@ -90,6 +98,7 @@ class Experiment:
         seed: int = 42,
         *,
         compute_metrics: Callable[..., dict[str, float]] | None = None,
+        functions: Mapping[str, Callable[..., Any]] | Sequence[Callable[..., Any]] | None = None,
         metric: str = DEFAULT_METRIC,
         mode: str = "min",
         keep_checkpoints: int | None = 2,
@@ -104,6 +113,11 @@ class Experiment:
         (`module:function` returning the same ExperimentSpec) to make the experiment resumable by
         `rf continue` and runnable as a Prefect deployment.
 
+        A config may hold functions for `formatting_func` and `compute_metrics` (`List([qa_format, chat_format])`
+        grids over them); `functions={"qa": qa_format, ...}` registers more by name, so a Clone-Modify, a policy or
+        the CLI can switch a run to any of them by name (a function in the config group registers itself under its
+        `__name__`). `compute_metrics` here is the experiment's default for configs that name none.
+
         `policies` run at every chunk boundary: `rf_core.policies.Policy` objects (acting; they may be defined
         right here), template names, or JSON specs `{"template", "params", "mode": "act" | "propose"}`.
         """
@@ -115,6 +129,7 @@ class Experiment:
             num_chunks=num_chunks,
             seed=seed,
             compute_metrics=compute_metrics,
+            functions=functions,
             metric=metric,
             mode=mode,
             keep_checkpoints=keep_checkpoints,

@@ -49,6 +49,11 @@ VALID: dict[str, list[Any]] = {
     "gradient_checkpointing": [False, True],
     "seed": [None, 0, 42, 2**32 - 1],
     "max_length": [8, 64, 8192],
+    "formatting_func": [None, "qa_format", "formats.chat-v2"],
+    "compute_metrics": [None, "my_metrics", "Metrics_2"],
+    "predict_with_generate": [False, True],
+    "generation_config": [None, {}, {"max_new_tokens": 32, "do_sample": True, "temperature": 0.7, "top_p": 0.9},
+                          {"repetition_penalty": 1.1, "num_beams": 2, "top_k": 0}],
     "num_devices": [1, 2, 64],
     "max_devices": [None, 1, 64],
     "strategy": ["ddp", "deepspeed"],
@@ -79,6 +84,18 @@ INVALID: dict[str, list[Any]] = {
     "gradient_checkpointing": [0, "yes", None],
     "seed": [-1, 2**32, 1.5, True, "42"],
     "max_length": [7, 8193, 64.0, True, None],
+    "formatting_func": ["", "1st", "has space", "x" * 101, 3, "rougeL"],
+    "compute_metrics": ["", "a/b", 3, ["rougeL"], "rougeL", "bleu"],
+    "predict_with_generate": [1, "true", None],
+    "generation_config": [
+        [],
+        "greedy",
+        {"max_new_tokens": 0},
+        {"temperature": 0},
+        {"do_sample": 1},
+        {"max_length": 20},
+        {"top_p": 1.5},
+    ],
     "num_devices": [0, 65, 2.0, True, None],
     "max_devices": [0, 65, 2.0, True, "4"],
     "strategy": ["DDP", "fsdp", "", None],
@@ -118,7 +135,7 @@ def test_each_knob_rejects_an_invalid_value_by_name(key: str, value: Any) -> Non
 def test_every_default_is_valid(name: str) -> None:
     spec = KNOBS[name]
     assert spec.name == name
-    assert spec.kind in ("model", "adapter", "training", "data", "devices")
+    assert spec.kind in ("model", "adapter", "training", "data", "eval", "devices")
     assert spec.problem(spec.default) is None
     assert spec.doc
 

@@ -138,6 +138,11 @@ def test_the_fit_flow_routes(server: tuple[RFClient, dict[str, Any], Path]) -> N
     assert len(client.timeline("flow")) == 1  # failing a run that never trained records no chunk
     snapshot = client.experiment_snapshot("flow")
     assert snapshot["experiment"]["name"] == "flow" and len(snapshot["runs"]) == 3
+    # A continued fit registers its spec's function names; clones may then name them.
+    assert client.set_experiment_functions("flow", ["qa", "chat"])["functions"] == ["chat", "qa"]
+    client.submit_op("flow", "clone", 1, {"overrides": {"formatting_func": "chat"}})
+    with pytest.raises(OpRejected, match=r"formatting_func='instruct'.*\(known: chat, qa\)"):
+        client.submit_op("flow", "clone", 1, {"overrides": {"formatting_func": "instruct"}})
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,11 @@ def require_experiment(store: Store, name: str) -> dict[str, Any]:
     return experiment
 
 
+def registered_functions(store: Store, experiment: str) -> list[str]:
+    """The function names the experiment registers (its configs' formatting_func and compute_metrics name them)."""
+    return list(require_experiment(store, experiment).get("functions") or [])
+
+
 def require_run(store: Store, experiment: str, run_id: int) -> dict[str, Any]:
     run = store.get_run(experiment, run_id) if is_int(run_id) else None
     if run is None:

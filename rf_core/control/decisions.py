@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from rf_core.control.checks import is_int, require_experiment, type_name
+from rf_core.control.checks import is_int, registered_functions, require_experiment, type_name
 from rf_core.control.ops import check_op, submit_op
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.paths import check_name
@@ -90,7 +90,10 @@ def record_policy_decision(
         else:
             run = store.get_run(experiment, run_id)
             pending = store.list_ops(experiment, run_ids=[run_id], statuses=["pending"]) if run else []
-            rejected, _ = check_op(kind, run, pending, payload, None, experiment=experiment, run_id=run_id)
+            functions = registered_functions(store, experiment)
+            rejected, _ = check_op(
+                kind, run, pending, payload, None, experiment=experiment, run_id=run_id, functions=functions
+            )
             if rejected:
                 row.update(status="rejected", problems=rejected)
             else:

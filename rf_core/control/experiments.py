@@ -11,6 +11,7 @@ from rf_core.config import normalize_config, varying_knobs
 from rf_core.control.checks import finite_or_none, is_int, require_experiment, require_run
 from rf_core.control.timeline import abandon_open_chunks
 from rf_core.errors import ExperimentExists, InvalidRequest
+from rf_core.functions import name_problem, unknown_function_problems
 from rf_core.knobs import ConfigError
 from rf_core.paths import check_name
 from rf_core.states import DEFAULT_METRIC, EXPERIMENT_STATUSES, METRIC_MODES, TRAIN_LOSS_METRIC, OpKind, RunStatus
@@ -28,11 +29,13 @@ def create_experiment(
     metric: str = DEFAULT_METRIC,
     mode: str = "min",
     spec_ref: str | None = None,
+    functions: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Create an experiment and one New run per config; returns {"experiment": row, "runs": [rows]}.
 
-    Configs are validated and stored normalised (defaults filled in). Raises InvalidRequest listing every
-    problem, or ExperimentExists when the name is taken.
+    Configs are validated and stored normalised (defaults filled in); a function a config names must be among
+    `functions`, the names the experiment registers. Raises InvalidRequest listing every problem, or
+    ExperimentExists when the name is taken.
     """
     problems = []
     try:
@@ -49,6 +52,8 @@ def create_experiment(
         problems.append(f"mode must be 'min' or 'max', got {mode!r}")
     if spec_ref is not None and (not isinstance(spec_ref, str) or ":" not in spec_ref):
         problems.append(f"spec_ref must look like 'package.module:function', got {spec_ref!r}")
+    function_names, function_problems = _function_names(functions)
+    problems += function_problems
     normalised: list[dict[str, Any]] = []
     if isinstance(configs, Mapping) or not isinstance(configs, Sequence) or isinstance(configs, str) or not configs:
         problems.append("configs must be a non-empty list of config objects")
@@ -56,6 +61,10 @@ def create_experiment(
         for index, config in enumerate(configs, start=1):
             try:
                 normalised.append(normalize_config(config))
+                problems.extend(
+                    f"config {index}: {problem}"
+                    for problem in unknown_function_problems(normalised[-1], function_names)
+                )
             except ConfigError as exc:
                 problems.extend(f"config {index}: {problem}" for problem in exc.problems)
             except (TypeError, ValueError) as exc:
@@ -82,6 +91,7 @@ def create_experiment(
                 "metric": metric,
                 "mode": mode,
                 "spec_ref": spec_ref,
+                "functions": function_names,
                 "created_at": now,
             }
         )
@@ -99,6 +109,25 @@ def create_experiment(
             ],
         )
     return {"experiment": row, "runs": runs}
+
+
+def _function_names(functions: Any) -> tuple[list[str], list[str]]:
+    if functions is None:
+        return [], []
+    if isinstance(functions, str | Mapping) or not isinstance(functions, Sequence):
+        return [], [f"functions must be a list of function names, got {functions!r}"]
+    problems = [problem for name in functions if (problem := name_problem(name))]
+    return sorted(set(functions)), problems
+
+
+def set_experiment_functions(store: Store, name: str, functions: Sequence[str]) -> dict[str, Any]:
+    """Replace the names an experiment registers (a fit that continues it brings its own spec's functions)."""
+    names, problems = _function_names(functions)
+    if problems:
+        raise InvalidRequest(problems)
+    with store.transaction():
+        require_experiment(store, name)
+        return store.update_experiment(name, {"functions": names})
 
 
 def _free_name(store: Store, name: str) -> str:

@@ -11,13 +11,14 @@ Every function takes a `Store` and runs its reads and writes in one `store.trans
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rf_core.config import apply_overrides, architecture_mismatch, normalize_config
-from rf_core.control.checks import is_int, require_experiment, type_name
+from rf_core.control.checks import is_int, registered_functions, require_experiment, type_name
 from rf_core.control.experiments import list_runs
 from rf_core.errors import InvalidRequest, OpRejected
+from rf_core.functions import unknown_function_problems
 from rf_core.knobs import ConfigError, config_group_from_json
 from rf_core.states import WARM_START_MODES, OpKind, RunStatus, op_rejection, op_result
 
@@ -40,8 +41,10 @@ def check_op(
     *,
     experiment: str,
     run_id: int | None,
+    functions: Collection[str] = (),
 ) -> tuple[list[str], dict[str, Any]]:
-    """Validate an op and return (problems, the payload to store)."""
+    """Validate an op and return (problems, the payload to store); `functions`: the names the experiment
+    registers, which a clone's config may name."""
     try:
         kind = OpKind(kind)
     except ValueError:
@@ -68,7 +71,9 @@ def check_op(
             return [f"a {kind} op's payload must be a JSON object or null, got {type(payload).__name__}"], {}
         return [], dict(payload)
 
-    configs, warm, problems = expand_clone(payload, parent_config if parent_config is not None else run["config"])
+    configs, warm, problems = expand_clone(
+        payload, parent_config if parent_config is not None else run["config"], functions
+    )
     if warm != "off" and not run.get("checkpoint"):
         if current == RunStatus.FAILED:
             problems.append(f"run {rid} failed before saving any checkpoint: there is no good state to warm-start from")
@@ -114,7 +119,9 @@ def _clone_base(payload: Mapping[str, Any], parent_config: Mapping[str, Any]) ->
     return dict(parent_config)
 
 
-def expand_clone(payload: Any, parent_config: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str, list[str]]:
+def expand_clone(
+    payload: Any, parent_config: Mapping[str, Any], functions: Collection[str] = ()
+) -> tuple[list[dict[str, Any]], str, list[str]]:
     """A clone payload as (normalised configs it creates, warm-start mode, problems)."""
     if payload is None:
         payload = {}
@@ -149,6 +156,7 @@ def expand_clone(payload: Any, parent_config: Mapping[str, Any]) -> tuple[list[d
         except ConfigError as exc:
             problems.extend(prefix + problem for problem in exc.problems)
             continue
+        problems.extend(prefix + problem for problem in unknown_function_problems(normalised, functions))
         if warm != "off":
             problems.extend(
                 f"{prefix}warm start needs the parent's architecture: {mismatch}"
@@ -191,7 +199,10 @@ def submit_op(
         require_experiment(store, experiment)
         run = store.get_run(experiment, run_id)
         pending = store.list_ops(experiment, run_ids=[run_id], statuses=["pending"]) if run else []
-        problems, stored_payload = check_op(kind, run, pending, payload, None, experiment=experiment, run_id=run_id)
+        functions = registered_functions(store, experiment)
+        problems, stored_payload = check_op(
+            kind, run, pending, payload, None, experiment=experiment, run_id=run_id, functions=functions
+        )
         if problems:
             raise OpRejected(problems)
         if policy_note is not None:
@@ -219,7 +230,10 @@ def preview_op(store: Store, experiment: str, kind: OpKind | str, run_id: int, p
         require_experiment(store, experiment)
         run = store.get_run(experiment, run_id)
         pending = store.list_ops(experiment, run_ids=[run_id], statuses=["pending"]) if run else []
-        problems, stored = check_op(kind, run, pending, payload, None, experiment=experiment, run_id=run_id)
+        functions = registered_functions(store, experiment)
+        problems, stored = check_op(
+            kind, run, pending, payload, None, experiment=experiment, run_id=run_id, functions=functions
+        )
     return {"problems": problems, "count": int(stored.get("count", 0)) if kind == OpKind.CLONE else 0}
 
 

@@ -48,7 +48,7 @@ class StoreClosed(StoreError):
 # Columns each table may have updated by name, and which of them hold JSON. Column names cannot be `?`
 # parameters, so any name that reaches SQL text is checked against these sets first.
 _EXPERIMENT_COLUMNS = frozenset(
-    {"name", "status", "num_chunks", "seed", "metric", "mode", "spec_ref", "created_at", "ended_at"}
+    {"name", "status", "num_chunks", "seed", "metric", "mode", "spec_ref", "functions", "created_at", "ended_at"}
 )
 _RUN_COLUMNS = frozenset(
     {
@@ -72,6 +72,7 @@ _DECISION_COLUMNS = frozenset(
     }
 )  # fmt: skip
 _JSON_COLUMNS = {
+    "experiments": frozenset({"functions"}),
     "runs": frozenset({"config"}),
     "ops": frozenset({"payload", "result"}),
     "policy_decisions": frozenset({"payload", "problems"}),

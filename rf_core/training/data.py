@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rf_core.data_forms import CONVERSATIONAL_FORMS, example_form
+from rf_core.data_forms import CONVERSATIONAL_FORMS, example_form, prompt_and_reference
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
@@ -178,3 +178,38 @@ def _encode(texts: list[str], tokenizer: Any, max_length: int, add_special_token
     # Truncating here only drops tokens that `place` would cut anyway, and keeps long texts cheap.
     encoded = tokenizer(texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length)
     return encoded["input_ids"]
+
+
+@dataclass(frozen=True)
+class GenerationSet:
+    """Eval examples as generation inputs: each prompt's token ids (unpadded) and the text it should produce."""
+
+    prompts: list[list[int]]
+    references: list[str]
+
+
+def generation_set(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max_length: int) -> GenerationSet:
+    """The prompt and the reference text of every example, tokenized as training tokenizes prompts.
+
+    A conversational prompt is rendered by TRL's `apply_chat_template` (with the generation prompt) and tokenized
+    without added special tokens; a string prompt with them. Long prompts keep their last `max_length` tokens, the
+    ones next to what is generated.
+    """
+    prompts: list[list[int]] = []
+    references: list[str] = []
+    for index, example in enumerate(examples):
+        try:
+            prompt, reference = prompt_and_reference(example)
+        except ValueError as exc:
+            raise ValueError(f"predict_with_generate: eval example {index} {exc}") from None
+        templated = isinstance(prompt, list)
+        if templated:
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError(f"eval example {index} is conversational, but the tokenizer has no chat template")
+            from trl.data_utils import apply_chat_template
+
+            prompt = apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
+        ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+        prompts.append(list(ids[-max_length:]) or [tokenizer.eos_token_id])
+        references.append(reference)
+    return GenerationSet(prompts=prompts, references=references)

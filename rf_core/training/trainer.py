@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import get_scheduler
+from transformers import EvalPrediction, get_scheduler
 
 from rf_core import chunks
+from rf_core.data_forms import formatted_example
+from rf_core.functions import EvaluationContext, resolve
 from rf_core.messages import ChunkOutcome, ChunkSpec, Gang, TrainTask, WarmStart
 from rf_core.states import EVAL_LOSS_METRIC, LEARNING_RATE_METRIC, TRAIN_LOSS_METRIC
 from rf_core.training import zero
@@ -57,7 +59,14 @@ from rf_core.training.checkpoints import (
     step_checkpoint_path,
     step_of,
 )
-from rf_core.training.data import IGNORE_INDEX, TokenizedData, tokenize_examples
+from rf_core.training.data import IGNORE_INDEX, GenerationSet, TokenizedData, generation_set, tokenize_examples
+from rf_core.training.evaluation import (
+    call_metrics,
+    generate_texts,
+    metrics_function,
+    stacked_logits,
+    takes_eval_prediction,
+)
 from rf_core.training.gang import DeepSpeedStep, GangSession, PlainStep, free_address, gang_session
 from rf_core.training.staging import AfterPersist, StateWriter, StorageFull, load_state, state_exists
 
@@ -123,7 +132,11 @@ class SlotTrainer:
         create_model_fn: config -> (base_model, tokenizer); called once per distinct `model_name_or_path`.
         train_dataset: examples with "text", or "prompt" and "completion" (list, `datasets.Dataset`, ...).
         eval_dataset: same forms; evaluated at every chunk end. None or empty: no evaluation.
-        compute_metrics: optional (model, tokenizer, eval_dataset) -> {name: value}, run after eval_loss.
+        compute_metrics: the experiment's metric function for configs whose `compute_metrics` knob is null: HF's
+            `(eval_prediction) -> {name: value}` or the engine's `(model, tokenizer, eval_dataset)`; see
+            `rf_core.training.evaluation`.
+        functions: the experiment's registry, {name: function}, for the `formatting_func` and `compute_metrics`
+            names configs hold.
         num_threads: torch intra-op threads for this process. Fix it: float sums differ across thread counts.
         step_delay_s: sleep after every optimizer step (tests use it so operations arrive mid-chunk).
         device: where base models and run state live ("cpu", "cuda:1", ...); None keeps the model's own.
@@ -139,6 +152,7 @@ class SlotTrainer:
         eval_dataset: Iterable[Mapping[str, Any]] | None,
         compute_metrics: ComputeMetricsFn | None = None,
         *,
+        functions: Mapping[str, Callable[..., Any]] | None = None,
         num_threads: int | None = None,
         step_delay_s: float = 0.0,
         device: str | None = None,
@@ -155,12 +169,15 @@ class SlotTrainer:
         if not self._train_examples:
             raise ValueError("train_dataset is empty")
         self._compute_metrics = compute_metrics
+        self._functions = dict(functions or {})
+        self._formatted: dict[tuple[str, str | None], list[Any]] = {}
+        self._generation_sets: dict[tuple[int, int, str | None], GenerationSet] = {}
         self._step_delay_s = step_delay_s
         self._device = torch.device(device) if device is not None else None
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self._bases: dict[str, _BaseEntry] = {}
-        self._tokenized: dict[tuple[str, int, int], TokenizedData] = {}
+        self._tokenized: dict[tuple[str, int, int, str | None], TokenizedData] = {}
         self._runs: dict[int, _RunState] = {}
         self._adapters: dict[int, tuple[str, str, tuple[Any, ...]]] = {}  # run -> (base, adapter, LoRA shape)
         self._adapters_made = 0
@@ -199,9 +216,9 @@ class SlotTrainer:
         """Load the base models and tokenize the data these configs need, ahead of their first chunk."""
         for config in configs:
             base = self._base(config)
-            self._tokenized_data("train", self._train_examples, base.tokenizer, config["max_length"])
+            self._tokenized_data("train", base.tokenizer, config)
             if self._eval_examples:
-                self._tokenized_data("eval", self._eval_examples, base.tokenizer, config["max_length"])
+                self._tokenized_data("eval", base.tokenizer, config)
 
     def flush(self) -> None:
         """Wait until every state saved so far is on disk (its exports and pruning done too)."""
@@ -246,7 +263,7 @@ class SlotTrainer:
         config, chunk = task.config, task.chunk
         leads = session is None or session.is_leader  # evaluates, logs and checkpoints
         base = self._base(config)
-        train_data = self._tokenized_data("train", self._train_examples, base.tokenizer, config["max_length"])
+        train_data = self._tokenized_data("train", base.tokenizer, config)
         run_total_steps = chunks.total_steps(len(train_data), config)
         if not 0 <= chunk.start_step < chunk.end_step <= run_total_steps:
             raise ValueError(
@@ -324,7 +341,8 @@ class SlotTrainer:
         # 3. Evaluate, then checkpoint the boundary.
         eval_started = time.perf_counter()
         evaluates = leads or zero.partitions_parameters(config)  # ZeRO-3: every member's forward takes part
-        eval_metrics = self._evaluate(model, base.tokenizer, config) if evaluates else {}
+        context = EvaluationContext(task.experiment, task.run_id, state.step, chunk.index, chunk.epoch, config)
+        eval_metrics = self._evaluate(model, base.tokenizer, context, seed) if evaluates else {}
         if session is not None:
             eval_metrics = session.from_leader(eval_metrics)  # every member keeps the run's best chunk right
         eval_seconds = time.perf_counter() - eval_started
@@ -633,17 +651,43 @@ class SlotTrainer:
             parameter.requires_grad_(True)
         return model
 
-    def _tokenized_data(self, split: str, examples: list[Any], tokenizer: Any, max_length: int) -> TokenizedData:
+    def _examples(self, split: str, formatting_func: str | None) -> list[Any]:
+        """The split's rows as a config with this formatting function trains or evaluates on them."""
+        raw = self._train_examples if split == "train" else self._eval_examples
+        if formatting_func is None:
+            return raw
+        key = (split, formatting_func)
+        if key not in self._formatted:
+            function = resolve(self._functions, "formatting_func", formatting_func)
+            self._formatted[key] = [formatted_example(function, example) for example in raw]
+        return self._formatted[key]
+
+    def _tokenized_data(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> TokenizedData:
         # Keyed by tokenizer identity: tokenizers live as long as their base entry, i.e. as long as self.
-        key = (split, id(tokenizer), int(max_length))
+        formatting_func, max_length = config["formatting_func"], int(config["max_length"])
+        key = (split, id(tokenizer), max_length, formatting_func)
         if key not in self._tokenized:
-            self._tokenized[key] = tokenize_examples(examples, tokenizer, int(max_length))
+            self._tokenized[key] = tokenize_examples(self._examples(split, formatting_func), tokenizer, max_length)
         return self._tokenized[key]
 
-    def _evaluate(self, model: Any, tokenizer: Any, config: dict[str, Any]) -> dict[str, float]:
+    def _generation_set(self, tokenizer: Any, config: Mapping[str, Any]) -> GenerationSet:
+        formatting_func, max_length = config["formatting_func"], int(config["max_length"])
+        key = (id(tokenizer), max_length, formatting_func)
+        if key not in self._generation_sets:
+            self._generation_sets[key] = generation_set(self._examples("eval", formatting_func), tokenizer, max_length)
+        return self._generation_sets[key]
+
+    def _evaluate(self, model: Any, tokenizer: Any, context: EvaluationContext, seed: int) -> dict[str, float]:
         if not self._eval_examples:
             return {}
-        eval_data = self._tokenized_data("eval", self._eval_examples, tokenizer, config["max_length"])
+        config = context.config
+        eval_data = self._tokenized_data("eval", tokenizer, config)
+        metrics_fn = metrics_function(config, self._functions, self._compute_metrics)
+        generates = bool(config["predict_with_generate"])
+        # HF's compute_metrics without generation gets every logit, as Trainer gives it; only then are they kept.
+        keeps_logits = metrics_fn is not None and not generates and takes_eval_prediction(metrics_fn)
+        kept_logits: list[torch.Tensor] = []
+        kept_labels: list[torch.Tensor] = []
         device = _model_device(model)
         batch_size = config["per_device_eval_batch_size"]
         loss_sum = 0.0
@@ -666,10 +710,29 @@ class SlotTrainer:
                 )
                 loss_sum += float(losses)
                 token_count += int((targets != IGNORE_INDEX).sum())
+                if keeps_logits:
+                    kept_logits.append(logits.float().cpu())
+                    kept_labels.append(batch["labels"].cpu())
             metrics = {EVAL_LOSS_METRIC: loss_sum / max(token_count, 1)}
-            if self._compute_metrics is not None:
-                extra = self._compute_metrics(model, tokenizer, self._eval_examples)
-                metrics.update({str(name): float(value) for name, value in dict(extra).items()})
+            if metrics_fn is not None:
+                eval_prediction = None
+                if generates:
+                    generation = self._generation_set(tokenizer, config)
+                    with _precision(config, device):
+                        texts = generate_texts(model, tokenizer, generation, config, seed + context.step)
+                    eval_prediction = EvalPrediction(predictions=texts, label_ids=generation.references)
+                elif keeps_logits:
+                    eval_prediction = stacked_logits(kept_logits, kept_labels)
+                metrics.update(
+                    call_metrics(
+                        metrics_fn,
+                        context,
+                        eval_prediction=eval_prediction,
+                        model=model,
+                        tokenizer=tokenizer,
+                        eval_examples=self._eval_examples,
+                    )
+                )
         model.train()
         return metrics
 

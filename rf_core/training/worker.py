@@ -89,6 +89,7 @@ class SlotService:
             spec.train_dataset,
             spec.eval_dataset,
             spec.compute_metrics,
+            functions=spec.named_configs()[1],
             num_threads=num_threads,
             step_delay_s=float(os.environ.get(STEP_DELAY_ENV, "0") or 0),
             device=device,
@@ -202,9 +203,8 @@ def _users_main_module_hidden() -> Any:
 
 def _initial_configs(spec: Any) -> list[dict[str, Any]]:
     from rf_core.config import normalize_config
-    from rf_core.knobs import expand_config_group
 
-    return [normalize_config(config) for config in expand_config_group(spec.config_group)]
+    return [normalize_config(config) for config in spec.named_configs()[0]]
 
 
 class Slot:

@@ -664,3 +664,81 @@ def test_a_fit_on_conversational_data_from_a_datasets_dataset(prefect_harness, t
         assert run["status"] == "Completed", run.get("error")
         assert run["chunks_done"] == 2 and run["latest_metric"] is not None and run["latest_metric"] > 0
     assert mixed["config"]["bf16"] and mixed["latest_metric"] != plain["latest_metric"]
+
+
+def test_functions_per_config_gridded_scored_by_generation_and_switched_by_a_clone(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Two prompt formats gridded in one experiment (functions defined in place, sent by value), scored by a
+    generation-based built-in ROUGE-L; a policy clones a run mid-fit switching its format and metric by name."""
+    from rf_core import Experiment, GridSearch, List
+    from rf_core.control import metrics as metric_rows
+    from rf_core.control.store import DuckDBStore
+    from rf_core.policies import CloneModify, ExperimentSnapshot, Policy, PolicyOp
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    rows = [{"question": f"item {i}?", "answer": " ".join(words[i % 8 :][:3])} for i in range(48)]
+
+    def qa_format(row: dict) -> dict:
+        return {"prompt": f"Q: {row['question']}\nA:", "completion": " " + row["answer"]}
+
+    def chat_format(row: dict) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": row["question"]}],
+            "completion": [{"role": "assistant", "content": row["answer"]}],
+        }
+
+    def answer_words(eval_prediction) -> dict:  # HF's form, registered by name only
+        predictions, references = eval_prediction
+        return {"answer_words": sum(len(text.split()) for text in predictions) / len(predictions)}
+
+    class SwitchToChat(Policy):
+        name = "switch-to-chat"
+
+        def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+            if len(snapshot.runs) > 2:
+                return []
+            return [
+                CloneModify(
+                    run.run_id, "try chat",
+                    overrides={"formatting_func": "chat_format", "compute_metrics": "answer_words"},
+                    warm_start="weights",
+                )
+                for run in snapshot.trainable()
+                if run.config["formatting_func"] == "qa_format" and run.chunks_done >= 1
+            ]  # fmt: skip
+
+    config = GridSearch(
+        {
+            "model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 32, "per_device_train_batch_size": 8,
+            "formatting_func": List([qa_format, chat_format]),
+            "compute_metrics": "rougeL", "predict_with_generate": True, "generation_config": {"max_new_tokens": 4},
+        }
+    )  # fmt: skip
+    snapshot = Experiment("formats").run_fit(
+        config, e2e_experiment.create_model_fn, rows[:40], rows[40:], num_chunks=2,
+        functions={"answer_words": answer_words}, metric="rougeL", mode="max",
+        policies=[SwitchToChat()], cpu_slots=1, idle_timeout=1,
+    )  # fmt: skip
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert [runs[i]["config"]["formatting_func"] for i in (1, 2, 3)] == ["qa_format", "chat_format", "chat_format"]
+    assert runs[3]["config"]["compute_metrics"] == "answer_words" and runs[3]["parent_id"] == 1
+    assert all(run["status"] == "Completed" for run in runs.values()), runs
+    store = DuckDBStore(paths.db_path(home))
+    try:
+        rouge = metric_rows.metrics(store, "formats", names=["rougeL"])
+        answer = metric_rows.metrics(store, "formats", names=["answer_words"])
+        experiment = store.get_experiment("formats")
+    finally:
+        store.close()
+    assert {row["run_id"] for row in rouge} == {1, 2} and all(0 <= row["value"] <= 1 for row in rouge)
+    assert len([row for row in rouge if row["run_id"] == 1]) == 2  # one per chunk boundary
+    assert [row["run_id"] for row in answer] == [3, 3] and all(0 <= row["value"] <= 4 for row in answer)
+    assert experiment["functions"] == ["answer_words", "chat_format", "qa_format"]
+    best_rouge_of_run_1 = max(row["value"] for row in rouge if row["run_id"] == 1)
+    assert runs[1]["best_value"] == pytest.approx(best_rouge_of_run_1)  # the experiment's metric, mode max

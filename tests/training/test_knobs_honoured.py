@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+from rf_core import evaluation_context
 from rf_core.chunks import plan_chunks
 from rf_core.config import KNOBS, normalize_config
 from rf_core.messages import ChunkOutcome, TrainTask
@@ -51,6 +52,30 @@ LR = BASE["learning_rate"]
 LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def identity_format(example: dict[str, Any]) -> dict[str, Any]:
+    return example
+
+
+def completion_as_text(example: dict[str, Any]) -> str:
+    return example["completion"]  # a string: trained as a text row, every token
+
+
+SEEN_BY_METRICS: list[dict[str, Any]] = []
+
+
+def hf_metrics(eval_prediction: Any) -> dict[str, float]:
+    """HF's form: records what it was given and where (rf_core.evaluation_context), returns one metric."""
+    predictions, label_ids = eval_prediction  # unpacks as Trainer's EvalPrediction does
+    context = evaluation_context()
+    SEEN_BY_METRICS.append(
+        {"predictions": predictions, "label_ids": label_ids, "step": context.step, "run_id": context.run_id}
+    )
+    return {"seen": float(len(predictions))}
+
+
+FUNCTIONS = {f.__name__: f for f in (identity_format, completion_as_text, hf_metrics)}
+
+
 @dataclass(frozen=True)
 class Forward:
     """One call of the model, seen by a hook on its input embedding."""
@@ -69,6 +94,7 @@ class Run:
     outcomes: list[ChunkOutcome]
     checkpoint: dict[str, Any]  # the final one, from load_checkpoint
     forwards: list[Forward]
+    metric_calls: list[dict[str, Any]]
 
     def values(self, name: str) -> list[float]:
         return [row["value"] for row in self.rows if row["name"] == name]
@@ -87,6 +113,11 @@ class Run:
     @property
     def weights(self) -> dict[str, torch.Tensor]:
         return self.checkpoint["trainable"]
+
+    @property
+    def seen(self) -> list[dict[str, Any]]:
+        """What hf_metrics was given while this run trained, one entry per chunk boundary."""
+        return self.metric_calls
 
     @property
     def last(self) -> ChunkOutcome:
@@ -109,6 +140,10 @@ class Runs:
         self._train_examples, self._eval_examples = examples[:NUM_TRAIN], examples[NUM_TRAIN:]
         self._runs: dict[str, Run] = {}
 
+    @property
+    def eval_examples(self) -> list[dict[str, Any]]:
+        return self._eval_examples
+
     def __call__(self, overrides: dict[str, Any] | None = None, *, experiment_seed: int = EXPERIMENT_SEED) -> Run:
         key = json.dumps([overrides or {}, experiment_seed], sort_keys=True)
         if key not in self._runs:
@@ -128,7 +163,10 @@ class Runs:
             return model, tokenizer
 
         config = normalize_config({**BASE, **overrides})
-        trainer = SlotTrainer(create_model_fn, self._train_examples, self._eval_examples, num_threads=NUM_THREADS)
+        SEEN_BY_METRICS.clear()
+        trainer = SlotTrainer(
+            create_model_fn, self._train_examples, self._eval_examples, functions=FUNCTIONS, num_threads=NUM_THREADS
+        )
         rows: list[dict[str, Any]] = []
         outcomes = []
         for chunk in plan_chunks(NUM_TRAIN, config, NUM_CHUNKS):
@@ -138,7 +176,8 @@ class Runs:
             outcomes.append(outcome)
         assert outcomes[-1].status == "completed" and outcomes[-1].checkpoint is not None
         trainer.close()  # the state is written behind: wait for the last checkpoint file
-        return Run(config, rows, outcomes, load_checkpoint(outcomes[-1].checkpoint), forwards)
+        calls = list(SEEN_BY_METRICS)
+        return Run(config, rows, outcomes, load_checkpoint(outcomes[-1].checkpoint), forwards, calls)
 
 
 @pytest.fixture(scope="session")
@@ -445,6 +484,53 @@ def case_max_length(train: Runs) -> None:
     assert longer.losses != base.losses
 
 
+def case_formatting_func(train: Runs) -> None:
+    base, same = train(), train({"formatting_func": "identity_format"})
+    assert same.losses == base.losses and same_weights(same.weights, base.weights)
+    assert same.values("eval_loss") == base.values("eval_loss")
+    # Completions as text rows: other tokens, and every one of them trained.
+    reformatted = train({"formatting_func": "completion_as_text"})
+    assert reformatted.losses != base.losses
+    assert reformatted.last.eval_metrics["eval_loss"] != base.last.eval_metrics["eval_loss"]
+
+
+def case_compute_metrics_logits(train: Runs) -> None:
+    # HF's compute_metrics(eval_prediction) without generation: logits and label ids, as Trainer gives them.
+    base, scored = train(), train({"compute_metrics": "hf_metrics"})
+    assert scored.losses == base.losses  # evaluation changes no training
+    assert scored.values("seen") == [NUM_EVAL] * NUM_CHUNKS
+    assert [call["step"] for call in scored.seen] == [BASE_STEPS // 2, BASE_STEPS]
+    assert {call["run_id"] for call in scored.seen} == {1}
+    logits, label_ids = scored.seen[-1]["predictions"], scored.seen[-1]["label_ids"]
+    assert logits.shape[:2] == label_ids.shape == (NUM_EVAL, BASE["max_length"]) and logits.shape[2] > 100
+    assert (label_ids == -100).any() and (label_ids >= 0).any()  # prompt tokens carry no label
+
+
+def case_predict_with_generate(train: Runs) -> None:
+    base = train()
+    generating = train({"compute_metrics": "hf_metrics", "predict_with_generate": True})
+    assert generating.losses == base.losses and same_weights(generating.weights, base.weights)
+    predictions, references = generating.seen[-1]["predictions"], generating.seen[-1]["label_ids"]
+    assert len(predictions) == NUM_EVAL and all(isinstance(text, str) for text in predictions)
+    assert references == [example["completion"] for example in train.eval_examples]
+    # The eval batches (4 rows) run the loss forward once, then one forward per generated token.
+    eval_calls = len(generating.eval_forwards()) - len(base.eval_forwards())
+    assert eval_calls > 2 * NUM_CHUNKS
+    # A built-in metric by name scores the generated texts.
+    rouge = train({"compute_metrics": "rougeL", "predict_with_generate": True})
+    assert len(rouge.values("rougeL")) == NUM_CHUNKS and all(0 <= v <= 1 for v in rouge.values("rougeL"))
+
+
+def case_generation_config(train: Runs) -> None:
+    generating = {"compute_metrics": "hf_metrics", "predict_with_generate": True}
+    short = train({**generating, "generation_config": {"max_new_tokens": 2}})
+    longer = train({**generating, "generation_config": {"max_new_tokens": 6}})
+    # A batch takes one forward per new token (until every row has stopped).
+    assert max(map(len, short.seen[-1]["predictions"])) < max(map(len, longer.seen[-1]["predictions"]))
+    assert len(short.eval_forwards()) == 2 * NUM_CHUNKS + 2 * 2 * NUM_CHUNKS  # loss + 2 tokens, 2 batches a chunk
+    assert short.losses == longer.losses
+
+
 CASES = [
     pytest.param("model_name_or_path", case_model_name_or_path, id="model_name_or_path"),
     pytest.param("use_peft", case_use_peft, id="use_peft"),
@@ -479,6 +565,10 @@ CASES = [
     pytest.param("gradient_checkpointing", case_gradient_checkpointing, id="gradient_checkpointing"),
     pytest.param("seed", case_seed, id="seed"),
     pytest.param("max_length", case_max_length, id="max_length"),
+    pytest.param("formatting_func", case_formatting_func, id="formatting_func"),
+    pytest.param("compute_metrics", case_compute_metrics_logits, id="compute_metrics"),
+    pytest.param("predict_with_generate", case_predict_with_generate, id="predict_with_generate"),
+    pytest.param("generation_config", case_generation_config, id="generation_config"),
 ]
 
 
