@@ -138,6 +138,7 @@ GENERATION_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "no_repeat_ngram_size": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
 }
 DEFAULT_MAX_NEW_TOKENS = 64
+EVAL_STRATEGIES = ("chunk", "steps", "epoch", "no")
 
 
 def _is_int(value: Any) -> bool:
@@ -272,6 +273,20 @@ KNOBS: dict[str, KnobSpec] = {
             f"null = greedy, {DEFAULT_MAX_NEW_TOKENS} new tokens",
         ),
         _K(
+            "eval_strategy", "eval", (str,), "chunk",
+            Constraint(f"one of {', '.join(EVAL_STRATEGIES)}", lambda v: v in EVAL_STRATEGIES),
+            "when the run is evaluated: every chunk boundary, every eval_steps steps (and at its last step), "
+            "at each epoch's end, or never",
+        ),
+        _K(
+            "eval_steps", "eval", (int, type(None)), None, _at_least(1),
+            "optimizer steps between evaluations with eval_strategy steps",
+        ),
+        _K(
+            "eval_subset", "eval", (int, type(None)), None, _at_least(1),
+            "evaluate on the first N eval rows only (loss and metrics); null = all",
+        ),
+        _K(
             "num_devices", "devices", (int,), 1, _between(1, 64),
             "device slots that train the run together, one process each; a step's batch is split across them",
         ),
@@ -321,6 +336,8 @@ def _eval_problems(cfg: Mapping[str, Any]) -> list[str]:
             f"compute_metrics={_show(metric)}: must be used with predict_with_generate=true (the built-in metric "
             "scores generated text)"
         )
+    if cfg.get("eval_strategy") == "steps" and cfg.get("eval_steps") is None:
+        problems.append('eval_strategy="steps": must be used with eval_steps (an integer >= 1)')
     if cfg.get("predict_with_generate") and cfg.get("strategy") == "deepspeed":
         problems.append("predict_with_generate=true: must be false with strategy deepspeed (not supported there yet)")
     return problems
@@ -359,15 +376,15 @@ _COMMON_ALIASES = {
     "warmup": "warmup_steps",
     "max_seq_length": "max_length",
     "grad_accum": "gradient_accumulation_steps",
+    "evaluation_strategy": "eval_strategy",  # transformers' name before 4.46
 }
 
 
 # Hugging Face / TRL training arguments people set that rf does not have yet: named as such, never "corrected" to
-# a knob that merely looks alike (eval_strategy is not strategy).
+# a knob that merely looks alike (logging_strategy is not strategy).
 _NOT_YET_SUPPORTED = frozenset(
     {
-        "fp16", "tf32", "gradient_checkpointing_kwargs", "eval_strategy",
-        "evaluation_strategy", "eval_steps", "logging_steps", "logging_strategy",
+        "fp16", "tf32", "gradient_checkpointing_kwargs", "logging_steps", "logging_strategy",
         "save_strategy", "save_steps", "model_kwargs", "packing", "completion_only_loss",
         "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir",
     }

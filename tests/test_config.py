@@ -54,6 +54,9 @@ VALID: dict[str, list[Any]] = {
     "predict_with_generate": [False, True],
     "generation_config": [None, {}, {"max_new_tokens": 32, "do_sample": True, "temperature": 0.7, "top_p": 0.9},
                           {"repetition_penalty": 1.1, "num_beams": 2, "top_k": 0}],
+    "eval_strategy": ["chunk", "epoch", "no"],
+    "eval_steps": [None, 1, 500],
+    "eval_subset": [None, 1, 64],
     "num_devices": [1, 2, 64],
     "max_devices": [None, 1, 64],
     "strategy": ["ddp", "deepspeed"],
@@ -96,6 +99,9 @@ INVALID: dict[str, list[Any]] = {
         {"max_length": 20},
         {"top_p": 1.5},
     ],
+    "eval_strategy": ["steps", "Steps", "chunks", "", None, 1],
+    "eval_steps": [0, -1, 0.5, True, "10"],
+    "eval_subset": [0, 2.5, False, "8"],
     "num_devices": [0, 65, 2.0, True, None],
     "max_devices": [0, 65, 2.0, True, "4"],
     "strategy": ["DDP", "fsdp", "", None],
@@ -162,17 +168,24 @@ def test_problems_name_the_key_the_value_and_what_is_expected(config: dict[str, 
     ("key", "suggestion"),
     [("learning_rat", "learning_rate"), ("warmup_step", "warmup_steps"), ("target_module", "target_modules"),
      ("per_device_batch_size", "per_device_eval_batch_size"), ("lr", "learning_rate"),
-     ("batch_size", "per_device_train_batch_size"), ("max_seq_length", "max_length"), ("lora_r", "r")],
+     ("batch_size", "per_device_train_batch_size"), ("max_seq_length", "max_length"), ("lora_r", "r"),
+     ("evaluation_strategy", "eval_strategy")],
 )  # fmt: skip
 def test_unknown_keys_are_rejected_with_a_suggestion(key: str, suggestion: str) -> None:
     assert validate_config({key: 1}) == [f"unknown key {key!r} (did you mean {suggestion!r}?)"]
 
 
-@pytest.mark.parametrize("key", ["eval_strategy", "fp16", "gradient_checkpointing_kwargs", "logging_steps", "packing"])
+@pytest.mark.parametrize(
+    "key", ["logging_strategy", "fp16", "gradient_checkpointing_kwargs", "logging_steps", "packing"]
+)
 def test_hugging_face_knobs_not_supported_yet_are_named_so_and_never_mapped_to_a_look_alike(key: str) -> None:
     (problem,) = validate_config({key: 1})
     assert problem.startswith(f"unknown key {key!r}: a Hugging Face / TRL training argument that rf does not")
     assert "did you mean" not in problem
+
+
+def test_eval_strategy_steps_comes_with_eval_steps() -> None:
+    assert validate_config({"eval_strategy": "steps", "eval_steps": 10}) == []
 
 
 def test_bf16_with_deepspeed_is_refused_naming_both() -> None:

@@ -21,6 +21,7 @@ from transformers import EvalPrediction
 
 from rf_core.config import DEFAULT_MAX_NEW_TOKENS
 from rf_core.functions import BUILTIN_METRICS, EvaluationContext, evaluating, resolve
+from rf_core.messages import ChunkSpec
 from rf_core.text_metrics import text_metric
 from rf_core.training.data import IGNORE_INDEX, GenerationSet
 
@@ -38,6 +39,25 @@ def metrics_function(
     if name in BUILTIN_METRICS:
         return _builtin(name)
     return resolve(functions, "compute_metrics", name)
+
+
+def evaluates_at_boundary(config: Mapping[str, Any], chunk: ChunkSpec, run_total_steps: int) -> bool:
+    """Whether the run is evaluated at the end of `chunk` (its best checkpoint is chosen among these)."""
+    strategy = config["eval_strategy"]
+    if strategy == "chunk":
+        return True
+    if strategy == "no":
+        return False
+    if chunk.end_step == run_total_steps:  # every evaluated run ends with a value
+        return True
+    if strategy == "epoch":
+        return chunk.chunk_in_epoch == chunk.num_chunks - 1
+    return chunk.end_step % config["eval_steps"] == 0
+
+
+def evaluates_after_step(config: Mapping[str, Any], step: int) -> bool:
+    """Whether the run is evaluated after optimizer step `step` inside a chunk (eval_strategy steps)."""
+    return config["eval_strategy"] == "steps" and step % config["eval_steps"] == 0
 
 
 def _builtin(name: str) -> MetricsFn:

@@ -62,6 +62,8 @@ from rf_core.training.checkpoints import (
 from rf_core.training.data import IGNORE_INDEX, GenerationSet, TokenizedData, generation_set, tokenize_examples
 from rf_core.training.evaluation import (
     call_metrics,
+    evaluates_after_step,
+    evaluates_at_boundary,
     generate_texts,
     metrics_function,
     stacked_logits,
@@ -170,14 +172,14 @@ class SlotTrainer:
             raise ValueError("train_dataset is empty")
         self._compute_metrics = compute_metrics
         self._functions = dict(functions or {})
-        self._formatted: dict[tuple[str, str | None], list[Any]] = {}
-        self._generation_sets: dict[tuple[int, int, str | None], GenerationSet] = {}
+        self._formatted: dict[tuple[str, str, int], list[Any]] = {}
+        self._generation_sets: dict[tuple[Any, ...], GenerationSet] = {}
         self._step_delay_s = step_delay_s
         self._device = torch.device(device) if device is not None else None
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self._bases: dict[str, _BaseEntry] = {}
-        self._tokenized: dict[tuple[str, int, int, str | None], TokenizedData] = {}
+        self._tokenized: dict[tuple[Any, ...], TokenizedData] = {}
         self._runs: dict[int, _RunState] = {}
         self._adapters: dict[int, tuple[str, str, tuple[Any, ...]]] = {}  # run -> (base, adapter, LoRA shape)
         self._adapters_made = 0
@@ -330,6 +332,11 @@ class SlotTrainer:
                         _metric_row(state.step, LEARNING_RATE_METRIC, learning_rate, chunk.index, now),
                     ]
                 )
+            if state.step < chunk.end_step and evaluates_after_step(config, state.step):
+                # Between two steps of a chunk: the training RNG must come out as it went in.
+                rng = capture_rng_state()
+                self._evaluate_and_log(model, base, task, state, session, seed, emit)
+                restore_rng_state(rng)
             if self._step_delay_s > 0:
                 time.sleep(self._step_delay_s)
         train_seconds = time.perf_counter() - loop_started
@@ -340,16 +347,11 @@ class SlotTrainer:
 
         # 3. Evaluate, then checkpoint the boundary.
         eval_started = time.perf_counter()
-        evaluates = leads or zero.partitions_parameters(config)  # ZeRO-3: every member's forward takes part
-        context = EvaluationContext(task.experiment, task.run_id, state.step, chunk.index, chunk.epoch, config)
-        eval_metrics = self._evaluate(model, base.tokenizer, context, seed) if evaluates else {}
-        if session is not None:
-            eval_metrics = session.from_leader(eval_metrics)  # every member keeps the run's best chunk right
+        eval_metrics = {}
+        if evaluates_at_boundary(config, chunk, run_total_steps):
+            eval_metrics = self._evaluate_and_log(model, base, task, state, session, seed, emit)
         eval_seconds = time.perf_counter() - eval_started
         restore_rng_state(state.rng)
-        if eval_metrics and leads:
-            now = time.time()
-            emit([_metric_row(state.step, name, value, chunk.index, now) for name, value in eval_metrics.items()])
         improved = _improves(state.best, eval_metrics.get(task.metric), task.mode)
         if improved:
             state.best = {"value": float(eval_metrics[task.metric]), "step": state.step}
@@ -651,31 +653,65 @@ class SlotTrainer:
             parameter.requires_grad_(True)
         return model
 
-    def _examples(self, split: str, formatting_func: str | None) -> list[Any]:
-        """The split's rows as a config with this formatting function trains or evaluates on them."""
-        raw = self._train_examples if split == "train" else self._eval_examples
+    def _raw_examples(self, split: str, config: Mapping[str, Any]) -> list[Any]:
+        if split == "train":
+            return self._train_examples
+        subset = config["eval_subset"]
+        return self._eval_examples if subset is None else self._eval_examples[:subset]
+
+    def _examples(self, split: str, config: Mapping[str, Any]) -> list[Any]:
+        """The split's rows as this config trains or evaluates on them: its subset, its formatting function."""
+        raw = self._raw_examples(split, config)
+        formatting_func = config["formatting_func"]
         if formatting_func is None:
             return raw
-        key = (split, formatting_func)
+        key = (split, formatting_func, len(raw))
         if key not in self._formatted:
             function = resolve(self._functions, "formatting_func", formatting_func)
             self._formatted[key] = [formatted_example(function, example) for example in raw]
         return self._formatted[key]
 
-    def _tokenized_data(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> TokenizedData:
+    def _data_key(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> tuple[Any, ...]:
         # Keyed by tokenizer identity: tokenizers live as long as their base entry, i.e. as long as self.
-        formatting_func, max_length = config["formatting_func"], int(config["max_length"])
-        key = (split, id(tokenizer), max_length, formatting_func)
+        rows = len(self._raw_examples(split, config))
+        return (split, id(tokenizer), int(config["max_length"]), config["formatting_func"], rows)
+
+    def _tokenized_data(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> TokenizedData:
+        key = self._data_key(split, tokenizer, config)
         if key not in self._tokenized:
-            self._tokenized[key] = tokenize_examples(self._examples(split, formatting_func), tokenizer, max_length)
+            examples = self._examples(split, config)
+            self._tokenized[key] = tokenize_examples(examples, tokenizer, int(config["max_length"]))
         return self._tokenized[key]
 
     def _generation_set(self, tokenizer: Any, config: Mapping[str, Any]) -> GenerationSet:
-        formatting_func, max_length = config["formatting_func"], int(config["max_length"])
-        key = (id(tokenizer), max_length, formatting_func)
+        key = self._data_key("eval", tokenizer, config)
         if key not in self._generation_sets:
-            self._generation_sets[key] = generation_set(self._examples("eval", formatting_func), tokenizer, max_length)
+            examples = self._examples("eval", config)
+            self._generation_sets[key] = generation_set(examples, tokenizer, int(config["max_length"]))
         return self._generation_sets[key]
+
+    def _evaluate_and_log(
+        self,
+        model: Any,
+        base: _BaseEntry,
+        task: TrainTask,
+        state: _RunState,
+        session: GangSession | None,
+        seed: int,
+        emit: EmitFn,
+    ) -> dict[str, float]:
+        """Evaluate the run where it stands and log the metrics at its step; every gang member gets them."""
+        config, chunk = task.config, task.chunk
+        leads = session is None or session.is_leader
+        evaluates = leads or zero.partitions_parameters(config)  # ZeRO-3: every member's forward takes part
+        context = EvaluationContext(task.experiment, task.run_id, state.step, chunk.index, chunk.epoch, config)
+        eval_metrics = self._evaluate(model, base.tokenizer, context, seed) if evaluates else {}
+        if session is not None:
+            eval_metrics = session.from_leader(eval_metrics)  # every member keeps the run's best chunk right
+        if eval_metrics and leads:
+            now = time.time()
+            emit([_metric_row(state.step, name, value, chunk.index, now) for name, value in eval_metrics.items()])
+        return eval_metrics
 
     def _evaluate(self, model: Any, tokenizer: Any, context: EvaluationContext, seed: int) -> dict[str, float]:
         if not self._eval_examples:
@@ -730,7 +766,7 @@ class SlotTrainer:
                         eval_prediction=eval_prediction,
                         model=model,
                         tokenizer=tokenizer,
-                        eval_examples=self._eval_examples,
+                        eval_examples=self._raw_examples("eval", config),
                     )
                 )
         model.train()

@@ -531,6 +531,30 @@ def case_generation_config(train: Runs) -> None:
     assert short.losses == longer.losses
 
 
+def case_eval_strategy(train: Runs) -> None:
+    base = train()
+    assert base.steps("eval_loss") == [BASE_STEPS // 2, BASE_STEPS]  # "chunk": every boundary
+    never = train({"eval_strategy": "no"})
+    assert never.values("eval_loss") == [] and never.eval_forwards() == [] and never.last.eval_metrics == {}
+    assert never.losses == base.losses
+    per_epoch = train({"eval_strategy": "epoch", "num_train_epochs": 2})
+    assert per_epoch.steps("eval_loss") == [BASE_STEPS, 2 * BASE_STEPS]
+
+
+def case_eval_steps(train: Runs) -> None:
+    base, every_3 = train(), train({"eval_strategy": "steps", "eval_steps": 3})
+    assert every_3.steps("eval_loss") == [3, 6, BASE_STEPS]  # 3 and 6 inside chunks, and the run's last step
+    assert every_3.losses == base.losses and same_weights(every_3.weights, base.weights)
+    assert every_3.values("eval_loss")[-1] == base.values("eval_loss")[-1]
+
+
+def case_eval_subset(train: Runs) -> None:
+    base, subset = train(), train({"eval_subset": 3})
+    assert {forward.batch_size for forward in subset.eval_forwards()} == {3}
+    assert {forward.batch_size for forward in base.eval_forwards()} == {BASE["per_device_eval_batch_size"]}
+    assert subset.values("eval_loss") != base.values("eval_loss") and subset.losses == base.losses
+
+
 CASES = [
     pytest.param("model_name_or_path", case_model_name_or_path, id="model_name_or_path"),
     pytest.param("use_peft", case_use_peft, id="use_peft"),
@@ -569,6 +593,9 @@ CASES = [
     pytest.param("compute_metrics", case_compute_metrics_logits, id="compute_metrics"),
     pytest.param("predict_with_generate", case_predict_with_generate, id="predict_with_generate"),
     pytest.param("generation_config", case_generation_config, id="generation_config"),
+    pytest.param("eval_strategy", case_eval_strategy, id="eval_strategy"),
+    pytest.param("eval_steps", case_eval_steps, id="eval_steps"),
+    pytest.param("eval_subset", case_eval_subset, id="eval_subset"),
 ]
 
 

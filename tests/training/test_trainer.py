@@ -523,3 +523,38 @@ def test_gradient_checkpointing_trains_the_same_run(make_trainer, references, ki
     base = trainer._bases[config["model_name_or_path"]]
     model = base.lora_host if kind == "lora" else trainer._runs[1].model
     assert model.is_activation_checkpointing  # it was on for this run
+
+
+def sampled_words(eval_prediction: Any) -> dict[str, float]:
+    predictions, _ = eval_prediction
+    return {"words": float(sum(len(text.split()) for text in predictions))}
+
+
+@pytest.mark.parametrize(
+    ("cadence", "eval_steps"),
+    [
+        ({"eval_strategy": "steps", "eval_steps": 3}, [3, 6, 9, 12, 15, 16]),  # 9, 12, 15 inside chunks
+        ({"eval_strategy": "epoch"}, [8, 16]),
+        ({"eval_strategy": "no"}, []),
+    ],
+)
+def test_any_eval_cadence_trains_bitwise_as_straight_through(
+    make_trainer, references, cadence, eval_steps, tmp_path
+) -> None:
+    # Sampled generation and dropout both draw random numbers: evaluating between steps must not shift training's.
+    config = config_of(
+        {**LORA, **cadence, "compute_metrics": "sampled_words", "predict_with_generate": True,
+         "generation_config": {"do_sample": True, "top_k": 0, "max_new_tokens": 2}, "eval_subset": 4}
+    )  # fmt: skip
+    assert LORA["lora_dropout"] > 0
+    trainer, recorder = make_trainer(functions={"sampled_words": sampled_words}), Recorder()
+    for chunk in plan_chunks(64, config, 3):
+        last = train_ok(trainer, task_for(1, config, chunk, tmp_path / "chunked"), recorder)
+    assert_matches_reference(references["lora"], recorder, last)
+    assert [step for step, _ in recorder.values("eval_loss")] == eval_steps
+    assert [step for step, _ in recorder.values("words")] == eval_steps
+    straight = make_trainer(functions={"sampled_words": sampled_words}), Recorder()
+    for chunk in plan_chunks(64, config, 1):
+        train_ok(straight[0], task_for(1, config, chunk, tmp_path / "straight"), straight[1])
+    assert straight[1].values("eval_loss") == recorder.values("eval_loss")  # evaluated at the same steps
+    assert straight[1].values("words") == recorder.values("words")  # sampling seeded by run and step
