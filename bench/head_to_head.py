@@ -331,7 +331,8 @@ def _hf_train_one(config: dict[str, Any], size: TaskSize, output_dir: str) -> di
 
     def rows(data: Any) -> list[dict[str, Any]]:
         return [
-            {"input_ids": data.input_ids[i], "attention_mask": data.attention_mask[i], "labels": data.labels[i]}
+            {name: tensor[i] for name, tensor in padded.items()}
+            for padded in [data.batch(list(range(len(data))), width=max_length)]  # fixed-length rows, as before
             for i in range(len(data))
         ]
 

@@ -169,7 +169,8 @@ def measure_engine_vs_hf(base_path: Path, samples: int, repeats: int, work: Path
 
     def rows(data: Any) -> list[dict[str, torch.Tensor]]:
         return [
-            {"input_ids": data.input_ids[i], "attention_mask": data.attention_mask[i], "labels": data.labels[i]}
+            {name: tensor[i] for name, tensor in padded.items()}
+            for padded in [data.batch(list(range(len(data))), width=MAX_LENGTH)]  # fixed-length rows, as before
             for i in range(len(data))
         ]
 

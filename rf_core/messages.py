@@ -115,6 +115,7 @@ class ChunkOutcome:
     best_value: float | None = None
     device: str | None = None  # where the chunk trained ("cpu", "cuda:0")
     device_peak_mib: float | None = None  # a GPU worker's peak allocated memory so far; None on CPU
+    truncated_rows: int | None = None  # training rows cut to the run's max_length
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -103,10 +103,13 @@ def format_chunk_line(outcome: ChunkOutcome, total_chunks: int, slot: int) -> st
         return f"{head}  INTERRUPTED, run stopped (resume it when fixed): {outcome.error}"
     metrics = "  ".join(f"{name} {_num(value)}" for name, value in sorted(outcome.eval_metrics.items()))
     done = "  (completed)" if outcome.status == "completed" else ""
-    return (
+    line = (
         f"{head}  epoch {outcome.epoch}  step {outcome.step:>5}  train_loss {_num(outcome.last_train_loss)}"
         f"  {metrics}  [slot {slot}, {outcome.train_seconds:.1f} s]{done}"
     )
+    if outcome.chunk_index == 0 and outcome.truncated_rows:
+        line += f"\n  warning: run {outcome.run_id}: {outcome.truncated_rows} training rows were cut to its max_length"
+    return line
 
 
 def format_op_line(op: Mapping[str, Any]) -> str:

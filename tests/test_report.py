@@ -27,6 +27,11 @@ def test_chunk_line_names_run_chunk_and_losses():
     assert "chunk 3/3" in line and "eval_loss 2.5000" in line and "(completed)" in line
     failed = ChunkOutcome(2, 0, "failed", 0, 0, 0, error="loss became nan at step 3")
     assert "FAILED: loss became nan at step 3" in format_chunk_line(failed, 3, slot=0)
+    assert "warning" not in line
+    cut = ChunkOutcome(4, 0, "ok", 10, 0, 80, truncated_rows=12)
+    assert "warning: run 4: 12 training rows were cut to its max_length" in format_chunk_line(cut, 3, slot=0)
+    later = ChunkOutcome(4, 1, "ok", 20, 0, 160, truncated_rows=12)
+    assert "warning" not in format_chunk_line(later, 3, slot=0)  # said once per run, at its first chunk
 
 
 def test_run_names_get_a_column_of_their_own_in_every_text_table():

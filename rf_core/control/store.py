@@ -55,7 +55,7 @@ _RUN_COLUMNS = frozenset(
         "experiment", "run_id", "status", "config", "source", "parent_id", "warm_start",
         "warm_start_checkpoint", "parent_step", "ended_by", "epoch", "chunks_done", "total_chunks", "step",
         "samples", "checkpoint", "error", "traceback", "created_at", "updated_at", "export_latest", "export_best",
-        "best_step", "best_value",
+        "best_step", "best_value", "truncated_rows",
     }
 )  # fmt: skip
 _OP_COLUMNS = frozenset(

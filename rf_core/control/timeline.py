@@ -101,6 +101,8 @@ def record_chunk_end(store: Store, experiment: str, timeline_id: int, outcome: M
                 best_step=outcome.get("best_step"),
                 best_value=finite_or_none(outcome.get("best_value")),
             )
+            if is_int(outcome.get("truncated_rows")):
+                fields["truncated_rows"] = int(outcome["truncated_rows"])
         event = OUTCOME_EVENTS.get(chunk_status)
         if event is not None:
             # A status the table does not allow here is left as is: the chunk's progress still counts.

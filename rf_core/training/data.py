@@ -67,37 +67,47 @@ def demo_datasets(eval_size: int = 128) -> tuple[list[dict[str, str]], list[dict
 
 @dataclass(frozen=True)
 class TokenizedData:
-    """Examples padded (right) to one length: three [num_examples, max_length] int64 tensors."""
+    """Tokenized examples kept unpadded (every row's tokens back to back), padded per batch to its longest row, so
+    a long `max_length` costs nothing for short rows."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
+    tokens: torch.Tensor  # [total tokens] int64
+    labels: torch.Tensor  # [total tokens] int64, IGNORE_INDEX where no loss is taken
+    offsets: torch.Tensor  # [rows + 1]: row i is tokens[offsets[i]:offsets[i + 1]]
+    pad_id: int
+    truncated: int = 0  # rows cut to max_length
 
     def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.offsets.shape[0]) - 1
 
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Rows `indices`, cut to the longest of them so short examples don't pay for padding."""
-        index = torch.tensor(indices, dtype=torch.long)
-        attention_mask = self.attention_mask[index]
-        length = max(int(attention_mask.sum(dim=1).max()), 1)
-        return {
-            "input_ids": self.input_ids[index, :length],
-            "attention_mask": attention_mask[:, :length],
-            "labels": self.labels[index, :length],
-        }
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def batch(self, indices: list[int], width: int | None = None) -> dict[str, torch.Tensor]:
+        """Rows `indices`, right-padded to the longest of them (or to `width`)."""
+        lengths = [int(self.lengths[i]) for i in indices]
+        width = width if width is not None else max(max(lengths), 1)
+        input_ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+        labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (index, length) in enumerate(zip(indices, lengths, strict=True)):
+            start = int(self.offsets[index])
+            input_ids[row, :length] = self.tokens[start : start + length]
+            labels[row, :length] = self.labels[start : start + length]
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def tokenize_examples(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max_length: int) -> TokenizedData:
-    """Tokenize examples of any form `rf_core.data_forms` accepts into fixed-length tensors.
+    """Tokenize examples of any form `rf_core.data_forms` accepts, each to at most `max_length` tokens.
 
     A text example is trained on all its tokens; a prompt/completion example only on the completion and the
     end-of-sequence token (prompt labels are -100). Conversational examples are first rendered with the tokenizer's
     chat template by TRL's `apply_chat_template` (the prompt with the generation prompt), and then tokenized as TRL
     does: no special tokens added and no end-of-sequence appended, since the template writes both. Too-long examples
-    are truncated, but a prompt never takes more than half of `max_length` when that would leave its completion no
-    room, so every example keeps at least one trained token. `examples` may be a list, a `datasets.Dataset` or any
-    iterable of such dicts.
+    are truncated (and counted in `truncated`), but a prompt never takes more than half of `max_length` when that
+    would leave its completion no room, so every example keeps at least one trained token. `examples` may be a
+    list, a `datasets.Dataset` or any iterable of such dicts.
     """
     if max_length < 2:
         raise ValueError(f"{max_length=} must be at least 2")
@@ -106,34 +116,42 @@ def tokenize_examples(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
     eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    placed: list[tuple[list[int], list[int]]] = [([], [])] * len(rows)
+    truncated = 0
 
-    input_ids = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), max_length), dtype=torch.long)
-    labels = torch.full((len(rows), max_length), IGNORE_INDEX, dtype=torch.long)
-
-    def place(row: int, context: list[int], target: list[int]) -> None:
+    def place(row: int, context: list[int], target: list[int], cut: bool) -> None:
+        nonlocal truncated
         tokens = (context + target)[:max_length]
         trained_from = min(len(context), len(tokens))
-        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        attention_mask[row, : len(tokens)] = 1
-        labels[row, trained_from : len(tokens)] = input_ids[row, trained_from : len(tokens)]
+        placed[row] = (tokens, [IGNORE_INDEX] * trained_from + tokens[trained_from:])
+        truncated += cut or len(context) + len(target) > max_length
 
     # Encode each field of every example in one batched call per group: much faster than one call per example.
+    # One token past max_length is kept, to tell a row that fits from one that was cut.
     text_rows, pair_rows = _split_by_form(rows)
     for templated in (False, True):
         special, eos = not templated, [] if templated else eos_ids
         texts = [row for row in text_rows if (row in rendered) == templated]
-        encoded = _encode([rows[i]["text"] for i in texts], tokenizer, max_length, special)
+        encoded = _encode([rows[i]["text"] for i in texts], tokenizer, max_length + 1, special)
         for row, ids in zip(texts, encoded, strict=True):
-            place(row, [], ids + eos)
+            place(row, [], ids + eos, False)
         pairs = [row for row in pair_rows if (row in rendered) == templated]
-        prompts = _encode([rows[i]["prompt"] for i in pairs], tokenizer, max_length, special)
-        completions = _encode([rows[i]["completion"] for i in pairs], tokenizer, max_length, False)
+        prompts = _encode([rows[i]["prompt"] for i in pairs], tokenizer, max_length + 1, special)
+        completions = _encode([rows[i]["completion"] for i in pairs], tokenizer, max_length + 1, False)
         for row, prompt, completion in zip(pairs, prompts, completions, strict=True):
             target = completion + eos
             prompt_budget = max(max_length // 2, max_length - len(target))
-            place(row, prompt[:prompt_budget], target)
-    return TokenizedData(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            place(row, prompt[:prompt_budget], target, len(prompt) > prompt_budget)
+    lengths = [len(tokens) for tokens, _ in placed]
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+    return TokenizedData(
+        tokens=torch.tensor([t for tokens, _ in placed for t in tokens], dtype=torch.long),
+        labels=torch.tensor([t for _, labels in placed for t in labels], dtype=torch.long),
+        offsets=offsets,
+        pad_id=int(pad_id),
+        truncated=int(truncated),
+    )
 
 
 def _rendered_rows(rows: list[Any], tokenizer: Any) -> tuple[list[Any], set[int]]:

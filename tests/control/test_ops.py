@@ -436,3 +436,11 @@ def test_late_metric_rows_of_an_abandoned_attempt_are_dropped(store: DuckDBStore
     assert [entry["outcome"] for entry in timeline.timeline(store, "exp")][:1] == ["abandoned"]
     with pytest.raises(errors.InvalidRequest, match="attempt must be an integer"):
         metrics.log_metrics(store, "bad", [{**row(3, retry), "attempt": "x"}])
+
+
+def test_a_runs_truncated_rows_are_recorded_from_its_chunks(store: DuckDBStore, exp: str) -> None:
+    assert experiments.get_run(store, exp, 1)["truncated_rows"] is None  # not known before a chunk trains
+    train_chunk(store, 1, 0, truncated_rows=7)
+    assert experiments.get_run(store, exp, 1)["truncated_rows"] == 7
+    train_chunk(store, 2, 0)  # an outcome from a worker that does not count keeps the field unknown
+    assert experiments.get_run(store, exp, 2)["truncated_rows"] is None

@@ -180,24 +180,34 @@ def test_tokenize_trains_only_on_completion_and_eos(tokenizer) -> None:
     prompt_ids = tokenizer(examples[0]["prompt"])["input_ids"]
     completion_ids = tokenizer(examples[0]["completion"], add_special_tokens=False)["input_ids"]
     length = len(prompt_ids) + len(completion_ids) + 1
-    assert data.input_ids.shape == data.labels.shape == data.attention_mask.shape == (1, 32)
-    assert data.input_ids[0, :length].tolist() == prompt_ids + completion_ids + [tokenizer.eos_token_id]
-    assert data.labels[0, : len(prompt_ids)].eq(IGNORE_INDEX).all()
-    assert data.labels[0, len(prompt_ids) : length].tolist() == completion_ids + [tokenizer.eos_token_id]
-    assert data.labels[0, length:].eq(IGNORE_INDEX).all()
-    assert data.attention_mask[0].tolist() == [1] * length + [0] * (32 - length)
-    assert data.input_ids[0, length:].eq(tokenizer.pad_token_id).all()
+    assert data.lengths.tolist() == [length] and data.tokens.shape == data.labels.shape == (length,)  # unpadded
+    batch = data.batch([0], width=32)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (1, 32)
+    assert batch["input_ids"][0, :length].tolist() == prompt_ids + completion_ids + [tokenizer.eos_token_id]
+    assert batch["labels"][0, : len(prompt_ids)].eq(IGNORE_INDEX).all()
+    assert batch["labels"][0, len(prompt_ids) : length].tolist() == completion_ids + [tokenizer.eos_token_id]
+    assert batch["labels"][0, length:].eq(IGNORE_INDEX).all()
+    assert batch["attention_mask"][0].tolist() == [1] * length + [0] * (32 - length)
+    assert batch["input_ids"][0, length:].eq(tokenizer.pad_token_id).all()
+    assert data.truncated == 0
 
 
 def test_tokenize_text_examples_and_truncation(tokenizer) -> None:
     long_prompt = {"prompt": "def f(" + "argument, " * 60 + "):\n", "completion": "Does things."}
     data = tokenize_examples([{"text": "hello world"}, long_prompt], tokenizer, max_length=16)
-    text_length = int(data.attention_mask[0].sum())
-    assert data.labels[0, :text_length].tolist() == data.input_ids[0, :text_length].tolist()
-    assert data.attention_mask[1].all()  # truncated to exactly max_length
-    assert (data.labels[1] != IGNORE_INDEX).sum() >= 1  # the prompt never crowds out the whole completion
+    both = data.batch([0, 1])
+    text_length = int(data.lengths[0])
+    assert both["labels"][0, :text_length].tolist() == both["input_ids"][0, :text_length].tolist()
+    assert both["attention_mask"][1].all() and int(data.lengths[1]) == 16  # truncated to exactly max_length
+    assert (both["labels"][1] != IGNORE_INDEX).sum() >= 1  # the prompt never crowds out the whole completion
+    assert data.truncated == 1  # the long prompt, counted
     batch = data.batch([0])
-    assert batch["input_ids"].shape == (1, text_length)  # micro-batches drop all-padding columns
+    assert batch["input_ids"].shape == (1, text_length)  # micro-batches pad to their own longest row
+    # A row exactly max_length long is not truncated; one token more is.
+    exact = tokenize_examples([{"text": "hello world"}], tokenizer, max_length=text_length)
+    assert (
+        exact.truncated == 0 and tokenize_examples([{"text": "hello world"}], tokenizer, text_length - 1).truncated == 1
+    )
 
 
 def test_tokenize_accepts_any_iterable_of_dicts(tokenizer) -> None:
@@ -268,10 +278,10 @@ def trl_reference(rows: list[dict], model_cache: Path, tmp_path: Path) -> list[t
 
 def ours(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
     data = tokenize_examples(rows, tokenizer, max_length=256)
-    lengths = data.attention_mask.sum(dim=1).tolist()
+    batch = data.batch(list(range(len(data))))
     return [
-        (data.input_ids[row, :length].tolist(), data.labels[row, :length].tolist())
-        for row, length in enumerate(lengths)
+        (batch["input_ids"][row, :length].tolist(), batch["labels"][row, :length].tolist())
+        for row, length in enumerate(data.lengths.tolist())
     ]
 
 
@@ -293,5 +303,6 @@ def test_a_datasets_dataset_tokenizes_like_the_list_it_was_made_from(tokenizer) 
     for rows in (CHAT_PAIRS, [{"prompt": "2 + 2 = ", "completion": "4"}, {"prompt": "3 + 3 = ", "completion": "6"}]):
         from_list = tokenize_examples(rows, tokenizer, max_length=64)
         from_dataset = tokenize_examples(datasets.Dataset.from_list(rows), tokenizer, max_length=64)
-        assert torch.equal(from_list.input_ids, from_dataset.input_ids)
+        assert torch.equal(from_list.tokens, from_dataset.tokens)
         assert torch.equal(from_list.labels, from_dataset.labels)
+        assert torch.equal(from_list.offsets, from_dataset.offsets)
