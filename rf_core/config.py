@@ -138,6 +138,18 @@ GENERATION_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "no_repeat_ngram_size": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
 }
 DEFAULT_MAX_NEW_TOKENS = 64
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+# from_pretrained arguments a config's model_kwargs may set, each with what its value must be. device_map is taken
+# and left unused, as RapidFire AI does: the engine puts each base on its slot's device.
+MODEL_KWARGS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "torch_dtype": (f"one of {', '.join(TORCH_DTYPES)}", lambda v: v in TORCH_DTYPES),
+    "attn_implementation": (f"one of {', '.join(ATTN_IMPLEMENTATIONS)}", lambda v: v in ATTN_IMPLEMENTATIONS),
+    "use_cache": ("true or false", lambda v: isinstance(v, bool)),
+    "low_cpu_mem_usage": ("true or false", lambda v: isinstance(v, bool)),
+    "device_map": ('"auto" or null (the engine places each base on its slot\'s device)', lambda v: v in ("auto", None)),
+    "trust_remote_code": ("false: running code from a model's repository is not allowed here", lambda v: v is False),
+}
 EVAL_STRATEGIES = ("chunk", "steps", "epoch", "no")
 
 
@@ -165,6 +177,22 @@ def generation_config_problems(value: Any) -> list[str]:
     return problems
 
 
+def model_kwargs_problems(value: Any) -> list[str]:
+    if not isinstance(value, Mapping):
+        return []
+    problems = []
+    for key, item in value.items():
+        field = MODEL_KWARGS.get(key)
+        if field is None:
+            why = f"{key!r} is not an argument rf passes to from_pretrained (known: {', '.join(MODEL_KWARGS)})"
+        elif not field[1](item):
+            why = f"{key} must be {field[0]}, got {_show(item)}"
+        else:
+            continue
+        problems.append(f"model_kwargs={_show(value)}: must be an object of from_pretrained arguments; {why}")
+    return problems
+
+
 def _is_module_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, str) and m.strip() for m in value)
 
@@ -177,6 +205,12 @@ KNOBS: dict[str, KnobSpec] = {
             "model_name_or_path", "model", (str,), "rf-tiny-llama",
             Constraint("a non-empty string", lambda v: bool(v.strip())),
             "name or local path of the base model",
+        ),
+        _K(
+            "model_kwargs", "model", (dict, type(None)), None,
+            Constraint("an object of from_pretrained arguments", lambda v: not model_kwargs_problems(v)),
+            f"arguments for loading the base ({', '.join(MODEL_KWARGS)}), handed to create_model_fn in the config; "
+            "bases with other model_kwargs are other bases",
         ),
         _K("use_peft", "adapter", (bool,), True, None, "true: train a LoRA adapter; false: full fine-tune"),
         _K("r", "adapter", (int,), 8, _between(1, 1024), "LoRA rank"),
@@ -246,8 +280,8 @@ KNOBS: dict[str, KnobSpec] = {
             "HF's run_name: a label for the run, shown in every runs table; null = none",
         ),
         _K(
-            "max_length", "data", (int,), 64, _between(8, 8192),
-            "tokens per training example (longer ones are truncated)",
+            "max_length", "data", (int,), 1024, _between(8, 8192),
+            "tokens per training example, as TRL's SFTConfig; longer ones are cut, and counted per run",
         ),
         _K(
             "formatting_func", "data", (str, type(None)), None,
@@ -323,6 +357,9 @@ def validate_config(cfg: Any) -> list[str]:
         if key == "generation_config" and problem is not None:
             problems.extend(generation_config_problems(value) or [problem])
             continue
+        if key == "model_kwargs" and problem is not None:
+            problems.extend(model_kwargs_problems(value) or [problem])
+            continue
         if problem:
             problems.append(problem)
     return problems or _device_problems(cfg) or _precision_problems(cfg) or _eval_problems(cfg)
@@ -385,7 +422,7 @@ _COMMON_ALIASES = {
 _NOT_YET_SUPPORTED = frozenset(
     {
         "fp16", "tf32", "gradient_checkpointing_kwargs", "logging_steps", "logging_strategy",
-        "save_strategy", "save_steps", "model_kwargs", "packing", "completion_only_loss",
+        "save_strategy", "save_steps", "packing", "completion_only_loss",
         "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir",
     }
 )  # fmt: skip

@@ -26,6 +26,8 @@ VALID: dict[str, list[Any]] = {
     "run_name": [None, "baseline", "lr 3e-4 / r 16"],
     # Local folders must lie under the model roots (the temporary folder, in tests/conftest.py).
     "model_name_or_path": ["rf-tiny-llama", f"{tempfile.gettempdir()}/models/llama", "org/model"],
+    "model_kwargs": [None, {}, {"torch_dtype": "bfloat16", "device_map": "auto", "use_cache": False},
+                     {"attn_implementation": "sdpa", "trust_remote_code": False, "low_cpu_mem_usage": True}],
     "use_peft": [True, False],
     "r": [1, 8, 1024],
     "lora_alpha": [16, 0.5, 1e3],
@@ -65,6 +67,14 @@ VALID: dict[str, list[Any]] = {
 INVALID: dict[str, list[Any]] = {
     "run_name": ["", "   ", "x" * 101, 3],
     "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../../../../../../../../etc/llama"],
+    "model_kwargs": [
+        [],
+        "bf16",
+        {"torch_dtype": "fp16"},
+        {"trust_remote_code": True},
+        {"device_map": "cuda:0"},
+        {"quantization_config": {}},
+    ],
     "use_peft": [1, 0, "true", None],
     "r": [0, 1025, -1, 8.0, True, "8", None],
     "lora_alpha": [0, -1, True, math.nan, math.inf, "16", None],
@@ -198,7 +208,7 @@ def test_bf16_with_deepspeed_is_refused_naming_both() -> None:
 
 def test_an_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     (problem,) = validate_config({"zzz": 1})
-    assert problem.startswith("unknown key 'zzz' (known keys: model_name_or_path, use_peft,")
+    assert problem.startswith("unknown key 'zzz' (known keys: model_name_or_path, model_kwargs, use_peft,")
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -10,7 +10,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -122,10 +122,13 @@ def ensure_pretrained(name: str, cache_dir: Path, *, pretrain_steps: int = PRETR
     return target
 
 
-def load_base_model(name_or_path: str, cache_dir: Path) -> tuple[PreTrainedModel, Any]:
+def load_base_model(
+    name_or_path: str, cache_dir: Path, model_kwargs: Mapping[str, Any] | None = None
+) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) for a built-in tiny name, a local folder, or a hub name already in the local cache.
 
     Everything goes through `from_pretrained(..., local_files_only=True)`: nothing is ever downloaded.
+    `model_kwargs` are a config's (`rf_core.config.MODEL_KWARGS`): dtype, attention implementation, cache use.
     """
     if name_or_path in TINY_MODELS:
         source = str(ensure_pretrained(name_or_path, cache_dir))
@@ -133,7 +136,9 @@ def load_base_model(name_or_path: str, cache_dir: Path) -> tuple[PreTrainedModel
         source = _local_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, local_files_only=True, **from_pretrained_kwargs(model_kwargs)
+        )
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(
             f"cannot load model {name_or_path!r}: it is not a built-in model "
@@ -149,7 +154,16 @@ def load_base_model(name_or_path: str, cache_dir: Path) -> tuple[PreTrainedModel
 
 def demo_create_model_fn(config: dict[str, Any]) -> tuple[PreTrainedModel, Any]:
     """The demo experiment's `create_model_fn`: the run's base model from the engine's model cache."""
-    return load_base_model(config["model_name_or_path"], model_cache_dir())
+    return load_base_model(config["model_name_or_path"], model_cache_dir(), config.get("model_kwargs"))
+
+
+def from_pretrained_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A config's model_kwargs as `from_pretrained` takes them (device_map is the engine's to decide)."""
+    kwargs = {key: value for key, value in (model_kwargs or {}).items() if key != "device_map"}
+    dtype = kwargs.pop("torch_dtype", None)
+    if dtype is not None:
+        kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    return kwargs
 
 
 def _local_source(name_or_path: str) -> str:

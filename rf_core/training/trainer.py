@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import random
 import time
@@ -386,6 +387,7 @@ class SlotTrainer:
             best_value=None if state.best is None else float(state.best["value"]),
             device=str(device),
             device_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            truncated_rows=train_data.truncated,
         )
 
     def _stepper(self, task: TrainTask, state: _RunState, model: Any, session: GangSession | None) -> PlainStep:
@@ -534,7 +536,7 @@ class SlotTrainer:
                 self._adapters_made += 1
                 adapter_name = f"adapter-{self._adapters_made}"
                 model = self._add_adapter(base, adapter_name, config)
-            self._adapters[task.run_id] = (config["model_name_or_path"], adapter_name, shape)
+            self._adapters[task.run_id] = (_base_key(config), adapter_name, shape)
             trainable = _adapter_parameters(model, adapter_name)
         else:
             _seed_everything(seed)
@@ -557,7 +559,7 @@ class SlotTrainer:
         )
         return _RunState(
             run_id=task.run_id,
-            base_key=config["model_name_or_path"],
+            base_key=_base_key(config),
             model=model,
             adapter_name=adapter_name,
             trainable=trainable,
@@ -614,7 +616,7 @@ class SlotTrainer:
     # ------------------------------------------------------------------------------------ models and data
 
     def _base(self, config: dict[str, Any]) -> _BaseEntry:
-        key = config["model_name_or_path"]
+        key = _base_key(config)
         if key not in self._bases:
             model, tokenizer = self._create_model_fn(config)
             if self._device is not None:
@@ -774,6 +776,13 @@ class SlotTrainer:
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _base_key(config: Mapping[str, Any]) -> str:
+    """One base per model and loading arguments: a bfloat16 copy is not the float32 one."""
+    model_kwargs = config.get("model_kwargs")
+    name = config["model_name_or_path"]
+    return name if not model_kwargs else f"{name} {json.dumps(model_kwargs, sort_keys=True)}"
 
 
 def _run_seed(task: TrainTask) -> int:

@@ -158,7 +158,7 @@ class Runs:
             forwards.append(Forward(module.training, int(input_ids.shape[0]), int(input_ids.shape[1])))
 
         def create_model_fn(config: dict[str, Any]) -> tuple[Any, Any]:
-            model, tokenizer = load_base_model(config["model_name_or_path"], self.model_cache)
+            model, tokenizer = load_base_model(config["model_name_or_path"], self.model_cache, config["model_kwargs"])
             model.get_input_embeddings().register_forward_pre_hook(record)
             return model, tokenizer
 
@@ -482,6 +482,12 @@ def case_max_length(train: Runs) -> None:
     assert {forward.width for forward in base.forwards} == {16}
     assert {forward.width for forward in longer.forwards} == {24}
     assert longer.losses != base.losses
+    assert base.last.truncated_rows == longer.last.truncated_rows == NUM_TRAIN  # cut, and counted
+    # TRL's default, 1024 tokens: batches as wide as their longest row, and only the longest rows cut.
+    default = train({"max_length": KNOBS["max_length"].default})
+    assert KNOBS["max_length"].default == 1024
+    assert max(forward.width for forward in default.forwards) > 24
+    assert default.last.truncated_rows < NUM_TRAIN
 
 
 def case_formatting_func(train: Runs) -> None:
@@ -555,6 +561,15 @@ def case_eval_subset(train: Runs) -> None:
     assert subset.values("eval_loss") != base.values("eval_loss") and subset.losses == base.losses
 
 
+def case_model_kwargs(train: Runs) -> None:
+    base = train()
+    bf16_base = train({"model_kwargs": {"torch_dtype": "bfloat16", "device_map": "auto", "use_cache": False}})
+    assert bf16_base.losses != base.losses and bf16_base.losses == pytest.approx(base.losses, rel=0.05)
+    assert all(tensor.dtype == torch.float32 for tensor in bf16_base.weights.values())  # PEFT keeps adapters fp32
+    eager = train({"model_kwargs": {"attn_implementation": "eager"}})
+    assert eager.losses == pytest.approx(base.losses, rel=1e-5)
+
+
 CASES = [
     pytest.param("model_name_or_path", case_model_name_or_path, id="model_name_or_path"),
     pytest.param("use_peft", case_use_peft, id="use_peft"),
@@ -596,6 +611,7 @@ CASES = [
     pytest.param("eval_strategy", case_eval_strategy, id="eval_strategy"),
     pytest.param("eval_steps", case_eval_steps, id="eval_steps"),
     pytest.param("eval_subset", case_eval_subset, id="eval_subset"),
+    pytest.param("model_kwargs", case_model_kwargs, id="model_kwargs"),
 ]
 
 
