@@ -3,7 +3,7 @@
 Importing it is cheap (no torch, Prefect or Dash): the CLI and the server import it too.
 """
 
-from rf_core.demo import create_tiny_model
+from rf_core.demo import create_tiny_model, tiny_model_folder
 from rf_core.experiment import Experiment, ExperimentSpec
 from rf_core.functions import EvaluationContext, evaluation_context
 from rf_core.knobs import GridSearch, List, RandomSearch, Range
@@ -18,4 +18,5 @@ __all__ = [
     "Range",
     "create_tiny_model",
     "evaluation_context",
+    "tiny_model_folder",
 ]

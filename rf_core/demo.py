@@ -34,6 +34,15 @@ def create_tiny_model(config: dict[str, Any]) -> tuple[Any, Any]:
     return demo_create_model_fn(config)
 
 
+def tiny_model_folder(name: str = "rf-tiny-llama") -> str:
+    """The folder of a built-in tiny model, built on first use under `$RF_HOME/models`: for code that loads its model
+    with `from_pretrained(path)`, as notebooks do."""
+    from rf_core.paths import model_cache_dir
+    from rf_core.training.models import ensure_pretrained
+
+    return str(ensure_pretrained(name, model_cache_dir()))
+
+
 def demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
     from rf_core.training.data import demo_datasets
     from rf_core.training.models import demo_create_model_fn

@@ -71,3 +71,30 @@ def test_a_script_runs_its_fit_and_its_top_level_once(prefect_api_url: str, tmp_
     top_level = [line for line in result.stdout.splitlines() if line.startswith("top level of the script ran")]
     assert len(top_level) == 1, result.stdout[-3000:]  # not once more in each of the two slot workers
     assert "statuses ['Completed', 'Completed']" in result.stdout, result.stdout[-3000:]
+
+
+def test_the_rapidfire_notebook_port_runs_with_an_ic_op_mid_fit(prefect_api_url: str, tmp_path: Path) -> None:
+    """`examples/rapidfire_sft_chatqa.py`: RapidFire AI's SFT tutorial through `rf_core.compat.rapidfire`, as a
+    user runs it (a chat template, two prompt formats gridded, generation-based ROUGE-L, a clone mid-fit)."""
+    environment = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api_url,
+        "RF_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    environment.pop("RF_SERVER_URL", None)
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "examples" / "rapidfire_sft_chatqa.py")],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = [line for line in result.stdout.splitlines() if line.startswith("run ")]
+    assert runs == [
+        "run 1: Completed, formatting_func=sample_formatting_function, r=8",
+        "run 2: Completed, formatting_func=plain_formatting_function, r=8",
+        "run 3: Completed, formatting_func=sample_formatting_function, r=32",
+        "run 4: Completed, formatting_func=plain_formatting_function, r=32",
+        "run 5: Completed, formatting_func=plain_formatting_function, r=8",  # the clone of run 1
+    ], result.stdout[-3000:]
+    assert "policy:try-the-other-format  1       weights @ step 4" in result.stderr + result.stdout
+    assert "rougeL 0." in result.stderr + result.stdout  # generated answers scored at evaluated boundaries
