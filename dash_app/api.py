@@ -165,6 +165,10 @@ def register_routes(server: Flask, store: Store) -> None:
                 raise errors.InvalidRequest([f"since must be a number (epoch seconds), got {since!r}"]) from None
         return _json(metrics.metrics(store, name, run_ids=run_ids, names=names, since_time=since_time))
 
+    @api.get("/experiments/<name>/run-metrics")
+    def get_run_metrics(name: str) -> Response:
+        return _json({str(run_id): summary for run_id, summary in metrics.run_metrics(store, name).items()})
+
     @api.post("/experiments/<name>/policy-decisions")
     def record_policy_decision(name: str) -> Response:
         body = _body()

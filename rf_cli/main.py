@@ -272,9 +272,11 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    snapshot = _client(args).experiment_snapshot(args.experiment, include_deleted=args.all)
+    client = _client(args)
+    snapshot = client.experiment_snapshot(args.experiment, include_deleted=args.all)
     if args.json:
-        return _print_json(snapshot["runs"])
+        summaries = client.run_metrics(args.experiment)
+        return _print_json([{**run, "metrics": summaries.get(run["run_id"], {})} for run in snapshot["runs"]])
     print(format_runs(snapshot))
     return EXIT_OK
 

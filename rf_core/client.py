@@ -302,6 +302,11 @@ class RFClient:
         }
         return self._request("GET", self._experiment_path(experiment, "/metrics"), query=query, idempotent=True)
 
+    def run_metrics(self, experiment: str) -> dict[int, dict[str, dict[str, Any]]]:
+        """Every evaluation metric of every run: latest (and its step), min, max, best, points."""
+        summary = self._request("GET", self._experiment_path(experiment, "/run-metrics"), idempotent=True)
+        return {int(run_id): metrics for run_id, metrics in summary.items()}
+
     def timeline(self, experiment: str) -> list[dict[str, Any]]:
         return self._request("GET", self._experiment_path(experiment, "/timeline"), idempotent=True)
 

@@ -72,6 +72,22 @@ def test_listings_print_json_that_parses(served: tuple[RFClient, Path]) -> None:
     assert "exp" in [row["name"] for row in experiments]
 
 
+def test_runs_json_gives_every_evaluation_metric_latest_and_best(served: tuple[RFClient, Path]) -> None:
+    client, home = served
+    rows = [
+        {"experiment": "exp", "run_id": 3, "step": step, "name": name, "value": value, "time": 1000.0 + step}
+        for step, name, value in [(4, "eval_loss", 3.0), (8, "eval_loss", 2.0), (12, "eval_loss", 2.5),
+                                  (4, "rougeL", 0.2), (8, "rougeL", 0.1), (8, "train_loss", 9.0)]
+    ]  # fmt: skip
+    client.log_metrics("cli-run-metrics", rows)
+    runs = {run["run_id"]: run for run in json.loads(rf(home, "runs", "exp", "--json").stdout)}
+    metrics = runs[3]["metrics"]
+    assert set(metrics) == {"eval_loss", "rougeL"}  # the per-step training series stay out
+    assert metrics["eval_loss"] == {"latest": 2.5, "latest_step": 12, "min": 2.0, "max": 3.0, "best": 2.0, "points": 3}
+    assert metrics["rougeL"]["best"] == 0.2 and metrics["rougeL"]["latest"] == 0.1  # higher is better: HF's rule
+    assert runs[1]["metrics"] == {}
+
+
 def test_readable_runs_and_ops_tables(served: tuple[RFClient, Path]) -> None:
     _, home = served
     runs = rf(home, "runs", "exp").stdout

@@ -6,9 +6,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rf_core.control.checks import is_int, is_json_number, require_experiment, type_name
+from rf_core.control.checks import finite_or_none, is_int, is_json_number, require_experiment, type_name
 from rf_core.errors import InvalidRequest
-from rf_core.states import ABANDONED
+from rf_core.states import ABANDONED, LEARNING_RATE_METRIC, TRAIN_LOSS_METRIC
 
 if TYPE_CHECKING:
     from rf_core.control.store import Store
@@ -102,6 +102,32 @@ def metrics(
     """Metric rows (run_id, step, name, value, chunk, time) ordered by run, name and step."""
     require_experiment(store, experiment)
     return store.query_metrics(experiment, run_ids=run_ids, names=names, since_time=since_time)
+
+
+def run_metrics(store: Store, experiment: str) -> dict[int, dict[str, dict[str, Any]]]:
+    """Every evaluation metric of every run: {run_id: {name: {latest, latest_step, min, max, best, points}}}.
+
+    `best` follows the experiment's `mode` for its own metric and Hugging Face's rule for the others (lower is
+    better for a name ending in "loss", higher otherwise). The per-step training series are left out.
+    """
+    experiment_row = require_experiment(store, experiment)
+    summary: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in store.metric_extremes(experiment, [TRAIN_LOSS_METRIC, LEARNING_RATE_METRIC]):
+        name = str(row["name"])
+        if name == experiment_row["metric"]:
+            lower_is_better = experiment_row["mode"] == "min"
+        else:
+            lower_is_better = name.endswith("loss")
+        lowest, highest = finite_or_none(row["lowest"]), finite_or_none(row["highest"])
+        summary.setdefault(int(row["run_id"]), {})[name] = {
+            "latest": finite_or_none(row["latest"]),
+            "latest_step": int(row["latest_step"]),
+            "min": lowest,
+            "max": highest,
+            "best": lowest if lower_is_better else highest,
+            "points": int(row["points"]),
+        }
+    return summary
 
 
 def metric_names(store: Store, experiment: str) -> list[str]:

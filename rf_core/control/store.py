@@ -189,6 +189,10 @@ class Store(ABC):
     def metric_summary(self, experiment: str, train_name: str, eval_name: str, mode: str) -> dict[int, Row]:
         """Per run: latest `train_name` value, latest and best (per `mode`) `eval_name` value."""
 
+    @abstractmethod
+    def metric_extremes(self, experiment: str, skip_names: Sequence[str]) -> list[Row]:
+        """Per run and metric name (but `skip_names`): latest value and its step, lowest, highest, count."""
+
     # timeline
     @abstractmethod
     def insert_timeline(self, row: Mapping[str, Any]) -> Row: ...
@@ -533,6 +537,25 @@ class DuckDBStore(Store):
             except duckdb.Error as exc:
                 raise _translate(exc, self.path) from exc
         return {column: np.asarray(columns[column]) for column in M4_COLUMNS}, max(last_row, int(after_row))
+
+    def metric_extremes(self, experiment: str, skip_names: Sequence[str]) -> list[Row]:
+        skip = ", ".join("?" for _ in skip_names) or "NULL"
+        return self._query(
+            None,
+            f"""
+            SELECT run_id, name,
+                   arg_max(value, (step, time)) AS latest,
+                   arg_max(step, (step, time)) AS latest_step,
+                   min(value) FILTER (WHERE NOT isnan(value)) AS lowest,
+                   max(value) FILTER (WHERE NOT isnan(value)) AS highest,
+                   count(*) AS points
+            FROM metrics
+            WHERE experiment = ? AND value IS NOT NULL AND name NOT IN ({skip})
+            GROUP BY run_id, name
+            ORDER BY run_id, name
+            """,
+            [experiment, *skip_names],
+        )
 
     def metric_summary(self, experiment: str, train_name: str, eval_name: str, mode: str) -> dict[int, Row]:
         best = "min" if mode == "min" else "max"
