@@ -284,6 +284,14 @@ KNOBS: dict[str, KnobSpec] = {
             "tokens per training example, as TRL's SFTConfig; longer ones are cut, and counted per run",
         ),
         _K(
+            "completion_only_loss", "data", (bool, type(None)), None, None,
+            "TRL's: false trains prompt-completion rows on the prompt too; null = true for those rows",
+        ),
+        _K(
+            "assistant_only_loss", "data", (bool,), False, None,
+            "TRL's: true trains conversations on the assistant's turns only (needs {% generation %} in the template)",
+        ),
+        _K(
             "formatting_func", "data", (str, type(None)), None,
             Constraint("a registered function's name, or null", lambda v: name_problem(v) is None),
             "function example -> text, {prompt, completion} or {messages}, by registered name; null = rows as given",
@@ -422,8 +430,7 @@ _COMMON_ALIASES = {
 _NOT_YET_SUPPORTED = frozenset(
     {
         "fp16", "tf32", "gradient_checkpointing_kwargs", "logging_steps", "logging_strategy",
-        "save_strategy", "save_steps", "packing", "completion_only_loss",
-        "assistant_only_loss", "dataset_text_field", "optim", "report_to", "output_dir",
+        "save_strategy", "save_steps", "packing", "dataset_text_field", "optim", "report_to", "output_dir",
     }
 )  # fmt: skip
 # Spelling slips only: a lower similarity suggests knobs of another meaning.

@@ -160,8 +160,28 @@ def check_fit_data(
             problems += formatting_problems(functions[name], name, eval_dataset, "eval_dataset")
     if not problems:
         problems += _generation_problems(eval_dataset, configs, functions)
+        problems += _assistant_only_problems(train_dataset, configs, functions)
     if problems:
         raise ValueError("the data cannot be used as it is:\n  " + "\n  ".join(problems))
+
+
+def _assistant_only_problems(
+    train_dataset: Iterable[Any], configs: Sequence[Mapping[str, Any]], functions: Mapping[str, Callable[..., Any]]
+) -> list[str]:
+    masking = {config.get("formatting_func") for config in configs if config.get("assistant_only_loss")}
+    problems = []
+    for name in sorted(masking, key=lambda name: name or ""):
+        formatting_func = functions.get(name) if name else None
+        for index, example in enumerate(itertools.islice(train_dataset, FORMATTING_SAMPLE_ROWS)):
+            form = example_form(formatted_example(formatting_func, example))
+            if form not in CONVERSATIONAL_FORMS:
+                shown = f" formatted by {name!r}" if name else ""
+                problems.append(
+                    f"assistant_only_loss=true: train_dataset row {index}{shown} is a {form!r} row; the option needs "
+                    "conversational rows"
+                )
+                break
+    return problems
 
 
 def _generation_problems(

@@ -64,3 +64,11 @@ def test_head_to_head_benchmark_smoke(tmp_path):
     assert engine["best_eval_loss"] <= results["target"]["value"]
     assert results["sequential"]["median"]["time_to_target_seconds"] > 0
     assert 0 < results["engine_overheads"]["engine"]["slot_utilisation"] <= 1
+
+
+def test_sft_vs_trl_benchmark_smoke(tmp_path):
+    results = run_smoke("bench/sft_vs_trl.py", tmp_path)
+    assert results["tokens"]["engine"] == results["tokens"]["trl"] > 0  # both train on the same tokens
+    assert results["ratio_engine_over_trl"] > 0
+    assert len(results["losses"]["engine"]) == len(results["losses"]["trl"]) > 0
+    assert results["eval_cost"]["subset"]["eval_rows"] < results["eval_cost"]["all"]["eval_rows"]

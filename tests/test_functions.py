@@ -154,3 +154,14 @@ def test_the_rf_server_refuses_names_the_experiment_does_not_register(store: Duc
     ops.submit_op(store, "exp", "clone", 1, {"overrides": {"formatting_func": "instruct"}}, source="cli")
     with pytest.raises(InvalidRequest, match="function name '9'"):
         experiments.set_experiment_functions(store, "exp", ["9"])
+
+
+def test_the_fit_refuses_assistant_only_loss_on_rows_that_are_not_conversations() -> None:
+    def chat(row: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": row["answer"]}]}  # fmt: skip
+
+    functions = {"qa_format": qa_format, "chat": chat}
+    check_fit_data(ROWS, ROWS, [{"formatting_func": "chat", "assistant_only_loss": True}], functions)
+    with pytest.raises(ValueError, match=r"assistant_only_loss=true: train_dataset row 0 formatted by 'qa_format' is"):
+        check_fit_data(ROWS, ROWS, [{"formatting_func": "qa_format", "assistant_only_loss": True}], functions)

@@ -98,20 +98,33 @@ class TokenizedData:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def tokenize_examples(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max_length: int) -> TokenizedData:
+def tokenize_examples(
+    examples: Iterable[Mapping[str, Any]],
+    tokenizer: Any,
+    max_length: int,
+    *,
+    completion_only_loss: bool | None = None,
+    assistant_only_loss: bool = False,
+) -> TokenizedData:
     """Tokenize examples of any form `rf_core.data_forms` accepts, each to at most `max_length` tokens.
 
     A text example is trained on all its tokens; a prompt/completion example only on the completion and the
-    end-of-sequence token (prompt labels are -100). Conversational examples are first rendered with the tokenizer's
-    chat template by TRL's `apply_chat_template` (the prompt with the generation prompt), and then tokenized as TRL
-    does: no special tokens added and no end-of-sequence appended, since the template writes both. Too-long examples
-    are truncated (and counted in `truncated`), but a prompt never takes more than half of `max_length` when that
-    would leave its completion no room, so every example keeps at least one trained token. `examples` may be a
-    list, a `datasets.Dataset` or any iterable of such dicts.
+    end-of-sequence token (prompt labels are -100), unless `completion_only_loss` is False (TRL's SFTConfig: None
+    means True for prompt-completion rows). `assistant_only_loss` trains a `messages` row on its assistant turns
+    only, as the chat template's `{% generation %}` markers tell them. Conversational examples are first rendered
+    with the tokenizer's chat template by TRL's `apply_chat_template` (the prompt with the generation prompt), and
+    then tokenized as TRL does: no special tokens added and no end-of-sequence appended, since the template writes
+    both. Too-long examples are truncated (and counted in `truncated`), but a prompt never takes more than half of
+    `max_length` when that would leave its completion no room, so every example keeps at least one trained token.
+    `examples` may be a list, a `datasets.Dataset` or any iterable of such dicts.
     """
     if max_length < 2:
         raise ValueError(f"{max_length=} must be at least 2")
-    rows, rendered = _rendered_rows(list(examples), tokenizer)
+    originals = list(examples)
+    rows, rendered = _rendered_rows(originals, tokenizer)
+    if assistant_only_loss:
+        _check_assistant_only(originals, tokenizer)
+    prompt_trained = completion_only_loss is False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
@@ -122,9 +135,19 @@ def tokenize_examples(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max
     def place(row: int, context: list[int], target: list[int], cut: bool) -> None:
         nonlocal truncated
         tokens = (context + target)[:max_length]
-        trained_from = min(len(context), len(tokens))
+        trained_from = 0 if prompt_trained else min(len(context), len(tokens))
         placed[row] = (tokens, [IGNORE_INDEX] * trained_from + tokens[trained_from:])
         truncated += cut or len(context) + len(target) > max_length
+
+    def place_assistant_turns(row: int) -> None:
+        nonlocal truncated
+        encoded = tokenizer.apply_chat_template(
+            originals[row]["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, mask = list(encoded["input_ids"]), encoded["assistant_masks"]
+        labels = [token if trained else IGNORE_INDEX for token, trained in zip(ids, mask, strict=True)]
+        placed[row] = (ids[:max_length], labels[:max_length])
+        truncated += len(ids) > max_length
 
     # Encode each field of every example in one batched call per group: much faster than one call per example.
     # One token past max_length is kept, to tell a row that fits from one that was cut.
@@ -132,6 +155,10 @@ def tokenize_examples(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max
     for templated in (False, True):
         special, eos = not templated, [] if templated else eos_ids
         texts = [row for row in text_rows if (row in rendered) == templated]
+        if templated and assistant_only_loss:
+            for row in texts:
+                place_assistant_turns(row)
+            texts = []
         encoded = _encode([rows[i]["text"] for i in texts], tokenizer, max_length + 1, special)
         for row, ids in zip(texts, encoded, strict=True):
             place(row, [], ids + eos, False)
@@ -152,6 +179,25 @@ def tokenize_examples(examples: Iterable[Mapping[str, Any]], tokenizer: Any, max
         pad_id=int(pad_id),
         truncated=int(truncated),
     )
+
+
+def _check_assistant_only(rows: list[Any], tokenizer: Any) -> None:
+    from trl.chat_template_utils import has_generation_markers
+
+    for index, row in enumerate(rows):
+        form = _form_of(row, index)
+        if form not in CONVERSATIONAL_FORMS:
+            raise ValueError(
+                f"assistant_only_loss=true: example {index} is a {form!r} row; the option needs conversational rows "
+                "('messages', or 'prompt' and 'completion' message lists), as TRL's"
+            )
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None or not has_generation_markers(template):
+        raise ValueError(
+            "assistant_only_loss=true: the tokenizer's chat template has no {% generation %} markers to tell the "
+            "assistant's tokens apart; give create_model_fn's tokenizer a template with them, or set "
+            "assistant_only_loss=false"
+        )
 
 
 def _rendered_rows(rows: list[Any], tokenizer: Any) -> tuple[list[Any], set[int]]:

@@ -44,8 +44,12 @@ PRETRAIN_WARMUP = 20
 _MAX_POSITIONS = 1024
 # The tiny models' chat template: each turn is "<|role|>\n", its content and the end-of-text token. The generation
 # prompt opens an assistant turn, so a rendered prompt is always a prefix of the prompt with its completion.
+# Assistant turns sit inside {% generation %} markers, so `assistant_only_loss` can tell them apart; the text is the
+# same as without the markers.
 TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}{% generation %}"
+    "{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}{% else %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 

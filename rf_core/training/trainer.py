@@ -676,13 +676,19 @@ class SlotTrainer:
     def _data_key(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> tuple[Any, ...]:
         # Keyed by tokenizer identity: tokenizers live as long as their base entry, i.e. as long as self.
         rows = len(self._raw_examples(split, config))
-        return (split, id(tokenizer), int(config["max_length"]), config["formatting_func"], rows)
+        losses = (config["completion_only_loss"], config["assistant_only_loss"])
+        return (split, id(tokenizer), int(config["max_length"]), config["formatting_func"], rows, losses)
 
     def _tokenized_data(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> TokenizedData:
         key = self._data_key(split, tokenizer, config)
         if key not in self._tokenized:
-            examples = self._examples(split, config)
-            self._tokenized[key] = tokenize_examples(examples, tokenizer, int(config["max_length"]))
+            self._tokenized[key] = tokenize_examples(
+                self._examples(split, config),
+                tokenizer,
+                int(config["max_length"]),
+                completion_only_loss=config["completion_only_loss"],
+                assistant_only_loss=config["assistant_only_loss"],
+            )
         return self._tokenized[key]
 
     def _generation_set(self, tokenizer: Any, config: Mapping[str, Any]) -> GenerationSet:

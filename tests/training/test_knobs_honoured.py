@@ -60,6 +60,11 @@ def completion_as_text(example: dict[str, Any]) -> str:
     return example["completion"]  # a string: trained as a text row, every token
 
 
+def as_messages(example: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": example["prompt"]},
+                         {"role": "assistant", "content": example["completion"]}]}  # fmt: skip
+
+
 SEEN_BY_METRICS: list[dict[str, Any]] = []
 
 
@@ -73,7 +78,7 @@ def hf_metrics(eval_prediction: Any) -> dict[str, float]:
     return {"seen": float(len(predictions))}
 
 
-FUNCTIONS = {f.__name__: f for f in (identity_format, completion_as_text, hf_metrics)}
+FUNCTIONS = {f.__name__: f for f in (identity_format, completion_as_text, as_messages, hf_metrics)}
 
 
 @dataclass(frozen=True)
@@ -561,6 +566,20 @@ def case_eval_subset(train: Runs) -> None:
     assert subset.values("eval_loss") != base.values("eval_loss") and subset.losses == base.losses
 
 
+def case_completion_only_loss(train: Runs) -> None:
+    base, everything = train(), train({"completion_only_loss": False})
+    assert everything.losses != base.losses  # the prompt's tokens count too
+    assert train({"completion_only_loss": True}).losses == base.losses  # null means true for these rows
+
+
+def case_assistant_only_loss(train: Runs) -> None:
+    chats = train({"formatting_func": "as_messages", "max_length": 64})
+    assistant = train({"formatting_func": "as_messages", "max_length": 64, "assistant_only_loss": True})
+    assert assistant.losses != chats.losses
+    assert assistant.values("eval_loss") != chats.values("eval_loss")
+    assert [f.width for f in assistant.forwards] == [f.width for f in chats.forwards]  # same tokens, other labels
+
+
 def case_model_kwargs(train: Runs) -> None:
     base = train()
     bf16_base = train({"model_kwargs": {"torch_dtype": "bfloat16", "device_map": "auto", "use_cache": False}})
@@ -612,6 +631,8 @@ CASES = [
     pytest.param("eval_steps", case_eval_steps, id="eval_steps"),
     pytest.param("eval_subset", case_eval_subset, id="eval_subset"),
     pytest.param("model_kwargs", case_model_kwargs, id="model_kwargs"),
+    pytest.param("completion_only_loss", case_completion_only_loss, id="completion_only_loss"),
+    pytest.param("assistant_only_loss", case_assistant_only_loss, id="assistant_only_loss"),
 ]
 
 

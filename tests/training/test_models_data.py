@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -260,7 +261,9 @@ CHAT_PAIRS = [
 ]  # fmt: skip
 
 
-def trl_reference(rows: list[dict], model_cache: Path, tmp_path: Path) -> list[tuple[list[int], list[int]]]:
+def trl_reference(
+    rows: list[dict], model_cache: Path, tmp_path: Path, **sft_config: Any
+) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per row as TRL's own SFTTrainer prepares them (its defaults: completion-only loss for
     prompt-completion rows, all tokens of a conversation, no packing)."""
     import datasets
@@ -268,7 +271,13 @@ def trl_reference(rows: list[dict], model_cache: Path, tmp_path: Path) -> list[t
 
     model, tokenizer = load_base_model("rf-tiny-llama", model_cache)
     arguments = SFTConfig(
-        output_dir=str(tmp_path / "trl"), max_length=256, report_to="none", packing=False, bf16=False, use_cpu=True
+        output_dir=str(tmp_path / "trl"),
+        max_length=256,
+        report_to="none",
+        packing=False,
+        bf16=False,
+        use_cpu=True,
+        **sft_config,
     )
     prepared = SFTTrainer(
         model=model, args=arguments, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
@@ -276,8 +285,8 @@ def trl_reference(rows: list[dict], model_cache: Path, tmp_path: Path) -> list[t
     return [(row["input_ids"], row["labels"]) for row in prepared]
 
 
-def ours(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
-    data = tokenize_examples(rows, tokenizer, max_length=256)
+def ours(rows: list[dict], tokenizer, **losses: Any) -> list[tuple[list[int], list[int]]]:
+    data = tokenize_examples(rows, tokenizer, max_length=256, **losses)
     batch = data.batch(list(range(len(data))))
     return [
         (batch["input_ids"][row, :length].tolist(), batch["labels"][row, :length].tolist())
@@ -288,6 +297,36 @@ def ours(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
 @pytest.mark.parametrize("rows", [CHAT, CHAT_PAIRS], ids=["messages", "prompt-completion"])
 def test_conversational_rows_tokenize_as_trls_sft_trainer_prepares_them(rows, tokenizer, model_cache, tmp_path):
     assert ours(rows, tokenizer) == trl_reference(rows, model_cache, tmp_path)
+
+
+PAIRS = [{"prompt": "2 + 2 = ", "completion": "4"}, {"prompt": "The capital of France is", "completion": " Paris."}]
+
+
+@pytest.mark.parametrize(
+    ("rows", "losses"),
+    [(CHAT, {"assistant_only_loss": True}), (CHAT_PAIRS, {"completion_only_loss": False})],
+    ids=["messages-assistant-only", "chat-prompt-completion-all-tokens"],
+)  # fmt: skip
+def test_trls_loss_masks_are_trls(rows, losses, tokenizer, model_cache, tmp_path):
+    reference = trl_reference(rows, model_cache, tmp_path, **losses)
+    assert ours(rows, tokenizer, **losses) == reference
+    assert ours(rows, tokenizer) != reference  # the option changed which tokens are trained
+
+
+def test_completion_only_loss_false_trains_the_prompt_too(tokenizer):
+    default, everything = ours(PAIRS, tokenizer), ours(PAIRS, tokenizer, completion_only_loss=False)
+    assert [tokens for tokens, _ in everything] == [tokens for tokens, _ in default]
+    assert all(labels == tokens for tokens, labels in everything)
+    assert all(IGNORE_INDEX in labels for _, labels in default)
+
+
+def test_assistant_only_loss_needs_conversations_and_generation_markers(model_cache) -> None:
+    _, tokenizer = load_base_model("rf-tiny-llama", model_cache)
+    with pytest.raises(ValueError, match=r"assistant_only_loss=true: example 0 is a 'prompt_completion' row"):
+        tokenize_examples(PAIRS, tokenizer, max_length=64, assistant_only_loss=True)
+    tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(ValueError, match=r"chat template has no \{% generation %\} markers"):
+        tokenize_examples(CHAT, tokenizer, max_length=64, assistant_only_loss=True)
 
 
 def test_conversational_rows_need_a_chat_template(model_cache) -> None:
