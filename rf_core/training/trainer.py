@@ -167,9 +167,9 @@ class SlotTrainer:
         if step_delay_s < 0:
             raise ValueError(f"{step_delay_s=} must be >= 0")
         self._create_model_fn = create_model_fn
-        self._train_examples = list(train_dataset)
-        self._eval_examples = list(eval_dataset) if eval_dataset is not None else []
-        if not self._train_examples:
+        self._train_examples = _rows(train_dataset)
+        self._eval_examples = _rows(eval_dataset) if eval_dataset is not None else []
+        if len(self._train_examples) == 0:
             raise ValueError("train_dataset is empty")
         self._compute_metrics = compute_metrics
         self._functions = dict(functions or {})
@@ -220,7 +220,7 @@ class SlotTrainer:
         for config in configs:
             base = self._base(config)
             self._tokenized_data("train", base.tokenizer, config)
-            if self._eval_examples:
+            if len(self._eval_examples) > 0:
                 self._tokenized_data("eval", base.tokenizer, config)
 
     def flush(self) -> None:
@@ -659,7 +659,7 @@ class SlotTrainer:
         if split == "train":
             return self._train_examples
         subset = config["eval_subset"]
-        return self._eval_examples if subset is None else self._eval_examples[:subset]
+        return self._eval_examples if subset is None else _head(self._eval_examples, subset)
 
     def _examples(self, split: str, config: Mapping[str, Any]) -> list[Any]:
         """The split's rows as this config trains or evaluates on them: its subset, its formatting function."""
@@ -722,7 +722,7 @@ class SlotTrainer:
         return eval_metrics
 
     def _evaluate(self, model: Any, tokenizer: Any, context: EvaluationContext, seed: int) -> dict[str, float]:
-        if not self._eval_examples:
+        if len(self._eval_examples) == 0:
             return {}
         config = context.config
         eval_data = self._tokenized_data("eval", tokenizer, config)
@@ -782,6 +782,22 @@ class SlotTrainer:
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _rows(dataset: Iterable[Any]) -> Any:
+    """The rows as the trainer keeps them: a `datasets.Dataset` as it is (Arrow-backed, often memory-mapped: no
+    Python object per row in every worker), anything else as a list."""
+    if _is_arrow_dataset(dataset):
+        return dataset
+    return list(dataset)
+
+
+def _head(rows: Any, count: int) -> Any:
+    return rows.select(range(min(count, len(rows)))) if _is_arrow_dataset(rows) else rows[:count]
+
+
+def _is_arrow_dataset(rows: Any) -> bool:
+    return hasattr(rows, "select") and hasattr(rows, "column_names") and hasattr(rows, "__len__")
 
 
 def _base_key(config: Mapping[str, Any]) -> str:

@@ -88,7 +88,9 @@ def make_trainer(model_cache: Path, datasets) -> Callable[..., SlotTrainer]:
 
     def make(**kwargs: Any) -> SlotTrainer:
         kwargs.setdefault("create_model_fn", create_model_fn)
-        return SlotTrainer(train_dataset=datasets[0], eval_dataset=datasets[1], num_threads=NUM_THREADS, **kwargs)
+        kwargs.setdefault("train_dataset", datasets[0])
+        kwargs.setdefault("eval_dataset", datasets[1])
+        return SlotTrainer(num_threads=NUM_THREADS, **kwargs)
 
     return make
 
@@ -558,3 +560,19 @@ def test_any_eval_cadence_trains_bitwise_as_straight_through(
         train_ok(straight[0], task_for(1, config, chunk, tmp_path / "straight"), straight[1])
     assert straight[1].values("eval_loss") == recorder.values("eval_loss")  # evaluated at the same steps
     assert straight[1].values("words") == recorder.values("words")  # sampling seeded by run and step
+
+
+def test_a_datasets_dataset_is_kept_as_arrow_and_trains_as_its_list(make_trainer, datasets, references, tmp_path):
+    import datasets as hf_datasets
+
+    train, evaluation = (hf_datasets.Dataset.from_list(rows) for rows in datasets)
+    trainer, recorder = make_trainer(train_dataset=train, eval_dataset=evaluation), Recorder()
+    assert trainer._train_examples is train  # no Python list of the rows in the worker
+    config = config_of(LORA, eval_subset=5)
+    for chunk in plan_chunks(64, config, 3):
+        last = train_ok(trainer, task_for(1, config, chunk, tmp_path), recorder)
+    assert_matches_reference(references["lora"], recorder, last)
+    listed = make_trainer(eval_dataset=datasets[1][:5]), Recorder()
+    for chunk in plan_chunks(64, config_of(LORA), 3):
+        train_ok(listed[0], task_for(1, config_of(LORA), chunk, tmp_path / "listed"), listed[1])
+    assert recorder.values("eval_loss") == listed[1].values("eval_loss")  # eval_subset took the first 5 rows
