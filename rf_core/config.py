@@ -271,6 +271,15 @@ KNOBS: dict[str, KnobSpec] = {
             "as HF's: recompute activations in the backward pass (non-reentrant) to save memory; same result",
         ),
         _K(
+            "gradient_checkpointing_kwargs", "training", (dict, type(None)), None,
+            Constraint(
+                '{"use_reentrant": false} or null (rf checkpoints non-reentrantly: reentrant checkpointing needs '
+                "inputs that require grad, which a LoRA run's frozen embeddings do not give)",
+                lambda v: dict(v) in ({}, {"use_reentrant": False}),
+            ),
+            "HF's, accepted with the one setting rf uses",
+        ),
+        _K(
             "seed", "training", (int, type(None)), None, _between(0, MAX_SEED),
             "the run's seed (initialisation, dropout, data order); null = the experiment's seed",
         ),
@@ -429,7 +438,7 @@ _COMMON_ALIASES = {
 # a knob that merely looks alike (logging_strategy is not strategy).
 _NOT_YET_SUPPORTED = frozenset(
     {
-        "fp16", "tf32", "gradient_checkpointing_kwargs", "logging_steps", "logging_strategy",
+        "fp16", "tf32", "logging_steps", "logging_strategy",
         "save_strategy", "save_steps", "packing", "dataset_text_field", "optim", "report_to", "output_dir",
     }
 )  # fmt: skip

@@ -102,7 +102,10 @@ def test_nested_lists_and_ranges_expand_as_rapidfire_does() -> None:
         ({"peft_config": RFLoraConfig(r=8, use_rslora=True)}, "RFLoraConfig use_rslora=True: rf sets only r,"),
         ({"model_type": "seq2seq_lm"}, "model_type='seq2seq_lm': rf trains causal language models only"),
         ({"generation_config": {"num_return_sequences": 2}}, "generation_config keys ['num_return_sequences']"),
-        ({"training_args": RFSFTConfig(gradient_checkpointing_kwargs={"use_reentrant": True})}, "non-reentrantly"),
+        (
+            {"training_args": RFSFTConfig(gradient_checkpointing_kwargs={"use_reentrant": True})},
+            'gradient_checkpointing_kwargs={"use_reentrant": true}: must be {"use_reentrant": false} or null',
+        ),
     ],
 )
 def test_what_has_no_meaning_here_is_refused_by_name(changes: dict[str, Any], expected: str) -> None:

@@ -49,6 +49,7 @@ VALID: dict[str, list[Any]] = {
     "task_type": ["CAUSAL_LM"],
     "bf16": [False, True],
     "gradient_checkpointing": [False, True],
+    "gradient_checkpointing_kwargs": [None, {}, {"use_reentrant": False}],
     "seed": [None, 0, 42, 2**32 - 1],
     "max_length": [8, 64, 8192],
     "completion_only_loss": [None, True, False],
@@ -97,6 +98,7 @@ INVALID: dict[str, list[Any]] = {
     "task_type": ["SEQ_CLS", "causal_lm", None],
     "bf16": [1, "true", None],
     "gradient_checkpointing": [0, "yes", None],
+    "gradient_checkpointing_kwargs": [{"use_reentrant": True}, {"preserve_rng_state": False}, [], "none"],
     "seed": [-1, 2**32, 1.5, True, "42"],
     "max_length": [7, 8193, 64.0, True, None],
     "completion_only_loss": [0, "false"],
@@ -189,9 +191,7 @@ def test_unknown_keys_are_rejected_with_a_suggestion(key: str, suggestion: str) 
     assert validate_config({key: 1}) == [f"unknown key {key!r} (did you mean {suggestion!r}?)"]
 
 
-@pytest.mark.parametrize(
-    "key", ["logging_strategy", "fp16", "gradient_checkpointing_kwargs", "logging_steps", "packing"]
-)
+@pytest.mark.parametrize("key", ["logging_strategy", "fp16", "tf32", "logging_steps", "packing"])
 def test_hugging_face_knobs_not_supported_yet_are_named_so_and_never_mapped_to_a_look_alike(key: str) -> None:
     (problem,) = validate_config({key: 1})
     assert problem.startswith(f"unknown key {key!r}: a Hugging Face / TRL training argument that rf does not")

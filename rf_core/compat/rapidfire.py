@@ -350,10 +350,6 @@ def _training_knobs(arguments: Any, problems: list[str]) -> dict[str, Any]:
                 continue
             problems.append(f"RFSFTConfig {key}={value!r}: {REFUSED_TRAINING_ARGS[key]}")
             continue
-        if key == "gradient_checkpointing_kwargs":
-            if dict(value or {}) not in ({}, {"use_reentrant": False}):
-                problems.append(f"RFSFTConfig {key}={value!r}: rf checkpoints activations non-reentrantly only")
-            continue
         knobs_set[RENAMED_TRAINING_ARGS.get(key, key)] = _rf_value(value)
     return knobs_set
 
@@ -428,11 +424,16 @@ def _rf_value(value: Any) -> Any:
 
 
 def rf_configs(config_group: RFGridSearch, seed: int = 42) -> list[dict[str, Any]]:
-    """The plain rf configs a RapidFire config group stands for (functions by name), to inspect or test."""
-    group, functions = config_group.rf_config_group(seed)
+    """The plain rf configs a RapidFire config group stands for (functions by name), validated; to inspect."""
+    from rf_core.config import validate_config
     from rf_core.functions import named_configs
 
-    return named_configs(group, functions)[0]
+    group, functions = config_group.rf_config_group(seed)
+    configs = named_configs(group, functions)[0]
+    problems = [f"config {i}: {problem}" for i, config in enumerate(configs, 1) for problem in validate_config(config)]
+    if problems:
+        raise ConfigError(problems)
+    return configs
 
 
 __all__ = [

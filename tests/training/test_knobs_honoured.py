@@ -435,6 +435,13 @@ def case_gradient_checkpointing(train: Runs) -> None:
         torch.testing.assert_close(tensor, base.weights[name], rtol=1e-5, atol=1e-6)
 
 
+def case_gradient_checkpointing_kwargs(train: Runs) -> None:
+    # HF's kwargs with the one setting rf uses: the same run as gradient checkpointing without them.
+    plain = train({"gradient_checkpointing": True})
+    explicit = train({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}})
+    assert explicit.losses == plain.losses and same_weights(explicit.weights, plain.weights)
+
+
 def case_lr_scheduler_constant(train: Runs) -> None:
     base, constant = train(), train({"lr_scheduler_type": "constant"})
     assert base.lrs == pytest.approx(linear_lrs(LR, BASE_STEPS))
@@ -621,6 +628,9 @@ CASES = [
     pytest.param("bias", case_bias_and_task_type, id="bias"),
     pytest.param("task_type", case_bias_and_task_type, id="task_type"),
     pytest.param("gradient_checkpointing", case_gradient_checkpointing, id="gradient_checkpointing"),
+    pytest.param(
+        "gradient_checkpointing_kwargs", case_gradient_checkpointing_kwargs, id="gradient_checkpointing_kwargs"
+    ),
     pytest.param("seed", case_seed, id="seed"),
     pytest.param("max_length", case_max_length, id="max_length"),
     pytest.param("formatting_func", case_formatting_func, id="formatting_func"),
