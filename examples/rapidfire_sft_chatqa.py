@@ -127,3 +127,5 @@ experiment.end()
 
 for run in experiment.get_runs_info().itertuples():
     print(f"run {run.run_id}: {run.status}, formatting_func={run.config['formatting_func']}, r={run.config['r']}")
+results = experiment.get_results()  # one row per (run_id, step), a column per metric
+print(f"results: {len(results)} rows, metrics {sorted(set(results.columns) - {'run_id', 'step'})}")

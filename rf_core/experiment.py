@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from rf_core.functions import named_configs
@@ -143,6 +146,45 @@ class Experiment:
             server_url=self.server_url,
             policies=policies,
         )
+
+    def results(self) -> Any:
+        """One row per run (a pandas DataFrame): state, lineage, the experiment's metric, every knob, and the latest
+        and best value of every evaluation metric (`<name>_latest`, `<name>_best`)."""
+        from rf_core.results import results_frame
+
+        with self._client() as client:
+            return results_frame(client.experiment_snapshot(self.name), client.run_metrics(self.name))
+
+    def metrics(self, names: Sequence[str] | None = None, run_ids: Sequence[int] | None = None) -> Any:
+        """Every metric point (a long pandas DataFrame: run_id, step, name, value, chunk, time), optionally only
+        some metric names or runs."""
+        from rf_core.results import metrics_frame
+
+        with self._client() as client:
+            return metrics_frame(client.get_metrics(self.name, run_ids=run_ids, names=names))
+
+    def to_parquet(self, folder: str | Path) -> dict[str, Path]:
+        """Write `results.parquet` and `metrics.parquet` into `folder`; returns their paths."""
+        from rf_core.results import write_parquet
+
+        return write_parquet(self.results(), self.metrics(), Path(folder))
+
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[Any]:
+        """A client of this experiment's rf server: the given or running one, else a temporary one for the call."""
+        from rf_core.client import NoServerRunning, RFClient, discover_server_url
+        from rf_core.server_process import ensure_server, stop_server
+
+        url, process = self.server_url or os.environ.get("RF_SERVER_URL"), None
+        if not url:
+            try:
+                url = discover_server_url()
+            except NoServerRunning:
+                url, process = ensure_server()
+        try:
+            yield RFClient(url)
+        finally:
+            stop_server(process)
 
 
 def fit_runner() -> Callable[..., dict[str, Any]]:

@@ -226,6 +226,12 @@ class Experiment:
             **rf_options,
         )
 
+    def get_results(self) -> Any:
+        """RapidFire's results table: one row per (run_id, step), a column per metric (a pandas DataFrame)."""
+        points = self._rf.metrics()
+        wide = points.pivot_table(index=["run_id", "step"], columns="name", values="value", aggfunc="last")
+        return wide.reset_index().rename_axis(columns=None)
+
     def get_runs_info(self) -> Any:
         """One row per run: id, status, and its config (a pandas DataFrame)."""
         import pandas as pd

@@ -744,3 +744,17 @@ def test_functions_per_config_gridded_scored_by_generation_and_switched_by_a_clo
     assert experiment["functions"] == ["answer_words", "chat_format", "qa_format"]
     best_rouge_of_run_1 = max(row["value"] for row in rouge if row["run_id"] == 1)
     assert runs[1]["best_value"] == pytest.approx(best_rouge_of_run_1)  # the experiment's metric, mode max
+    # Results out, after the fit and its server are gone: a temporary server answers for the call.
+    import pandas as pd
+
+    results = Experiment("formats").results()
+    assert results["run_id"].tolist() == [1, 2, 3] and results["status"].tolist() == ["Completed"] * 3
+    assert results["formatting_func"].tolist() == ["qa_format", "chat_format", "chat_format"]
+    assert results.loc[0, "rougeL_best"] == pytest.approx(best_rouge_of_run_1)
+    assert pd.isna(results.loc[2, "rougeL_best"]) and results.loc[2, "answer_words_latest"] == answer[-1]["value"]
+    points = Experiment("formats").metrics(names=["rougeL"])
+    assert sorted(points["value"].tolist()) == sorted(row["value"] for row in rouge)
+    written = Experiment("formats").to_parquet(tmp_path / "out")
+    assert pd.read_parquet(written["results"])["run_id"].tolist() == [1, 2, 3]
+    assert len(pd.read_parquet(written["metrics"])) == len(Experiment("formats").metrics())
+    assert not paths.server_info_path(home).exists()  # the temporary server went with the call
