@@ -361,8 +361,10 @@ def run_fit(
     idle_timeout: float = 30.0,
     server_url: str | None = None,
     policies: Sequence[Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the fit flow for an in-memory spec (the `Experiment.run_fit` path).
+    """Run the fit flow for an in-memory spec (the `Experiment.run_fit` path); `resume` trains an existing
+    experiment on (`rf_fit`'s `continue_experiment`).
 
     `policies` may mix Policy objects (which, like the spec, never pass through Prefect parameters) with template
     names and JSON specs (which do).
@@ -379,6 +381,7 @@ def run_fit(
             idle_timeout=idle_timeout,
             server_url=server_url,
             policies=specs or None,
+            continue_experiment=resume,
         )
     finally:
         _IN_MEMORY_SPECS.pop(experiment, None)

@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from rf_core.errors import ExperimentExists
 from rf_core.functions import named_configs
 from rf_core.paths import check_name
 from rf_core.states import DEFAULT_METRIC, METRIC_MODES
@@ -109,6 +110,7 @@ class Experiment:
         cpu_slots: int | None = None,
         idle_timeout: float = 30.0,
         entrypoint: str | None = None,
+        resume: bool = False,
     ) -> dict[str, Any]:
         """Train every config of `config_group` in `num_chunks` chunks per epoch; returns the final snapshot.
 
@@ -123,6 +125,10 @@ class Experiment:
 
         `policies` run at every chunk boundary: `rf_core.policies.Policy` objects (acting; they may be defined
         right here), template names, or JSON specs `{"template", "params", "mode": "act" | "propose"}`.
+
+        An experiment of this name that exists already is refused, unless `resume=True`: then its fit goes on with
+        this spec's functions and data: its runs, ids, metrics and queued ops are kept (ops queued after its last
+        fit apply now), runs that can train resume from their checkpoints, and `config_group` adds no runs.
         """
         spec = ExperimentSpec(
             config_group=config_group,
@@ -137,15 +143,23 @@ class Experiment:
             mode=mode,
             keep_checkpoints=keep_checkpoints,
         )
-        return fit_runner()(
-            self.name,
-            spec,
-            entrypoint=entrypoint,
-            cpu_slots=cpu_slots,
-            idle_timeout=idle_timeout,
-            server_url=self.server_url,
-            policies=policies,
-        )
+        try:
+            return fit_runner()(
+                self.name,
+                spec,
+                entrypoint=entrypoint,
+                cpu_slots=cpu_slots,
+                idle_timeout=idle_timeout,
+                server_url=self.server_url,
+                policies=policies,
+                resume=resume,
+            )
+        except ExperimentExists as exc:
+            hint = (
+                f"to train experiment {self.name!r} on (its runs, metrics and queued ops kept), call "
+                "run_fit(..., resume=True)"
+            )
+            raise ExperimentExists([*exc.problems, hint]) from None
 
     def results(self) -> Any:
         """One row per run (a pandas DataFrame): state, lineage, the experiment's metric, every knob, and the latest

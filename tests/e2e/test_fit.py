@@ -758,3 +758,46 @@ def test_functions_per_config_gridded_scored_by_generation_and_switched_by_a_clo
     assert pd.read_parquet(written["results"])["run_id"].tolist() == [1, 2, 3]
     assert len(pd.read_parquet(written["metrics"])) == len(Experiment("formats").metrics())
     assert not paths.server_info_path(home).exists()  # the temporary server went with the call
+
+
+def test_a_notebook_experiment_goes_on_with_resume_and_applies_the_ops_queued_after_its_fit(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """A fit from Python ends with a run stopped; an op queued afterwards waits; `run_fit(..., resume=True)` trains
+    the experiment on with the ops applied, and without `resume` the name is refused with that hint."""
+    from rf_core import Experiment, List
+    from rf_core.errors import ExperimentExists
+    from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Stop
+    from rf_core.server_process import ensure_server, stop_server
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+
+    class StopRunTwo(Policy):
+        name = "stop-run-2"
+
+        def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+            run = snapshot.run(2)
+            return [Stop(2, "hold it")] if run is not None and run.status == "Ongoing" else []
+
+    data = e2e_experiment.spec()
+    config = {"model_name_or_path": "rf-tiny-llama", "learning_rate": List([1e-3, 3e-3]), "r": 4, "max_length": 32}
+    arguments = (config, e2e_experiment.create_model_fn, data.train_dataset[:32], data.eval_dataset[:8])
+    first = Experiment("notebook-resume").run_fit(*arguments, num_chunks=2, cpu_slots=1, idle_timeout=1,
+                                                  policies=[StopRunTwo()])  # fmt: skip
+    assert [run["status"] for run in first["runs"]] == ["Completed", "Stopped"]
+    url, server = ensure_server(home)  # the fit's server went with it; the user's `rf resume` finds this one
+    try:
+        RFClient(url).submit_op("notebook-resume", "resume", 2, source="cli")
+    finally:
+        stop_server(server)
+    with pytest.raises(ExperimentExists, match=r"call run_fit\(\.\.\., resume=True\)"):
+        Experiment("notebook-resume").run_fit(*arguments, num_chunks=2, cpu_slots=1, idle_timeout=1)
+    again = Experiment("notebook-resume").run_fit(*arguments, num_chunks=2, cpu_slots=1, idle_timeout=1, resume=True)
+    runs = {run["run_id"]: run for run in again["runs"]}
+    assert set(runs) == {1, 2}  # the config group added no runs
+    assert runs[2]["status"] == "Completed" and runs[2]["chunks_done"] == 2
+    assert runs[1]["chunks_done"] == 2 and runs[1]["step"] == first["runs"][0]["step"]  # nothing trained twice
