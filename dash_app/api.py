@@ -78,6 +78,10 @@ def register_routes(server: Flask, store: Store) -> None:
         _require(body, "status")
         return _json(experiments.set_experiment_status(store, name, body["status"]))
 
+    @api.delete("/experiments/<name>")
+    def delete_experiment(name: str) -> Response:
+        return _json(experiments.delete_experiment(store, name, force=_flag("force")))
+
     @api.put("/experiments/<name>/functions")
     def set_functions(name: str) -> Response:
         body = _body()

@@ -3,6 +3,7 @@
     rf server start [--rf-home DIR] [--host H] [--port P]     run the dashboard + API (owns the store)
     rf demo [--experiment NAME] [--chunks K] ...              train the demo experiment
     rf experiments | rf runs EXP [--all] | rf ops EXP         look
+    rf experiments delete EXP [--yes] [--force]               delete one, with its files
     rf stop|resume|delete EXP RUN                             queue an IC Op
     rf clone EXP RUN [--set k=v ...] [--config FILE.json] [--warm-start[=weights|weights+optimizer]]
     rf fit EXP --entrypoint MODULE:FUNCTION [--policy SPEC ...]  train an importable experiment, policies attached
@@ -71,8 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
-    experiments = commands.add_parser("experiments", parents=[common], help="list experiments")
+    experiments = commands.add_parser("experiments", parents=[common], help="list experiments (or delete one)")
     experiments.set_defaults(handler=cmd_experiments)
+    experiment_commands = experiments.add_subparsers(dest="experiments_command", metavar="ACTION")
+    delete = experiment_commands.add_parser(
+        "delete", parents=[common], help="delete an experiment: its runs, metrics, ops, checkpoints and exports"
+    )
+    delete.add_argument("experiment")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.add_argument("--force", action="store_true", help="even though its status says a fit runs (a dead fit)")
+    delete.set_defaults(handler=cmd_experiments_delete)
 
     runs = commands.add_parser("runs", parents=[common], help="list an experiment's runs")
     runs.add_argument("experiment")
@@ -268,6 +277,23 @@ def cmd_experiments(args: argparse.Namespace) -> int:
         for row in experiments
     ]
     print(format_table(["experiment", "status", "runs", "by status", "chunks", "metric", "created"], rows))
+    return EXIT_OK
+
+
+def cmd_experiments_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        answer = input(f"delete experiment {args.experiment!r} with its runs, metrics and checkpoints? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return EXIT_OK
+    deleted = _client(args).delete_experiment(args.experiment, force=args.force)
+    if args.json:
+        return _print_json(deleted)
+    rows = deleted["deleted_rows"]
+    print(
+        f"deleted experiment {args.experiment!r}: {rows['runs']} runs, {rows['metrics']} metric rows, "
+        f"{rows['ops']} ops, and {deleted['deleted_folder']}"
+    )
     return EXIT_OK
 
 

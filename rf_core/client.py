@@ -226,6 +226,11 @@ class RFClient:
     def set_experiment_status(self, name: str, status: str) -> dict[str, Any]:
         return self._request("POST", self._experiment_path(name, "/status"), {"status": status}, idempotent=True)
 
+    def delete_experiment(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Delete an experiment with its runs, metrics, ops and files; refused while its fit runs unless `force`."""
+        query = {"force": "1"} if force else None
+        return self._request("DELETE", self._experiment_path(name, ""), query=query)
+
     def set_experiment_functions(self, name: str, functions: Sequence[str]) -> dict[str, Any]:
         body = {"functions": list(functions)}
         return self._request("PUT", self._experiment_path(name, "/functions"), body, idempotent=True)

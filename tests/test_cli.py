@@ -224,3 +224,26 @@ def test_a_malformed_set_is_a_one_line_error(served: tuple[RFClient, Path]) -> N
     result = rf(home, "clone", "exp", "3", "--set", "learning_rate")
     assert result.returncode == 1
     assert result.stderr.strip() == "rf: --set expects key=value, got 'learning_rate'"
+
+
+def test_an_experiment_is_deleted_with_its_files_after_a_confirmation(served: tuple[RFClient, Path]) -> None:
+    client, home = served
+    client.create_experiment("doomed", [CONFIG, CONFIG], num_chunks=2)
+    client.log_metrics("doomed-1", [{"experiment": "doomed", "run_id": 1, "step": 1, "name": "train_loss",
+                                     "value": 1.0, "time": 1.0}])  # fmt: skip
+    folder = home / "experiments" / "doomed" / "runs" / "1"
+    folder.mkdir(parents=True)
+    refused = rf(home, "experiments", "delete", "doomed", "--yes")
+    assert refused.returncode == 1 and "has a fit running" in refused.stderr and "force" in refused.stderr
+    client.set_experiment_status("doomed", "finished")
+    kept = subprocess.run([*RF, "experiments", "delete", "doomed"], input="n\n", capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "RF_HOME": str(home)})  # fmt: skip
+    assert "nothing deleted" in kept.stdout and "doomed" in [e["name"] for e in client.list_experiments()]
+    deleted = rf(home, "experiments", "delete", "doomed", "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted experiment 'doomed': 2 runs, 1 metric rows, 0 ops" in deleted.stdout
+    assert "doomed" not in [e["name"] for e in client.list_experiments()] and not folder.parent.parent.exists()
+    assert client.get_metrics("exp") is not None  # the other experiments are untouched
+    gone = rf(home, "experiments", "delete", "doomed", "--yes")
+    assert gone.returncode == 1 and "no experiment named 'doomed'" in gone.stderr
+    client.create_experiment("doomed", [CONFIG], num_chunks=2)  # the name is free again

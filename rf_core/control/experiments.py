@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from rf_core import paths
 from rf_core.config import normalize_config, varying_knobs
 from rf_core.control.checks import finite_or_none, is_int, require_experiment, require_run
 from rf_core.control.timeline import abandon_open_chunks
@@ -128,6 +130,24 @@ def set_experiment_functions(store: Store, name: str, functions: Sequence[str]) 
     with store.transaction():
         require_experiment(store, name)
         return store.update_experiment(name, {"functions": names})
+
+
+def delete_experiment(store: Store, name: str, force: bool = False) -> dict[str, Any]:
+    """Delete an experiment: its runs, metrics, ops, timeline and policy decisions, and its folder of checkpoints
+    and exports under RF_HOME. Refused while its status says a fit is running, unless `force` (that fit is dead)."""
+    with store.transaction():
+        experiment = require_experiment(store, name)
+        if experiment["status"] == "running" and not force:
+            raise InvalidRequest(
+                [
+                    f"experiment {name!r} has a fit running: let it end (or stop its runs) first; if that fit is "
+                    "dead (killed), delete with force"
+                ]
+            )
+        deleted = store.delete_experiment(name)
+    folder = paths.experiment_dir(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"experiment": name, "deleted_rows": deleted, "deleted_folder": str(folder)}
 
 
 def _free_name(store: Store, name: str) -> str:

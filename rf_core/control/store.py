@@ -121,6 +121,10 @@ class Store(ABC):
     @abstractmethod
     def update_experiment(self, name: str, fields: Mapping[str, Any]) -> Row: ...
 
+    @abstractmethod
+    def delete_experiment(self, name: str) -> dict[str, int]:
+        """Delete the experiment and every row that belongs to it; returns how many rows each table lost."""
+
     # runs
     @abstractmethod
     def insert_runs(self, experiment: str, rows: Sequence[Mapping[str, Any]]) -> list[Row]:
@@ -409,6 +413,16 @@ class DuckDBStore(Store):
 
     def update_experiment(self, name: str, fields: Mapping[str, Any]) -> Row:
         return self._update("experiments", _EXPERIMENT_COLUMNS, {"name": name}, fields)
+
+    def delete_experiment(self, name: str) -> dict[str, int]:
+        deleted = {}
+        with self.transaction():
+            for table in ("metrics", "timeline", "policy_decisions", "ops", "runs", "experiments"):
+                column = "name" if table == "experiments" else "experiment"
+                count = self._query(None, f"SELECT count(*) AS n FROM {table} WHERE {column} = ?", [name])[0]["n"]
+                self._query(None, f"DELETE FROM {table} WHERE {column} = ?", [name])
+                deleted[table] = int(count)
+        return deleted
 
     # -- runs -----------------------------------------------------------------------------------------------
 
