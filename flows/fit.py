@@ -23,6 +23,7 @@ from rf_core.client import RFClient
 from rf_core.data_forms import check_fit_data
 from rf_core.errors import ExperimentExists
 from rf_core.experiment import ExperimentSpec, load_entrypoint
+from rf_core.kept_specs import keep_spec, load_kept_spec
 from rf_core.messages import ChunkOutcome, TrainTask
 from rf_core.planner import FitLoop, Plan
 from rf_core.report import format_chunk_line, format_op_line, format_results_table
@@ -125,7 +126,12 @@ def rf_fit(
         ray_gpus_per_slot: 1 gives each Ray slot a GPU; 0 makes CPU slots.
     """
     attached = build_policies(policies) + _IN_MEMORY_POLICIES.get(experiment, [])
-    spec = load_entrypoint(entrypoint) if entrypoint else _IN_MEMORY_SPECS[experiment]
+    if entrypoint:
+        spec = load_entrypoint(entrypoint)
+    elif experiment in _IN_MEMORY_SPECS:
+        spec = _IN_MEMORY_SPECS[experiment]
+    else:  # `rf continue` of an experiment a script or notebook started
+        spec = load_kept_spec(experiment)
     if num_chunks is not None:
         spec.num_chunks = num_chunks
     configs, functions = spec.named_configs()
@@ -163,6 +169,8 @@ def rf_fit(
             client.set_experiment_functions(experiment, sorted(functions))
             client.set_experiment_status(experiment, "running")
             print(f"experiment {experiment!r} continues: its runs, metrics and queued ops are kept")
+        if not entrypoint:
+            keep_spec(experiment, spec)  # so `rf continue` can train it on after this fit
         if ray_address:
             from rf_core.training.ray_workers import ray_slots as size_ray_slots
 

@@ -387,17 +387,19 @@ def cmd_continue(args: argparse.Namespace) -> int:
     try:
         experiment = RFClient(url).get_experiment(args.experiment)
         if not experiment.get("spec_ref"):
-            raise UsageError(
-                f"experiment {args.experiment} was started with in-memory functions, not a module:function "
-                "entrypoint: continue it from Python with Experiment(...).run_fit(..., entrypoint=...)"
-            )
+            from rf_core.kept_specs import load_kept_spec
+
+            try:
+                load_kept_spec(args.experiment)  # fails here, with the reason, before anything heavy starts
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         if experiment["status"] == "running" and not args.force:
             raise UsageError(
                 f"experiment {args.experiment} has a fit running; its ops apply there (--force if that fit crashed)"
             )
         _run_fit_flow(
             args.experiment,
-            entrypoint=experiment["spec_ref"],
+            entrypoint=experiment.get("spec_ref"),  # none: the spec kept when a script or notebook ran it
             num_chunks=int(experiment["num_chunks"]),
             **_ray_options(args),
             cpu_slots=args.cpu_slots,

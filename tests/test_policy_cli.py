@@ -150,7 +150,7 @@ def test_continue_explains_what_it_cannot_continue(served: tuple[RFClient, Path]
     client, home = served
     make_experiment(client, "in-memory")
     result = rf(home, "continue", "in-memory")
-    assert result.returncode == 1 and "started with in-memory functions" in result.stderr
+    assert result.returncode == 1 and "started from in-memory functions and no spec of it is kept" in result.stderr
     client.create_experiment("running", [CONFIG], num_chunks=4, spec_ref="tests.e2e_experiment:spec")
     result = rf(home, "continue", "running")
     assert result.returncode == 1 and "has a fit running" in result.stderr and "--force" in result.stderr

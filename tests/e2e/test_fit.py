@@ -801,3 +801,58 @@ def test_a_notebook_experiment_goes_on_with_resume_and_applies_the_ops_queued_af
     assert set(runs) == {1, 2}  # the config group added no runs
     assert runs[2]["status"] == "Completed" and runs[2]["chunks_done"] == 2
     assert runs[1]["chunks_done"] == 2 and runs[1]["step"] == first["runs"][0]["step"]  # nothing trained twice
+
+
+def test_rf_continue_trains_on_an_experiment_a_notebook_started(prefect_harness, tmp_path, monkeypatch):
+    """The spec of a fit from in-memory functions is kept under RF_HOME (owner-only): after the fit ended, an op
+    queued with `rf resume` is applied by `rf continue` in another process, which loads that spec."""
+    from prefect.settings import PREFECT_API_URL
+
+    from rf_core import Experiment, List
+    from rf_core.kept_specs import spec_path
+    from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Stop
+    from rf_core.server_process import ensure_server, stop_server
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+
+    class StopRunTwo(Policy):
+        name = "stop-run-2"
+
+        def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+            run = snapshot.run(2)
+            return [Stop(2, "hold it")] if run is not None and run.status == "Ongoing" else []
+
+    def create_model_fn(config: dict) -> tuple:  # defined here, as in a notebook: kept by value
+        return e2e_experiment.create_model_fn(config)
+
+    data = e2e_experiment.spec()
+    config = {"model_name_or_path": "rf-tiny-llama", "learning_rate": List([1e-3, 3e-3]), "r": 4, "max_length": 32}
+    first = Experiment("kept").run_fit(config, create_model_fn, data.train_dataset[:32], data.eval_dataset[:8],
+                                       num_chunks=2, cpu_slots=1, idle_timeout=1, policies=[StopRunTwo()])  # fmt: skip
+    assert [run["status"] for run in first["runs"]] == ["Completed", "Stopped"]
+    kept = spec_path("kept", home)
+    assert kept.is_file() and kept.stat().st_mode & 0o077 == 0  # the owner's only
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(PROJECT_ROOT)}
+    url, server = ensure_server(home)
+    try:
+        resumed = subprocess.run([sys.executable, "-m", "rf_cli.main", "resume", "kept", "2"], env=environment,
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr
+        continued = subprocess.run(
+            [sys.executable, "-m", "rf_cli.main", "continue", "kept", "--cpu-slots", "1", "--idle-timeout", "1"],
+            env=environment, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert continued.returncode == 0, continued.stdout[-2000:] + continued.stderr[-3000:]
+        runs = {run["run_id"]: run for run in RFClient(url).experiment_snapshot("kept")["runs"]}
+    finally:
+        stop_server(server)
+    assert runs[2]["status"] == "Completed" and runs[2]["chunks_done"] == 2
+    assert runs[1]["step"] == first["runs"][0]["step"]  # the completed run trained no further
+    kept.write_bytes(b"\x80\x04\x95")  # a damaged or foreign file: refused with the reason, nothing started
+    refused = subprocess.run([sys.executable, "-m", "rf_cli.main", "continue", "kept"], env=environment,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
