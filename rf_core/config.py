@@ -162,34 +162,33 @@ def _is_number(value: Any) -> bool:
 
 
 def generation_config_problems(value: Any) -> list[str]:
-    if not isinstance(value, Mapping):
-        return []
-    problems = []
-    for key, item in value.items():
-        field = GENERATION_FIELDS.get(key)
-        if field is None:
-            why = f"{key!r} is not a setting rf passes on (known: {', '.join(GENERATION_FIELDS)})"
-        elif not field[1](item):
-            why = f"{key} must be {field[0]}, got {_show(item)}"
-        else:
-            continue
-        problems.append(f"generation_config={_show(value)}: must be an object of generation settings; {why}")
-    return problems
+    return _object_problems(
+        "generation_config", value, GENERATION_FIELDS, "generation settings", "a setting rf passes on"
+    )
 
 
 def model_kwargs_problems(value: Any) -> list[str]:
+    return _object_problems(
+        "model_kwargs", value, MODEL_KWARGS, "from_pretrained arguments", "an argument rf passes to from_pretrained"
+    )
+
+
+def _object_problems(
+    knob: str, value: Any, fields: Mapping[str, tuple[str, Callable[[Any], bool]]], what: str, one: str
+) -> list[str]:
+    """Each key of an object-valued knob that `fields` does not know, or whose value breaks its rule."""
     if not isinstance(value, Mapping):
         return []
     problems = []
     for key, item in value.items():
-        field = MODEL_KWARGS.get(key)
+        field = fields.get(key)
         if field is None:
-            why = f"{key!r} is not an argument rf passes to from_pretrained (known: {', '.join(MODEL_KWARGS)})"
+            why = f"{key!r} is not {one} (known: {', '.join(fields)})"
         elif not field[1](item):
             why = f"{key} must be {field[0]}, got {_show(item)}"
         else:
             continue
-        problems.append(f"model_kwargs={_show(value)}: must be an object of from_pretrained arguments; {why}")
+        problems.append(f"{knob}={_show(value)}: must be an object of {what}; {why}")
     return problems
 
 

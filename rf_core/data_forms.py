@@ -168,34 +168,45 @@ def check_fit_data(
 def _assistant_only_problems(
     train_dataset: Iterable[Any], configs: Sequence[Mapping[str, Any]], functions: Mapping[str, Callable[..., Any]]
 ) -> list[str]:
-    masking = {config.get("formatting_func") for config in configs if config.get("assistant_only_loss")}
-    problems = []
-    for name in sorted(masking, key=lambda name: name or ""):
-        formatting_func = functions.get(name) if name else None
-        for index, example in enumerate(itertools.islice(train_dataset, FORMATTING_SAMPLE_ROWS)):
-            form = example_form(formatted_example(formatting_func, example))
-            if form not in CONVERSATIONAL_FORMS:
-                shown = f" formatted by {name!r}" if name else ""
-                problems.append(
-                    f"assistant_only_loss=true: train_dataset row {index}{shown} is a {form!r} row; the option needs "
-                    "conversational rows"
-                )
-                break
-    return problems
+    def conversational(row: Any) -> None:
+        form = example_form(row)
+        if form not in CONVERSATIONAL_FORMS:
+            raise ValueError(f"is a {form!r} row; the option needs conversational rows")
+
+    return _sample_problems(
+        "assistant_only_loss=true", "assistant_only_loss", train_dataset, "train_dataset", configs, functions,
+        conversational,
+    )  # fmt: skip
 
 
 def _generation_problems(
     eval_dataset: Iterable[Any], configs: Sequence[Mapping[str, Any]], functions: Mapping[str, Callable[..., Any]]
 ) -> list[str]:
-    generating = {config.get("formatting_func") for config in configs if config.get("predict_with_generate")}
+    return _sample_problems(
+        "predict_with_generate", "predict_with_generate", eval_dataset, "eval_dataset", configs, functions,
+        prompt_and_reference,
+    )  # fmt: skip
+
+
+def _sample_problems(
+    option: str,
+    knob: str,
+    dataset: Iterable[Any],
+    dataset_name: str,
+    configs: Sequence[Mapping[str, Any]],
+    functions: Mapping[str, Callable[..., Any]],
+    check: Callable[[Any], Any],
+) -> list[str]:
+    """The first sampled row, per formatting function of the configs that set `knob`, that `check` refuses."""
+    formatters = {config.get("formatting_func") for config in configs if config.get(knob)}
     problems = []
-    for name in sorted(generating, key=lambda name: name or ""):
+    for name in sorted(formatters, key=lambda name: name or ""):
         formatting_func = functions.get(name) if name else None
-        for index, example in enumerate(itertools.islice(eval_dataset, FORMATTING_SAMPLE_ROWS)):
+        for index, example in enumerate(itertools.islice(dataset, FORMATTING_SAMPLE_ROWS)):
             try:
-                prompt_and_reference(formatted_example(formatting_func, example))
+                check(formatted_example(formatting_func, example))
             except ValueError as exc:
                 shown = f" formatted by {name!r}" if name else ""
-                problems.append(f"predict_with_generate: eval_dataset row {index}{shown} {exc}")
+                problems.append(f"{option}: {dataset_name} row {index}{shown} {exc}")
                 break
     return problems

@@ -760,21 +760,9 @@ def test_functions_per_config_gridded_scored_by_generation_and_switched_by_a_clo
     assert not paths.server_info_path(home).exists()  # the temporary server went with the call
 
 
-def test_a_notebook_experiment_goes_on_with_resume_and_applies_the_ops_queued_after_its_fit(
-    prefect_harness, tmp_path, monkeypatch
-):
-    """A fit from Python ends with a run stopped; an op queued afterwards waits; `run_fit(..., resume=True)` trains
-    the experiment on with the ops applied, and without `resume` the name is refused with that hint."""
-    from rf_core import Experiment, List
-    from rf_core.errors import ExperimentExists
+def stop_run_two() -> Any:
+    """A policy, as a notebook writes one, that stops run 2 once it has trained a chunk."""
     from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Stop
-    from rf_core.server_process import ensure_server, stop_server
-    from tests import e2e_experiment
-
-    home = tmp_path / "home"
-    monkeypatch.setenv("RF_HOME", str(home))
-    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
-    monkeypatch.delenv("RF_SERVER_URL", raising=False)
 
     class StopRunTwo(Policy):
         name = "stop-run-2"
@@ -783,11 +771,29 @@ def test_a_notebook_experiment_goes_on_with_resume_and_applies_the_ops_queued_af
             run = snapshot.run(2)
             return [Stop(2, "hold it")] if run is not None and run.status == "Ongoing" else []
 
+    return StopRunTwo()
+
+
+def test_a_notebook_experiment_goes_on_with_resume_and_applies_the_ops_queued_after_its_fit(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """A fit from Python ends with a run stopped; an op queued afterwards waits; `run_fit(..., resume=True)` trains
+    the experiment on with the ops applied, and without `resume` the name is refused with that hint."""
+    from rf_core import Experiment, List
+    from rf_core.errors import ExperimentExists
+    from rf_core.server_process import ensure_server, stop_server
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+
     data = e2e_experiment.spec()
     config = {"model_name_or_path": "rf-tiny-llama", "learning_rate": List([1e-3, 3e-3]), "r": 4, "max_length": 32}
     arguments = (config, e2e_experiment.create_model_fn, data.train_dataset[:32], data.eval_dataset[:8])
     first = Experiment("notebook-resume").run_fit(*arguments, num_chunks=2, cpu_slots=1, idle_timeout=1,
-                                                  policies=[StopRunTwo()])  # fmt: skip
+                                                  policies=[stop_run_two()])  # fmt: skip
     assert [run["status"] for run in first["runs"]] == ["Completed", "Stopped"]
     url, server = ensure_server(home)  # the fit's server went with it; the user's `rf resume` finds this one
     try:
@@ -810,7 +816,6 @@ def test_rf_continue_trains_on_an_experiment_a_notebook_started(prefect_harness,
 
     from rf_core import Experiment, List
     from rf_core.kept_specs import spec_path
-    from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Stop
     from rf_core.server_process import ensure_server, stop_server
     from tests import e2e_experiment
 
@@ -819,20 +824,15 @@ def test_rf_continue_trains_on_an_experiment_a_notebook_started(prefect_harness,
     monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
     monkeypatch.delenv("RF_SERVER_URL", raising=False)
 
-    class StopRunTwo(Policy):
-        name = "stop-run-2"
-
-        def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
-            run = snapshot.run(2)
-            return [Stop(2, "hold it")] if run is not None and run.status == "Ongoing" else []
-
     def create_model_fn(config: dict) -> tuple:  # defined here, as in a notebook: kept by value
         return e2e_experiment.create_model_fn(config)
 
     data = e2e_experiment.spec()
     config = {"model_name_or_path": "rf-tiny-llama", "learning_rate": List([1e-3, 3e-3]), "r": 4, "max_length": 32}
-    first = Experiment("kept").run_fit(config, create_model_fn, data.train_dataset[:32], data.eval_dataset[:8],
-                                       num_chunks=2, cpu_slots=1, idle_timeout=1, policies=[StopRunTwo()])  # fmt: skip
+    first = Experiment("kept").run_fit(
+        config, create_model_fn, data.train_dataset[:32], data.eval_dataset[:8],
+        num_chunks=2, cpu_slots=1, idle_timeout=1, policies=[stop_run_two()],
+    )  # fmt: skip
     assert [run["status"] for run in first["runs"]] == ["Completed", "Stopped"]
     kept = spec_path("kept", home)
     assert kept.is_file() and kept.stat().st_mode & 0o077 == 0  # the owner's only
