@@ -85,7 +85,8 @@ class TokenizedData:
 
     def batch(self, indices: list[int], width: int | None = None) -> dict[str, torch.Tensor]:
         """Rows `indices`, right-padded to the longest of them (or to `width`)."""
-        lengths = [int(self.lengths[i]) for i in indices]
+        index = torch.tensor(indices, dtype=torch.long)
+        lengths = (self.offsets[index + 1] - self.offsets[index]).tolist()
         width = width if width is not None else max(max(lengths), 1)
         input_ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
