@@ -36,7 +36,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from rf_core.paths import check_name
-from rf_core.states import METRIC_MODES, WARM_START_MODES, OpKind, RunStatus, op_result
+from rf_core.states import METRIC_MODES, PROMOTE, WARM_START_MODES, OpKind, RunStatus, Verdict, op_result
 
 __all__ = [
     "TEMPLATES",
@@ -54,6 +54,7 @@ __all__ = [
     "Policy",
     "PolicyOp",
     "PopulationBasedTraining",
+    "Promote",
     "Resume",
     "RunView",
     "Stop",
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 # -- the snapshot a policy reads ----------------------------------------------------------------------------
+
+# A policy's own past verdicts on a run, by chunk boundary (RunView.rung_verdicts).
+PROMOTED = "promoted"  # the policy let the run go on past a rung: final
+STOPPED = "stopped"  # the policy stopped the run there (whatever became of the op): it never judges the run again
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class RunView:
     has_checkpoint: bool = False
     pending_ops: tuple[str, ...] = ()  # kinds of the run's queued ops, in order
     metrics: Mapping[str, tuple[MetricPoint, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # This policy's own past verdicts on the run, boundary -> PROMOTED | STOPPED, read from its decision records.
+    rung_verdicts: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def boundary(self) -> int:
@@ -156,10 +163,20 @@ class ExperimentSnapshot:
 
     @classmethod
     def from_api(
-        cls, snapshot: Mapping[str, Any], metric_rows: Iterable[Mapping[str, Any]], now: float
+        cls,
+        snapshot: Mapping[str, Any],
+        metric_rows: Iterable[Mapping[str, Any]],
+        now: float,
+        decisions: Iterable[Mapping[str, Any]] = (),
     ) -> ExperimentSnapshot:
-        """Build from the server's snapshot (`include_deleted`) and metric rows (run_id, step, name, value, chunk)."""
+        """Build from the server's snapshot (`include_deleted`), metric rows (run_id, step, name, value, chunk) and
+        the policy's own decision records (run_id, boundary, kind), which become each run's `rung_verdicts`."""
         experiment = snapshot["experiment"]
+        verdicts: dict[int, dict[int, str]] = {}
+        for decision in decisions:
+            verdict = {PROMOTE: PROMOTED, OpKind.STOP.value: STOPPED}.get(str(decision.get("kind")))
+            if verdict is not None:
+                verdicts.setdefault(int(decision["run_id"]), {})[int(decision["boundary"])] = verdict
         by_run: dict[int, dict[str, dict[int, MetricPoint]]] = {}
         for row in metric_rows:
             value, chunk = row.get("value"), row.get("chunk")
@@ -191,6 +208,7 @@ class ExperimentSnapshot:
                     has_checkpoint=bool(run.get("checkpoint")),
                     pending_ops=tuple(run.get("pending_op_kinds") or ()),
                     metrics=MappingProxyType(metrics),
+                    rung_verdicts=MappingProxyType(verdicts.get(run_id, {})),
                 )
             )
         return cls(
@@ -226,14 +244,14 @@ def _thawed(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class PolicyOp:
-    """An op a policy wants, on `run_id`, and why. Submitted exactly like a user's op.
+    """An op a policy wants, on `run_id`, and why. Submitted exactly like a user's op (a `Promote` queues none).
 
     `boundary` is the chunk boundary the decision is about, which keys "at most once per (policy, run,
     boundary)"; None means the run's current one. A template that judges runs at a fixed boundary (a rung) names
     it, so a run a person resumes after the policy stopped it is not stopped again for the same verdict.
     """
 
-    kind: ClassVar[OpKind]
+    kind: ClassVar[OpKind | Verdict]
     run_id: int
     reason: str
     boundary: int | None = None
@@ -269,6 +287,22 @@ class Delete(PolicyOp):
 
 
 @dataclass(frozen=True)
+class Promote(PolicyOp):
+    """A rung template's verdict that the run goes on past the rung at `boundary` (required). No op is queued:
+    the verdict is recorded so that it is final, and comes back in the run's `rung_verdicts`."""
+
+    kind: ClassVar[Verdict] = Verdict.PROMOTE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.boundary is None:
+            raise ValueError("a promotion names the rung's chunk boundary it is about")
+
+    def describe(self) -> str:
+        return f"promote run {self.run_id} past chunk {self.boundary}"
+
+
+@dataclass(frozen=True)
 class CloneModify(PolicyOp):
     """Clone `run_id` (the parent) with `overrides` (a value may be a tagged knob such as {"$list": [...]}, which
     makes one clone per value), optionally warm-started from the parent's weights."""
@@ -298,6 +332,8 @@ def illegal_op_problems(snapshot: ExperimentSnapshot, op: PolicyOp) -> list[str]
     run = snapshot.run(op.run_id)
     if run is None:
         return [f"experiment {snapshot.experiment} has no run {op.run_id}"]
+    if isinstance(op, Promote):
+        return []  # a verdict, not an op: nothing in the run's state can forbid it
     if not run.allows(op.kind):
         queued = f" once its queued {', '.join(run.pending_ops)} apply" if run.pending_ops else ""
         return [f"cannot {op.kind.value} run {op.run_id}: it is {run.status.value}{queued}"]
@@ -429,9 +465,64 @@ class StopBottomFraction(_MetricPolicy):
         return ops
 
 
-class SuccessiveHalving(_MetricPolicy):
-    """Synchronous successive halving: rungs at chunk boundaries min_chunks * eta**k. When every run still
-    training has reached a rung, the runs ranked there keep the top 1/eta (at least one) and the rest stop.
+class _RungVerdicts:
+    """A rung template's verdicts: the ones recorded earlier (each run's `rung_verdicts`) and the ones it decides
+    in this call, which later rungs in the same call read as if recorded."""
+
+    def __init__(self) -> None:
+        self.decided: dict[tuple[int, int], str] = {}
+        self.ops: list[PolicyOp] = []
+
+    def of(self, run: RunView, rung: int) -> str | None:
+        return self.decided.get((run.run_id, rung)) or run.rung_verdicts.get(rung)
+
+    def stopped_before(self, run: RunView, rung: int) -> bool:
+        recorded = any(verdict == STOPPED and boundary < rung for boundary, verdict in run.rung_verdicts.items())
+        return recorded or any(
+            verdict == STOPPED and run_id == run.run_id and boundary < rung
+            for (run_id, boundary), verdict in self.decided.items()
+        )
+
+    def promote(self, run: RunView, rung: int, reason: str) -> None:
+        self.decided[(run.run_id, rung)] = PROMOTED
+        self.ops.append(Promote(run.run_id, reason, rung))
+
+    def stop(self, run: RunView, rung: int, reason: str) -> None:
+        self.decided[(run.run_id, rung)] = STOPPED
+        self.ops.append(Stop(run.run_id, reason, rung))
+
+
+class _RungPolicy(_MetricPolicy):
+    """Rungs at chunk boundaries min_chunks * eta**k. A rung's pool is the previous rung's survivors (every run for
+    the first rung); a run the policy stopped is never judged or ranked again, whatever becomes of it (a person may
+    resume it: it then trains on outside the policy's rungs); a promotion is recorded and final."""
+
+    def __init__(self, eta: int, min_chunks: int, *, metric: str | None, mode: str | None, name: str) -> None:
+        super().__init__(metric=metric, mode=mode, name=name)
+        _check_int("eta", eta, 2)
+        _check_int("min_chunks", min_chunks, 1)
+        self.eta, self.min_chunks = eta, min_chunks
+
+    def _in_pool(self, run: RunView, rungs: Sequence[int], k: int, verdicts: _RungVerdicts) -> bool:
+        """The run reached rung k through the rungs before it."""
+        if run.status in (RunStatus.DELETED, RunStatus.FAILED) or verdicts.stopped_before(run, rungs[k]):
+            return False
+        return k == 0 or verdicts.of(run, rungs[k - 1]) == PROMOTED
+
+    @staticmethod
+    def _can_go_on(run: RunView, rung: int) -> bool:
+        """Would train past the rung unless stopped: only such runs compete for a rung's places."""
+        return run.is_trainable and (run.total_chunks is None or run.total_chunks > rung)
+
+
+class SuccessiveHalving(_RungPolicy):
+    """Synchronous successive halving (Jamieson & Talwalkar, 2016) over rungs at chunk boundaries
+    min_chunks * eta**k. A rung closes when every run in its pool that still trains has reached it; the runs
+    ranked there keep the top floor(n / eta) places (at least one; ties go to the older run), the rest stop.
+
+    The pool of a rung is the previous rung's survivors, and only runs that would train past the rung compete
+    (a run that ends there takes no place). A run that reaches a rung after it closed (a clone added later) goes
+    on only if it ranks above the worst run promoted there.
 
     Args:
         eta: reduction factor (>= 2).
@@ -447,37 +538,88 @@ class SuccessiveHalving(_MetricPolicy):
         mode: str | None = None,
         name: str = "successive-halving",
     ) -> None:
-        super().__init__(metric=metric, mode=mode, name=name)
-        _check_int("eta", eta, 2)
-        _check_int("min_chunks", min_chunks, 1)
-        self.eta, self.min_chunks = eta, min_chunks
+        super().__init__(eta, min_chunks, metric=metric, mode=mode, name=name)
 
     def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
-        metric = self._metric(snapshot)
-        ops: dict[int, PolicyOp] = {}
-        trainable = snapshot.trainable()
-        for rung in _rungs(self.min_chunks, self.eta, _max_boundary(snapshot)):
-            if any(run.chunks_done < rung for run in trainable):
-                break  # this rung (and every later one) is still filling
-            values = _values_at(snapshot.alive(), metric, rung)
-            keep = max(1, len(values) // self.eta)
-            ranked = self._ranked(snapshot, values)
-            for rank, run_id in enumerate(ranked[keep:], start=keep + 1):
+        verdicts = _RungVerdicts()
+        self._halve(snapshot, snapshot.runs, self.min_chunks, verdicts, "successive halving")
+        return verdicts.ops
+
+    def _halve(
+        self,
+        snapshot: ExperimentSnapshot,
+        members: Sequence[RunView],
+        min_chunks: int,
+        verdicts: _RungVerdicts,
+        label: str,
+    ) -> None:
+        metric, sign = self._metric(snapshot), self._sign(snapshot)
+        rungs = _rungs(min_chunks, self.eta, _max_boundary(snapshot))
+        for k, rung in enumerate(rungs):
+            pool = [run for run in members if self._in_pool(run, rungs, k, verdicts)]
+            judged = [run for run in pool if verdicts.of(run, rung) is not None]
+            waiting = [run for run in pool if verdicts.of(run, rung) is None]
+            arrived = {
+                run.run_id: value
+                for run in waiting
+                if self._can_go_on(run, rung) and (value := run.value_at(metric, rung)) is not None
+            }
+            if judged:  # the rung closed earlier: judge late arrivals against the runs it kept
+                kept = [
+                    (sign * value, -run.run_id)
+                    for run in judged
+                    if verdicts.of(run, rung) == PROMOTED and (value := run.value_at(metric, rung)) is not None
+                ]
+                bar = min(kept, default=None)
+                for run_id, value in arrived.items():
+                    late = snapshot.run(run_id)
+                    assert late is not None
+                    if bar is None or (sign * value, -run_id) > bar:
+                        why = "ranks above" if bar is not None else "has no promoted run to rank below"
+                        verdicts.promote(
+                            late,
+                            rung,
+                            f"{label} rung at chunk {rung} (closed): {metric} {value:.4g} "
+                            f"{why} the worst run promoted there",
+                        )
+                    else:
+                        verdicts.stop(
+                            late,
+                            rung,
+                            f"{label} rung at chunk {rung} (closed): {metric} {value:.4g} "
+                            f"is worse than the {sign * bar[0]:.4g} of the worst run promoted "
+                            f"there ({self._direction(snapshot)})",
+                        )
+                continue
+            if any(run.is_trainable and run.chunks_done < rung and _reaches(run, rung) for run in waiting):
+                break  # the rung is still filling; later rungs' pools come from it
+            if not arrived:
+                break
+            ranked = self._ranked(snapshot, arrived)
+            keep = max(1, len(ranked) // self.eta)
+            for rank, run_id in enumerate(ranked, start=1):
                 run = snapshot.run(run_id)
-                if run is not None and run.is_trainable and run_id not in ops:
-                    reason = (
-                        f"successive halving rung at chunk {rung}: {metric} {values[run_id]:.4g} ranks {rank} "
-                        f"of {len(ranked)}, only the top {keep} go on (eta {self.eta}, {self._direction(snapshot)})"
+                assert run is not None
+                where = f"{metric} {arrived[run_id]:.4g} ranks {rank} of {len(ranked)}"
+                if rank <= keep:
+                    verdicts.promote(run, rung, f"{label} rung at chunk {rung}: {where}, in the top {keep} that go on")
+                else:
+                    verdicts.stop(
+                        run,
+                        rung,
+                        f"{label} rung at chunk {rung}: {where}, only the top {keep} go on "
+                        f"(eta {self.eta}, {self._direction(snapshot)})",
                     )
-                    ops[run_id] = Stop(run_id, reason, rung)
-        return list(ops.values())
 
 
-class AsyncSuccessiveHalving(_MetricPolicy):
-    """Asynchronous successive halving (ASHA): when a run reaches a rung (chunk boundary min_chunks * eta**k) it
-    goes on only if its value there is within the top 1/eta of every value recorded at that rung so far; no run
-    waits for the others. As in Optuna's pruner, while a rung holds fewer than eta values only a value at least
-    as good as the rung's best goes on. A run is judged only while it stands exactly at the rung's boundary.
+class AsyncSuccessiveHalving(_RungPolicy):
+    """Asynchronous successive halving (ASHA; Li et al., 2020) over rungs at chunk boundaries min_chunks * eta**k.
+    When a run reaches a rung it is judged once, and the verdict is final: it goes on if its value there is within
+    the top floor(n / eta) of the n values recorded at that rung so far (its own included); no run waits for the
+    others. As in Optuna's pruner, while a rung holds fewer than eta values only a value at least as good as the
+    rung's best goes on (so the first run at a rung always does). The values recorded at a rung are those of the
+    runs that reached it through the rungs before it: a run stopped at a rung adds nothing to later rungs, even
+    when its chunk in flight ends past them.
     """
 
     def __init__(
@@ -489,39 +631,44 @@ class AsyncSuccessiveHalving(_MetricPolicy):
         mode: str | None = None,
         name: str = "asha",
     ) -> None:
-        super().__init__(metric=metric, mode=mode, name=name)
-        _check_int("eta", eta, 2)
-        _check_int("min_chunks", min_chunks, 1)
-        self.eta, self.min_chunks = eta, min_chunks
+        super().__init__(eta, min_chunks, metric=metric, mode=mode, name=name)
 
     def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
         metric, sign = self._metric(snapshot), self._sign(snapshot)
-        rungs = set(_rungs(self.min_chunks, self.eta, _max_boundary(snapshot)))
-        ops: list[PolicyOp] = []
-        for run in snapshot.trainable():
-            rung = run.chunks_done
-            value = run.value_at(metric, rung)
-            if rung not in rungs or value is None or not run.has_chunks_left:
-                continue
-            competing = sorted(
-                (sign * other for other in _values_at(snapshot.alive(), metric, rung).values()), reverse=True
-            )
-            promotable_index = max(len(competing) // self.eta - 1, 0)
-            if sign * value < competing[promotable_index]:
-                needed = competing[promotable_index] * sign
-                ops.append(
-                    Stop(
-                        run.run_id,
-                        f"ASHA rung at chunk {rung}: {metric} {value:.4g} is outside the top 1/{self.eta} of "
-                        f"{len(competing)} runs there (needed {needed:.4g}, {self._direction(snapshot)})",
+        verdicts = _RungVerdicts()
+        rungs = _rungs(self.min_chunks, self.eta, _max_boundary(snapshot))
+        for k, rung in enumerate(rungs):
+            entered = [run for run in snapshot.runs if self._in_pool(run, rungs, k, verdicts)]
+            recorded = {run.run_id: value for run in entered if (value := run.value_at(metric, rung)) is not None}
+            for run in entered:
+                if verdicts.of(run, rung) is not None or run.run_id not in recorded or not self._can_go_on(run, rung):
+                    continue
+                competing = sorted((sign * value for value in recorded.values()), reverse=True)
+                needed = competing[max(len(competing) // self.eta - 1, 0)]
+                value = recorded[run.run_id]
+                where = f"ASHA rung at chunk {rung}: {metric} {value:.4g}"
+                if sign * value >= needed:
+                    verdicts.promote(
+                        run, rung, f"{where} is within the top 1/{self.eta} of {len(competing)} runs there"
                     )
-                )
-        return ops
+                else:
+                    verdicts.stop(
+                        run,
+                        rung,
+                        f"{where} is outside the top 1/{self.eta} of {len(competing)} runs "
+                        f"there (needed {sign * needed:.4g}, {self._direction(snapshot)})",
+                    )
+        return verdicts.ops
 
 
 class PercentileStopping(_MetricPolicy):
     """Stop a run whose best value so far is worse than the `percentile`-th percentile of the other runs' values
-    at the same chunk boundary (Optuna's percentile pruner; `MedianStopping` is the 50th).
+    at the same chunk boundary (`MedianStopping` is the 50th).
+
+    The peers are every other run with a value at that boundary (training, stopped or completed; not Deleted or
+    Failed), with the percentile interpolated linearly (numpy's default). Optuna's percentile pruner compares
+    with completed trials only; runs here advance together chunk by chunk, so waiting for whole runs to finish
+    before judging any would judge late, and the peers at the same boundary are the fair comparison.
 
     Args:
         percentile: 0-100; 25 keeps the top quarter, 75 stops only the bottom quarter.
@@ -674,8 +821,14 @@ class PopulationBasedTraining(_MetricPolicy):
                 f"PBT at chunk {run.chunks_done}: run {run_id} ({metric} {values[run_id]:.4g}) is in the bottom "
                 f"{self.quantile:.0%}, run {donor.run_id} ({values[donor.run_id]:.4g}) in the top"
             )
-            ops.append(CloneModify(donor.run_id, f"{why}: exploit run {donor.run_id}, explore {overrides}",
-                                   overrides=overrides, warm_start=self.warm_start))  # fmt: skip
+            ops.append(
+                CloneModify(
+                    donor.run_id,
+                    f"{why}: exploit run {donor.run_id}, explore {overrides}",
+                    overrides=overrides,
+                    warm_start=self.warm_start,
+                )
+            )
             ops.append(Stop(run_id, f"{why}: replaced by a perturbed clone of run {donor.run_id}"))
             clones_made += 1
         return ops
@@ -770,18 +923,21 @@ class AnyOf(Policy):
         chosen: list[PolicyOp] = []
         for policy in self.policies:
             for op in policy.decide(snapshot):
-                clash = any(
-                    other.run_id == op.run_id and (other.kind == op.kind or other.kind in (OpKind.STOP, OpKind.DELETE))
-                    for other in chosen
-                )
-                if not clash:
+                if not any(_clashes(op, other) for other in chosen):
                     chosen.append(_with_reason(op, f"{policy.name}: {op.reason}"))
-        return chosen
+        # A run that one policy stops is not promoted by another: the verdicts share one record per boundary.
+        ended = {op.run_id for op in chosen if op.kind in (OpKind.STOP, OpKind.DELETE)}
+        return [op for op in chosen if not (isinstance(op, Promote) and op.run_id in ended)]
 
 
 class Patient(_MetricPolicy):
-    """Pass on the inner policy's Stops only for runs whose metric has not improved by more than `min_delta` over
-    their last `patience` chunk boundaries (Optuna's PatientPruner); other ops pass unchanged."""
+    """Pass on the inner policy's Stops only for runs that stopped improving; other ops pass unchanged.
+
+    The rule, in score space (higher is better): a run's Stop passes when it has more than `patience` values and
+    the best of its last `patience` values is not above the best of the earlier ones by more than `min_delta`.
+    An equal value is no improvement, and `min_delta` is the improvement required (as in Keras' EarlyStopping).
+    This is not Optuna's PatientPruner, whose `min_delta` is a tolerated worsening and which lets a flat run
+    through: here a flat run is stopped, since a run that no longer improves is what an early stop is for."""
 
     def __init__(
         self,
@@ -930,6 +1086,11 @@ def _rungs(min_chunks: int, eta: int, up_to: int) -> list[int]:
     return rungs
 
 
+def _reaches(run: RunView, boundary: int) -> bool:
+    """The run has the chunks to reach `boundary`."""
+    return run.total_chunks is None or run.total_chunks >= boundary
+
+
 def _max_boundary(snapshot: ExperimentSnapshot) -> int:
     return max((run.total_chunks or run.chunks_done for run in snapshot.runs), default=0)
 
@@ -940,6 +1101,15 @@ def _percentile(ordered: Sequence[float], percentile: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _clashes(op: PolicyOp, earlier: PolicyOp) -> bool:
+    """`op` adds nothing after `earlier`: the run is already being stopped or deleted, or gets the same op."""
+    if op.run_id != earlier.run_id:
+        return False
+    if isinstance(op, Promote) or isinstance(earlier, Promote):
+        return type(op) is type(earlier) and op.boundary == earlier.boundary
+    return op.kind == earlier.kind or earlier.kind in (OpKind.STOP, OpKind.DELETE)
 
 
 def _with_reason(op: PolicyOp, reason: str) -> PolicyOp:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rf_core.client import RFClient
-from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, build_policy, illegal_op_problems
+from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Promote, build_policy, illegal_op_problems
 from rf_core.states import DECISION_MODES
 
 
@@ -54,9 +54,10 @@ class PolicySpec:
 class DecisionOutcome:
     """What became of one op a policy returned.
 
-    status: submitted (op queued), proposed (waits for approval), rejected (the server refused the op),
-    duplicate (the policy already acted on this run at this boundary), invalid (illegal on the snapshot, not
-    sent), or for a dry run: would-submit, would-propose, already-decided.
+    status: submitted (op queued), proposed (waits for approval), noted (a promotion: recorded, nothing queued),
+    rejected (the server refused the op), duplicate (the policy already acted on this run at this boundary),
+    invalid (illegal on the snapshot, not sent), or for a dry run: would-submit, would-propose, would-note,
+    already-decided.
     """
 
     op: PolicyOp
@@ -72,6 +73,8 @@ class DecisionOutcome:
             head = f"op {self.op_id} queued: {what}"
         elif self.status == "proposed":
             head = f"proposal {self.decision_id}: {what} (waits for `rf policy approve`)"
+        elif self.status == "noted":
+            head = f"noted: {what}"
         elif self.status in ("rejected", "invalid"):
             head = f"{self.status}: {what} ({'; '.join(self.problems)})"
         elif self.status in ("duplicate", "already-decided"):
@@ -99,7 +102,8 @@ def read_snapshot(client: RFClient, experiment: str, policy: Policy, now: float 
     raw = client.experiment_snapshot(experiment, include_deleted=True)
     names = sorted(policy.metric_names(str(raw["experiment"]["metric"])))
     rows = client.get_metrics(experiment, names=names) if names else []
-    return ExperimentSnapshot.from_api(raw, rows, time.time() if now is None else now)
+    decided = client.list_policy_decisions(experiment, policy=policy.name)
+    return ExperimentSnapshot.from_api(raw, rows, time.time() if now is None else now, decided)
 
 
 def decide(policy: Policy, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
@@ -140,7 +144,8 @@ def submit_decisions(
         if problems:
             outcomes.append(DecisionOutcome(op, boundary, "invalid", problems=tuple(problems)))
         elif dry_run:
-            status = "already-decided" if (op.run_id, boundary) in decided else f"would-{_verb(mode)}"
+            verb = "note" if isinstance(op, Promote) else _verb(mode)
+            status = "already-decided" if (op.run_id, boundary) in decided else f"would-{verb}"
             decided.add((op.run_id, boundary))
             outcomes.append(DecisionOutcome(op, boundary, status))
         else:

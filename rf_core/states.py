@@ -141,7 +141,18 @@ OUTCOME_EVENTS: dict[str, SystemEvent] = {
 # A policy's decision: "act" queues its op at once, "propose" waits for a person to approve or dismiss it.
 DecisionMode = Literal["act", "propose"]
 DECISION_MODES: tuple[str, ...] = get_args(DecisionMode)
-DECISION_STATUSES = ("submitted", "rejected", "proposed", "approved", "dismissed")
+DECISION_STATUSES = ("submitted", "rejected", "proposed", "approved", "dismissed", "noted")
+
+
+class Verdict(StrEnum):
+    """A policy decision that queues no op. A rung template's promotion is recorded ("noted") so that it is final:
+    the policy reads it back from its snapshot and never judges that run at that rung again."""
+
+    PROMOTE = "promote"
+
+
+PROMOTE = Verdict.PROMOTE.value
+DECISION_KINDS: tuple[str, ...] = (*(kind.value for kind in OpKind), PROMOTE)
 
 EXPERIMENT_STATUSES = ("running", "finished")  # a fit sets "running" when it starts and "finished" when it ends
 

@@ -26,6 +26,7 @@ from rf_core.policies import (
     Policy,
     PolicyOp,
     PopulationBasedTraining,
+    Promote,
     RunView,
     Stop,
     StopBottomFraction,
@@ -52,6 +53,7 @@ def run(
     parent_id: int | None = None,
     parent_step: int | None = None,
     metric: str = METRIC,
+    verdicts: dict[int, str] | None = None,
 ) -> RunView:
     """A run whose metric was `values[i]` at chunk boundary i + 1 (None: nothing logged in that chunk)."""
     points = tuple(
@@ -73,6 +75,7 @@ def run(
         has_checkpoint=checkpoint,
         pending_ops=pending,
         metrics=MappingProxyType({metric: points}),
+        rung_verdicts=MappingProxyType(verdicts or {}),
     )
 
 
@@ -179,27 +182,95 @@ def test_stop_bottom_fraction_ranks_a_metric_given_by_name() -> None:
 # -- successive halving -------------------------------------------------------------------------------------
 
 
+def stops(ops: list[PolicyOp]) -> list[int]:
+    return [op.run_id for op in ops if isinstance(op, Stop)]
+
+
+def promotions(ops: list[PolicyOp]) -> list[tuple[int, int | None]]:
+    return [(op.run_id, op.boundary) for op in ops if isinstance(op, Promote)]
+
+
+def after(snap: ExperimentSnapshot, ops: list[PolicyOp], **changes: dict[str, Any]) -> ExperimentSnapshot:
+    """The snapshot once `ops` are recorded (stopped runs Stopped, verdicts in rung_verdicts), with per-run
+    changes {run_id: RunView}."""
+    runs = []
+    for view in snap.runs:
+        verdicts = dict(view.rung_verdicts)
+        for op in ops:
+            if op.run_id == view.run_id and op.boundary is not None:
+                verdicts[op.boundary] = "promoted" if isinstance(op, Promote) else "stopped"
+        status = RunStatus.STOPPED if view.run_id in stops(ops) else view.status
+        view = dataclasses.replace(view, status=status, rung_verdicts=MappingProxyType(verdicts))
+        runs.append(changes.get(f"run{view.run_id}", view))
+    return dataclasses.replace(snap, runs=tuple(runs))
+
+
 def test_successive_halving_keeps_the_top_half_at_each_complete_rung() -> None:
     first_rung = snapshot(run(1, [4.0]), run(2, [3.0]), run(3, [2.0]), run(4, [1.0]))
-    assert summary(SuccessiveHalving(eta=2).decide(first_rung)) == [("stop", 2), ("stop", 1)]
-    # After rung 1 the two survivors reach chunk 2 (rung 2): the better one goes on.
-    second_rung = snapshot(
-        run(1, [4.0], status="Stopped"), run(2, [3.0], status="Stopped"), run(3, [2.0, 1.5]), run(4, [1.0, 1.8])
-    )
-    (op,) = SuccessiveHalving(eta=2).decide(second_rung)
-    assert (op.kind.value, op.run_id) == ("stop", 4)
-    assert "rung at chunk 2" in op.reason and "ranks 2 of 2" in op.reason
+    ops = SuccessiveHalving(eta=2).decide(first_rung)
+    assert stops(ops) == [2, 1] and promotions(ops) == [(4, 1), (3, 1)]
+    assert all(op.boundary == 1 for op in ops)
+    # The two survivors reach chunk 2 (rung 2): the better one goes on.
+    second_rung = after(first_rung, ops)
+    second_rung = dataclasses.replace(
+        second_rung,
+        runs=tuple(
+            dataclasses.replace(view, chunks_done=2, metrics=MappingProxyType({METRIC: (*view.points(METRIC),
+                                MetricPoint(2, 20, {3: 1.5, 4: 1.8}[view.run_id]))}))
+            if view.run_id in (3, 4) else view
+            for view in second_rung.runs
+        ),
+    )  # fmt: skip
+    (promote, stop) = sorted(SuccessiveHalving(eta=2).decide(second_rung), key=lambda op: op.kind.value)
+    assert (type(stop), stop.run_id, type(promote), promote.run_id) == (Stop, 4, Promote, 3)
+    assert "rung at chunk 2" in stop.reason and "ranks 2 of 2" in stop.reason
 
 
 def test_successive_halving_waits_for_a_rung_to_fill() -> None:
     snap = snapshot(run(1, [4.0, 4.0]), run(2, [3.0]), run(3, [2.0, 2.0]), run(4, [1.0, 1.0]))
-    # Rung 1 is complete (everyone has chunk 1), rung 2 is not (run 2 is still below it).
-    assert summary(SuccessiveHalving(eta=2).decide(snap)) == [("stop", 2), ("stop", 1)]
+    # Rung 1 is complete (everyone has chunk 1); rung 2's pool is runs 3 and 4, both there: it closes too.
+    ops = SuccessiveHalving(eta=2).decide(snap)
+    assert stops(ops) == [2, 1, 3] and promotions(ops) == [(4, 1), (3, 1), (4, 2)]
+    # With a survivor of rung 1 still below chunk 2, rung 2 waits.
+    slow = snapshot(run(1, [4.0, 4.0]), run(2, [3.0, 3.0]), run(3, [2.0]), run(4, [1.0, 1.0]))
+    assert promotions(SuccessiveHalving(eta=2).decide(slow)) == [(4, 1), (3, 1)]
 
 
 def test_successive_halving_with_eta_3_keeps_a_third() -> None:
     snap = snapshot(*(run(i, [float(i)]) for i in range(1, 7)))
-    assert summary(SuccessiveHalving(eta=3).decide(snap)) == [("stop", 3), ("stop", 4), ("stop", 5), ("stop", 6)]
+    ops = SuccessiveHalving(eta=3).decide(snap)
+    assert stops(ops) == [3, 4, 5, 6] and promotions(ops) == [(1, 1), (2, 1)]
+
+
+def test_successive_halving_ranks_only_the_previous_rungs_survivors() -> None:
+    # Two slots: run 4 is slow and holds rung 1 open while runs 1-3 train on; run 3 then improves to 0.5.
+    snap = snapshot(run(1, [1, 1, 1]), run(2, [2, 2, 2]), run(3, [3, 0.5, 0.5]), run(4, [4]))
+    policy = SuccessiveHalving(2, 1)
+    ops = policy.decide(snap)
+    # Rung 1 keeps runs 1 and 2; rung 2 ranks only them (run 3's 0.5 came after it was eliminated): run 1 goes on.
+    assert stops(ops) == [3, 4, 2] and promotions(ops) == [(1, 1), (2, 1), (1, 2)]
+    settled = after(snap, ops)
+    assert policy.decide(settled) == []  # verdicts are final: the same snapshot decides nothing more
+    assert [view.run_id for view in settled.trainable()] == [1]
+
+
+def test_successive_halving_judges_a_late_arrival_against_the_runs_a_closed_rung_kept() -> None:
+    closed = {1: "promoted"}
+    snap = snapshot(
+        run(1, [1.0], verdicts=closed), run(2, [3.0], "Stopped", verdicts={1: "stopped"}),
+        run(3, [2.0]),  # a clone added after rung 1 closed: worse than run 1, the worst kept
+        run(4, [0.5]),  # another, better: goes on
+    )  # fmt: skip
+    ops = SuccessiveHalving(2, 1).decide(snap)
+    assert stops(ops) == [3] and promotions(ops) == [(4, 1)]
+    assert "closed" in ops[0].reason
+
+
+def test_a_run_the_policy_stopped_and_a_person_resumed_is_left_alone() -> None:
+    snap = snapshot(run(1, [1.0, 1.0], verdicts={1: "promoted"}), run(2, [2.0, 0.1], verdicts={1: "stopped"}))
+    assert SuccessiveHalving(2, 1).decide(snap) == [Promote(1, SuccessiveHalving(2, 1).decide(snap)[0].reason, 2)]
+    assert AsyncSuccessiveHalving(2, 1).decide(snap) == AsyncSuccessiveHalving(2, 1).decide(snap)
+    assert stops(AsyncSuccessiveHalving(2, 1).decide(snap)) == []
 
 
 # -- asynchronous successive halving ------------------------------------------------------------------------
@@ -221,12 +292,36 @@ def test_asha_judges_a_run_at_its_rung_against_everything_recorded_there(
     runs = [run(i, [value, value], status="Completed", total=2) for i, value in enumerate(others, start=2)]
     snap = snapshot(run(1, [mine]), *runs)
     ops = AsyncSuccessiveHalving(eta=2, min_chunks=1).decide(snap)
-    assert summary(ops) == ([("stop", 1)] if stopped else [])
+    assert (stops(ops), promotions(ops)) == (([1], []) if stopped else ([], [(1, 1)]))
+
+
+def test_asha_promotion_is_final() -> None:
+    # One slot: run 1 reached rung 1 first and went on; run 2 arrives better. Run 1 is not judged again.
+    snap = snapshot(run(1, [2.0], verdicts={1: "promoted"}), run(2, [1.0]))
+    assert AsyncSuccessiveHalving(2, 1).decide(snap) == [
+        Promote(2, "ASHA rung at chunk 1: eval_loss 1 is within the top 1/2 of 2 runs there", 1)
+    ]
+    # Without the record, both are judged together and run 1 would be stopped: the record is what makes it final.
+    assert stops(AsyncSuccessiveHalving(2, 1).decide(snapshot(run(1, [2.0]), run(2, [1.0])))) == [1]
+
+
+def test_asha_ignores_a_stopped_runs_late_value_at_the_next_rung() -> None:
+    # Two slots: run 1 lost rung 1 and was stopped while it trained chunk 2, whose 0.5 must not enter rung 2.
+    snap = snapshot(
+        run(1, [2.0, 0.5], "Stopped", verdicts={1: "stopped"}),
+        run(2, [1.0, 1.0], verdicts={1: "promoted"}),
+    )
+    ops = AsyncSuccessiveHalving(2, 1).decide(snap)
+    assert stops(ops) == [] and promotions(ops) == [(2, 2)]
 
 
 def test_asha_judges_only_at_rung_boundaries_and_never_a_finished_run() -> None:
-    # Rungs 1, 2, 4: a run at chunk 3 is between rungs; a run done with all its chunks is left alone.
-    snap = snapshot(run(1, [9.0, 9.0, 9.0]), run(2, [1.0, 1.0, 1.0]), run(3, [9.0, 9.0], total=2), run(4, [1.0, 1.0]))
+    # Rungs 1, 2, 4: a run at chunk 3 was judged at 1 and 2 already; a run done with all its chunks is left alone.
+    promoted = {1: "promoted", 2: "promoted"}
+    snap = snapshot(
+        run(1, [9.0, 9.0, 9.0], verdicts=promoted), run(2, [1.0, 1.0, 1.0], verdicts=promoted),
+        run(3, [9.0, 9.0], total=2, verdicts={1: "promoted"}), run(4, [1.0, 1.0], verdicts=promoted),
+    )  # fmt: skip
     assert AsyncSuccessiveHalving(eta=2).decide(snap) == []
 
 
@@ -456,8 +551,10 @@ def test_templates_never_produce_an_illegal_op_nor_two_ops_on_one_run(policy: Po
         snap = _random_snapshot(rng)
         ops = policy.decide(snap)
         assert [problem for op in ops for problem in illegal_op_problems(snap, op)] == []
-        per_run = [(op.run_id, op.kind) for op in ops]
-        assert len(per_run) == len(set(per_run))
         assert policy.decide(snap) == ops  # a pure function of the snapshot
-        for first, second in itertools.combinations(ops, 2):
+        acting = [op for op in ops if not isinstance(op, Promote)]
+        for first, second in itertools.combinations(acting, 2):
             assert first.run_id != second.run_id, f"two ops on run {first.run_id}: {first}, {second}"
+        # A promotion is a verdict per rung: one per (run, boundary), never beside a stop of that run there.
+        verdicts = [(op.run_id, op.boundary) for op in ops if isinstance(op, Promote | Stop) and op.boundary]
+        assert len(verdicts) == len(set(verdicts)), ops

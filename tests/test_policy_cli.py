@@ -106,8 +106,26 @@ def test_the_same_decision_twice_is_a_duplicate_through_the_api(served: tuple[RF
     assert len(client.list_ops("dup")) == 1
     with pytest.raises(InvalidRequest, match="reason must be a non-empty string"):
         client.record_policy_decision("dup", "p", 2, 1, "stop", None, "")
-    with pytest.raises(InvalidRequest, match="unknown op kind"):  # found by tests/test_api_fuzz.py: was a 500
+    with pytest.raises(InvalidRequest, match="unknown decision kind"):  # found by tests/test_api_fuzz.py: was a 500
         client.record_policy_decision("dup", "p", 2, 1, ["stop"], None, "why")  # type: ignore[arg-type]
+
+
+def test_a_promotion_is_noted_once_and_queues_no_op(served: tuple[RFClient, Path]) -> None:
+    client, _ = served
+    make_experiment(client, "promo")
+    for mode in ("act", "propose"):
+        answer = client.record_policy_decision(
+            "promo", f"sha-{mode}", 1, 2, "promote", None, "top of rung 2", mode=mode
+        )
+        assert answer["decision"]["status"] == "noted" and answer["op"] is None
+    again = client.record_policy_decision("promo", "sha-act", 1, 2, "promote", None, "top of rung 2")
+    assert again["duplicate"]
+    # A stop at the same (policy, run, boundary) after the promotion is a duplicate: the promotion is final.
+    assert client.record_policy_decision("promo", "sha-act", 1, 2, "stop", None, "late")["duplicate"]
+    assert client.list_ops("promo") == []
+    missing = client.record_policy_decision("promo", "sha-act", 99, 1, "promote", None, "no such run")
+    assert missing["decision"]["status"] == "rejected" and "no run 99" in missing["decision"]["problems"][0]
+    assert [row["status"] for row in client.list_policy_decisions("promo", status="noted")] == ["noted", "noted"]
 
 
 def test_proposals_are_approved_or_dismissed_by_a_named_person(served: tuple[RFClient, Path]) -> None:

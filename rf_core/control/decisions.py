@@ -10,7 +10,7 @@ from rf_core.control.checks import is_int, registered_functions, require_experim
 from rf_core.control.ops import check_op, submit_op
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.paths import check_name
-from rf_core.states import DECISION_MODES, DECISION_STATUSES, OpKind
+from rf_core.states import DECISION_KINDS, DECISION_MODES, DECISION_STATUSES, PROMOTE
 
 if TYPE_CHECKING:
     from rf_core.control.store import Store
@@ -22,13 +22,15 @@ def record_policy_decision(
     policy: str,
     run_id: int,
     boundary: int,
-    kind: OpKind | str,
+    kind: str,
     payload: Any = None,
     reason: str = "",
     mode: str = "act",
     who: str | None = None,
 ) -> dict[str, Any]:
     """Record a policy's decision about a run at a chunk boundary; in "act" mode also queue its op.
+
+    A promotion (`kind` "promote") queues nothing in either mode: it is noted, so that it is final.
 
     A policy decides at most once per (policy, run, boundary): when that key is already recorded, nothing is
     written and the earlier decision comes back with `duplicate` set. An op that is not legal is recorded as
@@ -44,8 +46,8 @@ def record_policy_decision(
     for name, value in (("run_id", run_id), ("boundary", boundary)):
         if not is_int(value) or value < 0:
             problems.append(f"{name} must be an integer >= 0, got {value!r}")
-    if not isinstance(kind, str) or kind not in {op.value for op in OpKind}:
-        problems.append(f"unknown op kind {kind!r}: use one of {', '.join(op.value for op in OpKind)}")
+    if not isinstance(kind, str) or kind not in DECISION_KINDS:
+        problems.append(f"unknown decision kind {kind!r}: use one of {', '.join(DECISION_KINDS)}")
     if not isinstance(reason, str) or not reason.strip():
         problems.append("reason must be a non-empty string: every policy decision says why")
     if mode not in DECISION_MODES:
@@ -71,14 +73,18 @@ def record_policy_decision(
             "policy": policy,
             "run_id": run_id,
             "boundary": boundary,
-            "kind": OpKind(kind).value,
+            "kind": str(kind),
             "payload": payload,
             "reason": reason.strip(),
             "decided_at": time.time(),
         }
         note = {"name": policy, "reason": row["reason"], "boundary": boundary}
         op = None
-        if mode == "act":
+        if kind == PROMOTE:
+            row["status"] = "noted" if store.get_run(experiment, run_id) else "rejected"
+            if row["status"] == "rejected":
+                row["problems"] = [f"experiment {experiment} has no run {run_id}"]
+        elif mode == "act":
             try:
                 op = submit_op(
                     store, experiment, kind, run_id, payload, source=f"policy:{policy}", who=who, policy_note=note

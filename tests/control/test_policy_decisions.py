@@ -106,7 +106,7 @@ def test_a_proposal_that_is_illegal_already_is_recorded_as_rejected(store: DuckD
     [
         ({"policy": "a b"}, "invalid policy name"),
         ({"boundary": -1}, "boundary must be an integer >= 0"),
-        ({"kind": "pause"}, "unknown op kind 'pause'"),
+        ({"kind": "pause"}, "unknown decision kind 'pause'"),
         ({"reason": " "}, "every policy decision says why"),
         ({"mode": "maybe"}, "mode must be one of act, propose"),
         ({"payload": [1]}, "payload must be a JSON object"),

@@ -95,6 +95,10 @@ def test_a_database_from_schema_003_opens_upgraded_with_its_data_intact(tmp_path
         ops.apply_due_ops(store, "old", [2])
         metrics.log_metrics(store, "batch-2", [{"experiment": "old", "run_id": 2, "step": 1, "name": "x", "value": 1}])
         assert experiments.get_run(store, "old", 2)["status"] == "Stopped"
+        # 006 rebuilt the decisions table: a promotion is accepted, and decision ids go on after the old ones.
+        promoted = decisions.record_policy_decision(store, "old", "asha", 1, 1, "promote", reason="top of rung 1")
+        assert promoted["decision"]["status"] == "noted"
+        assert promoted["decision"]["decision_id"] > decision["decision_id"]
     finally:
         store.close()
 
