@@ -520,9 +520,10 @@ class SuccessiveHalving(_RungPolicy):
     min_chunks * eta**k. A rung closes when every run in its pool that still trains has reached it; the runs
     ranked there keep the top floor(n / eta) places (at least one; ties go to the older run), the rest stop.
 
-    The pool of a rung is the previous rung's survivors, and only runs that would train past the rung compete
-    (a run that ends there takes no place). A run that reaches a rung after it closed (a clone added later) goes
-    on only if it ranks above the worst run promoted there.
+    The pool of a rung is the previous rung's survivors. A survivor that finished its chunks while the rung was
+    filling ranks there like the others (its place is spent: it has nothing left to train); a run a person
+    stopped does not rank. A run that reaches a rung after it closed (a clone added later) goes on only if it
+    ranks above the worst run promoted there.
 
     Args:
         eta: reduction factor (>= 2).
@@ -562,9 +563,13 @@ class SuccessiveHalving(_RungPolicy):
             arrived = {
                 run.run_id: value
                 for run in waiting
-                if self._can_go_on(run, rung) and (value := run.value_at(metric, rung)) is not None
+                if (self._can_go_on(run, rung) or run.status == RunStatus.COMPLETED)
+                and (value := run.value_at(metric, rung)) is not None
             }
             if judged:  # the rung closed earlier: judge late arrivals against the runs it kept
+                arrived = {
+                    run_id: value for run_id, value in arrived.items() if self._can_go_on(snapshot.run(run_id), rung)
+                }
                 kept = [
                     (sign * value, -run.run_id)
                     for run in judged
@@ -593,8 +598,8 @@ class SuccessiveHalving(_RungPolicy):
                 continue
             if any(run.is_trainable and run.chunks_done < rung and _reaches(run, rung) for run in waiting):
                 break  # the rung is still filling; later rungs' pools come from it
-            if not arrived:
-                break
+            if not any(self._can_go_on(run, rung) for run in waiting if run.run_id in arrived):
+                break  # nobody would train past this rung: there is nothing to decide
             ranked = self._ranked(snapshot, arrived)
             keep = max(1, len(ranked) // self.eta)
             for rank, run_id in enumerate(ranked, start=1):
@@ -603,7 +608,7 @@ class SuccessiveHalving(_RungPolicy):
                 where = f"{metric} {arrived[run_id]:.4g} ranks {rank} of {len(ranked)}"
                 if rank <= keep:
                     verdicts.promote(run, rung, f"{label} rung at chunk {rung}: {where}, in the top {keep} that go on")
-                else:
+                elif run.is_trainable:
                     verdicts.stop(
                         run,
                         rung,

@@ -349,6 +349,47 @@ def test_run_fit_with_a_policy_object_defined_in_place(prefect_harness, tmp_path
     assert stop["source"] == "policy:stop-slow-learner"
 
 
+def test_successive_halving_on_two_real_slots_finishes_the_best_run(prefect_harness, tmp_path, monkeypatch):
+    """The case that used to stop every run: run 4 is slow and holds rung 1 open while the others train on, and
+    run 3 improves after rung 1 eliminated it. The rung 2 ranking must not see run 3: run 1 finishes."""
+    from rf_core import Experiment, List, evaluation_context
+    from rf_core.control import decisions
+    from rf_core.control.store import DuckDBStore
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    curves = {1: [1.0] * 4, 2: [2.0] * 4, 3: [3.0, 0.5, 0.5, 0.5], 4: [4.0] * 4}
+
+    def scripted(model, tokenizer, eval_examples) -> dict:  # the engine's form: learns its run and chunk
+        context = evaluation_context()
+        time.sleep(6.0 if (context.run_id, context.chunk_index) == (4, 0) else 1.0)
+        return {"scripted": curves[context.run_id][context.chunk_index]}
+
+    data = e2e_experiment.spec()
+    config = {"model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 32, "per_device_train_batch_size": 8,
+              "learning_rate": List([1e-3, 2e-3, 3e-3, 4e-3]), "compute_metrics": scripted}  # fmt: skip
+    snapshot = Experiment("halving").run_fit(
+        config, e2e_experiment.create_model_fn, data.train_dataset[:48], data.eval_dataset[:4], num_chunks=4,
+        metric="scripted", mode="min", cpu_slots=2, idle_timeout=1,
+        policies=[{"template": "successive-halving", "params": {"eta": 2, "min_chunks": 1}}],
+    )  # fmt: skip
+    statuses = {run["run_id"]: run["status"] for run in snapshot["runs"]}
+    assert statuses == {1: "Completed", 2: "Stopped", 3: "Stopped", 4: "Stopped"}, snapshot["runs"]
+    store = DuckDBStore(paths.db_path(home))
+    try:
+        recorded = decisions.list_policy_decisions(store, "halving")
+    finally:
+        store.close()
+    verdicts = sorted((row["boundary"], row["run_id"], row["kind"], row["status"]) for row in recorded)
+    assert verdicts == [
+        (1, 1, "promote", "noted"), (1, 2, "promote", "noted"), (1, 3, "stop", "submitted"),
+        (1, 4, "stop", "submitted"), (2, 1, "promote", "noted"), (2, 2, "stop", "submitted"),
+    ]  # fmt: skip
+
+
 def test_multi_device_runs_gang_schedule_next_to_single_ones_with_ic_ops(prefect_harness, tmp_path, monkeypatch):
     """A 2-process DDP run (gloo, two slot workers) trains next to single-slot runs in a real fit, and a
     Clone-Modify of it onto one device (warm-started with its optimizer state) lands at a chunk boundary. The gang's
