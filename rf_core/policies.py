@@ -46,6 +46,7 @@ __all__ = [
     "CloneModify",
     "Delete",
     "ExperimentSnapshot",
+    "Hyperband",
     "MedianStopping",
     "MetricPoint",
     "NoopPolicy",
@@ -617,6 +618,63 @@ class SuccessiveHalving(_RungPolicy):
                     )
 
 
+class Hyperband(SuccessiveHalving):
+    """Hyperband (Li et al., 2018): successive halving in several brackets that start at different budgets, so the
+    outcome does not hang on one guess of `min_chunks`.
+
+    With s_max = floor(log_eta(max_chunks / min_chunks)), bracket s (s_max down to 0) puts its first rung at
+    chunk max_chunks // eta**s and gets n_s = ceil((s_max + 1) / (s + 1) * eta**s) runs, the paper's proportions
+    (bracket 0 trains its runs to the end unjudged). Runs are dealt to brackets in run-id order in those
+    proportions, interleaved, so every bracket gets early and late runs, and a clone added later joins a bracket
+    without moving anyone else. Each bracket halves its own runs exactly as `successive-halving` does.
+
+    Args:
+        eta: reduction factor (>= 2).
+        max_chunks: the largest budget, in chunks; default the experiment's `num_chunks`.
+        min_chunks: the smallest first rung (>= 1).
+    """
+
+    def __init__(
+        self,
+        eta: int = 3,
+        max_chunks: int | None = None,
+        min_chunks: int = 1,
+        *,
+        metric: str | None = None,
+        mode: str | None = None,
+        name: str = "hyperband",
+    ) -> None:
+        super().__init__(eta, min_chunks, metric=metric, mode=mode, name=name)
+        if max_chunks is not None:
+            _check_int("max_chunks", max_chunks, min_chunks)
+        self.max_chunks = max_chunks
+
+    def brackets(self, max_chunks: int) -> list[tuple[int, int, int]]:
+        """(s, first rung, runs) for each bracket, the most aggressive first."""
+        s_max = 0
+        while max_chunks // self.eta ** (s_max + 1) >= self.min_chunks:
+            s_max += 1
+        return [
+            (s, max_chunks // self.eta**s, math.ceil((s_max + 1) / (s + 1) * self.eta**s)) for s in range(s_max, -1, -1)
+        ]
+
+    def bracket_of(self, snapshot: ExperimentSnapshot) -> dict[int, tuple[int, int]]:
+        """run id -> (s, first rung) of its bracket."""
+        brackets = self.brackets(self.max_chunks or snapshot.num_chunks)
+        # Bracket s takes the places (j + 0.5) / n_s of the deal, j < n_s: proportional and interleaved.
+        deal = sorted(((j + 0.5) / size, -s, s, first) for s, first, size in brackets for j in range(size))
+        ordered = sorted(run.run_id for run in snapshot.runs)
+        return {run_id: deal[index % len(deal)][2:] for index, run_id in enumerate(ordered)}
+
+    def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+        verdicts = _RungVerdicts()
+        assigned = self.bracket_of(snapshot)
+        for s, first in sorted(set(assigned.values()), reverse=True):
+            members = [run for run in snapshot.runs if assigned[run.run_id] == (s, first)]
+            self._halve(snapshot, members, first, verdicts, f"hyperband bracket {s}")
+        return verdicts.ops
+
+
 class AsyncSuccessiveHalving(_RungPolicy):
     """Asynchronous successive halving (ASHA; Li et al., 2020) over rungs at chunk boundaries min_chunks * eta**k.
     When a run reaches a rung it is judged once, and the verdict is final: it goes on if its value there is within
@@ -997,6 +1055,7 @@ class Patient(_MetricPolicy):
 TEMPLATES: dict[str, type[Policy]] = {
     "stop-bottom-fraction": StopBottomFraction,
     "successive-halving": SuccessiveHalving,
+    "hyperband": Hyperband,
     "asha": AsyncSuccessiveHalving,
     "median-stopping": MedianStopping,
     "percentile-stopping": PercentileStopping,

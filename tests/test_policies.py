@@ -18,6 +18,7 @@ from rf_core.policies import (
     Budget,
     CloneModify,
     ExperimentSnapshot,
+    Hyperband,
     MedianStopping,
     MetricPoint,
     NoopPolicy,
@@ -271,6 +272,31 @@ def test_a_run_the_policy_stopped_and_a_person_resumed_is_left_alone() -> None:
     assert SuccessiveHalving(2, 1).decide(snap) == [Promote(1, SuccessiveHalving(2, 1).decide(snap)[0].reason, 2)]
     assert AsyncSuccessiveHalving(2, 1).decide(snap) == AsyncSuccessiveHalving(2, 1).decide(snap)
     assert stops(AsyncSuccessiveHalving(2, 1).decide(snap)) == []
+
+
+# -- hyperband ----------------------------------------------------------------------------------------------
+
+
+def test_hyperband_brackets_follow_the_paper_and_deal_runs_in_proportion() -> None:
+    assert Hyperband(3).brackets(9) == [(2, 1, 9), (1, 3, 5), (0, 9, 3)]  # R = 9, eta = 3: s_max = 2
+    assert Hyperband(2).brackets(4) == [(2, 1, 4), (1, 2, 3), (0, 4, 3)]
+    snap = snapshot(*(run(i, []) for i in range(1, 9)))
+    dealt = Hyperband(2).bracket_of(dataclasses.replace(snap, num_chunks=4))
+    assert [dealt[i][0] for i in range(1, 9)] == [2, 1, 0, 2, 1, 0, 2, 1]
+    # A clone added later joins a bracket without moving anyone.
+    more = dataclasses.replace(snap, num_chunks=4, runs=(*snap.runs, run(9, [])))
+    assert {i: b for i, b in Hyperband(2).bracket_of(more).items() if i < 9} == dealt
+
+
+def test_hyperband_halves_each_bracket_from_its_own_first_rung() -> None:
+    values = {1: 1.0, 2: 5.0, 3: 9.0, 4: 2.0, 5: 4.0, 6: 8.0, 7: 3.0, 8: 6.0}
+    snap = snapshot(*(run(i, [values[i], values[i]]) for i in range(1, 9)))
+    ops = Hyperband(2, max_chunks=4).decide(snap)
+    # Bracket 2 (runs 1, 4, 7; rungs 1, 2): keep 1 of 3 at chunk 1, then run 1 alone at chunk 2 goes on.
+    # Bracket 1 (runs 2, 5, 8; rung 2): keep 1 of 3. Bracket 0 (runs 3, 6) trains to the end unjudged.
+    assert sorted(promotions(ops)) == [(1, 1), (1, 2), (5, 2)]
+    assert sorted(stops(ops)) == [2, 4, 7, 8]
+    assert all("hyperband bracket" in op.reason for op in ops)
 
 
 # -- asynchronous successive halving ------------------------------------------------------------------------
@@ -527,6 +553,7 @@ ALL_TEMPLATES: list[Policy] = [
     StopBottomFraction(0.3, 3),
     SuccessiveHalving(2),
     SuccessiveHalving(3, 2),
+    Hyperband(2),
     AsyncSuccessiveHalving(2),
     MedianStopping(),
     PercentileStopping(25, min_peers=1),

@@ -22,6 +22,7 @@ from rf_core.policies import (
     STOPPED,
     AsyncSuccessiveHalving,
     ExperimentSnapshot,
+    Hyperband,
     MetricPoint,
     Promote,
     RunView,
@@ -88,9 +89,11 @@ class Simulation:
         return ExperimentSnapshot("sim", METRIC, mode, max(run.total for run in self.runs.values()), 0.0, now, views)
 
 
-def simulate(policy: _RungPolicy, curves: list[list[float]], durations: list[list[float]], slots: int,
-             mode: str) -> Simulation:  # fmt: skip
-    sim = Simulation({i: SimRun(i, curve, duration) for i, (curve, duration) in enumerate(zip(curves, durations), 1)})
+def simulate(
+    policy: _RungPolicy, curves: list[list[float]], durations: list[list[float]], slots: int, mode: str
+) -> Simulation:
+    pairs = enumerate(zip(curves, durations, strict=True), start=1)
+    sim = Simulation({run_id: SimRun(run_id, curve, duration) for run_id, (curve, duration) in pairs})
     now = 0.0
     while True:
         busy = {run.slot for run in sim.runs.values() if run.busy_until is not None}
@@ -133,8 +136,9 @@ def tick(sim: Simulation, policy: _RungPolicy, mode: str, now: float) -> None:
         arrived = tuple(
             (view.run_id, value)
             for view in snapshot.runs
-            if (value := view.value_at(METRIC, op.boundary)) is not None and _entered(sim, view.run_id, op.boundary, policy)
-        )  # fmt: skip
+            if (value := view.value_at(METRIC, op.boundary)) is not None
+            and _entered(sim, view.run_id, op.boundary, policy)
+        )
         sim.records.append(Record(op.run_id, op.boundary, PROMOTED if isinstance(op, Promote) else STOPPED, arrived))
         run = sim.runs[op.run_id]
         if isinstance(op, Stop):
@@ -183,20 +187,13 @@ curves_and_times = st.integers(2, 8).flatmap(
 )  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None)
-@given(curves_and_times, st.integers(1, 8), st.integers(2, 3), st.integers(1, 2), st.sampled_from(["min", "max"]))
-def test_successive_halving_keeps_the_top_of_the_previous_rungs_survivors(
-    curves_and_durations: tuple[list[list[float]], list[list[float]]], slots: int, eta: int, min_chunks: int, mode: str
-) -> None:
-
-    curves, durations = curves_and_durations
-    policy = SuccessiveHalving(eta, min_chunks)
-    sim = simulate(policy, curves, durations, slots, mode)
-    total = len(curves[0])
-    assert any(run.status == RunStatus.COMPLETED for run in sim.runs.values())
-    survivors = set(sim.runs)
-    for rung in _rungs(policy, total - 1):  # a rung at the last boundary judges nobody: nobody trains past it
-        judged = {record.run_id: record.verdict for record in sim.records if record.boundary == rung}
+def check_halving(sim: Simulation, members: set[int], first_rung: int, eta: int, mode: str) -> None:
+    """Successive halving's verdicts among `members` from `first_rung` on, as the paper keeps them."""
+    total = len(next(iter(sim.runs.values())).curve)
+    survivors = set(members)
+    rung = first_rung
+    while rung < total:  # a rung at the last boundary judges nobody: nobody trains past it
+        judged = {r.run_id: r.verdict for r in sim.records if r.boundary == rung and r.run_id in members}
         # A survivor with no verdict there finished its chunks while the rung filled: it ranks, nothing to decide.
         assert set(judged) <= survivors, f"rung {rung} ranked a run the rung before had eliminated"
         assert all(sim.runs[run_id].status == RunStatus.COMPLETED for run_id in survivors - set(judged))
@@ -205,9 +202,36 @@ def test_successive_halving_keeps_the_top_of_the_previous_rungs_survivors(
         assert {run_id for run_id, verdict in judged.items() if verdict == PROMOTED} == set(ranked[:keep]) & set(judged)
         assert {run_id for run_id, verdict in judged.items() if verdict == STOPPED} == set(ranked[keep:]) & set(judged)
         survivors = set(ranked[:keep])
-    finished = {run.run_id for run in sim.runs.values() if run.status == RunStatus.COMPLETED}
+        rung *= eta
+    finished = {run_id for run_id in members if sim.runs[run_id].status == RunStatus.COMPLETED}
     assert survivors <= finished
-    assert not [record for record in sim.records if record.boundary >= total], "a verdict where nobody trains on"
+    assert not [r for r in sim.records if r.boundary >= total], "a verdict where nobody trains on"
+
+
+@settings(max_examples=150, deadline=None)
+@given(curves_and_times, st.integers(1, 8), st.integers(2, 3), st.integers(1, 2), st.sampled_from(["min", "max"]))
+def test_successive_halving_keeps_the_top_of_the_previous_rungs_survivors(
+    curves_and_durations: tuple[list[list[float]], list[list[float]]], slots: int, eta: int, min_chunks: int, mode: str
+) -> None:
+    curves, durations = curves_and_durations
+    sim = simulate(SuccessiveHalving(eta, min_chunks), curves, durations, slots, mode)
+    assert any(run.status == RunStatus.COMPLETED for run in sim.runs.values())
+    check_halving(sim, set(sim.runs), min_chunks, eta, mode)
+
+
+@settings(max_examples=100, deadline=None)
+@given(curves_and_times, st.integers(1, 8), st.integers(2, 3), st.sampled_from(["min", "max"]))
+def test_hyperband_halves_each_bracket_on_its_own(
+    curves_and_durations: tuple[list[list[float]], list[list[float]]], slots: int, eta: int, mode: str
+) -> None:
+    curves, durations = curves_and_durations
+    policy = Hyperband(eta)
+    sim = simulate(policy, curves, durations, slots, mode)
+    brackets = policy.bracket_of(sim.snapshot(mode, 0.0))
+    for bracket in set(brackets.values()):
+        members = {run_id for run_id, assigned in brackets.items() if assigned == bracket}
+        check_halving(sim, members, bracket[1], eta, mode)
+        assert any(sim.runs[run_id].status == RunStatus.COMPLETED for run_id in members)
 
 
 @settings(max_examples=150, deadline=None)
