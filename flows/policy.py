@@ -2,7 +2,7 @@
 recorded (ops queued with source "policy:<name>", or proposals left for a person).
 
 - `rf_policy` (Prefect flow `rf-policy`) is what a scheduled deployment runs (deployments/prefect.yaml): one
-  decision round per tick. The store records every (policy, run, chunk boundary) the policy acted on, so a tick
+  decision round per tick. The store records every (policy, run, chunk boundary, kind) the policy acted on, so a tick
   that finds nothing new does nothing, and a PBT policy does not clone again at every tick.
 - `boundary_policies` is the fit flow's hook: the task it runs at every chunk boundary, before planning, so an op
   a policy queues applies at once to the run that has just reached its boundary.
@@ -50,7 +50,7 @@ def decide_task(policy: Policy, snapshot: ExperimentSnapshot, policy_name: str) 
     return decide(policy, snapshot)
 
 
-# Retrying is safe: a decision already recorded for (policy, run, boundary) comes back as a duplicate.
+# Retrying is safe: a decision already recorded for (policy, run, boundary, kind) comes back as a duplicate.
 @task(task_run_name="record-{policy_name}", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5])
 def record_task(
     client: RFClient,

@@ -329,7 +329,7 @@ class RFClient:
     ) -> dict[str, Any]:
         """Record a policy decision (and queue its op in "act" mode): {"decision", "op", "duplicate"}.
 
-        Safe to retry: a (policy, run, boundary) already decided comes back with "duplicate" set.
+        Safe to retry: a (policy, run, boundary, kind) already decided comes back with "duplicate" set.
         """
         body = {
             "policy": policy,

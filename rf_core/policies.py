@@ -13,8 +13,9 @@ a reason; it never does I/O and never touches the store.
 
 The engine runs a policy at chunk boundaries (inside the fit flow) or on a schedule (a Prefect deployment), and
 submits what it returns through the same validation as a user's ops, with source "policy:<name>". A policy acts on
-a run at most once per chunk boundary: the store records every (policy, run, boundary) it acted on, and a second op
-for the same key is dropped, so a scheduled policy can tick as often as it likes.
+a run at most once per chunk boundary and kind of decision (a verdict, stop or promote; a clone; a resume; a
+delete): the store records every such key it acted on, and a second op for the same key is dropped, so a scheduled
+policy can tick as often as it likes.
 
 Built-in templates (`TEMPLATES`) take the metric name and its direction as parameters (default: the
 experiment's own metric and mode); min/max becomes a sign once, so every ranking below maximises a score.

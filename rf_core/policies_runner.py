@@ -14,7 +14,7 @@ from typing import Any
 
 from rf_core.client import RFClient
 from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Promote, build_policy, illegal_op_problems
-from rf_core.states import DECISION_MODES
+from rf_core.states import DECISION_MODES, decision_family
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def submit_decisions(
     decided: set[tuple[int, int]] = set()
     if dry_run:
         decided = {
-            (int(row["run_id"]), int(row["boundary"]))
+            (int(row["run_id"]), int(row["boundary"]), decision_family(row["kind"]))
             for row in client.list_policy_decisions(experiment, policy=policy.name)
         }
     outcomes = []
@@ -145,8 +145,9 @@ def submit_decisions(
             outcomes.append(DecisionOutcome(op, boundary, "invalid", problems=tuple(problems)))
         elif dry_run:
             verb = "note" if isinstance(op, Promote) else _verb(mode)
-            status = "already-decided" if (op.run_id, boundary) in decided else f"would-{verb}"
-            decided.add((op.run_id, boundary))
+            key = (op.run_id, boundary, decision_family(op.kind.value))
+            status = "already-decided" if key in decided else f"would-{verb}"
+            decided.add(key)
             outcomes.append(DecisionOutcome(op, boundary, status))
         else:
             outcomes.append(_record(client, experiment, policy, op, boundary, mode, who))

@@ -154,6 +154,13 @@ class Verdict(StrEnum):
 PROMOTE = Verdict.PROMOTE.value
 DECISION_KINDS: tuple[str, ...] = (*(kind.value for kind in OpKind), PROMOTE)
 
+
+def decision_family(kind: str) -> str:
+    """What a policy decides at most once per (run, boundary): its verdict (stop or promote), or a clone, a
+    resume, a delete. So a policy may stop a run and replace it with a clone of it at the same boundary."""
+    return "verdict" if kind in (OpKind.STOP.value, PROMOTE) else str(kind)
+
+
 EXPERIMENT_STATUSES = ("running", "finished")  # a fit sets "running" when it starts and "finished" when it ends
 
 # The metrics every run logs: the minibatch loss and the learning rate at each step, the eval loss at each boundary.

@@ -123,6 +123,9 @@ def test_a_promotion_is_noted_once_and_queues_no_op(served: tuple[RFClient, Path
     # A stop at the same (policy, run, boundary) after the promotion is a duplicate: the promotion is final.
     assert client.record_policy_decision("promo", "sha-act", 1, 2, "stop", None, "late")["duplicate"]
     assert client.list_ops("promo") == []
+    # A clone is another kind of decision: it may replace the run at the same boundary.
+    clone = client.record_policy_decision("promo", "sha-act", 1, 2, "clone", {"overrides": {}}, "replace it")
+    assert not clone["duplicate"] and clone["decision"]["status"] == "submitted"
     missing = client.record_policy_decision("promo", "sha-act", 99, 1, "promote", None, "no such run")
     assert missing["decision"]["status"] == "rejected" and "no run 99" in missing["decision"]["problems"][0]
     assert [row["status"] for row in client.list_policy_decisions("promo", status="noted")] == ["noted", "noted"]

@@ -1,5 +1,5 @@
 """Policy decisions: what a policy decided about a run at a boundary, acted on (an op queued) or proposed for a
-person to approve or dismiss; each (policy, run, boundary) is decided once."""
+person to approve or dismiss; each (policy, run, boundary, decision family) is decided once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rf_core.control.checks import is_int, registered_functions, require_experim
 from rf_core.control.ops import check_op, submit_op
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.paths import check_name
-from rf_core.states import DECISION_KINDS, DECISION_MODES, DECISION_STATUSES, PROMOTE
+from rf_core.states import DECISION_KINDS, DECISION_MODES, DECISION_STATUSES, PROMOTE, decision_family
 
 if TYPE_CHECKING:
     from rf_core.control.store import Store
@@ -32,9 +32,10 @@ def record_policy_decision(
 
     A promotion (`kind` "promote") queues nothing in either mode: it is noted, so that it is final.
 
-    A policy decides at most once per (policy, run, boundary): when that key is already recorded, nothing is
-    written and the earlier decision comes back with `duplicate` set. An op that is not legal is recorded as
-    rejected, with its problems, rather than raised: the policy did decide, and the audit log keeps it.
+    A policy decides at most once per (policy, run, boundary, decision family): when that key is already recorded,
+    nothing is written and the earlier decision comes back with `duplicate` set (a stop and a promotion are one
+    family, the run's verdict; a clone, a resume and a delete are each their own). An op that is not legal is
+    recorded as rejected, with its problems, rather than raised: the policy did decide, and the audit log keeps it.
 
     Returns {"decision": row, "op": the queued op's row or None, "duplicate": bool}.
     """
@@ -63,7 +64,7 @@ def record_policy_decision(
         earlier = [
             row
             for row in store.list_policy_decisions(experiment, policies=[policy], run_ids=[run_id])
-            if int(row["boundary"]) == boundary
+            if int(row["boundary"]) == boundary and decision_family(row["kind"]) == decision_family(str(kind))
         ]
         if earlier:
             op = store.get_op(int(earlier[0]["op_id"])) if earlier[0]["op_id"] is not None else None

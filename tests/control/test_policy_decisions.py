@@ -33,15 +33,20 @@ def test_a_policy_acts_on_a_run_at_most_once_per_boundary(store: DuckDBStore) ->
     assert op["source"] == "policy:pbt" and op["who"] == "scheduler" and op["status"] == "pending"
     assert op["payload"]["policy"] == {"name": "pbt", "reason": "bottom quarter", "boundary": 2}
 
-    again = decisions.record_policy_decision(store, "exp", "pbt", 1, 2, "clone", {"overrides": {"r": 16}}, "again")
+    again = decisions.record_policy_decision(store, "exp", "pbt", 1, 2, "stop", reason="again")
     assert again["duplicate"] and again["decision"]["decision_id"] == first["decision"]["decision_id"]
+    # A promotion is the same kind of decision as a stop (the run's verdict there): a duplicate too.
+    assert decisions.record_policy_decision(store, "exp", "pbt", 1, 2, "promote", reason="again")["duplicate"]
     assert len(ops.list_ops(store, "exp")) == 1
 
-    # Another boundary, another run or another policy is a new decision.
+    # Another boundary, another run, another policy or another kind of decision is a new decision.
     assert not decisions.record_policy_decision(store, "exp", "pbt", 2, 2, "stop", reason="r")["duplicate"]
     assert not decisions.record_policy_decision(store, "exp", "asha", 3, 2, "stop", reason="r")["duplicate"]
     assert not decisions.record_policy_decision(store, "exp", "pbt", 1, 3, "delete", reason="r")["duplicate"]
-    assert [d["run_id"] for d in decisions.list_policy_decisions(store, "exp", policy="pbt")] == [1, 2, 1]
+    replace = decisions.record_policy_decision(store, "exp", "pbt", 1, 2, "clone", {"overrides": {"r": 16}}, "r")
+    assert not replace["duplicate"]
+    assert decisions.record_policy_decision(store, "exp", "pbt", 1, 2, "clone", {"overrides": {}}, "r")["duplicate"]
+    assert [d["run_id"] for d in decisions.list_policy_decisions(store, "exp", policy="pbt")] == [1, 2, 1, 1]
 
 
 def test_an_illegal_op_is_recorded_as_rejected_with_its_problems_and_queues_nothing(store: DuckDBStore) -> None:
