@@ -190,12 +190,15 @@ def _contains_knob(value: Any) -> bool:
 
 
 def expand_config_group(group: Any) -> list[dict[str, Any]]:
-    """A config, a list of them, a GridSearch or a RandomSearch → the plain configs it stands for.
+    """A config, a list of them, a GridSearch, a RandomSearch or any generator with a `configs()` method (such as
+    OptunaSearch) → the plain configs it stands for.
 
     A config with List knobs expands as a grid; one with a Range must be wrapped in RandomSearch.
     """
     if isinstance(group, GridSearch | RandomSearch):
         return group.configs()
+    if not isinstance(group, Mapping) and callable(getattr(group, "configs", None)):
+        return list(group.configs())  # another generator (rf_core.optuna_search.OptunaSearch)
     if isinstance(group, Mapping):
         ranged = [key for key, value in group.items() if isinstance(value, Range)]
         if ranged:

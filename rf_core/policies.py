@@ -1193,3 +1193,7 @@ def _check_int(label: str, value: Any, minimum: int) -> None:
 
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The `optuna` template lives in its own module, which registers it here (Optuna is imported only when it decides).
+import rf_core.optuna_search  # noqa: E402, F401
