@@ -45,13 +45,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # the project, when run as a script
 
 from bench.common import isolated_environment  # noqa: E402
-from bench.head_to_head_task import FULL, SEED, SLOTS, SMOKE, TaskSize, config_key  # noqa: E402
+from bench.head_to_head_task import (  # noqa: E402
+    SEED,
+    SLOTS,
+    SMOKE,
+    TASKS,
+    TaskSize,
+    config_key,
+    train_in_chunks,  # noqa: E402
+)
 
 TARGET_FACTOR = 1.01
 STRICT_TARGET_FACTOR = 1.001
 ETA = 2
 ORDER_SAMPLES = 2000
-CONTESTANTS = ("truth", "engine", "sha", "asha", "pbt", "hf", "ray")
+CONTESTANTS = ("truth", "engine", "sha", "asha", "hyperband", "optuna", "pbt", "hf", "ray", "optuna-alone")
+OPTUNA_BUDGET = 16  # trials of the Optuna searches, the engine's `optuna` template and Optuna on its own
+OPTUNA_CONCURRENT = 4  # runs the engine's `optuna` template keeps time-sliced on the 2 slots
 BENCH_PYTHON = PROJECT_ROOT / ".venv-bench" / "bin" / "python"
 RESULTS = PROJECT_ROOT / "bench" / "results"
 
@@ -184,7 +194,9 @@ class EngineContestants:
         self.size, self.server_url = size, server_url
         self.outcomes: list[Any] = []  # every ChunkOutcome the fit flow printed, for the swap figures
 
-    def run(self, name: str, num_chunks: int, policies: Sequence[Any] = ()) -> tuple[Observed, dict[str, Any]]:
+    def run(
+        self, name: str, num_chunks: int, policies: Sequence[Any] = (), group: Any = None
+    ) -> tuple[Observed, dict[str, Any]]:
         import flows.fit
         from rf_core.client import RFClient
         from rf_core.experiment import Experiment
@@ -203,7 +215,7 @@ class EngineContestants:
         started = time.time()
         try:
             Experiment(experiment, server_url=self.server_url).run_fit(
-                self.size.config_group(), demo_create_model_fn, train, evaluation, num_chunks, seed=SEED,
+                group or self.size.config_group(), demo_create_model_fn, train, evaluation, num_chunks, seed=SEED,
                 policies=list(policies) or None, cpu_slots=SLOTS, idle_timeout=1, keep_checkpoints=1,
             )  # fmt: skip
         finally:
@@ -406,6 +418,72 @@ def run_ray(size: TaskSize, scratch: Path, python: Path) -> Observed:
     return Observed("ray", result["ended"] - origin, points, busy, notes)
 
 
+def run_optuna_alone(size: TaskSize, scratch: Path) -> Observed:
+    """Optuna on its own, as its documentation runs several workers: a study in a journal file shared by 2 processes
+    (one thread each), TPE and the median pruner, `OPTUNA_BUDGET` trials, each trial training its config chunk by
+    chunk with the engine's own training function and reporting the eval loss after each chunk."""
+    import multiprocessing
+
+    import optuna
+
+    storage_path = str(scratch / "optuna-journal.log")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage_path))
+    optuna.create_study(study_name="h2h", storage=storage, direction="minimize")
+    started = time.time()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(SLOTS) as pool:
+        share = [OPTUNA_BUDGET // SLOTS + (worker < OPTUNA_BUDGET % SLOTS) for worker in range(SLOTS)]
+        jobs = [
+            (worker, share[worker], size, storage_path, str(scratch / f"optuna-{worker}")) for worker in range(SLOTS)
+        ]
+        results = pool.starmap(_optuna_worker, jobs, chunksize=1)
+    ended = time.time()
+    points, busy = [], []
+    for trials in results:
+        for trial in trials:
+            busy.append((trial["start"] - started, trial["end"] - started))
+            points.extend(EvalPoint(moment - started, trial["key"], trial["number"] + 1, chunk, value)
+                          for chunk, moment, value in trial["evals"])  # fmt: skip
+    pruned = sum(trial["pruned"] for trials in results for trial in trials)
+    settings = {"sampler": "TPESampler", "pruner": "MedianPruner", "storage": "JournalFileBackend", "processes": SLOTS}
+    notes = {"trials": sum(len(trials) for trials in results), "pruned_trials": pruned,
+             "chunks_trained": len(points), "settings": settings}  # fmt: skip
+    return Observed("optuna-alone", ended - started, points, busy, notes)
+
+
+def _optuna_worker(worker: int, trials: int, size: TaskSize, storage_path: str, folder: str) -> list[dict[str, Any]]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage_path))
+    study = optuna.load_study(study_name="h2h", storage=storage, sampler=optuna.samplers.TPESampler(seed=SEED + worker),
+                              pruner=optuna.pruners.MedianPruner())  # fmt: skip
+    space = size.search_space()
+    done: list[dict[str, Any]] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        config = {key: trial.suggest_categorical(key, list(value.values)) if hasattr(value, "values") else value
+                  for key, value in space.items()}  # fmt: skip
+        record = {"number": trial.number, "key": config_key(config), "start": time.time(), "evals": [], "pruned": False}
+        done.append(record)
+
+        def report(point: dict[str, Any]) -> bool:
+            record["evals"].append((point["chunk"], point["time"], point["eval_loss"]))
+            record["end"] = time.time()
+            trial.report(point["eval_loss"], step=point["chunk"] + 1)
+            record["pruned"] = bool(trial.should_prune())  # numpy.bool_ from the percentile pruners
+            return not record["pruned"]
+
+        train_in_chunks(config, size, Path(folder) / f"trial-{trial.number}", report, num_threads=1)
+        record["end"] = time.time()
+        if record["pruned"]:
+            raise optuna.TrialPruned()
+        return record["evals"][-1][2]
+
+    study.optimize(objective, n_trials=trials)
+    return done
+
+
 # -------------------------------------------------------------------------------------------------- the run
 
 
@@ -421,7 +499,8 @@ def build_base_model() -> None:
 
 def run_benchmark(size: TaskSize, contestants: Sequence[str], ray_python: Path | None, scratch: Path) -> dict:
     from bench.orchestration import machine_description
-    from rf_core.policies import AsyncSuccessiveHalving, PopulationBasedTraining, SuccessiveHalving
+    from rf_core.optuna_search import OptunaSearch
+    from rf_core.policies import AsyncSuccessiveHalving, Hyperband, PopulationBasedTraining, SuccessiveHalving
     from rf_core.server_process import ensure_server, stop_server
 
     home = prepare_environment(scratch)
@@ -442,16 +521,24 @@ def run_benchmark(size: TaskSize, contestants: Sequence[str], ray_python: Path |
             "engine": (size.num_chunks, []),
             "sha": (size.num_chunks, [SuccessiveHalving(eta=ETA, min_chunks=1)]),
             "asha": (size.num_chunks, [AsyncSuccessiveHalving(eta=ETA, min_chunks=1)]),
+            "hyperband": (size.num_chunks, [Hyperband(eta=ETA, max_chunks=size.num_chunks)]),
             "pbt": (size.num_chunks, [PopulationBasedTraining(interval=2, max_clones=8)]),
         }
+        search = OptunaSearch(
+            size.search_space(), OPTUNA_BUDGET, max_concurrent=OPTUNA_CONCURRENT, sampler={"name": "tpe"},
+            pruner={"name": "median"}, seed=SEED,
+        )  # fmt: skip
         details: dict[str, dict[str, Any]] = {}
         for name in contestants:
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-            if name in plans:
-                num_chunks, policies = plans[name]
-                observed[name], details[name] = engine.run(name, num_chunks, policies)
+            if name in plans or name == "optuna":
+                num_chunks, policies = plans.get(name, (size.num_chunks, [search.policy()]))
+                group = search if name == "optuna" else None
+                observed[name], details[name] = engine.run(name, num_chunks, policies, group)
                 if name != "truth":
                     overheads[name] = engine_overheads(details[name])
+            elif name == "optuna-alone":
+                observed[name] = run_optuna_alone(size, scratch)
             elif name == "hf":
                 observed[name] = run_hf_trainer(size, scratch)
             elif name == "ray":
@@ -552,7 +639,10 @@ LABELS = {
     "engine": "engine, no policy",
     "sha": "engine + successive halving",
     "asha": "engine + ASHA",
+    "hyperband": "engine + Hyperband",
+    "optuna": "engine + optuna (TPE, median)",
     "pbt": "engine + PBT",
+    "optuna-alone": "Optuna alone (TPE, median)",
     "hf": "HF Trainer, 2 at a time",
     "ray": "Ray Tune ASHAScheduler",
 }
@@ -625,6 +715,8 @@ def print_summary(results: dict[str, Any]) -> None:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the machinery, measures nothing")
+    parser.add_argument("--task", choices=sorted(TASKS), default="full",
+                        help="full: 16 configs, a quarter reach the target; rare: 32, few reach it")  # fmt: skip
     parser.add_argument("--contestants", default=",".join(CONTESTANTS),
                         help=f"comma-separated subset of {','.join(CONTESTANTS)} (truth is always run)")  # fmt: skip
     parser.add_argument("--ray-python", type=Path, default=BENCH_PYTHON,
@@ -639,7 +731,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown contestants {unknown}; choose from {list(CONTESTANTS)}")
     arguments.contestants = ["truth"] + [name for name in CONTESTANTS if name in chosen and name != "truth"]
     if arguments.out is None:
-        arguments.out = RESULTS / ("head_to_head_smoke.json" if arguments.smoke else "head_to_head.json")
+        suffix = "" if arguments.task == "full" else f"_{arguments.task}"
+        arguments.out = RESULTS / ("head_to_head_smoke.json" if arguments.smoke else f"head_to_head{suffix}.json")
     if arguments.plot is None:
         arguments.plot = arguments.out.with_suffix(".png")
     return arguments
@@ -649,14 +742,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     scratch = Path(tempfile.mkdtemp(prefix="rf-bench-h2h-"))
     try:
-        size = SMOKE if arguments.smoke else FULL
+        size = SMOKE if arguments.smoke else TASKS[arguments.task]
         results = run_benchmark(size, arguments.contestants, arguments.ray_python, scratch)
     finally:
         if arguments.keep_files:
             print(f"kept {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-    results["settings"] = {"smoke": arguments.smoke, "contestants": arguments.contestants}
+    results["settings"] = {"smoke": arguments.smoke, "task": arguments.task, "contestants": arguments.contestants}
     results["plot"] = str(arguments.plot) if plot(results, arguments.plot) else None
     print_summary(results)
     arguments.out.parent.mkdir(parents=True, exist_ok=True)

@@ -90,9 +90,25 @@ class TaskSize:
             eval_examples=int(data["eval_examples"]),
         )
 
+    def search_space(self) -> dict[str, Any]:
+        """The same configs as a search space (every knob categorical), for searches that pick their own."""
+        return {
+            **FIXED_KNOBS,
+            "learning_rate": List(list(self.learning_rates)),
+            "r": List(list(self.ranks)),
+            "lr_scheduler_type": List(list(self.schedules)),
+        }
+
 
 FULL = TaskSize(tuple(LEARNING_RATES), tuple(RANKS), tuple(SCHEDULES), NUM_CHUNKS, None, 128)
+# Good configs are rare: 16 learning rates spaced in log scale over three and a half decades × 2 ranks, where only
+# the top of the range gets near the best loss within one epoch.
+RARE = TaskSize(
+    tuple(float(f"{1e-5 * (3e-2 / 1e-5) ** (i / 15):.3g}") for i in range(16)), tuple(RANKS), ("linear",),
+    NUM_CHUNKS, None, 128,
+)  # fmt: skip
 SMOKE = TaskSize((1e-3, 1e-2), (4,), ("linear", "cosine"), 2, 48, 16)
+TASKS = {"full": FULL, "rare": RARE}
 
 
 def config_key(config: dict[str, Any]) -> str:

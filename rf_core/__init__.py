@@ -7,6 +7,7 @@ from rf_core.demo import create_tiny_model, tiny_model_folder
 from rf_core.experiment import Experiment, ExperimentSpec
 from rf_core.functions import EvaluationContext, evaluation_context
 from rf_core.knobs import GridSearch, List, RandomSearch, Range
+from rf_core.optuna_search import OptunaSearch
 
 __all__ = [
     "EvaluationContext",
@@ -14,6 +15,7 @@ __all__ = [
     "ExperimentSpec",
     "GridSearch",
     "List",
+    "OptunaSearch",
     "RandomSearch",
     "Range",
     "create_tiny_model",

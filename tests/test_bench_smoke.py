@@ -53,10 +53,12 @@ def test_dashboard_benchmark_smoke(tmp_path):
 
 
 def test_head_to_head_benchmark_smoke(tmp_path):
-    """Ground truth, the time-sliced engine with the ASHA template, and HF Trainer on 4 tiny configs; Ray Tune is
-    left out (it lives in the benchmark's own environment, not the project's)."""
-    results = run_smoke("bench/head_to_head.py", tmp_path, extra=("--contestants", "engine,asha,hf"))
-    assert set(results["contestants"]) == {"engine", "asha", "hf"} and results["task"]["configs"] == 4
+    """Ground truth, the time-sliced engine alone and with the ASHA and optuna templates, and HF Trainer on 4 tiny
+    configs; Ray Tune is left out (it lives in the benchmark's own environment, not the project's)."""
+    results = run_smoke("bench/head_to_head.py", tmp_path, extra=("--contestants", "engine,asha,optuna,hf"))
+    assert set(results["contestants"]) == {"engine", "asha", "optuna", "hf"} and results["task"]["configs"] == 4
+    optuna = results["contestants"]["optuna"]
+    assert optuna["runs"] == 16 and optuna["clones"] == 12  # 4 sampled first, 12 replacements: the trial budget
     # Time-sliced training ends exactly where straight-through training does.
     assert results["ground_truth"]["max_abs_diff_vs_time_sliced_finals"] == 0.0
     engine = results["contestants"]["engine"]

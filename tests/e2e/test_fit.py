@@ -390,6 +390,44 @@ def test_successive_halving_on_two_real_slots_finishes_the_best_run(prefect_harn
     ]  # fmt: skip
 
 
+def test_optuna_search_replaces_ended_runs_with_the_samplers_configs_in_a_real_fit(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """OptunaSearch starts two runs; the optuna policy replaces each run that ends with a sampled config (a
+    Clone-Modify with its reason in the ops log) until four trials exist."""
+    from rf_core import Experiment, OptunaSearch, Range
+    from rf_core.control import ops
+    from rf_core.control.store import DuckDBStore
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    search = OptunaSearch(
+        {"model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 32, "per_device_train_batch_size": 8,
+         "learning_rate": Range(1e-4, 1e-2, log=True)},
+        num_runs=4, max_concurrent=2, pruner={"name": "median", "n_startup_trials": 1}, seed=3,
+    )  # fmt: skip
+    data = e2e_experiment.spec()
+    snapshot = Experiment("optuna").run_fit(
+        search, e2e_experiment.create_model_fn, data.train_dataset[:32], data.eval_dataset[:8], num_chunks=2,
+        cpu_slots=2, idle_timeout=1, policies=[search.policy()],
+    )  # fmt: skip
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert sorted(runs) == [1, 2, 3, 4], runs
+    assert all(runs[i]["source"] == "policy:optuna" and runs[i]["parent_id"] in runs for i in (3, 4))
+    assert all(1e-4 <= run["config"]["learning_rate"] <= 1e-2 for run in runs.values())
+    assert all(run["status"] in ("Completed", "Stopped") for run in runs.values()), runs
+    store = DuckDBStore(paths.db_path(home))
+    try:
+        clones = [op for op in ops.list_ops(store, "optuna") if op["kind"] == "clone"]
+    finally:
+        store.close()
+    assert len(clones) == 2 and all(op["source"] == "policy:optuna" for op in clones)
+    assert all("TPESampler trial" in op["payload"]["policy"]["reason"] for op in clones)
+
+
 def test_multi_device_runs_gang_schedule_next_to_single_ones_with_ic_ops(prefect_harness, tmp_path, monkeypatch):
     """A 2-process DDP run (gloo, two slot workers) trains next to single-slot runs in a real fit, and a
     Clone-Modify of it onto one device (warm-started with its optimizer state) lands at a chunk boundary. The gang's
