@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,ray]'
+	$(PIP) install -q -e '.[test,ray,tensorboard,mlflow]'
 	# DeepSpeed ships as a source package whose build imports torch: built against the torch above, not a new one.
 	$(PIP) install -q --no-build-isolation 'deepspeed==0.19.8'
 	touch $@

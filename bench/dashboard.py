@@ -74,8 +74,8 @@ def refresh_request(tick: int) -> dict[str, Any]:
 
 def table_request(tick: int) -> dict[str, Any]:
     """The body the page posts for the header and runs table on each refresh tick."""
-    outputs = [("header", "children"), ("runs-grid", "rowData"), ("runs-grid", "columnDefs"),
-               ("hidden-columns", "options")]  # fmt: skip
+    outputs = [("header", "children"), ("continue-experiment", "style"), ("runs-grid", "rowData"),
+               ("runs-grid", "columnDefs"), ("hidden-columns", "options")]  # fmt: skip
     return {
         "output": "".join(f"..{component}.{prop}.." for component, prop in outputs).replace("....", "..."),
         "outputs": [{"id": component, "property": prop} for component, prop in outputs],

@@ -217,6 +217,7 @@ class EngineContestants:
             Experiment(experiment, server_url=self.server_url).run_fit(
                 group or self.size.config_group(), demo_create_model_fn, train, evaluation, num_chunks, seed=SEED,
                 policies=list(policies) or None, cpu_slots=SLOTS, idle_timeout=1, keep_checkpoints=1,
+                ephemeral=True,  # the bench's own rf server, and Prefect's temporary server (warmed up once)
             )  # fmt: skip
         finally:
             flows.fit.format_chunk_line = original

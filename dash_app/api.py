@@ -15,9 +15,9 @@ from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from rf_core import errors
-from rf_core.control import decisions, experiments, metrics, ops, timeline
+from rf_core.control import continuation, decisions, experiments, leases, metrics, ops, timeline
 from rf_core.control.store import Store, StoreError
-from rf_core.states import DEFAULT_METRIC
+from rf_core.states import DEFAULT_METRIC, FIT_EPOCH_HEADER
 
 API_PREFIX = "/api"
 
@@ -25,6 +25,8 @@ API_PREFIX = "/api"
 _STATUS = (
     (errors.OpRejected, 422),
     (errors.ExperimentExists, 409),
+    (errors.FitLive, 409),
+    (errors.FitSuperseded, 409),
     (errors.IllegalTransition, 409),
     (errors.InvalidRequest, 400),
     (errors.NotFound, 404),
@@ -77,6 +79,42 @@ def register_routes(server: Flask, store: Store) -> None:
         body = _body()
         _require(body, "status")
         return _json(experiments.set_experiment_status(store, name, body["status"]))
+
+    @api.post("/experiments/<name>/fit")
+    def acquire_fit(name: str) -> Response:
+        body = _body()
+        _require(body, "owner")
+        force = body.get("force") is True
+        return _json(leases.acquire_fit(store, name, body["owner"], flow_run=body.get("flow_run"), force=force))
+
+    @api.post("/experiments/<name>/fit/renew")
+    def renew_fit(name: str) -> Response:
+        body = _body()
+        _require(body, "epoch")
+        return _json(leases.renew_fit(store, name, body["epoch"]))
+
+    @api.post("/experiments/<name>/fit/end")
+    def end_fit(name: str) -> Response:
+        body = _body()
+        _require(body, "epoch")
+        return _json(experiments.shown(store, leases.end_fit(store, name, body["epoch"])))
+
+    @api.post("/experiments/<name>/fit/reserve")
+    def reserve_fit(name: str) -> Response:
+        body = _body()
+        _require(body, "owner")
+        return _json(leases.reserve_fit(store, name, body["owner"]))
+
+    @api.post("/experiments/<name>/continue")
+    def continue_experiment(name: str) -> Response:
+        server_url = request.host_url.rstrip("/")
+        return _json(continuation.continue_in_background(store, name, server_url, who="api"), 202)
+
+    @api.post("/experiments/<name>/rename")
+    def rename_experiment(name: str) -> Response:
+        body = _body()
+        _require(body, "new_name")
+        return _json(experiments.rename_experiment(store, name, body["new_name"]))
 
     @api.delete("/experiments/<name>")
     def delete_experiment(name: str) -> Response:
@@ -212,6 +250,17 @@ def register_routes(server: Flask, store: Store) -> None:
     def unknown_route(unknown: str) -> Response:
         # Without this, Dash's catch-all page route would answer unknown API paths with HTML and a 200.
         return _error(f"no API route {request.method} /api/{unknown}", [], "NotFound", 404)
+
+    @api.before_request
+    def fence_superseded_fits() -> None:
+        epoch = request.headers.get(FIT_EPOCH_HEADER)
+        name = (request.view_args or {}).get("name")
+        if epoch is not None and name is not None:
+            try:
+                held = int(epoch)
+            except ValueError:
+                raise errors.InvalidRequest([f"{FIT_EPOCH_HEADER} must be an integer, got {epoch!r}"]) from None
+            leases.check_epoch(store, name, held)
 
     server.register_blueprint(api)
     _register_error_handlers(server)

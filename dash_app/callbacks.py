@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flask
 from dash import ALL, Dash, Input, Output, State, ctx, html, no_update
+from dash.exceptions import MissingCallbackContextException
 
 from dash_app import data, figures
 from dash_app.downsample import M4Cache
@@ -36,16 +38,25 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Output("experiment-select", "options"),
         Output("experiment-select", "value"),
         Input("refresh", "n_intervals"),
+        Input("url", "search"),
         State("experiment-select", "value"),
     )
-    def refresh_experiments(_: int | None, selected: str | None) -> tuple[list[dict[str, str]], str | None]:
+    def refresh_experiments(
+        _: int | None, search: str | None, selected: str | None
+    ) -> tuple[list[dict[str, str]], str | None]:
         options = data.experiment_options(store)
         names = [option["value"] for option in options]
-        chosen = selected if selected in names else (names[0] if names else None)
+        # The page's first call (nothing triggered it yet) and a URL change follow the link; a refresh keeps the pick.
+        asked = data.experiment_in_query(search) if _triggered_id() in (None, "url") else None
+        if asked in names:
+            chosen = asked
+        else:
+            chosen = selected if selected in names else (names[0] if names else None)
         return options, chosen if chosen != selected else no_update
 
     @register(
         Output("header", "children"),
+        Output("continue-experiment", "style"),
         Output("runs-grid", "rowData"),
         Output("runs-grid", "columnDefs"),
         Output("hidden-columns", "options"),
@@ -66,7 +77,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
     ) -> tuple[Any, ...]:
         snap = data.runs_view(store, cache, experiment, include_deleted=bool(show_deleted))
         if snap is None:
-            return header_children(None), [], [], []
+            return header_children(None), HIDDEN, [], [], []
         rows, columns = data.runs_grid(snap)
         hidden_set = set(hidden or [])
         columns = [{**column, "hide": column["field"] in hidden_set} for column in columns]
@@ -74,7 +85,8 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         # Re-sending unchanged column definitions would undo the user's column widths and order.
         columns_out = columns if columns != current_columns else no_update
         summary = data.header_summary(snap, data.timeline(store, experiment))
-        return header_children(summary), rows, columns_out, options
+        continuable = HIDDEN if summary["status"] == "running" else {}
+        return header_children(summary), continuable, rows, columns_out, options
 
     @register(
         Output("charts", "children"),
@@ -236,7 +248,26 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         op, problems = data.submit(store, experiment, kind, run_id, payload)
         if op is None:
             return html.Div(["Not queued: ", *_lines(problems)], className="rf-bad"), no_update
-        return html.Div(data.accepted_message(op), className="rf-ok", id="op-accepted"), (changes or 0) + 1
+        message = data.accepted_message(op, data.fit_state(store, experiment))
+        return html.Div(message, className="rf-ok", id="op-accepted"), (changes or 0) + 1
+
+    @register(
+        Output("continue-result", "children"),
+        Input("continue-experiment", "n_clicks"),
+        State("experiment-select", "value"),
+        prevent_initial_call=True,
+    )
+    def continue_experiment(clicks: int | None, experiment: str | None) -> Any:
+        if not clicks or not experiment:
+            return no_update
+        started, problems = data.continue_experiment(store, experiment, flask.request.host_url.rstrip("/"))
+        if started is None:
+            return html.Span(["Not started: ", *_lines(problems)], className="rf-bad")
+        return html.Span(
+            f"continuing {experiment} (process {started['pid']}, log {started['log']}): queued ops apply now",
+            className="rf-ok",
+            id="continue-started",
+        )
 
     return callbacks
 
@@ -292,13 +323,31 @@ def run_from_cell(cell: Mapping[str, Any] | None) -> int | None:
     return int(cell["rowId"])
 
 
+HIDDEN = {"display": "none"}
+
+
+def _triggered_id() -> Any:
+    """The id of the input that triggered the running callback; None on a page's first call, or when the function is
+    called outside a callback (as the tests call it)."""
+    try:
+        return ctx.triggered_id
+    except MissingCallbackContextException:
+        return None
+
+
 def header_children(summary: Mapping[str, Any] | None) -> list[Any]:
     if summary is None:
         return [html.Span("no experiment selected")]
     status = summary["status"]
     by_status = ", ".join(f"{count} {status}" for status, count in summary["runs_by_status"].items()) or "no runs"
     items = [
-        html.Span([html.B(summary["name"]), " ", html.Span(summary["status"], className=f"rf-status-{status}")]),
+        html.Span(
+            [
+                html.B(summary["name"]),
+                " ",
+                html.Span(summary["status_text"], className=f"rf-status-{status}", id="experiment-status"),
+            ]
+        ),
         html.Span(["runs: ", html.B(by_status)]),
         html.Span(["chunks: ", html.B(f"{summary['chunks_done']}/{summary['chunks_planned']}")]),
         html.Span(["slots busy: ", html.B(f"{summary['slots_busy']}/{summary['slots_seen']}")]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,10 @@ from typing import Any
 from dash_app.downsample import CACHE_BUCKETS, M4Cache, Series, width_for
 from rf_core import errors, states
 from rf_core.config import varying_knobs
-from rf_core.control import experiments, metrics, ops
+from rf_core.control import continuation, experiments, metrics, ops
 from rf_core.control import timeline as chunk_timeline
 from rf_core.control.store import Store
-from rf_core.report import RunRow, experiment_metric, run_row
+from rf_core.report import RunRow, experiment_metric, fit_state_text, run_row
 from rf_core.report import runs_table as table_rows
 from rf_core.states import OpKind, RunStatus, allowed_ops
 
@@ -30,6 +31,12 @@ MIN_BUCKETS = 100
 # Metrics shown first, in this order; any other metric follows alphabetically.
 METRIC_ORDER = (states.TRAIN_LOSS_METRIC, states.LEARNING_RATE_METRIC, states.EVAL_LOSS_METRIC)
 IC_OPS_CELL = "IC Ops ▸"
+
+
+def experiment_in_query(search: str | None) -> str | None:
+    """The experiment a page URL names (`?experiment=NAME`, the link every fit prints), if any."""
+    values = urllib.parse.parse_qs((search or "").lstrip("?")).get("experiment")
+    return values[0] if values else None
 
 
 def experiment_options(store: Store) -> list[dict[str, str]]:
@@ -82,6 +89,7 @@ def header_summary(snap: Mapping[str, Any], timeline: Sequence[Mapping[str, Any]
     return {
         "name": experiment["name"],
         "status": experiment["status"],
+        "status_text": fit_state_text(experiment),
         "runs_by_status": {status.value: by_status[status.value] for status in RunStatus if by_status[status.value]},
         "chunks_done": done,
         "chunks_planned": planned,
@@ -418,12 +426,28 @@ def submit(
         return None, list(exc.problems)
 
 
-def accepted_message(op: Mapping[str, Any]) -> str:
+def accepted_message(op: Mapping[str, Any], fit_state: str = "running") -> str:
     what = op["kind"]
     if op["kind"] == OpKind.CLONE:
         count = op["payload"].get("count", 1)
         what = f"clone ×{count}" if count != 1 else "clone"
+    if fit_state != "running":
+        return f"op {op['op_id']} ({what}) queued; starts when the experiment continues (Continue experiment, above)"
     return f"op {op['op_id']} ({what}) queued: applies at run {op['run_id']}'s next chunk boundary"
+
+
+def fit_state(store: Store, experiment: str) -> str:
+    """ "running", "crashed" or "finished" (rf_core.control.leases)."""
+    return str(experiments.get_experiment(store, experiment)["status"])
+
+
+def continue_experiment(store: Store, experiment: str, server_url: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """Start a fit that continues the experiment (what `rf continue` does, as a background process): (what was
+    started, []) or (None, why not)."""
+    try:
+        return continuation.continue_in_background(store, experiment, server_url), []
+    except (errors.InvalidRequest, errors.NotFound) as exc:
+        return None, list(exc.problems)
 
 
 def _clock(epoch_seconds: float | None) -> str:

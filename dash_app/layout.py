@@ -34,6 +34,14 @@ def build_layout(
         [
             _top_bar(experiment_options or [], experiment),
             html.Div(id="header", className="rf-header"),
+            html.Div(
+                [
+                    # Shown while the experiment has no live fit: ops queued now wait for it to continue.
+                    html.Button("Continue experiment", id="continue-experiment", style={"display": "none"}),
+                    html.Span(id="continue-result"),
+                ],
+                className="rf-row",
+            ),
             html.Div(chart_cells(metric_names) if metric_names else [], id="charts", className="rf-charts"),
             html.Div(
                 [
@@ -74,6 +82,7 @@ def build_layout(
             dcc.Store(id="ops-changed", data=0),
             dcc.Store(id="metric-names", data=metric_names if metric_names else None),
             dcc.Interval(id="refresh", interval=REFRESH_MS),
+            dcc.Location(id="url", refresh=False),  # ?experiment=NAME opens that experiment (the URL a fit prints)
         ],
         className="rf-page",
     )

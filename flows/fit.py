@@ -10,6 +10,7 @@ import os
 import queue
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -17,17 +18,19 @@ from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.lease import FitLease, mark_flow_run_crashed
 from flows.policy import Policy, boundary_policies, build_policies
 from rf_core import paths
 from rf_core.client import RFClient
 from rf_core.data_forms import check_fit_data
-from rf_core.errors import ExperimentExists
+from rf_core.errors import ExperimentExists, FitSuperseded
 from rf_core.experiment import ExperimentSpec, load_entrypoint
 from rf_core.kept_specs import keep_spec, load_kept_spec
 from rf_core.messages import ChunkOutcome, TrainTask
 from rf_core.planner import FitLoop, Plan
 from rf_core.report import format_chunk_line, format_op_line, format_results_table
 from rf_core.server_process import TemporaryServer, ensure_server, stop_server
+from rf_core.services import dashboard_url, describe, ephemeral_requested, up
 from rf_core.states import FAILED_CHUNK_OUTCOMES
 from rf_core.training.staging import default_staging_root, persist_staged
 from rf_core.training.worker import Slot, SlotPool, SpecSource, WorkerDied, slot_devices, train_with_retry
@@ -103,6 +106,7 @@ def rf_fit(
     ray_address: str | None = None,
     ray_slots: int | None = None,
     ray_gpus_per_slot: int = 0,
+    force_takeover: bool = False,
 ) -> dict[str, Any]:
     """Train an experiment's runs in chunks until every run is final, or all are stopped and `idle_timeout` passes.
 
@@ -124,6 +128,8 @@ def rf_fit(
             "Several machines") instead of as child processes here.
         ray_slots: slots on the Ray cluster (default: one per GPU with ray_gpus_per_slot=1, else 2).
         ray_gpus_per_slot: 1 gives each Ray slot a GPU; 0 makes CPU slots.
+        force_takeover: take the experiment even from a fit whose lease is live (a crashed fit's is taken without
+            it); only for a lease that cannot be trusted, e.g. a store shared by machines whose clocks disagree.
     """
     attached = build_policies(policies) + _IN_MEMORY_POLICIES.get(experiment, [])
     if entrypoint:
@@ -146,6 +152,7 @@ def rf_fit(
         temporary_server = TemporaryServer(process, server_url, home) if process else None
         kind = "temporary, exits with this flow" if temporary_server else "already running"
         print(f"rf server ({kind}): {server_url}  (DB {paths.db_path(home)})")
+    print(f"dashboard: {dashboard_url(server_url, experiment)}")
     outage_wait = float(os.environ.get(SERVER_OUTAGE_ENV, DEFAULT_SERVER_OUTAGE_S))
     client = RFClient(
         server_url, outage_wait_s=outage_wait, on_outage=temporary_server.revive if temporary_server else None
@@ -163,49 +170,83 @@ def rf_fit(
                 functions=sorted(functions),
             )
             print(f"experiment {experiment!r}: {len(created['runs'])} runs, {spec.num_chunks} chunks per epoch")
+            continuing = False
         except ExperimentExists:
             if not continue_experiment:
                 raise
+            continuing = True
+        lease = FitLease(client, experiment, force=force_takeover and continuing)
+        if continuing:
             client.set_experiment_functions(experiment, sorted(functions))
-            client.set_experiment_status(experiment, "running")
             print(f"experiment {experiment!r} continues: its runs, metrics and queued ops are kept")
-        if not entrypoint:
-            keep_spec(experiment, spec)  # so `rf continue` can train it on after this fit
-        if ray_address:
-            from rf_core.training.ray_workers import ray_slots as size_ray_slots
-
-            devices, threads, worker_class = size_ray_slots(ray_address, ray_slots, ray_gpus_per_slot)
-        else:
-            devices, worker_class = slot_devices(cpu_slots), None
-            threads = max(1, (os.cpu_count() or 1) // len(devices))
-        source = SpecSource.for_spec(spec, entrypoint)
-        loop = FitLoop(client, experiment, spec, len(devices), home)
-        spool = paths.experiment_dir(experiment, home) / "spool"
-        staging_root = default_staging_root()
-        # States a crashed earlier fit left only in RAM become durable before anything reads them.
-        persist_staged(staging_root, paths.experiment_dir(experiment, home))
         try:
-            with SlotPool(devices, source, server_url, spool, threads, worker_class) as pool:
-                where = ", ".join(device or "cpu" for device in devices)
-                nodes = sorted({str(getattr(worker, "node", "")) for worker in pool.workers})
-                on_ray = f" on Ray nodes {', '.join(nodes)}" if ray_address else ""
-                print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each){on_ray}")
-                if attached:
-                    print("policies at every chunk boundary: " + ", ".join(f"{p.name} ({m})" for p, m in attached))
-                _drive(loop, pool, client, experiment, idle_timeout, attached)
+            return _train(lease, client, experiment, spec, entrypoint, attached, idle_timeout, home, server_url,
+                          cpu_slots, ray_address, ray_slots, ray_gpus_per_slot)  # fmt: skip
         finally:
-            persist_staged(staging_root, paths.experiment_dir(experiment, home))
-            if ray_address:
-                from rf_core.training.ray_workers import disconnect
-
-                disconnect()
-        client.set_experiment_status(experiment, "finished")
-        snapshot = client.experiment_snapshot(experiment)
-        print(format_results_table(snapshot))
-        return snapshot
+            lease.release()  # a fit that raised (in a notebook that lives on) must not keep renewing
     finally:
         if temporary_server is not None:
             stop_server(temporary_server.process)
+
+
+def _train(
+    lease: FitLease,
+    client: RFClient,
+    experiment: str,
+    spec: ExperimentSpec,
+    entrypoint: str | None,
+    attached: list[tuple[Policy, str]],
+    idle_timeout: float,
+    home: Path,
+    server_url: str,
+    cpu_slots: int | None,
+    ray_address: str | None,
+    ray_slots: int | None,
+    ray_gpus_per_slot: int,
+) -> dict[str, Any]:
+    """The fit once it holds its experiment: start the slots, drive the loop, end the fit and print the results."""
+    if takeover := lease.describe_takeover():
+        flow_run = (lease.took_over or {}).get("flow_run")
+        crashed = f"; {mark_flow_run_crashed(flow_run, 'its fit stopped renewing its lease')}" if flow_run else ""
+        print(f"experiment {experiment!r}: {takeover}{crashed}")
+    if not entrypoint:
+        keep_spec(experiment, spec)  # so `rf continue` can train it on after this fit
+    if ray_address:
+        from rf_core.training.ray_workers import ray_slots as size_ray_slots
+
+        devices, threads, worker_class = size_ray_slots(ray_address, ray_slots, ray_gpus_per_slot)
+    else:
+        devices, worker_class = slot_devices(cpu_slots), None
+        threads = max(1, (os.cpu_count() or 1) // len(devices))
+    source = SpecSource.for_spec(spec, entrypoint)
+    loop = FitLoop(client, experiment, spec, len(devices), home)
+    spool = paths.experiment_dir(experiment, home) / "spool"
+    staging_root = default_staging_root()
+    # States a crashed earlier fit left only in RAM become durable before anything reads them.
+    persist_staged(staging_root, paths.experiment_dir(experiment, home))
+    try:
+        with SlotPool(devices, source, server_url, spool, threads, worker_class) as pool:
+            where = ", ".join(device or "cpu" for device in devices)
+            nodes = sorted({str(getattr(worker, "node", "")) for worker in pool.workers})
+            on_ray = f" on Ray nodes {', '.join(nodes)}" if ray_address else ""
+            print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each){on_ray}")
+            if attached:
+                print("policies at every chunk boundary: " + ", ".join(f"{p.name} ({m})" for p, m in attached))
+            _drive(loop, pool, client, experiment, idle_timeout, attached, lease)
+    except FitSuperseded as lost:
+        print(f"this fit stops without writing more: {lost}")
+        raise
+    finally:
+        persist_staged(staging_root, paths.experiment_dir(experiment, home))
+        if ray_address:
+            from rf_core.training.ray_workers import disconnect
+
+            disconnect()
+    lease.end()
+    print(lease.summary())
+    snapshot = client.experiment_snapshot(experiment)
+    print(format_results_table(snapshot))
+    return snapshot
 
 
 def _drive(
@@ -215,15 +256,19 @@ def _drive(
     experiment: str,
     idle_timeout: float,
     policies: list[tuple[Policy, str]] | None = None,
+    lease: FitLease | None = None,
 ) -> None:
     """The loop: plan when a slot frees up or an op arrives, train the planned chunks, record what came of them;
-    end when every run is final, or when every remaining run has been stopped for `idle_timeout` seconds."""
+    end when every run is final, or when every remaining run has been stopped for `idle_timeout` seconds, or at
+    once (FitSuperseded) when another fit took the experiment over."""
     slots = _SlotsInFlight(pool, client, loop)
     crashes: dict[int, int] = {}  # run -> chunks whose recording failed
     tick = 0
     need_plan = True
     idle_since: float | None = None
     while True:
+        if lease is not None and lease.lost:
+            raise FitSuperseded([lease.lost])
         if need_plan:
             need_plan = False
             tick += 1
@@ -256,6 +301,8 @@ def _drive(
                 need_plan = True
                 try:
                     outcome = future.result()
+                except FitSuperseded:
+                    raise
                 except Exception as exc:  # recording failed (e.g. the server was unreachable): retry the chunk
                     loop.forget(train_task.run_id)
                     crashes[train_task.run_id] = crashes.get(train_task.run_id, 0) + 1
@@ -360,6 +407,26 @@ def _has_pending_ops(client: RFClient, experiment: str) -> bool:
     return bool(client.list_ops(experiment, status="pending"))
 
 
+def run_flow(experiment: str, *, ephemeral: bool | None = None, **options: Any) -> dict[str, Any]:
+    """`rf_fit` on the services that stay up (those of `rf up`, started now when none answers, and left running),
+    or, `ephemeral` (default: RF_EPHEMERAL), on a temporary rf server and Prefect server that exit with the fit.
+    A `server_url` given, or PREFECT_API_URL set, is used as it is."""
+    if ephemeral_requested(ephemeral):
+        return rf_fit(experiment, **options)
+    want_prefect = not os.environ.get("PREFECT_API_URL")
+    services = up(rf=not options.get("server_url"), prefect=want_prefect)
+    for line in describe(services):
+        print(line)
+    if services["rf"] is not None:
+        options["server_url"] = services["rf"]["url"]
+    if services["prefect"] is None:
+        return rf_fit(experiment, **options)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: services["prefect"]["url"]}):
+        return rf_fit(experiment, **options)
+
+
 def run_fit(
     experiment: str,
     spec: ExperimentSpec,
@@ -370,9 +437,10 @@ def run_fit(
     server_url: str | None = None,
     policies: Sequence[Any] | None = None,
     resume: bool = False,
+    ephemeral: bool | None = None,
 ) -> dict[str, Any]:
     """Run the fit flow for an in-memory spec (the `Experiment.run_fit` path); `resume` trains an existing
-    experiment on (`rf_fit`'s `continue_experiment`).
+    experiment on (`rf_fit`'s `continue_experiment`); `ephemeral` as in `run_flow`.
 
     `policies` may mix Policy objects (which, like the spec, never pass through Prefect parameters) with template
     names and JSON specs (which do).
@@ -382,8 +450,9 @@ def run_fit(
     _IN_MEMORY_SPECS[experiment] = spec
     _IN_MEMORY_POLICIES[experiment] = [(policy, "act") for policy in objects]
     try:
-        return rf_fit(
+        return run_flow(
             experiment,
+            ephemeral=ephemeral,
             entrypoint=entrypoint,
             cpu_slots=cpu_slots,
             idle_timeout=idle_timeout,

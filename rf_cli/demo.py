@@ -14,15 +14,16 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from flows.fit import rf_fit
+    from flows.fit import run_flow
 
     experiment = args.experiment or time.strftime("demo-%Y%m%d-%H%M%S")
     print(f"starting demo experiment {experiment!r}; steer it from another terminal, e.g.")
     print(f"  rf runs {experiment}")
     print(f"  rf stop {experiment} 1")
     print(f"  rf clone {experiment} 2 --set learning_rate=3e-4 --warm-start")
-    snapshot = rf_fit(
+    snapshot = run_flow(
         experiment,
+        ephemeral=args.ephemeral,
         entrypoint=DEMO_ENTRYPOINT,
         cpu_slots=args.cpu_slots,
         idle_timeout=args.idle_timeout,

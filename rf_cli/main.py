@@ -1,9 +1,12 @@
 """`rf`: steer experiments from a terminal.
 
+    rf up [--port P] [--prefect-port P] | rf down [--force] | rf status   services that stay up
     rf server start [--rf-home DIR] [--host H] [--port P]     run the dashboard + API (owns the store)
     rf demo [--experiment NAME] [--chunks K] ...              train the demo experiment
     rf experiments | rf runs EXP [--all] | rf ops EXP         look
     rf experiments delete EXP [--yes] [--force]               delete one, with its files
+    rf experiments rename EXP NEW                             rename an ended one
+    rf export EXP --to tensorboard DIR | mlflow URI | parquet DIR   results out
     rf stop|resume|delete EXP RUN                             queue an IC Op
     rf clone EXP RUN [--set k=v ...] [--config FILE.json] [--warm-start[=weights|weights+optimizer]]
     rf fit EXP --entrypoint MODULE:FUNCTION [--policy SPEC ...]  train an importable experiment, policies attached
@@ -32,8 +35,9 @@ from rf_core.client import RFClient, ServerError, ServerUnavailable
 from rf_core.config import apply_overrides, parse_set_overrides
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.knobs import ConfigError
-from rf_core.report import experiment_metric, format_table, runs_table, with_names
-from rf_core.states import DECISION_STATUSES, WARM_START_MODES
+from rf_core.report import experiment_metric, fit_state_text, format_table, runs_table, with_names
+from rf_core.services import PREFECT_PORT_ENV, RF_PORT_ENV
+from rf_core.states import DECISION_STATUSES, RESERVED_PREFIX, WARM_START_MODES
 
 EXIT_OK = 0
 EXIT_REJECTED = 1  # the server refused the request (an illegal op, bad input, unknown experiment or run)
@@ -62,6 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--exit-with-pid", type=int, default=None, metavar="PID", help="exit when PID is gone")
     start.set_defaults(handler=cmd_server_start)
 
+    services_up = commands.add_parser(
+        "up", help="start the rf server (dashboard + API) and a Prefect server in the background; they stay up"
+    )
+    services_up.add_argument("--port", type=int, default=None, help=f"rf server port (default ${RF_PORT_ENV} or 8765)")
+    services_up.add_argument(
+        "--prefect-port", type=int, default=None, help=f"Prefect server port (default ${PREFECT_PORT_ENV} or 4200)"
+    )
+    services_up.add_argument("--no-prefect", action="store_true", help="only the rf server")
+    services_up.set_defaults(handler=cmd_up)
+    services_down = commands.add_parser("down", help="stop the services `rf up` started")
+    services_down.add_argument(
+        "--force", action="store_true", help="even while fits run on them (they wait for the server to come back)"
+    )
+    services_down.set_defaults(handler=cmd_down)
+    services_status = commands.add_parser(
+        "status", parents=[common], help="the services' URLs and pids, and which experiments have a fit running"
+    )
+    services_status.set_defaults(handler=cmd_status)
+
     demo = commands.add_parser("demo", help="train the demo experiment (a tiny model on CPU)")
     demo.add_argument("--experiment", default=None, help="experiment name (default: demo-<timestamp>)")
     demo.add_argument("--chunks", type=int, default=4, help="chunks per epoch (default 4)")
@@ -70,9 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--idle-timeout", type=float, default=30.0, help="seconds to wait for an op once every run is stopped"
     )
+    demo.add_argument(
+        "--ephemeral",
+        action="store_true",
+        default=None,
+        help="temporary rf and Prefect servers that exit with the fit (default: the services `rf up` keeps up)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
-    experiments = commands.add_parser("experiments", parents=[common], help="list experiments (or delete one)")
+    experiments = commands.add_parser("experiments", parents=[common], help="list, delete or rename experiments")
     experiments.set_defaults(handler=cmd_experiments)
     experiment_commands = experiments.add_subparsers(dest="experiments_command", metavar="ACTION")
     delete = experiment_commands.add_parser(
@@ -80,8 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     delete.add_argument("experiment")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    delete.add_argument("--force", action="store_true", help="even though its status says a fit runs (a dead fit)")
+    delete.add_argument(
+        "--force", action="store_true", help="even while a live fit holds it (only when its lease cannot be trusted)"
+    )
     delete.set_defaults(handler=cmd_experiments_delete)
+    rename = experiment_commands.add_parser(
+        "rename", parents=[common], help="rename an ended experiment: its rows, folder and kept spec"
+    )
+    rename.add_argument("experiment")
+    rename.add_argument("new_name")
+    rename.set_defaults(handler=cmd_experiments_rename)
 
     runs = commands.add_parser("runs", parents=[common], help="list an experiment's runs")
     runs.add_argument("experiment")
@@ -123,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clone.set_defaults(handler=cmd_clone, kind="clone")
 
+    exporting = commands.add_parser(
+        "export", parents=[common], help="export runs and metric points to TensorBoard, MLflow or Parquet"
+    )
+    exporting.add_argument("experiment")
+    exporting.add_argument(
+        "--to",
+        nargs=2,
+        required=True,
+        metavar=("TARGET", "DEST"),
+        help="tensorboard LOG_DIR | mlflow TRACKING_URI | parquet DIR",
+    )
+    exporting.set_defaults(handler=cmd_export)
+
     op_log = commands.add_parser("ops", parents=[common], help="list an experiment's IC Ops (the audit log)")
     op_log.add_argument("experiment")
     op_log.set_defaults(handler=cmd_ops)
@@ -148,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=30.0, help="seconds to wait for an op once every run is stopped"
     )
     fit.add_argument("--server", metavar="URL", help="rf server URL (default: found or started for RF_HOME)")
+    fit.add_argument(
+        "--ephemeral",
+        action="store_true",
+        default=None,
+        help="temporary rf and Prefect servers that exit with the fit (default: the services `rf up` keeps up)",
+    )
     _add_ray_arguments(fit)
     fit.set_defaults(handler=cmd_fit)
 
@@ -162,9 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=30.0, help="seconds to wait for an op once every run is stopped"
     )
     resume_fit.add_argument(
-        "--force", action="store_true", help="continue even though the store says a fit is running (it crashed)"
+        "--force",
+        action="store_true",
+        help="take the experiment even from a fit whose lease is live: only when leases cannot be trusted (a store "
+        "shared by machines whose clocks disagree); a crashed fit's experiment is taken without it",
     )
     resume_fit.add_argument("--server", metavar="URL", help="rf server URL (default: found or started for RF_HOME)")
+    resume_fit.add_argument(
+        "--ephemeral",
+        action="store_true",
+        default=None,
+        help="temporary rf and Prefect servers that exit with the fit (default: the services `rf up` keeps up)",
+    )
     _add_ray_arguments(resume_fit)
     resume_fit.set_defaults(handler=cmd_continue)
 
@@ -252,6 +317,72 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     return server.serve(Path(home), args.host, args.port, args.exit_with_pid)
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from rf_core import services
+
+    try:
+        started = services.up(port=args.port, prefect=not args.no_prefect, prefect_port_number=args.prefect_port)
+    except services.ServiceError as exc:
+        raise UsageError(str(exc)) from None
+    for line in services.describe(started):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from rf_core import services
+
+    try:
+        stopped = services.down(force=args.force)
+    except services.ServiceError as exc:
+        raise UsageError(str(exc)) from None
+    print("\n".join(f"stopped the {what}" for what in stopped) or "nothing that `rf up` started is running")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rf_core import services
+
+    running = services.status()
+    rows: list[dict[str, Any]] = []
+    url = args.server or os.environ.get("RF_SERVER_URL") or (running["rf"] or {}).get("url")
+    if url:
+        rows = [row for row in RFClient(url).list_experiments() if row["status"] != "finished"]
+    if args.json:
+        return _print_json({**running, "experiments": rows})
+    for name, title in (("rf", "rf server (dashboard + API)"), ("prefect", "Prefect server")):
+        service = running[name]
+        if service is None:
+            print(f"{title}: not running (`rf up` starts it)")
+            continue
+        shown = str(service["url"]).removesuffix("/api")
+        started = "started by rf up" if service.get("owned") else "not started by rf up"
+        print(f"{title}: {shown}  (pid {service.get('pid') or 'unknown'}, {started})")
+    if not url:
+        return EXIT_OK
+    if not rows:
+        print("no experiment has a fit running")
+    for row in rows:
+        print(f"experiment {row['name']}: {fit_state_text(row)}  {services.dashboard_url(url, row['name'])}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rf_core.exporters import ExportError, export
+
+    target, destination = args.to
+    try:
+        written = export(_client(args), args.experiment, target, destination)
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        return _print_json(written)
+    where = written.get("folder") or written.get("tracking_uri")
+    what = f"{len(written['runs'])} runs" if "runs" in written else ", ".join(written["files"].values())
+    print(f"exported {what} of {args.experiment} to {target} at {where}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     demo = importlib.import_module("rf_cli.demo")  # Prefect and torch load only for the demo
     return int(demo.main(args) or 0)
@@ -267,7 +398,7 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     rows = [
         [
             row["name"],
-            row["status"],
+            fit_state_text(row),
             sum(row.get("run_counts", {}).values()),
             ", ".join(f"{count} {status}" for status, count in sorted(row.get("run_counts", {}).items())),
             row["num_chunks"],
@@ -294,6 +425,16 @@ def cmd_experiments_delete(args: argparse.Namespace) -> int:
         f"deleted experiment {args.experiment!r}: {rows['runs']} runs, {rows['metrics']} metric rows, "
         f"{rows['ops']} ops, and {deleted['deleted_folder']}"
     )
+    return EXIT_OK
+
+
+def cmd_experiments_rename(args: argparse.Namespace) -> int:
+    renamed = _client(args).rename_experiment(args.experiment, args.new_name)
+    if args.json:
+        return _print_json(renamed)
+    rows = renamed["moved_rows"]
+    print(f"renamed experiment {args.experiment!r} to {args.new_name!r}: {rows['runs']} runs, {rows['metrics']} metric "
+          f"rows, {rows['ops']} ops; its folder is now {renamed['folder']}")  # fmt: skip
     return EXIT_OK
 
 
@@ -373,17 +514,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
         num_chunks=args.chunks,
         max_configs=args.max_configs,
         policies=_policy_specs(args.policies),
+        ephemeral=args.ephemeral,
     )
     return EXIT_OK
 
 
 def cmd_continue(args: argparse.Namespace) -> int:
     from rf_core.server_process import ensure_server, stop_server
+    from rf_core.services import ephemeral_requested, up
 
     policies = _policy_specs(args.policies)
     url, temporary_server = args.server or os.environ.get("RF_SERVER_URL"), None
-    if url is None:
+    if url is None and ephemeral_requested(args.ephemeral):
         url, temporary_server = ensure_server()  # the fit would start one anyway; we need it first, to read
+    elif url is None:
+        url = up(prefect=False)["rf"]["url"]
     try:
         experiment = RFClient(url).get_experiment(args.experiment)
         if not experiment.get("spec_ref"):
@@ -393,9 +538,11 @@ def cmd_continue(args: argparse.Namespace) -> int:
                 load_kept_spec(args.experiment)  # fails here, with the reason, before anything heavy starts
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-        if experiment["status"] == "running" and not args.force:
+        reserved = str(experiment.get("fit_owner") or "").startswith(RESERVED_PREFIX)  # started for this command
+        if experiment["status"] == "running" and not reserved and not args.force:
             raise UsageError(
-                f"experiment {args.experiment} has a fit running; its ops apply there (--force if that fit crashed)"
+                f"experiment {args.experiment} has a live fit; its ops apply there (a fit that stopped renewing "
+                "its lease shows as crashed within seconds and is taken over without --force)"
             )
         _run_fit_flow(
             args.experiment,
@@ -407,6 +554,8 @@ def cmd_continue(args: argparse.Namespace) -> int:
             server_url=url,
             policies=policies,
             continue_experiment=True,
+            force_takeover=args.force,
+            ephemeral=args.ephemeral,
         )
     finally:
         stop_server(temporary_server)
@@ -426,11 +575,11 @@ def _policy_specs(texts: Sequence[str]) -> list[dict[str, Any]] | None:
     return [spec.to_json() for spec in specs] or None
 
 
-def _run_fit_flow(experiment: str, **options: Any) -> None:
+def _run_fit_flow(experiment: str, ephemeral: bool | None = None, **options: Any) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     fit_flow = importlib.import_module("flows.fit")  # Prefect and torch load only when a fit is asked for
-    fit_flow.rf_fit(experiment, **options)
+    fit_flow.run_flow(experiment, ephemeral=ephemeral, **options)
 
 
 def cmd_policy_templates(args: argparse.Namespace) -> int:
@@ -583,7 +732,7 @@ def _continue_through_deployment(client: RFClient, experiment: dict[str, Any]) -
         return None
     if continued is not None:
         # A second op right behind this one must not start a second fit on the same experiment.
-        client.set_experiment_status(experiment["name"], "running")
+        client.reserve_fit(experiment["name"], f"deployment {continued.deployment}, flow run {continued.flow_run}")
     return continued
 
 
@@ -633,7 +782,7 @@ def format_runs(snapshot: dict[str, Any]) -> str:
         for row in runs
     ]
     headers, rows = with_names(headers, runs, rows)
-    header = f"experiment {experiment['name']} ({experiment['status']}, {experiment['num_chunks']} chunks/epoch)"
+    header = f"experiment {experiment['name']} ({fit_state_text(experiment)}, {experiment['num_chunks']} chunks/epoch)"
     return header + "\n" + format_table(headers, rows)
 
 

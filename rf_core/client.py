@@ -20,9 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from rf_core import paths
-from rf_core.errors import ExperimentExists, IllegalTransition, InvalidRequest, NotFound, OpRejected
+from rf_core.errors import (
+    ExperimentExists,
+    FitLive,
+    FitSuperseded,
+    IllegalTransition,
+    InvalidRequest,
+    NotFound,
+    OpRejected,
+)
 from rf_core.server_process import TOKEN_ENV, is_process_alive, read_server_info
-from rf_core.states import DEFAULT_METRIC
+from rf_core.states import DEFAULT_METRIC, FIT_EPOCH_HEADER
 
 RETRY_DELAYS_S = (0.1, 0.3, 1.0)
 OUTAGE_POLL_S = 1.0
@@ -59,6 +67,8 @@ _ERROR_TYPES: dict[str, type[InvalidRequest]] = {
     "OpRejected": OpRejected,
     "ExperimentExists": ExperimentExists,
     "IllegalTransition": IllegalTransition,
+    "FitLive": FitLive,
+    "FitSuperseded": FitSuperseded,
 }
 
 
@@ -105,6 +115,7 @@ class RFClient:
         self.on_outage = on_outage
         self._outage_lock = threading.Lock()
         self._outage_since: float | None = None
+        self.fit_epoch: int | None = None  # set by a fit that holds an experiment: every call carries it
 
     def __repr__(self) -> str:
         return f"RFClient({self.url!r})"
@@ -128,6 +139,8 @@ class RFClient:
         headers = {"Accept": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
+        if self.fit_epoch is not None:
+            headers[FIT_EPOCH_HEADER] = str(self.fit_epoch)
         if data is not None:
             headers["Content-Type"] = "application/json"
         attempts = 1 + max(0, self.retries)
@@ -225,6 +238,31 @@ class RFClient:
 
     def set_experiment_status(self, name: str, status: str) -> dict[str, Any]:
         return self._request("POST", self._experiment_path(name, "/status"), {"status": status}, idempotent=True)
+
+    def acquire_fit(self, name: str, owner: str, flow_run: str | None = None, force: bool = False) -> dict[str, Any]:
+        """Take the experiment for a fit (rf_core.control.leases.acquire_fit); FitLive while another fit lives."""
+        body = {"owner": owner, "flow_run": flow_run, "force": force}
+        return self._request("POST", self._experiment_path(name, "/fit"), body)
+
+    def renew_fit(self, name: str, epoch: int) -> dict[str, Any]:
+        """Renew the lease; FitSuperseded when another fit took the experiment over."""
+        return self._request("POST", self._experiment_path(name, "/fit/renew"), {"epoch": epoch}, idempotent=True)
+
+    def end_fit(self, name: str, epoch: int) -> dict[str, Any]:
+        return self._request("POST", self._experiment_path(name, "/fit/end"), {"epoch": epoch}, idempotent=True)
+
+    def reserve_fit(self, name: str, owner: str) -> dict[str, Any]:
+        """Hold an ended experiment for a fit about to start elsewhere: {"reserved": bool, "state"}."""
+        return self._request("POST", self._experiment_path(name, "/fit/reserve"), {"owner": owner})
+
+    def continue_experiment(self, name: str) -> dict[str, Any]:
+        """Have the server start a fit that continues an ended or crashed experiment, as a background process on its
+        machine (the dashboard's Continue experiment): {"experiment", "pid", "log"}."""
+        return self._request("POST", self._experiment_path(name, "/continue"))
+
+    def rename_experiment(self, name: str, new_name: str) -> dict[str, Any]:
+        """Rename an ended experiment: rows, folder, stored paths and kept spec (refused while a fit holds it)."""
+        return self._request("POST", self._experiment_path(name, "/rename"), {"new_name": new_name})
 
     def delete_experiment(self, name: str, force: bool = False) -> dict[str, Any]:
         """Delete an experiment with its runs, metrics, ops and files; refused while its fit runs unless `force`."""

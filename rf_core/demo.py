@@ -44,13 +44,12 @@ def tiny_model_folder(name: str = "rf-tiny-llama") -> str:
 
 
 def demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
-    from rf_core.training.data import demo_datasets
-    from rf_core.training.models import demo_create_model_fn
+    from rf_core.demo_data import demo_datasets
 
     train, evaluation = demo_datasets()
     return ExperimentSpec(
         config_group=GridSearch(DEMO_GRID),
-        create_model_fn=demo_create_model_fn,
+        create_model_fn=create_tiny_model,  # torch loads where the model is built (the slot workers), not here
         train_dataset=train,
         eval_dataset=evaluation,
         num_chunks=num_chunks,

@@ -29,6 +29,14 @@ class IllegalTransition(InvalidRequest):
     """A system event that the state table does not allow (a fit-loop bookkeeping bug, not user input)."""
 
 
+class FitLive(InvalidRequest):
+    """Another fit holds the experiment and renews its lease: it is alive, so it is not taken over."""
+
+
+class FitSuperseded(InvalidRequest):
+    """The calling fit no longer holds the experiment (another fit took it over): it must stop without writing."""
+
+
 class NotFound(LookupError):
     """No such experiment, run or timeline entry."""
 

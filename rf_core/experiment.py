@@ -111,6 +111,7 @@ class Experiment:
         idle_timeout: float = 30.0,
         entrypoint: str | None = None,
         resume: bool = False,
+        ephemeral: bool | None = None,
     ) -> dict[str, Any]:
         """Train every config of `config_group` in `num_chunks` chunks per epoch; returns the final snapshot.
 
@@ -129,6 +130,10 @@ class Experiment:
         An experiment of this name that exists already is refused, unless `resume=True`: then its fit goes on with
         this spec's functions and data: its runs, ids, metrics and queued ops are kept (ops queued after its last
         fit apply now), runs that can train resume from their checkpoints, and `config_group` adds no runs.
+
+        The fit runs on the services that stay up (`rf up`'s rf server and Prefect server, started now when none
+        answers and left running, so the dashboard outlives the fit); `ephemeral=True` (or RF_EPHEMERAL=1) uses
+        temporary ones that exit with the fit instead.
         """
         spec = ExperimentSpec(
             config_group=config_group,
@@ -153,6 +158,7 @@ class Experiment:
                 server_url=self.server_url,
                 policies=policies,
                 resume=resume,
+                ephemeral=ephemeral,
             )
         except ExperimentExists as exc:
             hint = (
@@ -182,6 +188,14 @@ class Experiment:
         from rf_core.results import write_parquet
 
         return write_parquet(self.results(), self.metrics(), Path(folder))
+
+    def export(self, to: str, destination: str | Path) -> dict[str, Any]:
+        """Export the runs and every metric point to "tensorboard" (a log folder), "mlflow" (a tracking URI) or
+        "parquet" (a folder); see rf_core.exporters. Returns what was written."""
+        from rf_core.exporters import export
+
+        with self._client() as client:
+            return export(client, self.name, to, destination)
 
     @contextlib.contextmanager
     def _client(self) -> Iterator[Any]:

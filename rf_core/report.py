@@ -6,6 +6,7 @@ each format its rows their own way.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,15 @@ def format_op_line(op: Mapping[str, Any]) -> str:
     created = (op.get("result") or {}).get("created_run_ids")
     extra = f" -> new runs {created}" if created else ""
     return f"op {op['op_id']} {op['kind']} run {op['run_id']} from {op.get('source')}: {verb}{extra}"
+
+
+def fit_state_text(experiment: Mapping[str, Any]) -> str:
+    """The experiment's status as every view prints it; a crashed fit's says when it was last seen."""
+    status = str(experiment["status"])
+    seen = experiment.get("last_seen_at")
+    if status == "crashed" and seen:
+        return f"crashed, last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(seen))}"
+    return status
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

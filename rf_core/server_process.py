@@ -84,13 +84,14 @@ def find_live_server(home: Path | None = None) -> dict[str, Any] | None:
 
 
 def ensure_server(
-    home: Path | None = None, timeout: float = SERVER_START_TIMEOUT_S, port: int = 0
+    home: Path | None = None, timeout: float = SERVER_START_TIMEOUT_S, port: int = 0, exit_with_parent: bool = True
 ) -> tuple[str, subprocess.Popen[bytes] | None]:
-    """The URL of the rf server for `home`, starting a temporary one if none runs (on `port`; 0: any free one).
+    """The URL of the rf server for `home`, starting one if none runs (on `port`; 0: any free one).
 
     Returns (url, process): process is None when an existing server was found; otherwise it is the server we
-    started, which exits by itself when this process exits (`--exit-with-pid`) and which the caller may stop
-    earlier with `stop_server`. Its output goes to `home/server.log`.
+    started, which exits by itself when this process exits (`--exit-with-pid`; unless not `exit_with_parent`,
+    as `rf up` starts it) and which the caller may stop earlier with `stop_server`. Its output goes to
+    `home/server.log`.
     """
     home = Path(home) if home is not None else paths.rf_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -99,10 +100,9 @@ def ensure_server(
         return str(live["url"]), None
 
     log_path = home / SERVER_LOG_NAME
-    command = [
-        sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", str(port),
-        "--exit-with-pid", str(os.getpid()),
-    ]  # fmt: skip
+    command = [sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", str(port)]
+    if exit_with_parent:
+        command += ["--exit-with-pid", str(os.getpid())]
     env = dict(os.environ, RF_HOME=str(home))
     # The server must import dash_app even when the project is not installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))

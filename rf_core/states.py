@@ -162,6 +162,10 @@ def decision_family(kind: str) -> str:
 
 
 EXPERIMENT_STATUSES = ("running", "finished")  # a fit sets "running" when it starts and "finished" when it ends
+# What readers see: a running experiment whose fit stopped renewing its lease is "crashed" (control/leases.py).
+FIT_STATES = ("running", "crashed", "finished")
+RESERVED_PREFIX = "reserved: "  # the fit owner of an experiment held for a fit about to start (control/leases.py)
+FIT_EPOCH_HEADER = "X-RF-Fit-Epoch"  # a fit's calls carry it: one that was taken over is refused before it writes
 
 # The metrics every run logs: the minibatch loss and the learning rate at each step, the eval loss at each boundary.
 TRAIN_LOSS_METRIC = "train_loss"

@@ -57,6 +57,11 @@ run_ids = st.one_of(st.integers(min_value=-3, max_value=5), json_values)
 POST_FIELDS: dict[str, tuple[str, ...]] = {
     "/api/experiments": ("name", "configs", "num_chunks", "seed", "metric", "mode", "spec_ref"),
     "/api/experiments/{name}/status": ("status",),
+    "/api/experiments/{name}/fit": ("owner", "flow_run", "force"),
+    "/api/experiments/{name}/fit/renew": ("epoch",),
+    "/api/experiments/{name}/fit/end": ("epoch",),
+    "/api/experiments/{name}/fit/reserve": ("owner",),
+    "/api/experiments/{name}/rename": ("new_name",),
     "/api/experiments/{name}/ops": ("kind", "run_id", "payload", "source", "who"),
     "/api/experiments/{name}/boundary": ("busy_run_ids",),
     "/api/experiments/{name}/runs/{run}/fail": ("error",),
@@ -76,16 +81,20 @@ GET_ROUTES = (
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, DuckDBStore]]:
-    store = DuckDBStore(tmp_path_factory.mktemp("fuzz") / "rf.duckdb")
+    home = tmp_path_factory.mktemp("fuzz")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RF_HOME", str(home))  # a rename moves folders under RF_HOME: never the user's
+    store = DuckDBStore(home / "rf.duckdb")
     experiments.create_experiment(store, EXPERIMENT, [CONFIG, {**CONFIG, "learning_rate": 1e-4}], 4)
     ops.submit_op(store, EXPERIMENT, "stop", 1, source="user")
     yield build_app(store).server.test_client(), store
     store.close()
+    patch.undo()
 
 
 def _state(store: DuckDBStore) -> str:
     """Everything a request could write, as one comparable string."""
-    rows = experiments.list_experiments(store)
+    rows = store.list_experiments()  # as stored: a fit's state read through the API changes with the clock
     parts: list[Any] = [rows]
     for experiment in rows:
         name = experiment["name"]

@@ -234,7 +234,7 @@ def test_an_experiment_is_deleted_with_its_files_after_a_confirmation(served: tu
     folder = home / "experiments" / "doomed" / "runs" / "1"
     folder.mkdir(parents=True)
     refused = rf(home, "experiments", "delete", "doomed", "--yes")
-    assert refused.returncode == 1 and "has a fit running" in refused.stderr and "force" in refused.stderr
+    assert refused.returncode == 1 and "has a live fit" in refused.stderr and "force" in refused.stderr
     client.set_experiment_status("doomed", "finished")
     kept = subprocess.run([*RF, "experiments", "delete", "doomed"], input="n\n", capture_output=True, text=True,
                           timeout=60, env={**os.environ, "RF_HOME": str(home)})  # fmt: skip
@@ -247,3 +247,36 @@ def test_an_experiment_is_deleted_with_its_files_after_a_confirmation(served: tu
     gone = rf(home, "experiments", "delete", "doomed", "--yes")
     assert gone.returncode == 1 and "no experiment named 'doomed'" in gone.stderr
     client.create_experiment("doomed", [CONFIG], num_chunks=2)  # the name is free again
+
+
+def test_an_ended_experiment_is_renamed_with_its_folder_and_stored_paths(served: tuple[RFClient, Path]) -> None:
+    client, home = served
+    client.create_experiment("before", [CONFIG, CONFIG], num_chunks=2)
+    client.log_metrics("before-1", [{"experiment": "before", "run_id": 1, "step": 1, "name": "train_loss",
+                                     "value": 1.0, "time": 1.0}])  # fmt: skip
+    old_folder = home / "experiments" / "before"
+    checkpoint = old_folder / "runs" / "1" / "chunk-0"
+    checkpoint.mkdir(parents=True)
+    (old_folder / "spec.pkl").write_bytes(b"kept")
+    attempt = client.chunk_start("before", 1, 0, slot=0, total_chunks=2)
+    client.chunk_end("before", attempt, {"run_id": 1, "chunk_index": 0, "status": "ok", "step": 1, "epoch": 0,
+                                         "samples": 8, "checkpoint": str(checkpoint)})  # fmt: skip
+    refused = rf(home, "experiments", "rename", "before", "after")
+    assert refused.returncode == 1 and "cannot be renamed now: a live fit holds it" in refused.stderr
+    client.set_experiment_status("before", "finished")
+    taken = rf(home, "experiments", "rename", "before", "exp")
+    assert taken.returncode == 1 and "experiment 'exp' already exists" in taken.stderr
+    bad = rf(home, "experiments", "rename", "before", "no/slashes")
+    assert bad.returncode == 1 and "experiment name" in bad.stderr
+
+    renamed = rf(home, "experiments", "rename", "before", "after")
+    assert renamed.returncode == 0, renamed.stderr
+    assert "renamed experiment 'before' to 'after': 2 runs, 1 metric rows, 0 ops" in renamed.stdout
+    names = [experiment["name"] for experiment in client.list_experiments()]
+    assert "after" in names and "before" not in names
+    new_folder = home / "experiments" / "after"
+    assert not old_folder.exists() and (new_folder / "spec.pkl").read_bytes() == b"kept"
+    run = client.get_run("after", 1)
+    assert run["checkpoint"] == str(new_folder / "runs" / "1" / "chunk-0") and Path(run["checkpoint"]).is_dir()
+    assert [row["value"] for row in client.get_metrics("after")] == [1.0]
+    assert len(client.timeline("after")) == 1

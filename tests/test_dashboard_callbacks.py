@@ -55,20 +55,24 @@ def _render(component: Any) -> str:
 
 
 def test_experiment_picker_lists_every_experiment_and_keeps_the_choice(callbacks):
-    options, chosen = callbacks["refresh_experiments"](None, None)
+    options, chosen = callbacks["refresh_experiments"](None, None, None)
     assert [option["value"] for option in options] == ["exp", "older"]
     assert chosen == "exp"
-    assert callbacks["refresh_experiments"](3, "older")[1] is no_update
+    assert callbacks["refresh_experiments"](3, None, "older")[1] is no_update
+    # The link a fit prints (?experiment=NAME) opens that experiment; an unknown name falls back to the newest.
+    assert callbacks["refresh_experiments"](None, "?experiment=older", None)[1] == "older"
+    assert callbacks["refresh_experiments"](None, "?experiment=nope", None)[1] == "exp"
 
 
 def test_runs_table_and_header_refresh(callbacks, store):
-    header, rows, columns, options = callbacks["refresh_runs"]("exp", 1, [], 0, ["source"], None)
+    header, continue_button, rows, columns, options = callbacks["refresh_runs"]("exp", 1, [], 0, ["source"], None)
+    assert continue_button == {"display": "none"}, "a running experiment offers no Continue"
     assert [row["run"] for row in rows] == [1, 2, 3]
     assert next(column for column in columns if column["field"] == "source")["hide"] is True
     assert {"label": "learning_rate", "value": "knob:learning_rate"} in options
     assert "3 Ongoing" in _render(header[1])
     # Unchanged columns are not re-sent (that would undo the user's widths and order).
-    assert callbacks["refresh_runs"]("exp", 2, [], 0, ["source"], columns)[2] is no_update
+    assert callbacks["refresh_runs"]("exp", 2, [], 0, ["source"], columns)[3] is no_update
 
 
 def test_chart_list_follows_the_metrics_and_figures_follow_the_runs(callbacks, store):
@@ -156,7 +160,8 @@ def test_stop_from_the_panel_and_a_rejected_second_stop(callbacks, store):
 
 def test_an_ended_experiment_stays_browsable(callbacks, store):
     experiments.set_experiment_status(store, "older", "finished")
-    header, rows, _, _ = callbacks["refresh_runs"]("older", 1, [], 0, [], None)
+    header, continue_button, rows, _, _ = callbacks["refresh_runs"]("older", 1, [], 0, [], None)
+    assert continue_button == {}, "an ended experiment offers Continue experiment"
     rendered = _render(header[0]) + _render(header[-1])
     assert "finished" in rendered and "ended" in rendered
     assert [row["run"] for row in rows] == [1, 2]
@@ -164,5 +169,5 @@ def test_an_ended_experiment_stays_browsable(callbacks, store):
     graph_ids = [{"type": "metric-graph", "metric": name} for name in names]
     figures = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "older")
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2"]
-    options, _ = callbacks["refresh_experiments"](1, "older")
+    options, _ = callbacks["refresh_experiments"](1, None, "older")
     assert {"label": "older (finished)", "value": "older"} in options

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from dash_app import data
@@ -52,6 +54,22 @@ def test_header_counts_runs_chunks_and_busy_slots(store):
     assert (summary["chunks_done"], summary["chunks_planned"]) == (8, 16)
     assert (summary["slots_busy"], summary["slots_seen"]) == (1, 2)
     assert summary["status"] == "running" and summary["ended"] is None
+
+
+def test_header_says_when_a_crashed_fit_was_last_seen(store, monkeypatch):
+    from dash_app.callbacks import header_children
+    from rf_core.control import leases
+
+    monkeypatch.setenv(leases.LEASE_ENV, "0.2")
+    store.opened_at -= 60
+    leases.acquire_fit(store, "exp", "host:1")
+    assert data.header_summary(data.snapshot(store, "exp"), [])["status_text"] == "running"
+    time.sleep(0.3)
+    summary = data.header_summary(data.snapshot(store, "exp"), [])
+    assert summary["status"] == "crashed" and summary["status_text"].startswith("crashed, last seen 20")
+    (status_span,) = [child for child in header_children(summary)[0].children if getattr(child, "id", None)]
+    assert status_span.children == summary["status_text"] and status_span.className == "rf-status-crashed"
+    assert data.experiment_options(store) == [{"label": "exp (crashed)", "value": "exp"}]
 
 
 def test_panel_allows_what_the_state_table_allows_after_pending_ops(store):

@@ -174,6 +174,6 @@ def test_continue_explains_what_it_cannot_continue(served: tuple[RFClient, Path]
     assert result.returncode == 1 and "started from in-memory functions and no spec of it is kept" in result.stderr
     client.create_experiment("running", [CONFIG], num_chunks=4, spec_ref="tests.e2e_experiment:spec")
     result = rf(home, "continue", "running")
-    assert result.returncode == 1 and "has a fit running" in result.stderr and "--force" in result.stderr
+    assert result.returncode == 1 and "has a live fit" in result.stderr and "--force" in result.stderr
     typo = rf(home, "continue", "running", "--policy", '{"template": "ash"}')
     assert typo.returncode == 1 and "unknown policy template 'ash'" in typo.stderr

@@ -18,7 +18,7 @@ import pytest
 
 from rf_core import paths
 from rf_core.client import NoServerRunning, RFClient, discover_server_url
-from rf_core.errors import NotFound, OpRejected
+from rf_core.errors import FitLive, FitSuperseded, NotFound, OpRejected
 from rf_core.metric_writer import MetricWriter
 from rf_core.server_process import ensure_server, read_server_info, stop_server
 
@@ -307,3 +307,30 @@ def test_the_runs_grid_data(tmp_path: Path) -> None:
         assert data.runs_table(store, None) == ([], []) and data.runs_table(store, "missing") == ([], [])
     finally:
         store.close()
+
+
+def test_a_fit_taken_over_is_refused_before_it_writes(server: tuple[RFClient, dict[str, Any], Path]) -> None:
+    client, info, _ = server
+    client.create_experiment("leased", [CONFIG], num_chunks=2)
+    old_fit = RFClient(info["url"])
+    taken = old_fit.acquire_fit("leased", owner="host:1", flow_run=None)
+    old_fit.fit_epoch = taken["epoch"]
+    old_fit.chunk_start("leased", 1, 0, slot=0, total_chunks=2)  # the holder writes
+    with pytest.raises(FitLive, match="live fit"):
+        client.acquire_fit("leased", owner="host:2")
+    new_fit = RFClient(info["url"])
+    new_fit.fit_epoch = new_fit.acquire_fit("leased", owner="host:2", force=True)["epoch"]
+    before = client.timeline("leased")
+    with pytest.raises(FitSuperseded, match="another fit took it over"):
+        old_fit.chunk_start("leased", 1, 0, slot=0, total_chunks=2)
+    with pytest.raises(FitSuperseded):
+        old_fit.renew_fit("leased", taken["epoch"])
+    assert client.timeline("leased") == before, "the superseded fit wrote nothing"
+    new_fit.chunk_start("leased", 1, 0, slot=0, total_chunks=2)
+    assert client.end_fit("leased", new_fit.fit_epoch)["status"] == "finished"
+    request = urllib.request.Request(
+        f"{info['url']}/api/experiments/leased/runs", headers={"X-RF-Fit-Epoch": "one"}, method="GET"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 400 and "X-RF-Fit-Epoch must be an integer" in refused.value.read().decode()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rf_core import paths
 from rf_core.config import normalize_config, varying_knobs
 from rf_core.control.checks import finite_or_none, is_int, require_experiment, require_run
+from rf_core.control.leases import FINISHED, RUNNING, fit_state, with_fit_state
 from rf_core.control.timeline import abandon_open_chunks
 from rf_core.errors import ExperimentExists, InvalidRequest
 from rf_core.functions import name_problem, unknown_function_problems
@@ -134,20 +135,52 @@ def set_experiment_functions(store: Store, name: str, functions: Sequence[str]) 
 
 def delete_experiment(store: Store, name: str, force: bool = False) -> dict[str, Any]:
     """Delete an experiment: its runs, metrics, ops, timeline and policy decisions, and its folder of checkpoints
-    and exports under RF_HOME. Refused while its status says a fit is running, unless `force` (that fit is dead)."""
+    and exports under RF_HOME. Refused while a live fit holds it, unless `force`; a crashed fit's is deleted."""
     with store.transaction():
         experiment = require_experiment(store, name)
-        if experiment["status"] == "running" and not force:
+        if fit_state(experiment, time.time(), store.opened_at) == RUNNING and not force:
             raise InvalidRequest(
                 [
-                    f"experiment {name!r} has a fit running: let it end (or stop its runs) first; if that fit is "
-                    "dead (killed), delete with force"
+                    f"experiment {name!r} has a live fit: let it end (or stop its runs) first; force only if that "
+                    "fit's lease cannot be trusted"
                 ]
             )
         deleted = store.delete_experiment(name)
     folder = paths.experiment_dir(name)
     shutil.rmtree(folder, ignore_errors=True)
     return {"experiment": name, "deleted_rows": deleted, "deleted_folder": str(folder)}
+
+
+def rename_experiment(store: Store, name: str, new_name: str) -> dict[str, Any]:
+    """Rename an experiment: its rows, its folder of checkpoints and exports (and the paths stored to them), its kept
+    spec. Refused while a fit holds it, and for a crashed one (the next fit persists what the dead one left staged in
+    memory under the old folder: continue it first)."""
+    try:
+        check_name("experiment", new_name)
+    except ValueError as exc:
+        raise InvalidRequest([str(exc)]) from None
+    old_folder, new_folder = paths.experiment_dir(name), paths.experiment_dir(new_name)
+    moved_folder = False
+    try:
+        with store.transaction():
+            experiment = require_experiment(store, name)
+            state = fit_state(experiment, time.time(), store.opened_at)
+            if state != FINISHED:
+                why = "a live fit holds it" if state == RUNNING else "its fit crashed: `rf continue` it (or delete it)"
+                raise InvalidRequest([f"experiment {name!r} cannot be renamed now: {why}"])
+            if store.get_experiment(new_name) is not None:
+                raise ExperimentExists([f"experiment {new_name!r} already exists; choose another name"])
+            if new_folder.exists():
+                raise InvalidRequest([f"{new_folder} exists already (left by another experiment?); move it away first"])
+            if old_folder.exists():
+                old_folder.rename(new_folder)
+                moved_folder = True
+            moved = store.rename_experiment(name, new_name, (f"{old_folder}/", f"{new_folder}/"))
+    except BaseException:
+        if moved_folder:
+            new_folder.rename(old_folder)
+        raise
+    return {"experiment": new_name, "renamed_from": name, "moved_rows": moved, "folder": str(new_folder)}
 
 
 def _free_name(store: Store, name: str) -> str:
@@ -159,7 +192,13 @@ def _free_name(store: Store, name: str) -> str:
 
 
 def get_experiment(store: Store, name: str) -> dict[str, Any]:
-    return require_experiment(store, name)
+    return shown(store, require_experiment(store, name))
+
+
+def shown(store: Store, experiment: dict[str, Any]) -> dict[str, Any]:
+    """An experiment row as every reader sees it: its status is its fit's state ("crashed" when the fit's lease
+    lapsed; rf_core.control.leases)."""
+    return with_fit_state(store, experiment)
 
 
 def set_experiment_status(store: Store, name: str, status: str) -> dict[str, Any]:
@@ -173,12 +212,15 @@ def set_experiment_status(store: Store, name: str, status: str) -> dict[str, Any
         now = time.time()
         if status == "running":
             abandon_open_chunks(store, name, store.open_timeline(name), now)
-        ended_at = now if status == "finished" else None
-        return store.update_experiment(name, {"status": status, "ended_at": ended_at})
+        if status == "running":  # held for one lease period, like a fit that took it and has yet to renew
+            lease = {"ended_at": None, "lease_expires_at": None, "last_seen_at": now}
+        else:
+            lease = {"ended_at": now, "lease_expires_at": None, "fit_owner": None}
+        return shown(store, store.update_experiment(name, {"status": status, **lease}))
 
 
 def list_experiments(store: Store) -> list[dict[str, Any]]:
-    return store.list_experiments()
+    return [shown(store, experiment) for experiment in store.list_experiments()]
 
 
 def get_run(store: Store, experiment: str, run_id: int) -> dict[str, Any]:
@@ -206,7 +248,7 @@ def experiment_snapshot(store: Store, name: str, include_deleted: bool = False) 
     """The experiment and its runs, each with progress, latest train loss, latest and best value of the
     experiment's metric, and its queued ops; plus the config keys whose values differ between runs."""
     with store.transaction():
-        experiment = require_experiment(store, name)
+        experiment = shown(store, require_experiment(store, name))
         runs = store.list_runs(name)
         pending = store.list_ops(name, statuses=["pending"])
         summary = store.metric_summary(name, TRAIN_LOSS_METRIC, experiment["metric"], experiment["mode"])

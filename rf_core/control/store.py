@@ -14,6 +14,7 @@ import json
 import math
 import re
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,8 +49,14 @@ class StoreClosed(StoreError):
 # Columns each table may have updated by name, and which of them hold JSON. Column names cannot be `?`
 # parameters, so any name that reaches SQL text is checked against these sets first.
 _EXPERIMENT_COLUMNS = frozenset(
-    {"name", "status", "num_chunks", "seed", "metric", "mode", "spec_ref", "functions", "created_at", "ended_at"}
-)
+    {
+        "name", "status", "num_chunks", "seed", "metric", "mode", "spec_ref", "functions", "created_at", "ended_at",
+        "fit_epoch", "fit_owner", "fit_flow_run", "lease_expires_at", "last_seen_at",
+    }
+)  # fmt: skip
+# The tables that hold an experiment's rows (children first), and the run columns that hold paths in its folder.
+_EXPERIMENT_TABLES = ("metrics", "timeline", "policy_decisions", "ops", "runs", "experiments")
+_RUN_PATH_COLUMNS = ("checkpoint", "warm_start_checkpoint", "export_latest", "export_best")
 _RUN_COLUMNS = frozenset(
     {
         "experiment", "run_id", "status", "config", "source", "parent_id", "warm_start",
@@ -96,7 +103,11 @@ class Store(ABC):
       own transaction.
     - Times are Unix epoch seconds. Rows are never validated here beyond the schema's constraints: the service
       modules beside this one decide what is legal.
+    - `opened_at`: when this process opened the store; a fit's lease never lapses within one lease period of it,
+      so fits ride out a server restart (rf_core.control.leases).
     """
+
+    opened_at: float = 0.0
 
     @abstractmethod
     def transaction(self) -> Any: ...
@@ -120,6 +131,11 @@ class Store(ABC):
 
     @abstractmethod
     def update_experiment(self, name: str, fields: Mapping[str, Any]) -> Row: ...
+
+    @abstractmethod
+    def rename_experiment(self, name: str, new_name: str, path_prefixes: tuple[str, str]) -> dict[str, int]:
+        """Every row of `name` moves to `new_name`; stored paths starting with `path_prefixes[0]` start with
+        `path_prefixes[1]` instead. Returns the number of rows moved per table."""
 
     @abstractmethod
     def delete_experiment(self, name: str) -> dict[str, int]:
@@ -249,6 +265,7 @@ class DuckDBStore(Store):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.opened_at = time.time()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._con = duckdb.connect(str(self.path))
@@ -414,10 +431,28 @@ class DuckDBStore(Store):
     def update_experiment(self, name: str, fields: Mapping[str, Any]) -> Row:
         return self._update("experiments", _EXPERIMENT_COLUMNS, {"name": name}, fields)
 
+    def rename_experiment(self, name: str, new_name: str, path_prefixes: tuple[str, str]) -> dict[str, int]:
+        moved = {}
+        old_prefix, new_prefix = path_prefixes
+        with self.transaction():
+            for table in _EXPERIMENT_TABLES:
+                column = "name" if table == "experiments" else "experiment"
+                count = self._query(None, f"SELECT count(*) AS n FROM {table} WHERE {column} = ?", [name])[0]["n"]
+                self._query(None, f"UPDATE {table} SET {column} = ? WHERE {column} = ?", [new_name, name])
+                moved[table] = int(count)
+            for column in _RUN_PATH_COLUMNS:
+                self._query(
+                    None,
+                    f"UPDATE runs SET {column} = ? || substr({column}, ?) WHERE experiment = ? AND "
+                    f"starts_with({column}, ?)",
+                    [new_prefix, len(old_prefix) + 1, new_name, old_prefix],
+                )
+        return moved
+
     def delete_experiment(self, name: str) -> dict[str, int]:
         deleted = {}
         with self.transaction():
-            for table in ("metrics", "timeline", "policy_decisions", "ops", "runs", "experiments"):
+            for table in _EXPERIMENT_TABLES:
                 column = "name" if table == "experiments" else "experiment"
                 count = self._query(None, f"SELECT count(*) AS n FROM {table} WHERE {column} = ?", [name])[0]["n"]
                 self._query(None, f"DELETE FROM {table} WHERE {column} = ?", [name])

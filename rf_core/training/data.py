@@ -6,63 +6,21 @@ standard library's own docstrings, read with `inspect`, are the supervised fine-
 
 from __future__ import annotations
 
-import functools
-import json
-import random
-import subprocess
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from rf_core.data_forms import CONVERSATIONAL_FORMS, example_form, prompt_and_reference
+from rf_core.demo_data import (  # noqa: F401 - the demo's data, here too for code that reads it with the tokenizer
+    DEMO_SPLIT_SEED,
+    demo_datasets,
+    pretraining_texts,
+    stdlib_sft_examples,
+)
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
-
-DEMO_SPLIT_SEED = 0
-
-
-def pretraining_texts() -> list[str]:
-    """CPython's help topics (79 texts, ~465 k characters), in a fixed order."""
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics)]
-
-
-def stdlib_sft_examples(limit: int | None = None) -> list[dict[str, str]]:
-    """Prompt → completion pairs from standard-library docstrings (see `rf_core.training.stdlib_docs`).
-
-    The pairs are read in a fresh interpreter (`python -I -S`, standard library only), once per process: what
-    this process has imported or patched (a library replacing `sys.excepthook`, logging handlers appearing in a
-    signature's default) must not change the data set, or two processes of one fit would train on different data.
-    """
-    examples = _examples_from_a_clean_interpreter()
-    return [dict(example) for example in (examples if limit is None else examples[:limit])]
-
-
-@functools.cache
-def _examples_from_a_clean_interpreter() -> tuple[dict[str, str], ...]:
-    from rf_core.training import stdlib_docs
-
-    script = Path(stdlib_docs.__file__)
-    result = subprocess.run(
-        [sys.executable, "-I", "-S", str(script)], capture_output=True, text=True, timeout=300, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"reading the standard library's docstrings failed:\n{result.stderr[-2000:]}")
-    return tuple(json.loads(result.stdout))
-
-
-def demo_datasets(eval_size: int = 128) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """The demo's (train, eval) split of `stdlib_sft_examples`, shuffled with a fixed seed."""
-    examples = stdlib_sft_examples()
-    if not 0 < eval_size < len(examples):
-        raise ValueError(f"{eval_size=} must be between 1 and {len(examples) - 1}")
-    random.Random(DEMO_SPLIT_SEED).shuffle(examples)
-    return examples[eval_size:], examples[:eval_size]
 
 
 @dataclass(frozen=True)

@@ -436,10 +436,19 @@ def slot_devices(cpu_slots: int | None, default_cpu_slots: int = 2) -> list[str 
         if cpu_slots < 1:
             raise ValueError(f"cpu_slots must be >= 1, got {cpu_slots=}")
         return [None] * cpu_slots
+    if not _gpu_driver_present():
+        return [None] * default_cpu_slots  # no need to import torch (seconds) in the fit's process to know it
     import torch
 
     gpus = torch.cuda.device_count()
     return [f"cuda:{index}" for index in range(gpus)] if gpus else [None] * default_cpu_slots
+
+
+def _gpu_driver_present() -> bool:
+    """An NVIDIA or AMD GPU driver is loaded (Linux device files), so torch may see a GPU; elsewhere, ask torch."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(Path(device).exists() for device in ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/kfd"))
 
 
 class SlotPool:

@@ -19,6 +19,7 @@ import torch
 
 from rf_core import paths
 from rf_core.client import RFClient
+from rf_core.errors import InvalidRequest
 from rf_core.training.checkpoints import init_checkpoint_path, load_checkpoint, step_checkpoint_path
 from rf_core.training.staging import default_staging_root, staged_path
 from rf_core.training.worker import STEP_DELAY_ENV
@@ -935,3 +936,27 @@ def test_rf_continue_trains_on_an_experiment_a_notebook_started(prefect_harness,
     refused = subprocess.run([sys.executable, "-m", "rf_cli.main", "continue", "kept"], env=environment,
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_an_ended_experiment_continues_from_the_server_as_the_dashboard_does(prefect_harness, rf_server):
+    home, url = rf_server
+    client = RFClient(url)
+    fitted = rf(url, "fit", "continued", "--entrypoint", "tests.e2e_experiment:spec", "--cpu-slots", "1",
+                "--chunks", "2", "--max-configs", "1", "--idle-timeout", "0")  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    assert client.get_experiment("continued")["status"] == "finished"
+    clone = client.submit_op("continued", "clone", 1, {"overrides": {"learning_rate": 3e-4}}, who="tester")
+    # What the page's Continue experiment button calls: the same engine function, through the server.
+    started = client.continue_experiment("continued")
+    with pytest.raises(InvalidRequest, match="has a fit running already"):
+        client.continue_experiment("continued")  # a second click starts no second fit
+    deadline = time.monotonic() + 300
+    while client.get_experiment("continued")["status"] != "finished":
+        assert time.monotonic() < deadline, Path(started["log"]).read_text()[-3000:]
+        time.sleep(0.5)
+    (op,) = [op for op in client.list_ops("continued") if op["op_id"] == clone["op_id"]]
+    assert op["status"] == "applied", op
+    runs = {run["run_id"]: run for run in client.list_runs("continued")}
+    assert runs[2]["status"] == "Completed" and runs[2]["parent_id"] == 1
+    assert client.get_experiment("continued")["fit_epoch"] == 2
+    assert "experiment 'continued' continues" in Path(started["log"]).read_text()

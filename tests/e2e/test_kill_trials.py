@@ -2,9 +2,11 @@
 
 Each trial runs a real fit (`rf fit`: Prefect flow, two slot worker processes, a real rf server) of the end-to-end
 experiment, acknowledges a Stop just before the kill, and kills mid-chunk:
-- the flow: then `rf continue --force` resumes it, and its slot workers must be gone (no orphan keeps training);
+- the flow: its experiment reads "crashed" within 30 s (its lease lapsed), `rf continue` takes it over without
+  --force, and its slot workers must be gone (no orphan keeps training);
 - a slot worker: the fit restarts it and trains the chunk again;
-- the rf server: it is started again on the same port 1-4 s later, and the fit waits for it.
+- the rf server: it is started again on the same port 1-4 s later (20 s in CI's trial), and the fit waits for it;
+  it is never taken for dead.
 Afterwards: the Stop was applied or skipped with a reason, no chunk is left open, every metric step is stored
 exactly once, and every run that trained to the end has the same final eval loss as in an uninterrupted fit
 (resumption from the last chunk boundary is exact). One trial per target runs in CI;
@@ -164,8 +166,11 @@ def kill_trial(home: Home, reference: dict[int, float], seed: int, target: str =
         else:
             home.server.kill()
             home.server.wait(timeout=30)
-            time.sleep(rng.uniform(1.0, 4.0))
+            # Seed 0 (the trial CI runs) keeps the server down for two lease periods: the fit rides it out and is
+            # not called dead when the server comes back.
+            time.sleep(20.0 if seed == 0 else rng.uniform(1.0, 4.0))
             home.restart_server()
+            assert client.get_experiment(experiment)["status"] == "running"
             output = _finish(fit)
             # Someone noticed and said so: the slot workers spooling metrics, or the fit waiting for the server.
             assert "metrics server unreachable" in output or "does not answer" in output, output[-3000:]
@@ -180,8 +185,18 @@ def kill_trial(home: Home, reference: dict[int, float], seed: int, target: str =
         for pid in set(children) - set(workers):  # e.g. Prefect's temporary API server: not ours to test; tidy up
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _finish(home.rf("continue", experiment, "--force", "--cpu-slots", "2", "--idle-timeout", "1"))
+        killed_at = time.monotonic()
+        while client.get_experiment(experiment)["status"] != "crashed":
+            assert time.monotonic() - killed_at < 30, "the killed fit still looks alive after 30 s"
+            time.sleep(0.5)
+        listed = home.rf("experiments")
+        assert "crashed, last seen" in _finish(listed)
+        # A crashed fit's experiment is taken over without --force (its fit epoch goes to 2: checked below).
+        _finish(home.rf("continue", experiment, "--cpu-slots", "2", "--idle-timeout", "1"))
 
+    stored = client.get_experiment(experiment)
+    assert stored["status"] == "finished"
+    assert stored["fit_epoch"] == (2 if target == "flow" else 1), "only a dead fit is ever taken over"
     runs = {run["run_id"]: run for run in client.list_runs(experiment, include_deleted=True)}
     (op,) = [op for op in client.list_ops(experiment) if op["op_id"] == stop_op["op_id"]]
     assert op["status"] in ("applied", "skipped"), op

@@ -325,3 +325,17 @@ def test_malformed_json_is_explained_inline_and_nothing_is_queued(page: Any, liv
     assert '"learning_rate": -1' in lines[error_line - 1]
     shot(page, "11-invalid-config-inline")
     assert live.op_count() == ops_before
+
+
+def test_the_link_a_fit_prints_opens_its_experiment(page: Any, live: Live) -> None:
+    client = RFClient(live.url)
+    client.create_experiment("newer", [{"model_name_or_path": "rf-tiny-llama", "learning_rate": 1e-3}], num_chunks=2)
+    try:
+        page.goto(f"{live.url}/?experiment=newer")
+        wait_until(lambda: "newer" in page.inner_text("#header"), 20, "the linked experiment's header")
+        page.goto(f"{live.url}/?experiment={EXPERIMENT}")  # the older one, not the default (newest) choice
+        wait_until(lambda: EXPERIMENT in page.inner_text("#header"), 20, "the linked experiment's header")
+        assert "newer" not in page.inner_text("#header")
+        shot(page, "12-experiment-link")
+    finally:
+        client.delete_experiment("newer", force=True)

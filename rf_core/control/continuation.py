@@ -1,0 +1,44 @@
+"""Continuing an ended (or crashed) experiment from the rf server, as the dashboard's "Continue experiment" does: a
+detached local `rf continue` process, logging to the experiment's folder, that holds a lease like any fit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rf_core import paths
+from rf_core.control.leases import reserve_fit
+from rf_core.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from rf_core.control.store import Store
+
+FIT_LOG = "fit.log"
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def continue_in_background(store: Store, name: str, server_url: str, who: str = "dashboard") -> dict[str, Any]:
+    """Start `rf continue NAME` as a detached process on this machine; returns {"experiment", "pid", "log"}.
+
+    The experiment is reserved first, so a second click starts no second fit; refused while a fit holds it. The
+    process trains on the services that run (it finds this server by `server_url`) and ends like any fit.
+    """
+    reserved = reserve_fit(store, name, f"{who}: rf continue")
+    if not reserved["reserved"]:
+        raise InvalidRequest([f"experiment {name!r} has a fit running already: its ops apply there"])
+    log = paths.experiment_dir(name) / FIT_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, RF_HOME=str(paths.rf_home()))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "rf_cli.main", "continue", name, "--server", server_url]
+    with open(log, "ab") as output:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,
+            cwd=_PROJECT_ROOT, start_new_session=True,
+        )  # fmt: skip
+    threading.Thread(target=process.wait, name=f"rf-continue-{name}", daemon=True).start()  # reaped when it ends
+    return {"experiment": name, "pid": process.pid, "log": str(log)}
