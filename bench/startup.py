@@ -1,7 +1,8 @@
 """Start-up: from the start of the `rf demo` command to its first chunk (the first chunk-start record in the store's
-timeline), with the services of `rf up` already running ("warm") and with none running ("cold": the demo starts
-them), each the median of `--repeats` runs after a warm-up that builds the tiny models; plus where the time goes,
-read from the fit's log lines.
+timeline), with the services of `rf up` already running ("warm"), with none running ("cold": the demo starts them),
+and with `--ephemeral` (the baseline: temporary rf and Prefect servers that exit with the fit, as every fit ran
+before `rf up`), each the median of `--repeats` runs after a warm-up that builds the tiny models; plus where the
+time goes, read from the fit's log lines.
 
     python bench/startup.py [--repeats 3] [--out bench/results/startup.json]
 """
@@ -9,6 +10,7 @@ read from the fit's log lines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ if __package__ in (None, ""):
 
 from bench.common import PROJECT_ROOT, isolated_environment
 from rf_core.client import RFClient
-from rf_core.services import read_services
+from rf_core.server_process import ensure_server, find_live_server, stop_server
 
 # Log lines that mark the phases, in the order they happen (Prefect prints "HH:MM:SS.mmm | LEVEL | ...").
 PHASES = (
@@ -50,14 +53,14 @@ def rf(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def demo_run(name: str) -> dict[str, Any]:
+def demo_run(name: str, *extra: str) -> dict[str, Any]:
     """One `rf demo` (1 config, 2 chunks): seconds from the command's start to its first chunk, and each phase."""
     started = time.time()
-    result = rf("demo", "--experiment", name, "--max-configs", "1", "--chunks", "2", "--idle-timeout", "0")
+    result = rf("demo", "--experiment", name, "--max-configs", "1", "--chunks", "2", "--idle-timeout", "0", *extra)
     if result.returncode != 0:
         raise RuntimeError(f"rf demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    url = read_services()["rf"]["url"]
-    first_chunk = min(float(entry["start"]) for entry in RFClient(url).timeline(name))
+    with _services_up() as url:
+        first_chunk = min(float(entry["start"]) for entry in RFClient(url).timeline(name))
     phases = {"command starts": 0.0}
     output = result.stdout + result.stderr
     for phase, marker in PHASES:
@@ -66,6 +69,20 @@ def demo_run(name: str) -> dict[str, Any]:
             phases[phase] = _seconds_of_day_since(STAMP.match(line).group(1), started)  # type: ignore[union-attr]
     phases["first chunk starts"] = first_chunk - started
     return {"to_first_chunk_s": first_chunk - started, "phases_s": phases, "services_started": "started now" in output}
+
+
+@contextlib.contextmanager
+def _services_up() -> Iterator[str]:
+    """The rf server's URL; after an ephemeral run none is left, so one is started for the read and stopped."""
+    live = find_live_server()
+    if live:
+        yield str(live["url"])
+        return
+    url, process = ensure_server()
+    try:
+        yield url
+    finally:
+        stop_server(process)
 
 
 def _seconds_of_day_since(stamp: str, started: float) -> float:
@@ -86,7 +103,9 @@ def main() -> int:
     try:
         print("warm-up (builds the tiny models, starts the services) ...", flush=True)
         demo_run("startup-warm-up")
-        cold, warm = [], []
+        cold: list[dict[str, Any]] = []
+        warm: list[dict[str, Any]] = []
+        ephemeral: list[dict[str, Any]] = []
         for index in range(arguments.repeats):
             rf("down", "--force")
             cold.append(demo_run(f"startup-cold-{index}"))
@@ -94,6 +113,11 @@ def main() -> int:
         for index in range(arguments.repeats):
             warm.append(demo_run(f"startup-warm-{index}"))
             print(f"warm {index}: {warm[-1]['to_first_chunk_s']:.1f} s  {warm[-1]['phases_s']}", flush=True)
+        rf("down", "--force")
+        for index in range(arguments.repeats):
+            ephemeral.append(demo_run(f"startup-ephemeral-{index}", "--ephemeral"))
+            print(f"ephemeral {index}: {ephemeral[-1]['to_first_chunk_s']:.1f} s  {ephemeral[-1]['phases_s']}",
+                  flush=True)  # fmt: skip
     finally:
         rf("down", "--force")
     results = {
@@ -102,13 +126,19 @@ def main() -> int:
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "cold_median_s": statistics.median(run["to_first_chunk_s"] for run in cold),
         "warm_median_s": statistics.median(run["to_first_chunk_s"] for run in warm),
+        "ephemeral_median_s": statistics.median(run["to_first_chunk_s"] for run in ephemeral),
         "cold": cold,
         "warm": warm,
+        "ephemeral": ephemeral,
     }
+    results["warm_vs_ephemeral"] = results["warm_median_s"] / results["ephemeral_median_s"]
+    results["cold_vs_ephemeral"] = results["cold_median_s"] / results["ephemeral_median_s"]
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
     arguments.out.write_text(json.dumps(results, indent=1))
-    print(f"to the first chunk: warm (services up) median {results['warm_median_s']:.1f} s, cold (services "
-          f"started by the demo) median {results['cold_median_s']:.1f} s; written to {arguments.out}")  # fmt: skip
+    print(f"to the first chunk, median: warm (services up) {results['warm_median_s']:.1f} s "
+          f"({results['warm_vs_ephemeral']:.2f}x ephemeral), cold (services started by the demo) "
+          f"{results['cold_median_s']:.1f} s ({results['cold_vs_ephemeral']:.2f}x), ephemeral (temporary servers) "
+          f"{results['ephemeral_median_s']:.1f} s; written to {arguments.out}")  # fmt: skip
     return 0
 
 

@@ -14,8 +14,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from dash_app import data
 from rf_core import errors
-from rf_core.control import continuation, decisions, experiments, leases, metrics, ops, timeline
+from rf_core.control import decisions, experiments, leases, metrics, ops, timeline
 from rf_core.control.store import Store, StoreError
 from rf_core.states import DEFAULT_METRIC, FIT_EPOCH_HEADER
 
@@ -107,8 +108,11 @@ def register_routes(server: Flask, store: Store) -> None:
 
     @api.post("/experiments/<name>/continue")
     def continue_experiment(name: str) -> Response:
-        server_url = request.host_url.rstrip("/")
-        return _json(continuation.continue_in_background(store, name, server_url, who="api"), 202)
+        experiments.get_experiment(store, name)  # an unknown experiment is a 404, as on every route
+        started, problems = data.continue_experiment(store, name, request.host_url.rstrip("/"), who="api")
+        if started is None:
+            raise errors.InvalidRequest(problems)
+        return _json(started, 202)
 
     @api.post("/experiments/<name>/rename")
     def rename_experiment(name: str) -> Response:

@@ -263,11 +263,13 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         started, problems = data.continue_experiment(store, experiment, flask.request.host_url.rstrip("/"))
         if started is None:
             return html.Span(["Not started: ", *_lines(problems)], className="rf-bad")
-        return html.Span(
-            f"continuing {experiment} (process {started['pid']}, log {started['log']}): queued ops apply now",
-            className="rf-ok",
-            id="continue-started",
+        where = (
+            f"deployment {started['deployment']}, flow run {started['flow_run']}"
+            if "deployment" in started
+            else f"process {started['pid']}, log {started['log']}"
         )
+        return html.Span(f"continuing {experiment} ({where}): queued ops apply now", className="rf-ok",
+                         id="continue-started")  # fmt: skip
 
     return callbacks
 

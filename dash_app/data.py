@@ -6,6 +6,7 @@ Every write (an IC Op) also goes through rf_core.control.ops, which validates it
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import urllib.parse
@@ -441,13 +442,32 @@ def fit_state(store: Store, experiment: str) -> str:
     return str(experiments.get_experiment(store, experiment)["status"])
 
 
-def continue_experiment(store: Store, experiment: str, server_url: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """Start a fit that continues the experiment (what `rf continue` does, as a background process): (what was
-    started, []) or (None, why not)."""
+def continue_experiment(
+    store: Store, experiment: str, server_url: str, who: str = "dashboard"
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Start a fit that continues the experiment: through the rf-fit deployment when a Prefect server this rf server
+    knows (PREFECT_API_URL) serves one, else as a background `rf continue` on this machine. (what was started, [])
+    or (None, why not)."""
     try:
-        return continuation.continue_in_background(store, experiment, server_url), []
+        row = experiments.get_experiment(store, experiment)
+        continuation.reserve_for_continuation(store, experiment, who)
     except (errors.InvalidRequest, errors.NotFound) as exc:
         return None, list(exc.problems)
+    through = _through_deployment(row)
+    if through is not None:
+        return {"experiment": experiment, "deployment": through.deployment, "flow_run": through.flow_run}, []
+    return continuation.spawn_continue(experiment, server_url), []
+
+
+def _through_deployment(row: Mapping[str, Any]) -> Any:
+    if not os.environ.get("PREFECT_API_URL") or not row.get("spec_ref"):
+        return None  # Prefect is imported only when a deployment may serve the experiment
+    try:
+        from flows.continuation import continue_through_deployment
+
+        return continue_through_deployment(row)
+    except Exception:  # noqa: BLE001 - no deployment answers: the local process continues it instead
+        return None
 
 
 def _clock(epoch_seconds: float | None) -> str:

@@ -84,7 +84,11 @@ def find_live_server(home: Path | None = None) -> dict[str, Any] | None:
 
 
 def ensure_server(
-    home: Path | None = None, timeout: float = SERVER_START_TIMEOUT_S, port: int = 0, exit_with_parent: bool = True
+    home: Path | None = None,
+    timeout: float = SERVER_START_TIMEOUT_S,
+    port: int = 0,
+    exit_with_parent: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[str, subprocess.Popen[bytes] | None]:
     """The URL of the rf server for `home`, starting one if none runs (on `port`; 0: any free one).
 
@@ -103,7 +107,7 @@ def ensure_server(
     command = [sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", str(port)]
     if exit_with_parent:
         command += ["--exit-with-pid", str(os.getpid())]
-    env = dict(os.environ, RF_HOME=str(home))
+    env = dict(os.environ, RF_HOME=str(home), **(extra_env or {}))
     # The server must import dash_app even when the project is not installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
     with open(log_path, "ab") as log:

@@ -96,11 +96,12 @@ def up(
     home.mkdir(parents=True, exist_ok=True)
     with _services_lock(home):
         recorded = read_services(home)
-        rf_info = _ensure_rf(home, rf_port(port), recorded.get("rf") or {}) if rf else None
-        services = {"rf": rf_info or recorded.get("rf"), "prefect": recorded.get("prefect")}
-        _write_services(home, services)  # before Prefect's start, which may fail: `rf down` finds the rf server
         prefect_info = _ensure_prefect(home, prefect_port_number, recorded) if prefect else None
-        _write_services(home, {**services, "prefect": prefect_info or recorded.get("prefect")})
+        prefect_url = (prefect_info or recorded.get("prefect") or {}).get("url")
+        _write_services(home, {**recorded, "prefect": prefect_info or recorded.get("prefect")})
+        # The rf server knows the Prefect server, so the dashboard's Continue can start the fit deployment.
+        rf_info = _ensure_rf(home, rf_port(port), recorded.get("rf") or {}, prefect_url) if rf else None
+        _write_services(home, {"rf": rf_info or recorded.get("rf"), "prefect": prefect_info or recorded.get("prefect")})
     return {"rf": rf_info, "prefect": prefect_info}
 
 
@@ -120,7 +121,7 @@ def describe(services: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _ensure_rf(home: Path, port: int, recorded: dict[str, Any]) -> dict[str, Any]:
+def _ensure_rf(home: Path, port: int, recorded: dict[str, Any], prefect_url: str | None) -> dict[str, Any]:
     live = find_live_server(home)
     if live:
         owned = recorded.get("pid") == live["pid"] and bool(recorded.get("owned"))
@@ -136,7 +137,10 @@ def _ensure_rf(home: Path, port: int, recorded: dict[str, Any]) -> dict[str, Any
             f"port {port} is taken by another program; start the rf server on another port with --port or {RF_PORT_ENV}"
         )
     try:
-        url, process = ensure_server(home, timeout=SERVER_START_TIMEOUT_S, port=port, exit_with_parent=False)
+        extra_env = {"PREFECT_API_URL": prefect_url} if prefect_url else None
+        url, process = ensure_server(
+            home, timeout=SERVER_START_TIMEOUT_S, port=port, exit_with_parent=False, extra_env=extra_env
+        )
     except ServerStartError as exc:
         raise ServiceError(f"the rf server did not start: {exc}") from None
     pid = process.pid if process is not None else (find_live_server(home) or {}).get("pid")

@@ -21,15 +21,25 @@ FIT_LOG = "fit.log"
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+def reserve_for_continuation(store: Store, name: str, who: str) -> None:
+    """Hold the experiment for the fit about to continue it, so a second click starts no second fit; refused
+    (InvalidRequest) while a fit holds it."""
+    if not reserve_fit(store, name, f"{who}: continue")["reserved"]:
+        raise InvalidRequest([f"experiment {name!r} has a fit running already: its ops apply there"])
+
+
 def continue_in_background(store: Store, name: str, server_url: str, who: str = "dashboard") -> dict[str, Any]:
     """Start `rf continue NAME` as a detached process on this machine; returns {"experiment", "pid", "log"}.
 
-    The experiment is reserved first, so a second click starts no second fit; refused while a fit holds it. The
-    process trains on the services that run (it finds this server by `server_url`) and ends like any fit.
+    The experiment is reserved first (`reserve_for_continuation`). The process trains on the services that run (it
+    finds this server by `server_url`) and ends like any fit.
     """
-    reserved = reserve_fit(store, name, f"{who}: rf continue")
-    if not reserved["reserved"]:
-        raise InvalidRequest([f"experiment {name!r} has a fit running already: its ops apply there"])
+    reserve_for_continuation(store, name, who)
+    return spawn_continue(name, server_url)
+
+
+def spawn_continue(name: str, server_url: str) -> dict[str, Any]:
+    """`rf continue NAME` as a detached process logging to the experiment's fit.log (the experiment reserved)."""
     log = paths.experiment_dir(name) / FIT_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, RF_HOME=str(paths.rf_home()))

@@ -22,7 +22,7 @@ import pytest
 
 from rf_core import paths
 from rf_core.client import RFClient
-from rf_core.errors import NotFound
+from rf_core.errors import InvalidRequest, NotFound
 from tests.e2e_experiment import MODEL_CACHE_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -230,15 +230,29 @@ def test_a_deployed_fit_steered_by_a_scheduled_policy(tmp_path: Path) -> None:
         assert final[clone_id]["parent_id"] == 1 and final[clone_id]["status"] == "Completed"
         assert all(final[run_id]["chunks_done"] == after[run_id]["chunks_done"] for run_id in runs)
 
-        # Fit flow runs: the first deployment run, `rf continue` (in the CLI's process), and the deployment run
-        # the clone started.
+        # The dashboard's Continue experiment (POST /continue: the same function) starts the deployment as well,
+        # since the rf server knows the Prefect server; a second click starts nothing.
+        second = client.submit_op(EXPERIMENT, "clone", 1, {"overrides": {"learning_rate": 5e-4}}, who="tester")
+        started = client.continue_experiment(EXPERIMENT)
+        assert started["deployment"] == "rf-fit/e2e", started
+        with pytest.raises(InvalidRequest, match="has a fit running already"):
+            client.continue_experiment(EXPERIMENT)
+        _wait("the fit the dashboard continued to finish", finished, 300, serve, log)
+        (applied,) = [op for op in client.list_ops(EXPERIMENT) if op["op_id"] == second["op_id"]]
+        (second_clone,) = applied["result"]["created_run_ids"]
+        trained = client.get_run(EXPERIMENT, second_clone)
+        # It trained in the fit the deployment started (the scheduled policy may stop it as the worst run).
+        assert trained["chunks_done"] >= 1 and trained["status"] in ("Completed", "Stopped"), trained
+
+        # Fit flow runs: the first deployment run, `rf continue` (in the CLI's process), and the deployment runs
+        # the clone and the dashboard started.
         def fit_runs_completed() -> bool:  # the flow marks the experiment finished just before it returns
             return all(run["state_type"] == "COMPLETED" for run in _flow_runs(api_url, f"fit-{EXPERIMENT}"))
 
         _wait("the continued fit's flow run to complete", fit_runs_completed, 60, serve, log)
         fit_runs = _flow_runs(api_url, f"fit-{EXPERIMENT}")
         deployed = [run for run in fit_runs if run.get("deployment_id")]
-        assert len(fit_runs) == 3 and len(deployed) == 2
+        assert len(fit_runs) == 4 and len(deployed) == 3
     finally:
         serve.send_signal(signal.SIGTERM)
         try:

@@ -12,13 +12,16 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from rf_core.client import RFClient
+from rf_core.errors import NotFound
 from rf_core.server_process import is_process_alive
 from rf_core.services import read_services
+from rf_core.training.worker import STEP_DELAY_ENV
 from tests.e2e_experiment import MODEL_CACHE_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +102,31 @@ def test_services_stay_up_for_fits_and_stop_with_rf_down(tmp_path: Path) -> None
         client = RFClient(f"http://127.0.0.1:{rf_port}")
         assert client.get_experiment("uses-services")["status"] == "finished"
 
+        # A fit killed on rf up's Prefect server: `rf continue` takes it over and marks its flow run Crashed there.
+        killed = subprocess.Popen(
+            [sys.executable, "-m", "rf_cli.main", "fit", "killed", "--entrypoint", "tests.e2e_experiment:spec",
+             "--cpu-slots", "1", "--chunks", "4", "--max-configs", "1", "--idle-timeout", "0"],
+            cwd=PROJECT_ROOT, env={**env, STEP_DELAY_ENV: "0.5"}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not _has_started_a_chunk(client, "killed"):
+            assert killed.poll() is None and time.monotonic() < deadline, "the fit to kill never trained"
+            time.sleep(0.2)
+        flow_run = client.get_experiment("killed")["fit_flow_run"]
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(30)
+        deadline = time.monotonic() + 30
+        while client.get_experiment("killed")["status"] != "crashed":
+            assert time.monotonic() < deadline, "the killed fit still looks alive after 30 s"
+            time.sleep(0.5)
+        taken = rf(env, "continue", "killed", "--cpu-slots", "1", "--idle-timeout", "0", timeout=400)
+        output = taken.stdout + taken.stderr
+        assert taken.returncode == 0, output[-4000:]
+        assert "took over from a crashed fit" in output and f"flow run {flow_run} is marked Crashed" in output
+        assert _flow_run_state(f"http://127.0.0.1:{prefect_port}/api", flow_run) == "CRASHED"
+        assert client.get_experiment("killed")["status"] == "finished"
+
         # `rf down` is refused while a fit lives on the services; --force stops them anyway.
         client.create_experiment("live", [CONFIG], num_chunks=2)
         client.acquire_fit("live", owner="elsewhere:1")
@@ -119,6 +147,18 @@ def test_services_stay_up_for_fits_and_stop_with_rf_down(tmp_path: Path) -> None
             if pid and is_process_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+def _has_started_a_chunk(client: RFClient, experiment: str) -> bool:
+    try:
+        return bool(client.timeline(experiment))
+    except NotFound:
+        return False
+
+
+def _flow_run_state(api_url: str, flow_run: str) -> str:
+    with urllib.request.urlopen(f"{api_url}/flow_runs/{flow_run}", timeout=10) as response:
+        return str(json.loads(response.read())["state"]["type"])
 
 
 def test_rf_up_names_a_port_another_program_holds(tmp_path: Path) -> None:
