@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from rf_core.messages import ChunkOutcome, TrainTask
 from rf_core.planner import FitLoop, Plan
 from rf_core.report import format_chunk_line, format_op_line, format_results_table
 from rf_core.server_process import TemporaryServer, ensure_server, stop_server
-from rf_core.services import dashboard_url, describe, ephemeral_requested, up
+from rf_core.services import dashboard_url, describe, ephemeral_requested, revive_rf_server, up
 from rf_core.states import FAILED_CHUNK_OUTCOMES
 from rf_core.training.staging import default_staging_root, persist_staged
 from rf_core.training.worker import Slot, SlotPool, SpecSource, WorkerDied, slot_devices, train_with_retry
@@ -38,6 +38,8 @@ from rf_core.training.worker import Slot, SlotPool, SpecSource, WorkerDied, slot
 # Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
 _IN_MEMORY_POLICIES: dict[str, list[tuple[Policy, str]]] = {}
+# A fit on `rf up`'s rf server starts it again if it dies (a temporary server the fit started is revived likewise).
+_SERVICE_REVIVERS: dict[str, Callable[[], None]] = {}
 POLL_SECONDS = 0.5
 SERVER_OUTAGE_ENV = "RF_SERVER_OUTAGE_S"
 DEFAULT_SERVER_OUTAGE_S = 300.0  # how long the fit rides out an rf server that does not answer
@@ -154,9 +156,8 @@ def rf_fit(
         print(f"rf server ({kind}): {server_url}  (DB {paths.db_path(home)})")
     print(f"dashboard: {dashboard_url(server_url, experiment)}")
     outage_wait = float(os.environ.get(SERVER_OUTAGE_ENV, DEFAULT_SERVER_OUTAGE_S))
-    client = RFClient(
-        server_url, outage_wait_s=outage_wait, on_outage=temporary_server.revive if temporary_server else None
-    )
+    revive = temporary_server.revive if temporary_server else _SERVICE_REVIVERS.get(experiment)
+    client = RFClient(server_url, outage_wait_s=outage_wait, on_outage=revive)
     try:
         try:
             created = client.create_experiment(
@@ -419,12 +420,17 @@ def run_flow(experiment: str, *, ephemeral: bool | None = None, **options: Any) 
         print(line)
     if services["rf"] is not None:
         options["server_url"] = services["rf"]["url"]
-    if services["prefect"] is None:
-        return rf_fit(experiment, **options)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+        if services["rf"].get("owned"):
+            _SERVICE_REVIVERS[experiment] = revive_rf_server
+    try:
+        if services["prefect"] is None:
+            return rf_fit(experiment, **options)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: services["prefect"]["url"]}):
-        return rf_fit(experiment, **options)
+        with temporary_settings(updates={PREFECT_API_URL: services["prefect"]["url"]}):
+            return rf_fit(experiment, **options)
+    finally:
+        _SERVICE_REVIVERS.pop(experiment, None)
 
 
 def run_fit(

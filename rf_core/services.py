@@ -100,7 +100,7 @@ def up(
         prefect_url = (prefect_info or recorded.get("prefect") or {}).get("url")
         _write_services(home, {**recorded, "prefect": prefect_info or recorded.get("prefect")})
         # The rf server knows the Prefect server, so the dashboard's Continue can start the fit deployment.
-        rf_info = _ensure_rf(home, rf_port(port), recorded.get("rf") or {}, prefect_url) if rf else None
+        rf_info = _ensure_rf(home, _rf_port_for(port, recorded), recorded.get("rf") or {}, prefect_url) if rf else None
         _write_services(home, {"rf": rf_info or recorded.get("rf"), "prefect": prefect_info or recorded.get("prefect")})
     return {"rf": rf_info, "prefect": prefect_info}
 
@@ -119,6 +119,27 @@ def describe(services: dict[str, Any]) -> list[str]:
     if any((services.get(name) or {}).get("started") for name in ("rf", "prefect")):
         lines.append("they stay up after this command: `rf status` shows them, `rf down` stops them")
     return lines
+
+
+def _rf_port_for(asked: int | None, recorded: dict[str, Any]) -> int:
+    """The port asked for; else the one `rf up` last used for this RF_HOME (a server started again comes back where
+    its clients look for it); else RF_PORT or the default."""
+    if asked is None:
+        previous = urllib.parse.urlsplit(str((recorded.get("rf") or {}).get("url") or "")).port
+        if previous:
+            return previous
+    return rf_port(asked)
+
+
+def revive_rf_server(home: Path | None = None) -> None:
+    """Start `rf up`'s rf server again after it died (a fit that uses it calls this when it stops answering)."""
+    try:
+        started = up(home, prefect=False)["rf"]
+    except ServiceError as exc:  # e.g. it is alive but slow, still holding its port: the fit keeps waiting
+        print(f"rf: could not start the rf server again: {exc}")
+        return
+    if started and started.get("started"):
+        print(f"rf: the rf server stopped answering; started it again at {started['url']} (pid {started['pid']})")
 
 
 def _ensure_rf(home: Path, port: int, recorded: dict[str, Any], prefect_url: str | None) -> dict[str, Any]:

@@ -127,6 +127,30 @@ def test_services_stay_up_for_fits_and_stop_with_rf_down(tmp_path: Path) -> None
         assert _flow_run_state(f"http://127.0.0.1:{prefect_port}/api", flow_run) == "CRASHED"
         assert client.get_experiment("killed")["status"] == "finished"
 
+        # rf up's rf server killed under a fit: the fit starts it again where it was, and nothing is lost.
+        riding = subprocess.Popen(
+            [sys.executable, "-m", "rf_cli.main", "fit", "rides-out", "--entrypoint", "tests.e2e_experiment:spec",
+             "--cpu-slots", "1", "--chunks", "4", "--max-configs", "1", "--idle-timeout", "0"],
+            cwd=PROJECT_ROOT, env={**env, STEP_DELAY_ENV: "0.5"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not _has_started_a_chunk(client, "rides-out"):
+            assert riding.poll() is None and time.monotonic() < deadline, "the fit never trained"
+            time.sleep(0.2)
+        old_pid = int(read_services(home)["rf"]["pid"])
+        os.kill(old_pid, signal.SIGKILL)
+        output = riding.communicate(timeout=400)[0]
+        assert riding.returncode == 0, output[-4000:]
+        assert f"started it again at http://127.0.0.1:{rf_port}" in output, output[-4000:]
+        revived = read_services(home)["rf"]
+        assert revived["url"] == f"http://127.0.0.1:{rf_port}" and int(revived["pid"]) != old_pid
+        pids[0] = int(revived["pid"])
+        steps = [(row["name"], row["step"]) for row in client.get_metrics("rides-out")]
+        assert len(steps) == len(set(steps)), "a metric step was stored twice"
+        assert client.get_experiment("rides-out")["status"] == "finished"
+        assert client.get_experiment("rides-out")["fit_epoch"] == 1, "the fit rode it out: nobody took it over"
+
         # `rf down` is refused while a fit lives on the services; --force stops them anyway.
         client.create_experiment("live", [CONFIG], num_chunks=2)
         client.acquire_fit("live", owner="elsewhere:1")
