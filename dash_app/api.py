@@ -109,7 +109,7 @@ def register_routes(server: Flask, store: Store) -> None:
     @api.post("/experiments/<name>/continue")
     def continue_experiment(name: str) -> Response:
         experiments.get_experiment(store, name)  # an unknown experiment is a 404, as on every route
-        started, problems = data.continue_experiment(store, name, request.host_url.rstrip("/"), who="api")
+        started, problems = data.continue_experiment(store, name, who="api")
         if started is None:
             raise errors.InvalidRequest(problems)
         return _json(started, 202)
@@ -259,7 +259,8 @@ def register_routes(server: Flask, store: Store) -> None:
     def fence_superseded_fits() -> None:
         epoch = request.headers.get(FIT_EPOCH_HEADER)
         name = (request.view_args or {}).get("name")
-        if epoch is not None and name is not None:
+        # The lease routes take the epoch in their body and answer a retried end themselves.
+        if epoch is not None and name is not None and request.endpoint not in _LEASE_ENDPOINTS:
             try:
                 held = int(epoch)
             except ValueError:
@@ -275,6 +276,9 @@ def register_routes(server: Flask, store: Store) -> None:
         if request.path.startswith(API_PREFIX + "/") and request.blueprint != api.name:
             return _error(f"no API route {request.method} {request.path}", [], "NotFound", 404)
         return None
+
+
+_LEASE_ENDPOINTS = frozenset(f"rf_api.{name}" for name in ("acquire_fit", "renew_fit", "end_fit", "reserve_fit"))
 
 
 def _register_error_handlers(server: Flask) -> None:

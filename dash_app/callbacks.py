@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flask
 from dash import ALL, Dash, Input, Output, State, ctx, html, no_update
 from dash.exceptions import MissingCallbackContextException
 
@@ -260,7 +259,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
     def continue_experiment(clicks: int | None, experiment: str | None) -> Any:
         if not clicks or not experiment:
             return no_update
-        started, problems = data.continue_experiment(store, experiment, flask.request.host_url.rstrip("/"))
+        started, problems = data.continue_experiment(store, experiment)
         if started is None:
             return html.Span(["Not started: ", *_lines(problems)], className="rf-bad")
         where = (

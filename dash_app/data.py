@@ -443,7 +443,7 @@ def fit_state(store: Store, experiment: str) -> str:
 
 
 def continue_experiment(
-    store: Store, experiment: str, server_url: str, who: str = "dashboard"
+    store: Store, experiment: str, who: str = "dashboard"
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """Start a fit that continues the experiment: through the rf-fit deployment when a Prefect server this rf server
     knows (PREFECT_API_URL) serves one, else as a background `rf continue` on this machine. (what was started, [])
@@ -456,7 +456,7 @@ def continue_experiment(
     through = _through_deployment(row)
     if through is not None:
         return {"experiment": experiment, "deployment": through.deployment, "flow_run": through.flow_run}, []
-    return continuation.spawn_continue(experiment, server_url), []
+    return continuation.spawn_continue(experiment), []
 
 
 def _through_deployment(row: Mapping[str, Any]) -> Any:

@@ -225,6 +225,7 @@ def _train(
     staging_root = default_staging_root()
     # States a crashed earlier fit left only in RAM become durable before anything reads them.
     persist_staged(staging_root, paths.experiment_dir(experiment, home))
+    superseded = False
     try:
         with SlotPool(devices, source, server_url, spool, threads, worker_class) as pool:
             where = ", ".join(device or "cpu" for device in devices)
@@ -235,10 +236,12 @@ def _train(
                 print("policies at every chunk boundary: " + ", ".join(f"{p.name} ({m})" for p, m in attached))
             _drive(loop, pool, client, experiment, idle_timeout, attached, lease)
     except FitSuperseded as lost:
+        superseded = True
         print(f"this fit stops without writing more: {lost}")
         raise
     finally:
-        persist_staged(staging_root, paths.experiment_dir(experiment, home))
+        if not superseded:  # the staged states are the new fit's to persist now
+            persist_staged(staging_root, paths.experiment_dir(experiment, home))
         if ray_address:
             from rf_core.training.ray_workers import disconnect
 

@@ -36,7 +36,7 @@ from rf_core.config import apply_overrides, parse_set_overrides
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.knobs import ConfigError
 from rf_core.report import experiment_metric, fit_state_text, format_table, runs_table, with_names
-from rf_core.services import PREFECT_PORT_ENV, RF_PORT_ENV
+from rf_core.services import PREFECT_PORT_ENV, RF_PORT_ENV, ServiceError
 from rf_core.states import DECISION_STATUSES, RESERVED_PREFIX, WARM_START_MODES
 
 EXIT_OK = 0
@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except OpRejected as exc:
         return _fail(f"op rejected: {'; '.join(exc.problems) or exc}", EXIT_REJECTED)
-    except (InvalidRequest, NotFound, UsageError, ConfigError) as exc:
+    except (InvalidRequest, NotFound, UsageError, ConfigError, ServiceError) as exc:
         return _fail(str(exc), EXIT_REJECTED)
     except ServerUnavailable as exc:
         return _fail(str(exc), EXIT_UNAVAILABLE)
@@ -525,10 +525,12 @@ def cmd_continue(args: argparse.Namespace) -> int:
 
     policies = _policy_specs(args.policies)
     url, temporary_server = args.server or os.environ.get("RF_SERVER_URL"), None
+    fit_server = url  # one given is used as it is
     if url is None and ephemeral_requested(args.ephemeral):
         url, temporary_server = ensure_server()  # the fit would start one anyway; we need it first, to read
+        fit_server = url
     elif url is None:
-        url = up(prefect=False)["rf"]["url"]
+        url = up(prefect=False)["rf"]["url"]  # the fit finds these services again (and revives them if they die)
     try:
         experiment = RFClient(url).get_experiment(args.experiment)
         if not experiment.get("spec_ref"):
@@ -551,7 +553,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
             **_ray_options(args),
             cpu_slots=args.cpu_slots,
             idle_timeout=args.idle_timeout,
-            server_url=url,
+            server_url=fit_server,
             policies=policies,
             continue_experiment=True,
             force_takeover=args.force,

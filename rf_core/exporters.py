@@ -9,6 +9,7 @@ by its exporter, and a missing one is named with the install command.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -80,6 +81,7 @@ def export_tensorboard(
     written: dict[str, int] = {}
     for run in snapshot["runs"]:
         label = run_label(run)
+        shutil.rmtree(root / label, ignore_errors=True)  # exported again: the run's points once, not twice
         writer = EventFileWriter(str(root / label))
         try:
             config = json.dumps(run.get("config") or {}, indent=1, sort_keys=True)
@@ -87,7 +89,7 @@ def export_tensorboard(
             text.metadata.plugin_data.plugin_name = "text"
             writer.add_event(Event(summary=Summary(value=[text]), step=0, wall_time=float(run["created_at"])))
             for row in by_run.get(int(run["run_id"]), []):
-                scalar = Summary(value=[Summary.Value(tag=str(row["name"]), simple_value=float(row["value"]))])
+                scalar = Summary(value=[Summary.Value(tag=str(row["name"]), simple_value=_value(row))])
                 writer.add_event(Event(summary=scalar, step=int(row["step"]), wall_time=float(row["time"])))
         finally:
             writer.close()
@@ -111,8 +113,7 @@ def export_mlflow(
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-    for old in client.search_runs([experiment_id], filter_string=f"tags.`{RF_EXPERIMENT_TAG}` = '{experiment}'"):
-        client.delete_run(old.info.run_id)
+    exported_before = _mlflow_run_ids(client, experiment_id, experiment)
     by_run = points_by_run(metric_rows)
     written: dict[str, str] = {}
     for run in snapshot["runs"]:
@@ -133,7 +134,7 @@ def export_mlflow(
         for batch in _chunks(params, MLFLOW_PARAMS_PER_BATCH):
             client.log_batch(run_id, params=batch)
         points = [
-            Metric(str(row["name"]), float(row["value"]), int(float(row["time"]) * 1000), int(row["step"]))
+            Metric(str(row["name"]), _value(row), int(float(row["time"]) * 1000), int(row["step"]))
             for row in by_run.get(int(run["run_id"]), [])
         ]
         for batch in _chunks(points, MLFLOW_BATCH):
@@ -142,6 +143,8 @@ def export_mlflow(
         if status is not None:
             client.set_terminated(run_id, status=status, end_time=int(float(run["updated_at"]) * 1000))
         written[run_label(run)] = run_id
+    for old_run_id in exported_before:  # only once the new runs are all written: a failed export loses nothing
+        client.delete_run(old_run_id)
     return {"target": "mlflow", "tracking_uri": tracking_uri, "experiment_id": experiment_id, "runs": written}
 
 
@@ -153,6 +156,24 @@ def export_parquet(snapshot: Mapping[str, Any], metric_rows: Sequence[Mapping[st
     root = Path(folder) / str(snapshot["experiment"]["name"])
     written = write_parquet(results_frame(snapshot, run_metrics), metrics_frame(metric_rows), root)
     return {"target": "parquet", "folder": str(root), "files": {key: str(path) for key, path in written.items()}}
+
+
+def _mlflow_run_ids(client: Any, experiment_id: str, experiment: str) -> list[str]:
+    """Every MLflow run an earlier export of `experiment` wrote, page by page."""
+    ids: list[str] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.`{RF_EXPERIMENT_TAG}` = '{experiment}'",
+                                  max_results=1000, page_token=token)  # fmt: skip
+        ids += [run.info.run_id for run in page]
+        token = page.token
+        if not token:
+            return ids
+
+
+def _value(row: Mapping[str, Any]) -> float:
+    """A point's value; the server sends a non-finite one (a diverged loss) as null: exported as NaN."""
+    return float("nan") if row.get("value") is None else float(row["value"])
 
 
 def _param_text(value: Any) -> str:

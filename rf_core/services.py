@@ -40,6 +40,7 @@ DEFAULT_PREFECT_PORT = 4200
 PREFECT_START_TIMEOUT_S = 120.0  # Prefect's server migrates its database at first start: ~15 s on 2 cores
 SERVICES_FILE = "services.json"
 PREFECT_LOG_NAME = "prefect.log"
+DOWN_MARKER = ".services-down"  # left by `rf down`, removed by `rf up`
 
 
 class ServiceError(RuntimeError):
@@ -95,6 +96,7 @@ def up(
     home = Path(home) if home is not None else paths.rf_home()
     home.mkdir(parents=True, exist_ok=True)
     with _services_lock(home):
+        (home / DOWN_MARKER).unlink(missing_ok=True)
         recorded = read_services(home)
         prefect_info = _ensure_prefect(home, prefect_port_number, recorded) if prefect else None
         prefect_url = (prefect_info or recorded.get("prefect") or {}).get("url")
@@ -132,7 +134,12 @@ def _rf_port_for(asked: int | None, recorded: dict[str, Any]) -> int:
 
 
 def revive_rf_server(home: Path | None = None) -> None:
-    """Start `rf up`'s rf server again after it died (a fit that uses it calls this when it stops answering)."""
+    """Start `rf up`'s rf server again after it died (a fit that uses it calls this when it stops answering); not
+    after `rf down`, which the fits ride out until someone runs `rf up`."""
+    home = Path(home) if home is not None else paths.rf_home()
+    if (home / DOWN_MARKER).exists():
+        print("rf: the rf server was stopped with `rf down`; waiting for `rf up`")
+        return
     try:
         started = up(home, prefect=False)["rf"]
     except ServiceError as exc:  # e.g. it is alive but slow, still holding its port: the fit keeps waiting
@@ -226,10 +233,11 @@ def down(home: Path | None = None, force: bool = False) -> list[str]:
         for name in ("prefect", "rf"):
             service = recorded.get(name) or {}
             pid = int(service.get("pid") or 0)
-            if service.get("owned") and pid and is_process_alive(pid) and _is_service_process(pid, name):
+            if service.get("owned") and pid and is_process_alive(pid) and _is_service_process(pid, name, home, service):
                 _terminate(pid)
                 stopped.append(f"{name} server (pid {pid}, {service.get('url')})")
         services_path(home).unlink(missing_ok=True)
+        (home / DOWN_MARKER).touch()  # fits that ride out the outage must not start the server again
     return stopped
 
 
@@ -301,13 +309,17 @@ def _get_json(url: str) -> Any:
         return None
 
 
-def _is_service_process(pid: int, name: str) -> bool:
-    """The recorded pid still runs the service (a pid reused by another program is left alone)."""
+def _is_service_process(pid: int, name: str, home: Path, service: dict[str, Any]) -> bool:
+    """The recorded pid still runs this RF_HOME's service (a pid reused after a reboot, even by another home's
+    server, is left alone)."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return True  # no procfs: trust the record
-    return ("dash_app.server" in command) if name == "rf" else ("prefect" in command and "server" in command)
+    if name == "rf":
+        return "dash_app.server" in command and f"--rf-home {home}" in command
+    port = urllib.parse.urlsplit(str(service.get("url") or "")).port
+    return "prefect" in command and "server start" in command and f"--port {port}" in command
 
 
 def _terminate(pid: int, timeout: float = 15.0) -> None:

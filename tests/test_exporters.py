@@ -133,3 +133,32 @@ def test_a_missing_tracker_is_named_with_its_install_command(monkeypatch: pytest
     snapshot = {"experiment": {"name": "exp"}, "runs": []}
     with pytest.raises(ExportError, match=r"pip install -e '\.\[mlflow\]'"):
         exporters.export_mlflow(snapshot, [], "sqlite:///x.db")
+
+
+def test_a_diverged_point_is_exported_as_nan_and_a_second_export_replaces_the_first(tmp_path: Path) -> None:
+    import math
+
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rf_core.exporters import export_mlflow, export_tensorboard
+
+    snapshot = {
+        "experiment": {"name": "nan"},
+        "runs": [{"run_id": 1, "status": "Failed", "source": "initial", "config": {"learning_rate": 1.0},
+                  "created_at": 1000.0, "updated_at": 1010.0}],
+    }  # fmt: skip
+    rows = [{"run_id": 1, "step": 1, "name": "train_loss", "value": 2.0, "time": 1001.0},
+            {"run_id": 1, "step": 2, "name": "train_loss", "value": None, "time": 1002.0}]  # fmt: skip
+    for _ in range(2):
+        export_tensorboard(snapshot, rows, tmp_path / "tb")
+        export_mlflow(snapshot, rows, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    events = EventAccumulator(str(tmp_path / "tb" / "nan" / "run-1"))
+    events.Reload()
+    values = [event.value for event in events.Scalars("train_loss")]
+    assert len(values) == 2 and values[0] == 2.0 and math.isnan(values[1])
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("nan").experiment_id])
+    history = sorted((metric.step, metric.value) for metric in mlflow.get_metric_history(run.info.run_id, "train_loss"))
+    assert history[0] == (1, 2.0) and history[1][0] == 2 and math.isnan(history[1][1])
+    assert run.info.status == "FAILED"

@@ -28,23 +28,16 @@ def reserve_for_continuation(store: Store, name: str, who: str) -> None:
         raise InvalidRequest([f"experiment {name!r} has a fit running already: its ops apply there"])
 
 
-def continue_in_background(store: Store, name: str, server_url: str, who: str = "dashboard") -> dict[str, Any]:
-    """Start `rf continue NAME` as a detached process on this machine; returns {"experiment", "pid", "log"}.
-
-    The experiment is reserved first (`reserve_for_continuation`). The process trains on the services that run (it
-    finds this server by `server_url`) and ends like any fit.
-    """
-    reserve_for_continuation(store, name, who)
-    return spawn_continue(name, server_url)
-
-
-def spawn_continue(name: str, server_url: str) -> dict[str, Any]:
-    """`rf continue NAME` as a detached process logging to the experiment's fit.log (the experiment reserved)."""
+def spawn_continue(name: str) -> dict[str, Any]:
+    """`rf continue NAME` as a detached process on this machine, logging to the experiment's fit.log (reserve the
+    experiment first): {"experiment", "pid", "log"}. It trains on the services that run and ends like any fit."""
     log = paths.experiment_dir(name) / FIT_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, RF_HOME=str(paths.rf_home()))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "rf_cli.main", "continue", name, "--server", server_url]
+    # No --server: it finds this server through RF_HOME (the URL a browser used may be a tunnel's), as `rf up`'s
+    # services or as the server this RF_HOME runs.
+    command = [sys.executable, "-m", "rf_cli.main", "continue", name]
     with open(log, "ab") as output:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,

@@ -3,8 +3,9 @@
 A fit takes its experiment with `acquire_fit` and renews the lease every `renew_every` seconds; a lease that was
 not renewed for `lease_seconds` has lapsed, and the experiment reads as "crashed" (the stored status stays
 "running": crashed is a fact about time, computed on every read). A new fit takes a crashed experiment over
-without force, a live one only with force. Each take-over bumps the experiment's fit epoch; a fit presents its
-epoch on every write, so an old fit that comes back after a take-over is refused before it writes anything.
+without force, a live one only with force. Each take-over (and each reservation for a fit about to start) gives the
+experiment a new fit epoch, from one sequence for the whole store, never reused; a fit presents its epoch on every
+write, so an old fit that comes back afterwards is refused before it writes anything.
 
 Leases never lapse within one lease period of the rf server opening the store: a fit that rode out a server
 outage gets the time to renew before anyone may call it dead.
@@ -57,7 +58,10 @@ def fit_state(experiment: dict[str, Any], now: float, store_opened_at: float, pe
     expires = experiment.get("lease_expires_at")
     if expires is None:  # created and not yet taken, or stored before leases existed
         expires = (experiment.get("last_seen_at") or experiment["created_at"]) + period
-    return RUNNING if now < max(float(expires), store_opened_at + period) else CRASHED
+    if now < max(float(expires), store_opened_at + period):
+        return RUNNING
+    # A reservation whose fit never started leaves the experiment as it was: ended, not crashed.
+    return FINISHED if str(experiment.get("fit_owner") or "").startswith(RESERVED_PREFIX) else CRASHED
 
 
 def with_fit_state(store: Store, experiment: dict[str, Any], now: float | None = None) -> dict[str, Any]:
@@ -108,12 +112,13 @@ def acquire_fit(
                 "state": state,
             }
         abandon_open_chunks(store, name, store.open_timeline(name), now)
+        new_epoch = store.next_fit_epoch()
         store.update_experiment(
             name,
             {
                 "status": RUNNING,
                 "ended_at": None,
-                "fit_epoch": epoch + 1,
+                "fit_epoch": new_epoch,
                 "fit_owner": owner,
                 "fit_flow_run": flow_run,
                 "lease_expires_at": now + period,
@@ -121,7 +126,7 @@ def acquire_fit(
             },
         )
     return {
-        "epoch": epoch + 1,
+        "epoch": new_epoch,
         "lease_seconds": period,
         "renew_every": period / RENEWALS_PER_LEASE,
         "took_over": took_over,
@@ -164,6 +169,7 @@ def reserve_fit(store: Store, name: str, owner: str) -> dict[str, Any]:
             {
                 "status": RUNNING,
                 "ended_at": None,
+                "fit_epoch": store.next_fit_epoch(),  # a stalled fit that wakes up now is refused, not revived
                 "fit_owner": RESERVED_PREFIX + owner,
                 "lease_expires_at": now + RESERVATION_SECONDS,
                 "last_seen_at": now,

@@ -133,6 +133,10 @@ class Store(ABC):
     def update_experiment(self, name: str, fields: Mapping[str, Any]) -> Row: ...
 
     @abstractmethod
+    def next_fit_epoch(self) -> int:
+        """A number no fit of this store was given before (rf_core.control.leases)."""
+
+    @abstractmethod
     def rename_experiment(self, name: str, new_name: str, path_prefixes: tuple[str, str]) -> dict[str, int]:
         """Every row of `name` moves to `new_name`; stored paths starting with `path_prefixes[0]` start with
         `path_prefixes[1]` instead. Returns the number of rows moved per table."""
@@ -430,6 +434,9 @@ class DuckDBStore(Store):
 
     def update_experiment(self, name: str, fields: Mapping[str, Any]) -> Row:
         return self._update("experiments", _EXPERIMENT_COLUMNS, {"name": name}, fields)
+
+    def next_fit_epoch(self) -> int:
+        return int(self._query(None, "SELECT nextval('fit_epoch_seq') AS epoch")[0]["epoch"])
 
     def rename_experiment(self, name: str, new_name: str, path_prefixes: tuple[str, str]) -> dict[str, int]:
         moved = {}

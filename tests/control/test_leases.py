@@ -46,7 +46,7 @@ def test_fit_state_is_computed_from_the_lease_and_the_server_start() -> None:
 
 def test_a_live_fit_is_refused_and_a_lapsed_one_is_taken_over_without_force(store: DuckDBStore) -> None:
     first = leases.acquire_fit(store, "exp", "host:1", flow_run="flow-run-1")
-    assert first["epoch"] == 1 and first["took_over"] is None
+    assert first["epoch"] >= 1 and first["took_over"] is None
     assert first["renew_every"] == pytest.approx(SHORT_LEASE_S / leases.RENEWALS_PER_LEASE)
     assert experiments.get_experiment(store, "exp")["status"] == "running"
     with pytest.raises(errors.FitLive, match=r"live fit \(host:1, last seen"):
@@ -59,7 +59,7 @@ def test_a_live_fit_is_refused_and_a_lapsed_one_is_taken_over_without_force(stor
     assert [row["status"] for row in experiments.list_experiments(store)] == ["crashed"]
     assert experiments.experiment_snapshot(store, "exp")["experiment"]["status"] == "crashed"
     second = leases.acquire_fit(store, "exp", "host:2")
-    assert second["epoch"] == 2
+    assert second["epoch"] > first["epoch"]
     assert second["took_over"] == {
         "owner": "host:1",
         "flow_run": "flow-run-1",
@@ -74,7 +74,8 @@ def test_force_takes_a_live_fit_and_the_old_fit_is_refused_before_it_writes(stor
     first = leases.acquire_fit(store, "exp", "host:1")
     second = leases.acquire_fit(store, "exp", "host:2", force=True)
     assert second["took_over"]["state"] == "running"
-    with pytest.raises(errors.FitSuperseded, match="epoch 1; the experiment is at epoch 2"):
+    with pytest.raises(errors.FitSuperseded, match=f"epoch {first['epoch']}; the experiment is at epoch "
+                       f"{second['epoch']}"):  # fmt: skip
         leases.renew_fit(store, "exp", first["epoch"])
     with pytest.raises(errors.FitSuperseded):
         leases.check_epoch(store, "exp", first["epoch"])
@@ -121,8 +122,31 @@ def test_a_reservation_holds_an_ended_experiment_for_the_fit_a_deployment_starts
     assert leases.reserve_fit(store, "exp", "deployment d") == {"reserved": True, "state": "finished"}
     assert experiments.get_experiment(store, "exp")["status"] == "running"
     assert leases.reserve_fit(store, "exp", "deployment d")["reserved"] is False, "a second op starts no second fit"
+    with pytest.raises(errors.FitSuperseded):  # the ended fit, stalled and waking now, holds nothing
+        leases.renew_fit(store, "exp", taken["epoch"])
     started = leases.acquire_fit(store, "exp", "host:3")  # the deployment's fit takes its reservation
-    assert started["epoch"] == 2 and started["took_over"] is None
+    assert started["epoch"] > taken["epoch"] and started["took_over"] is None
+
+
+def test_a_reservation_whose_fit_never_starts_leaves_the_experiment_ended(store: DuckDBStore) -> None:
+    taken = leases.acquire_fit(store, "exp", "host:1")
+    leases.end_fit(store, "exp", taken["epoch"])
+    leases.reserve_fit(store, "exp", "dashboard: continue")
+    row = store.get_experiment("exp")
+    assert leases.fit_state(row, now=row["last_seen_at"] + 1, store_opened_at=0.0) == "running"
+    lapsed = row["lease_expires_at"] + 1
+    assert leases.fit_state(row, now=lapsed, store_opened_at=0.0) == "finished", "not crashed: no fit ever ran"
+
+
+def test_epochs_are_never_reused_even_when_a_name_is(store: DuckDBStore) -> None:
+    first = leases.acquire_fit(store, "exp", "host:1")
+    lapse()
+    experiments.delete_experiment(store, "exp")
+    experiments.create_experiment(store, "exp", [CONFIG], num_chunks=2)
+    second = leases.acquire_fit(store, "exp", "host:2")
+    assert second["epoch"] != first["epoch"]
+    with pytest.raises(errors.FitSuperseded):  # the first fit, waking up, cannot pass for the new experiment's
+        leases.check_epoch(store, "exp", first["epoch"])
 
 
 def test_a_live_experiment_is_not_deleted_and_a_crashed_one_is(store: DuckDBStore) -> None:
