@@ -226,8 +226,12 @@ class OptunaPolicy(_MetricPolicy):
         """Clone-Modify ops that keep `max_concurrent` runs training until `num_runs` trials exist."""
         alive = [run for run in snapshot.runs if run.status != RunStatus.DELETED]
         training = [run for run in snapshot.trainable() if run.run_id not in stopping and run.has_chunks_left]
-        free = min(self.max_concurrent - len(training), self.num_runs - len(alive))
+        # A clone queued and not yet applied (its parent is still training its chunk) is a run already: counting it
+        # keeps the budget and the concurrency, and its parent is not replaced twice.
+        queued = sum(run.pending_ops.count("clone") for run in alive)
+        free = min(self.max_concurrent - len(training) - queued, self.num_runs - len(alive) - queued)
         replaced = {run.parent_id for run in snapshot.runs if run.source == f"policy:{self.name}"}
+        replaced |= {run.run_id for run in alive if "clone" in run.pending_ops}
         ended = [
             run
             for run in alive
@@ -239,7 +243,7 @@ class OptunaPolicy(_MetricPolicy):
         ops: list[PolicyOp] = []
         if free <= 0 or not ended:
             return ops
-        study = self.study(snapshot)
+        study = self.study(snapshot, trials=queued)  # seeded past the queued clones' asks: no repeat of theirs
         dists = distributions(self.space)
         for run in ended[:free]:
             trial = study.ask(fixed_distributions=dists)
@@ -255,8 +259,8 @@ class OptunaPolicy(_MetricPolicy):
                 how = "was stopped"
             warm = self._warm_start(run, overrides)
             reason = (
-                f"Optuna {SAMPLERS[self.sampler_name]} trial {trial.number} replaces run {run.run_id}, which {how}"
-                f" ({len(study.trials)} of {self.num_runs} trials)"
+                f"Optuna {SAMPLERS[self.sampler_name]} trial {trial.number + queued} replaces run {run.run_id}, "
+                f"which {how} ({len(study.trials) + queued} of {self.num_runs} trials)"
             )
             if self.warm_start != "off" and warm == "off":
                 reason += "; cold start: the sampled knobs change the architecture or the run has no trained state"

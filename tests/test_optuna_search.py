@@ -132,3 +132,20 @@ def test_a_stop_and_the_replacement_of_the_same_run_come_in_one_decision() -> No
     stop, clone = policy.decide(snap)
     assert isinstance(stop, Stop) and "ThresholdPruner" in stop.reason
     assert isinstance(clone, CloneModify) and clone.run_id == 1 and "which was pruned" in clone.reason
+
+
+def test_a_replacement_queued_but_not_applied_yet_counts_and_its_run_is_not_replaced_twice() -> None:
+    """Seen in a real fit: a run pruned at chunk 1 and replaced there (the clone queued while its chunk 2 trains)
+    completes at chunk 2; the clone is not applied yet, so the run has no child: it must not be replaced again."""
+    policy = OptunaPolicy(SPACE, num_runs=4, max_concurrent=2, pruner="none", seed=1)
+    snap = snapshot(
+        run(1, [1.0, 0.8], "Completed", total=2, config=config(1e-3), pending=("clone",)),
+        run(2, [1.2, 1.1], "Completed", total=2, config=config(3e-3)),
+    )
+    (clone,) = policy.decide(snap)  # 2 runs + 1 queued: one trial left, and it replaces run 2
+    assert clone.run_id == 2 and "(4 of 4 trials)" in clone.reason
+    full = snapshot(
+        run(1, [1.0, 0.8], "Completed", total=2, config=config(1e-3), pending=("clone",)),
+        run(2, [1.2, 1.1], "Completed", total=2, config=config(3e-3), pending=("clone",)),
+    )
+    assert policy.decide(full) == []  # the budget is spent by the two queued clones
