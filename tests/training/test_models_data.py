@@ -149,14 +149,14 @@ def test_stdlib_sft_examples_do_not_depend_on_what_the_process_patched(monkeypat
     import logging
     import sys
 
-    from rf_core.training import data
+    from rf_core import demo_data
 
     before = stdlib_sft_examples()
     monkeypatch.setattr(sys, "excepthook", lambda *args: None)
     monkeypatch.setattr(inspect, "isgenerator", lambda value: False)
     handler = logging.StreamHandler()
     logging.getLogger("a-library").addHandler(handler)
-    data._examples_from_a_clean_interpreter.cache_clear()
+    demo_data._examples_from_a_clean_interpreter.cache_clear()
     try:
         assert stdlib_sft_examples() == before
     finally:
