@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,16 +104,7 @@ def test_services_stay_up_for_fits_and_stop_with_rf_down(tmp_path: Path) -> None
         assert client.get_experiment("uses-services")["status"] == "finished"
 
         # A fit killed on rf up's Prefect server: `rf continue` takes it over and marks its flow run Crashed there.
-        killed = subprocess.Popen(
-            [sys.executable, "-m", "rf_cli.main", "fit", "killed", "--entrypoint", "tests.e2e_experiment:spec",
-             "--cpu-slots", "1", "--chunks", "4", "--max-configs", "1", "--idle-timeout", "0"],
-            cwd=PROJECT_ROOT, env={**env, STEP_DELAY_ENV: "0.5"}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 240
-        while not _has_started_a_chunk(client, "killed"):
-            assert killed.poll() is None and time.monotonic() < deadline, "the fit to kill never trained"
-            time.sleep(0.2)
+        killed = _fit_training(env, client, "killed", stdout=subprocess.DEVNULL, start_new_session=True)
         flow_run = client.get_experiment("killed")["fit_flow_run"]
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait(30)
@@ -128,16 +120,7 @@ def test_services_stay_up_for_fits_and_stop_with_rf_down(tmp_path: Path) -> None
         assert client.get_experiment("killed")["status"] == "finished"
 
         # rf up's rf server killed under a fit: the fit starts it again where it was, and nothing is lost.
-        riding = subprocess.Popen(
-            [sys.executable, "-m", "rf_cli.main", "fit", "rides-out", "--entrypoint", "tests.e2e_experiment:spec",
-             "--cpu-slots", "1", "--chunks", "4", "--max-configs", "1", "--idle-timeout", "0"],
-            cwd=PROJECT_ROOT, env={**env, STEP_DELAY_ENV: "0.5"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 240
-        while not _has_started_a_chunk(client, "rides-out"):
-            assert riding.poll() is None and time.monotonic() < deadline, "the fit never trained"
-            time.sleep(0.2)
+        riding = _fit_training(env, client, "rides-out", stdout=subprocess.PIPE)
         epoch = client.get_experiment("rides-out")["fit_epoch"]
         old_pid = int(read_services(home)["rf"]["pid"])
         os.kill(old_pid, signal.SIGKILL)
@@ -172,6 +155,20 @@ def test_services_stay_up_for_fits_and_stop_with_rf_down(tmp_path: Path) -> None
             if pid and is_process_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+def _fit_training(env: dict[str, str], client: RFClient, experiment: str, **popen: Any) -> subprocess.Popen[str]:
+    """`rf fit EXPERIMENT` in the background (slow steps), returned once its first chunk has started."""
+    fit = subprocess.Popen(
+        [sys.executable, "-m", "rf_cli.main", "fit", experiment, "--entrypoint", "tests.e2e_experiment:spec",
+         "--cpu-slots", "1", "--chunks", "4", "--max-configs", "1", "--idle-timeout", "0"],
+        cwd=PROJECT_ROOT, env={**env, STEP_DELAY_ENV: "0.5"}, stderr=subprocess.STDOUT, text=True, **popen,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not _has_started_a_chunk(client, experiment):
+        assert fit.poll() is None and time.monotonic() < deadline, f"the fit of {experiment} never trained"
+        time.sleep(0.2)
+    return fit
 
 
 def _has_started_a_chunk(client: RFClient, experiment: str) -> bool:
