@@ -220,7 +220,8 @@ def _train(
         devices, worker_class = slot_devices(cpu_slots), None
         threads = max(1, (os.cpu_count() or 1) // len(devices))
     source = SpecSource.for_spec(spec, entrypoint)
-    loop = FitLoop(client, experiment, spec, len(devices), home)
+    cuda = any(str(device or "").startswith("cuda") for device in devices)
+    loop = FitLoop(client, experiment, spec, len(devices), home, cuda=cuda)
     spool = paths.experiment_dir(experiment, home) / "spool"
     staging_root = default_staging_root()
     # States a crashed earlier fit left only in RAM become durable before anything reads them.

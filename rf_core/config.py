@@ -148,7 +148,11 @@ MODEL_KWARGS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "use_cache": ("true or false", lambda v: isinstance(v, bool)),
     "low_cpu_mem_usage": ("true or false", lambda v: isinstance(v, bool)),
     "device_map": ('"auto" or null (the engine places each base on its slot\'s device)', lambda v: v in ("auto", None)),
-    "trust_remote_code": ("false: running code from a model's repository is not allowed here", lambda v: v is False),
+    "trust_remote_code": (
+        "true or false; true runs code from the model's repository, so the experiment must opt in "
+        "(run_fit(..., trust_remote_code=True))",
+        lambda v: isinstance(v, bool),
+    ),
 }
 EVAL_STRATEGIES = ("chunk", "steps", "epoch", "no")
 
@@ -266,6 +270,11 @@ KNOBS: dict[str, KnobSpec] = {
             "as HF's bf16: training and eval forward passes under bfloat16 autocast; weights stay float32",
         ),
         _K(
+            "fp16", "training", (bool,), False, None,
+            "as HF's fp16: float16 autocast with a loss scaler whose state is the run's (an overflow skips the "
+            "step and the LR schedule waits, as in HF); needs a CUDA slot",
+        ),
+        _K(
             "gradient_checkpointing", "training", (bool,), False, None,
             "as HF's: recompute activations in the backward pass (non-reentrant) to save memory; same result",
         ),
@@ -281,6 +290,11 @@ KNOBS: dict[str, KnobSpec] = {
         _K(
             "seed", "training", (int, type(None)), None, _between(0, MAX_SEED),
             "the run's seed (initialisation, dropout, data order); null = the experiment's seed",
+        ),
+        _K(
+            "logging_steps", "training", (int, type(None)), None, _at_least(1),
+            "HF's: also log `loss`, the mean train_loss of the last N steps, at steps N, 2N, ... (as HF's Trainer); "
+            "null = only train_loss, which rf stores at every step anyway",
         ),
         _K(
             "run_name", "training", (str, type(None)), None,
@@ -397,8 +411,13 @@ def _eval_problems(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def _precision_problems(cfg: Mapping[str, Any]) -> list[str]:
-    if cfg.get("bf16") and cfg.get("strategy") == "deepspeed":
-        return ["bf16=true: not supported with strategy deepspeed yet (DeepSpeed keeps its own precision settings)"]
+    if cfg.get("bf16") and cfg.get("fp16"):
+        return ["bf16=true and fp16=true: pick one mixed precision"]
+    for knob in ("bf16", "fp16"):
+        if cfg.get(knob) and cfg.get("strategy") == "deepspeed":
+            return [
+                f"{knob}=true: not supported with strategy deepspeed yet (DeepSpeed keeps its own precision settings)"
+            ]
     return []
 
 
@@ -437,7 +456,7 @@ _COMMON_ALIASES = {
 # a knob that merely looks alike (logging_strategy is not strategy).
 _NOT_YET_SUPPORTED = frozenset(
     {
-        "fp16", "tf32", "logging_steps", "logging_strategy",
+        "tf32", "logging_strategy", "logging_first_step",
         "save_strategy", "save_steps", "packing", "dataset_text_field", "optim", "report_to", "output_dir",
     }
 )  # fmt: skip

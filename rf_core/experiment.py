@@ -41,6 +41,8 @@ class ExperimentSpec:
     keep_checkpoints: int | None = 2  # newest chunk checkpoints kept per run (plus what clones need); None: all
     # Functions configs may name (formatting_func, compute_metrics): {name: function} or a list (by __name__).
     functions: Mapping[str, Callable[..., Any]] | Sequence[Callable[..., Any]] | None = None
+    # Whether configs may load models with trust_remote_code=true (code from the model's repository runs here).
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.create_model_fn):
@@ -56,7 +58,18 @@ class ExperimentSpec:
             raise ValueError("train_dataset is empty")
         if len(self.eval_dataset) == 0:
             raise ValueError("eval_dataset is empty")
-        self.named_configs()  # a lambda or two functions of one name are refused here, not in a worker
+        configs, _ = self.named_configs()  # a lambda or two functions of one name are refused here, not in a worker
+        untrusted = [index for index, config in enumerate(configs, start=1) if not self.allows(config)]
+        if untrusted:
+            raise ValueError(
+                f"config {untrusted[0]}: model_kwargs.trust_remote_code=true runs code from the model's repository; "
+                "opt this experiment in with run_fit(..., trust_remote_code=True)"
+            )
+
+    def allows(self, config: Mapping[str, Any]) -> bool:
+        """False when the config asks to run a model repository's code and this experiment has not opted in."""
+        model_kwargs = config.get("model_kwargs") or {}
+        return self.trust_remote_code or model_kwargs.get("trust_remote_code") is not True
 
     def named_configs(self) -> tuple[list[dict[str, Any]], dict[str, Callable[..., Any]]]:
         """The config group's configs with every function replaced by its registered name, and the registry."""
@@ -112,6 +125,7 @@ class Experiment:
         entrypoint: str | None = None,
         resume: bool = False,
         ephemeral: bool | None = None,
+        trust_remote_code: bool = False,
     ) -> dict[str, Any]:
         """Train every config of `config_group` in `num_chunks` chunks per epoch; returns the final snapshot.
 
@@ -126,6 +140,10 @@ class Experiment:
 
         `policies` run at every chunk boundary: `rf_core.policies.Policy` objects (acting; they may be defined
         right here), template names, or JSON specs `{"template", "params", "mode": "act" | "propose"}`.
+
+        A config's `model_kwargs` may set `trust_remote_code=True` (the model's repository runs its own code in the
+        slot workers) only when `trust_remote_code=True` is given here too; a clone asking for it without that
+        opt-in fails with the reason.
 
         An experiment of this name that exists already is refused, unless `resume=True`: then its fit goes on with
         this spec's functions and data: its runs, ids, metrics and queued ops are kept (ops queued after its last
@@ -147,6 +165,7 @@ class Experiment:
             metric=metric,
             mode=mode,
             keep_checkpoints=keep_checkpoints,
+            trust_remote_code=trust_remote_code,
         )
         try:
             return fit_runner()(

@@ -39,12 +39,15 @@ class Plan:
 class FitLoop:
     """Per-fit bookkeeping: chunk plans per run and which slot holds which run's state warm."""
 
-    def __init__(self, client: Any, experiment: str, spec: ExperimentSpec, num_slots: int, home: Path) -> None:
+    def __init__(
+        self, client: Any, experiment: str, spec: ExperimentSpec, num_slots: int, home: Path, *, cuda: bool = False
+    ) -> None:
         self.client = client
         self.experiment = experiment
         self.spec = spec
         self.num_slots = num_slots
         self.home = home
+        self.cuda = cuda  # the slots train on CUDA devices (else on the CPU)
         self._chunk_plans: dict[int, list[ChunkSpec]] = {}
         self.warm_slots: dict[int, tuple[int, ...]] = {}  # run -> slots whose workers hold its state in memory
         self._dispatched_at: dict[int, float] = {}  # run in flight -> when its chunk was planned
@@ -80,6 +83,18 @@ class FitLoop:
                 plan.unplannable[run_id] = (
                     f"run {run_id} needs {devices} devices (num_devices) but this fit has {self.num_slots} "
                     "slots: clone it with fewer, or continue the experiment with more slots"
+                )
+                continue
+            if not self.spec.allows(run["config"]):
+                plan.unplannable[run_id] = (
+                    f"run {run_id} has model_kwargs.trust_remote_code=true, which runs code from the model's "
+                    "repository; this experiment did not opt in (run_fit(..., trust_remote_code=True))"
+                )
+                continue
+            if run["config"].get("fp16") and not self.cuda:
+                plan.unplannable[run_id] = (
+                    f"run {run_id} has fp16=true but this fit's slots are CPUs: float16 training needs a CUDA "
+                    "device (as in HF's Trainer); clone it with bf16=true, which trains on the CPU"
                 )
                 continue
             try:

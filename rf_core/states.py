@@ -170,6 +170,7 @@ FIT_EPOCH_HEADER = "X-RF-Fit-Epoch"  # a fit's calls carry it: one that was take
 # The metrics every run logs: the minibatch loss and the learning rate at each step, the eval loss at each boundary.
 TRAIN_LOSS_METRIC = "train_loss"
 LEARNING_RATE_METRIC = "learning_rate"
+LOGGED_LOSS_METRIC = "loss"  # HF's logged training loss: the mean over logging_steps steps, when that knob is set
 EVAL_LOSS_METRIC = "eval_loss"
 DEFAULT_METRIC = EVAL_LOSS_METRIC  # what ranks runs unless the experiment names another metric
 METRIC_MODES = ("min", "max")  # whether a lower or a higher value of the metric is better

@@ -97,7 +97,6 @@ def test_nested_lists_and_ranges_expand_as_rapidfire_does() -> None:
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"training_args": RFSFTConfig(fp16=True)}, "RFSFTConfig fp16=True: rf has no float16 mixed precision yet"),
         ({"training_args": RFSFTConfig(fsdp="full_shard")}, "RFSFTConfig fsdp='full_shard': rf trains a run on"),
         ({"peft_config": RFLoraConfig(r=8, use_rslora=True)}, "RFLoraConfig use_rslora=True: rf sets only r,"),
         ({"model_type": "seq2seq_lm"}, "model_type='seq2seq_lm': rf trains causal language models only"),

@@ -23,6 +23,7 @@ from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range
 
 # Per knob: values it accepts and values it rejects (each rejection must name the key).
 VALID: dict[str, list[Any]] = {
+    "logging_steps": [None, 1, 500],
     "run_name": [None, "baseline", "lr 3e-4 / r 16"],
     # Local folders must lie under the model roots (the temporary folder, in tests/conftest.py).
     "model_name_or_path": ["rf-tiny-llama", f"{tempfile.gettempdir()}/models/llama", "org/model"],
@@ -48,6 +49,7 @@ VALID: dict[str, list[Any]] = {
     "bias": ["none"],
     "task_type": ["CAUSAL_LM"],
     "bf16": [False, True],
+    "fp16": [False, True],
     "gradient_checkpointing": [False, True],
     "gradient_checkpointing_kwargs": [None, {}, {"use_reentrant": False}],
     "seed": [None, 0, 42, 2**32 - 1],
@@ -68,13 +70,14 @@ VALID: dict[str, list[Any]] = {
     "zero_stage": [0, 1, 2, 3],
 }  # fmt: skip
 INVALID: dict[str, list[Any]] = {
+    "logging_steps": [0, -1, 1.5, True, "10"],
     "run_name": ["", "   ", "x" * 101, 3],
     "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../../../../../../../../etc/llama"],
     "model_kwargs": [
         [],
         "bf16",
         {"torch_dtype": "fp16"},
-        {"trust_remote_code": True},
+        {"trust_remote_code": "yes"},
         {"device_map": "cuda:0"},
         {"quantization_config": {}},
     ],
@@ -97,6 +100,7 @@ INVALID: dict[str, list[Any]] = {
     "bias": ["all", "lora_only", None],
     "task_type": ["SEQ_CLS", "causal_lm", None],
     "bf16": [1, "true", None],
+    "fp16": [1, "true", None],
     "gradient_checkpointing": [0, "yes", None],
     "gradient_checkpointing_kwargs": [{"use_reentrant": True}, {"preserve_rng_state": False}, [], "none"],
     "seed": [-1, 2**32, 1.5, True, "42"],
@@ -191,7 +195,7 @@ def test_unknown_keys_are_rejected_with_a_suggestion(key: str, suggestion: str) 
     assert validate_config({key: 1}) == [f"unknown key {key!r} (did you mean {suggestion!r}?)"]
 
 
-@pytest.mark.parametrize("key", ["logging_strategy", "fp16", "tf32", "logging_steps", "packing"])
+@pytest.mark.parametrize("key", ["logging_strategy", "tf32", "logging_first_step", "packing"])
 def test_hugging_face_knobs_not_supported_yet_are_named_so_and_never_mapped_to_a_look_alike(key: str) -> None:
     (problem,) = validate_config({key: 1})
     assert problem.startswith(f"unknown key {key!r}: a Hugging Face / TRL training argument that rf does not")
@@ -208,6 +212,14 @@ def test_bf16_with_deepspeed_is_refused_naming_both() -> None:
     ]
     assert validate_config({"bf16": True, "gradient_checkpointing": True}) == []
     assert validate_config({"bf16": 1}) != []  # a bool, not a number
+
+
+def test_fp16_is_refused_with_bf16_or_deepspeed() -> None:
+    assert validate_config({"fp16": True, "bf16": True}) == ["bf16=true and fp16=true: pick one mixed precision"]
+    assert validate_config({"fp16": True, "strategy": "deepspeed"}) == [
+        "fp16=true: not supported with strategy deepspeed yet (DeepSpeed keeps its own precision settings)"
+    ]
+    assert validate_config({"fp16": True, "gradient_checkpointing": True}) == []
 
 
 def test_an_unknown_key_without_a_close_match_lists_the_known_keys() -> None:

@@ -41,16 +41,21 @@ def make_run(run_id: int, status: str = "New", done: int = 0, **extra: Any) -> d
     return {"run_id": run_id, "status": status, "chunks_done": done, "config": config, **extra}
 
 
-def make_loop(client: FakeClient, slots: int = 2, samples: int = 32) -> FitLoop:
-    spec = ExperimentSpec(
-        config_group={},
+def make_spec(samples: int = 32, **fields: Any) -> ExperimentSpec:
+    fields = {"config_group": {}, **fields}
+    return ExperimentSpec(
         create_model_fn=lambda cfg: (None, None),
         train_dataset=[{"text": "x"}] * samples,
         eval_dataset=[{"text": "y"}],
         num_chunks=4,
         seed=5,
+        **fields,
     )
-    return FitLoop(client, "exp", spec, slots, Path("/tmp/rf-home"))
+
+
+def make_loop(client: FakeClient, slots: int = 2, samples: int = 32, cuda: bool = False) -> FitLoop:
+    spec = make_spec(samples)
+    return FitLoop(client, "exp", spec, slots, Path("/tmp/rf-home"), cuda=cuda)
 
 
 def test_ops_are_applied_only_to_runs_not_in_flight():
@@ -151,6 +156,33 @@ def test_a_run_needing_more_devices_than_slots_fails_with_the_reason():
     assert plan.tasks == []
     assert list(plan.unplannable) == [1]
     assert "needs 3 devices" in plan.unplannable[1] and "2 slots" in plan.unplannable[1]
+
+
+def test_an_fp16_run_fails_with_the_reason_on_cpu_slots_and_trains_on_cuda_slots():
+    fp16 = make_run(1)
+    fp16["config"] = normalize_config({"per_device_train_batch_size": 4, "fp16": True})
+    plan = make_loop(FakeClient([fp16, make_run(2)])).plan(in_flight={})
+    assert list(plan.unplannable) == [1] and [task.run_id for _, task in plan.tasks] == [2]
+    assert "fp16=true but this fit's slots are CPUs" in plan.unplannable[1] and "bf16=true" in plan.unplannable[1]
+    plan = make_loop(FakeClient([fp16]), cuda=True).plan(in_flight={})
+    assert plan.unplannable == {} and [task.run_id for _, task in plan.tasks] == [1]
+
+
+def test_a_spec_refuses_remote_code_unless_the_experiment_opts_in():
+    remote = {"model_kwargs": {"trust_remote_code": True}}
+    with pytest.raises(ValueError, match=r"config 2: model_kwargs.trust_remote_code=true runs code .* opt this"):
+        make_spec(config_group=[{}, remote])
+    assert make_spec(config_group=[{}, remote], trust_remote_code=True).trust_remote_code
+
+
+def test_a_clone_asking_for_remote_code_fails_with_the_reason_unless_the_experiment_opted_in():
+    clone = make_run(1)
+    clone["config"] = normalize_config({"per_device_train_batch_size": 4, "model_kwargs": {"trust_remote_code": True}})
+    plan = make_loop(FakeClient([clone, make_run(2)])).plan(in_flight={})
+    assert list(plan.unplannable) == [1] and "did not opt in" in plan.unplannable[1]
+    trusting = make_loop(FakeClient([clone]))
+    trusting.spec.trust_remote_code = True
+    assert trusting.plan(in_flight={}).unplannable == {}
 
 
 def test_a_run_allowed_more_devices_takes_idle_slots_as_a_gang():

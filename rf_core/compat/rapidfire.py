@@ -34,7 +34,6 @@ LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_
 # Training arguments rf takes and drops, with why: they set what HF's Trainer logs or saves, which rf does its way.
 IGNORED_TRAINING_ARGS: dict[str, str] = {
     "report_to": "rf stores every metric in its own store, shown on its dashboard and by `rf runs`",
-    "logging_steps": "rf stores the training loss of every step",
     "logging_strategy": "rf stores the training loss of every step",
     "logging_first_step": "rf stores the training loss of every step",
     "output_dir": "rf keeps each run's checkpoints and exports under RF_HOME",
@@ -48,8 +47,6 @@ IGNORED_TRAINING_ARGS: dict[str, str] = {
     "do_eval": "rf evaluates as eval_strategy says",
 }
 REFUSED_TRAINING_ARGS: dict[str, str] = {
-    "fp16": "rf has no float16 mixed precision yet (float16 training needs a CUDA device and a loss scaler); use "
-    "bf16=True",
     "fsdp": "rf trains a run on several devices with DDP or DeepSpeed ZeRO: set num_devices and strategy",
     "fsdp_config": "rf trains a run on several devices with DDP or DeepSpeed ZeRO: set num_devices and strategy",
     "deepspeed": "set strategy='deepspeed' and zero_stage instead",
@@ -352,8 +349,6 @@ def _training_knobs(arguments: Any, problems: list[str]) -> dict[str, Any]:
         if key in IGNORED_TRAINING_ARGS:
             continue
         if key in REFUSED_TRAINING_ARGS:
-            if key == "fp16" and value is False:
-                continue
             problems.append(f"RFSFTConfig {key}={value!r}: {REFUSED_TRAINING_ARGS[key]}")
             continue
         knobs_set[RENAMED_TRAINING_ARGS.get(key, key)] = _rf_value(value)

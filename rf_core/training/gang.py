@@ -99,7 +99,12 @@ class GangSession:
 
 
 class PlainStep:
-    """One process computes the whole step: mean of the micro-batch losses, clipping, the optimizer's update."""
+    """One process computes the whole step: mean of the micro-batch losses, clipping, the optimizer's update.
+
+    With fp16 a `scaler` scales the loss before backward and unscales the gradients before clipping; a step whose
+    gradients overflowed is skipped and the scale backs off, as torch's GradScaler (and so HF's Trainer) does."""
+
+    scaler: torch.amp.GradScaler | None = None
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -111,12 +116,23 @@ class PlainStep:
         return self.model(**batch, use_cache=False).loss
 
     def backward(self, loss: torch.Tensor, position: int, count: int) -> None:
-        (loss / count).backward()
+        scaled = loss / count
+        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
 
-    def update(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], max_norm: float) -> None:
+    def update(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], max_norm: float) -> bool:
+        """Update the parameters; False when fp16's scaler skipped the step (its gradients were not finite)."""
+        if self.scaler is None:
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            optimizer.step()
+            return True
+        self.scaler.unscale_(optimizer)
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        optimizer.step()
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
 
 
 class DDPStep(PlainStep):
@@ -134,8 +150,9 @@ class DeepSpeedStep(PlainStep):
         if position < count - 1:
             self.model.step()  # counts the micro-batch; the engine updates only at the accumulation boundary
 
-    def update(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], max_norm: float) -> None:
+    def update(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], max_norm: float) -> bool:
         self.model.step()
+        return True
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ from rf_core import chunks
 from rf_core.data_forms import formatted_example
 from rf_core.functions import EvaluationContext, resolve
 from rf_core.messages import ChunkOutcome, ChunkSpec, Gang, TrainTask, WarmStart
-from rf_core.states import EVAL_LOSS_METRIC, LEARNING_RATE_METRIC, TRAIN_LOSS_METRIC
+from rf_core.states import EVAL_LOSS_METRIC, LEARNING_RATE_METRIC, LOGGED_LOSS_METRIC, TRAIN_LOSS_METRIC
 from rf_core.training import zero
 from rf_core.training.artifacts import (
     BEST,
@@ -122,6 +122,9 @@ class _RunState:
     chunk_started: tuple[int, int] | None = None  # (chunk index, step) of the chunk being trained
     samples_at_chunk_start: int = 0
     engine: Any = None  # a DeepSpeed run's engine, for the chunk being trained; it holds the optimizer state
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale: the run's, swapped and checkpointed with it
+    # logging_steps: the train losses since the last logged `loss`; an interval may span a chunk boundary.
+    unlogged_losses: list[float] = field(default_factory=list)
 
     @property
     def is_lora(self) -> bool:
@@ -319,20 +322,25 @@ class SlotTrainer:
                 if not np.isfinite(micro_losses[0]):
                     raise NonFiniteLossError(f"loss became {micro_losses[0]} at step {step_number}")
             learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this update uses
-            stepper.update(state.optimizer, parameters, config["max_grad_norm"])
-            state.scheduler.step()
+            if stepper.update(state.optimizer, parameters, config["max_grad_norm"]):
+                state.scheduler.step()  # as HF: a step fp16's scaler skipped (gradients overflowed) moves no schedule
             state.optimizer.zero_grad(set_to_none=True)
             state.step = step_number
             state.samples += sum(len(indices) for indices in micro_batches)
             last_train_loss = sum(micro_losses) / len(micro_losses)
             now = time.time()
+            rows = [
+                _metric_row(state.step, TRAIN_LOSS_METRIC, last_train_loss, chunk.index, now),
+                _metric_row(state.step, LEARNING_RATE_METRIC, learning_rate, chunk.index, now),
+            ]
+            if config["logging_steps"] is not None:
+                state.unlogged_losses.append(last_train_loss)
+                if state.step % config["logging_steps"] == 0:
+                    logged = sum(state.unlogged_losses) / len(state.unlogged_losses)
+                    rows.append(_metric_row(state.step, LOGGED_LOSS_METRIC, logged, chunk.index, now))
+                    state.unlogged_losses = []
             if leads:
-                emit(
-                    [
-                        _metric_row(state.step, TRAIN_LOSS_METRIC, last_train_loss, chunk.index, now),
-                        _metric_row(state.step, LEARNING_RATE_METRIC, learning_rate, chunk.index, now),
-                    ]
-                )
+                emit(rows)
             if state.step < chunk.end_step and evaluates_after_step(config, state.step):
                 # Between two steps of a chunk: the training RNG must come out as it went in.
                 rng = capture_rng_state()
@@ -399,9 +407,9 @@ class SlotTrainer:
                 zero.load_shards(state.engine, task.run_dir, task.chunk.start_step)
             restore_rng_state(state.rng)  # starting the engine must not move the run's random streams
             return DeepSpeedStep(state.engine)
-        if session is None:
-            return PlainStep(model)
-        return session.wrap_ddp(model, list(state.trainable.values()))
+        stepper = PlainStep(model) if session is None else session.wrap_ddp(model, list(state.trainable.values()))
+        stepper.scaler = state.scaler
+        return stepper
 
     def _follow_ups(self, task: TrainTask, base: _BaseEntry, state: _RunState, improved: bool) -> list[AfterPersist]:
         """Once the boundary's state is on disk: export it as the latest (and best), prune old checkpoints."""
@@ -565,6 +573,7 @@ class SlotTrainer:
             trainable=trainable,
             optimizer=optimizer,
             scheduler=scheduler,
+            scaler=torch.amp.GradScaler(_model_device(model).type) if config["fp16"] else None,
         )
 
     def _restore(self, state: _RunState, checkpoint: dict[str, Any], source: str) -> None:
@@ -580,6 +589,9 @@ class SlotTrainer:
         state.chunk_index = int(checkpoint["chunk_index"])
         state.rng = checkpoint["rng"]
         state.best = checkpoint.get("best")
+        state.unlogged_losses = list(checkpoint.get("unlogged_losses", []))
+        if state.scaler is not None and checkpoint.get("grad_scaler") is not None:
+            state.scaler.load_state_dict(checkpoint["grad_scaler"])
 
     def _activate(self, state: _RunState) -> Any:
         """Make `state` the one that trains: its adapter active and alone trainable, train mode, its RNG."""
@@ -608,6 +620,8 @@ class SlotTrainer:
                 "scheduler": state.scheduler.state_dict(),
                 "rng": state.rng,
                 "best": state.best,
+                "grad_scaler": None if state.scaler is None else state.scaler.state_dict(),
+                "unlogged_losses": list(state.unlogged_losses),
             },
             path,
             follow_ups,
@@ -834,10 +848,13 @@ def _model_device(model: Any) -> torch.device:
 
 
 def _precision(config: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 as Hugging Face's Trainer does it: the forward pass under bfloat16 autocast, on CPU and GPU alike."""
-    if not config["bf16"]:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 and fp16 as Hugging Face's Trainer does them: the forward pass under autocast (fp16's loss scaling is
+    the stepper's)."""
+    if config["bf16"]:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if config["fp16"]:
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def _set_gradient_checkpointing(model: Any, enabled: bool) -> None:

@@ -730,8 +730,13 @@ def test_a_fit_on_conversational_data_from_a_datasets_dataset(prefect_harness, t
     )
     config = {"model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 48, "per_device_train_batch_size": 8}
     snapshot = Experiment("chat").run_fit(
-        # The newer knobs in a real fit too: precision and memory, transformers 4's warm-up ratio, PEFT's names.
-        [config, {**config, "bf16": True, "gradient_checkpointing": True, "warmup_ratio": 0.5, "bias": "none"}],
+        # The newer knobs in a real fit too: precision and memory, transformers 4's warm-up ratio, PEFT's names,
+        # HF's logged loss; fp16 on these CPU slots fails with the reason, and the others train on.
+        [
+            {**config, "logging_steps": 2},
+            {**config, "bf16": True, "gradient_checkpointing": True, "warmup_ratio": 0.5, "bias": "none"},
+            {**config, "fp16": True},
+        ],
         e2e_experiment.create_model_fn,
         train,
         evaluation,
@@ -739,11 +744,14 @@ def test_a_fit_on_conversational_data_from_a_datasets_dataset(prefect_harness, t
         cpu_slots=1,
         idle_timeout=1,
     )
-    plain, mixed = snapshot["runs"]
+    plain, mixed, half = snapshot["runs"]
     for run in (plain, mixed):
         assert run["status"] == "Completed", run.get("error")
         assert run["chunks_done"] == 2 and run["latest_metric"] is not None and run["latest_metric"] > 0
     assert mixed["config"]["bf16"] and mixed["latest_metric"] != plain["latest_metric"]
+    assert half["status"] == "Failed" and "fp16=true but this fit's slots are CPUs" in half["error"]
+    logged = Experiment("chat").metrics(names=["loss", "train_loss"])
+    assert sorted(logged[logged["name"] == "loss"]["run_id"]) == [1, 1]  # 4 steps, logged every 2, run 1 only
 
 
 def test_functions_per_config_gridded_scored_by_generation_and_switched_by_a_clone(

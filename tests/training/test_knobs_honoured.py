@@ -427,6 +427,23 @@ def case_bf16(train: Runs) -> None:
     assert mixed.steps("train_loss") == base.steps("train_loss")
 
 
+def case_fp16(train: Runs) -> None:
+    # float16 autocast with a loss scaler (CPU here; a fit refuses fp16 on CPU slots): weights stay float32, the
+    # scaler's state is saved with the run.
+    base, mixed = train(), train({"fp16": True})
+    assert mixed.losses != base.losses and mixed.losses == pytest.approx(base.losses, rel=0.05)
+    assert all(tensor.dtype == torch.float32 for tensor in mixed.weights.values())
+    assert mixed.checkpoint["grad_scaler"]["scale"] > 0 and base.checkpoint["grad_scaler"] is None
+
+
+def case_logging_steps(train: Runs) -> None:
+    # HF's logged `loss`: the mean train_loss over each interval of 3 steps (step 3-6 spans the chunk boundary).
+    base, logged = train(), train({"logging_steps": 3})
+    assert logged.losses == base.losses and same_weights(logged.weights, base.weights)
+    assert logged.steps("loss") == [3, 6] and base.steps("loss") == []
+    assert logged.values("loss") == pytest.approx([sum(base.losses[0:3]) / 3, sum(base.losses[3:6]) / 3], rel=1e-12)
+
+
 def case_gradient_checkpointing(train: Runs) -> None:
     # Activations are recomputed in the backward pass: the same run, with the same forward passes seen.
     base, recomputed = train(), train({"gradient_checkpointing": True})
@@ -623,7 +640,9 @@ CASES = [
         id="warmup_steps-constant",
     ),
     pytest.param("run_name", case_run_name, id="run_name"),
+    pytest.param("logging_steps", case_logging_steps, id="logging_steps"),
     pytest.param("bf16", case_bf16, id="bf16"),
+    pytest.param("fp16", case_fp16, id="fp16"),
     pytest.param("warmup_ratio", case_warmup_ratio, id="warmup_ratio"),
     pytest.param("bias", case_bias_and_task_type, id="bias"),
     pytest.param("task_type", case_bias_and_task_type, id="task_type"),

@@ -511,6 +511,56 @@ def test_bf16_chunked_equals_straight_through_and_differs_from_float32(make_trai
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fp16_loss_scale_is_the_runs_state_chunked_equals_straight_through(
+    make_trainer, references, kind, tmp_path
+) -> None:
+    # fp16 is refused on CPU slots by the fit (tests/test_planner.py); the trainer itself runs it wherever torch
+    # does, so its loss scaler can be checked here with torch's CPU float16 autocast and GradScaler.
+    config = config_of({**(LORA if kind == "lora" else FULL_FT), "fp16": True})
+    reference = straight_through(make_trainer, config, tmp_path / "straight")
+    # Chunk i on trainer i % 2: the scaler's state must come back from the checkpoint, not from memory.
+    trainers, recorder = [make_trainer(), make_trainer()], Recorder()
+    for chunk in plan_chunks(64, config, 3):
+        last = train_ok(trainers[chunk.index % 2], task_for(1, config, chunk, tmp_path / "chunked"), recorder)
+    assert_matches_reference(reference, recorder, last)
+    scaler = load_checkpoint(last.checkpoint)["grad_scaler"]
+    assert scaler == load_checkpoint(reference[1].checkpoint)["grad_scaler"]
+    assert scaler["scale"] <= 65536.0 and scaler["_growth_tracker"] > 0  # it scaled every step since its last skip
+    assert recorder.values("train_loss") != references[kind][0].values("train_loss")  # autocast did something
+    assert all(tensor.dtype == torch.float32 for tensor in final_weights(last).values())
+    assert load_checkpoint(references[kind][1].checkpoint)["grad_scaler"] is None  # float32 runs have no scaler
+
+
+def test_logged_loss_intervals_span_chunk_boundaries_through_disk(make_trainer, references, tmp_path) -> None:
+    config = config_of(LORA, logging_steps=5)  # 16 steps in 6 chunks: intervals 1-5, 6-10, 11-15 cross boundaries
+    trainers, recorder = [make_trainer(), make_trainer()], Recorder()
+    for chunk in plan_chunks(64, config, 3):
+        last = train_ok(trainers[chunk.index % 2], task_for(1, config, chunk, tmp_path), recorder)
+    assert_matches_reference(references["lora"], recorder, last)
+    losses = [loss for _, loss in recorder.values("train_loss")]
+    assert [step for step, _ in recorder.values("loss")] == [5, 10, 15]
+    expected = [sum(losses[step - 5 : step]) / 5 for step in (5, 10, 15)]
+    assert [loss for _, loss in recorder.values("loss")] == pytest.approx(expected, rel=1e-12)
+    assert load_checkpoint(last.checkpoint)["unlogged_losses"] == [losses[15]]  # step 16 awaits its interval
+
+
+def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_the_scale_backs_off() -> None:
+    from rf_core.training.gang import PlainStep
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    stepper = PlainStep(model=None)
+    stepper.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    stepper.backward((weight * torch.tensor([1.0, float("inf")])).sum(), 0, 1)
+    assert stepper.update(optimizer, [weight], max_norm=1.0) is False
+    assert torch.equal(weight.detach(), torch.ones(2)) and stepper.scaler.get_scale() == 512.0
+    optimizer.zero_grad()
+    stepper.backward(weight.sum(), 0, 1)
+    assert stepper.update(optimizer, [weight], max_norm=1.0) is True
+    assert not torch.equal(weight.detach(), torch.ones(2)) and stepper.scaler.get_scale() == 512.0
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
 def test_gradient_checkpointing_trains_the_same_run(make_trainer, references, kind, tmp_path) -> None:
     config = config_of({**(LORA if kind == "lora" else FULL_FT), "gradient_checkpointing": True})
     trainer, recorder = make_trainer(), Recorder()
