@@ -12,7 +12,8 @@ For each run count:
    whole answer (Dash dispatch, reading the store, M4 downsampling, figure building, JSON encoding), without the
    network. "cold": the first request after start (it aggregates every stored point once); "static": later
    ticks with nothing new; "live": ticks after every run logged 25 more steps (written untimed, as training
-   would). The runs table's callback ("table") is timed on the same ticks.
+   would). Each request carries what the previous answer stored (chart-signatures), as the page does, so a tick
+   with nothing new is answered with no figure at all. The runs table's callback ("table") is timed on the same ticks.
 3. Unless `--no-browser`: starts `python -m dash_app.server` on the store and opens the page in headless Chromium
    (Playwright, /usr/bin/chromium) `--page-loads` times, each in a fresh browser context (empty caches): time
    from navigation to the first chart's first curve drawn, and to every run's curve drawn in the loss chart;
@@ -54,12 +55,20 @@ TARGET_MS = 300
 FIRST_CURVE = ".rf-chart .js-plotly-plot .scatterlayer .trace"
 
 
-def refresh_request(tick: int) -> dict[str, Any]:
-    """The body the page posts to /_dash-update-component when the refresh interval ticks."""
-    graph_ids = [{"metric": name, "type": "metric-graph"} for name in CHARTS]
+GRAPH_IDS = [{"cells": 0, "experiment": EXPERIMENT, "metric": name, "type": "metric-graph"} for name in CHARTS]
+FIGURES_OUTPUT = '{"cells":["ALL"],"experiment":["ALL"],"metric":["ALL"],"type":"metric-graph"}.figure'
+
+
+def refresh_request(tick: int, sent: Any = None) -> dict[str, Any]:
+    """The body the page posts to /_dash-update-component when the refresh interval ticks; `sent` is what the
+    previous answer stored as chart-signatures (None: the page's first request)."""
+    graph_ids = GRAPH_IDS
     return {
-        "output": '{"metric":["ALL"],"type":"metric-graph"}.figure',
-        "outputs": [{"id": graph_id, "property": "figure"} for graph_id in graph_ids],
+        "output": f"..{FIGURES_OUTPUT}...chart-signatures.data..",
+        "outputs": [
+            [{"id": graph_id, "property": "figure"} for graph_id in graph_ids],
+            {"id": "chart-signatures", "property": "data"},
+        ],
         "inputs": [
             [{"id": graph_id, "property": "id", "value": graph_id} for graph_id in graph_ids],
             {"id": "refresh", "property": "n_intervals", "value": tick},
@@ -68,7 +77,10 @@ def refresh_request(tick: int) -> dict[str, Any]:
             {"id": "ops-changed", "property": "data", "value": 0},
         ],
         "changedPropIds": ["refresh.n_intervals"],
-        "state": [{"id": "experiment-select", "property": "value", "value": EXPERIMENT}],
+        "state": [
+            {"id": "experiment-select", "property": "value", "value": EXPERIMENT},
+            {"id": "chart-signatures", "property": "data", "value": sent},
+        ],
     }
 
 
@@ -109,12 +121,14 @@ def time_refresh(store: DuckDBStore, runs: int, points: int, repeats: int) -> di
     after every run logged 25 more steps (untimed), as during training."""
     client = build_app(store).server.test_client()
     cold_ms, response = _post(client, refresh_request(0))
-    curves = response.get_json()["response"][f'{{"metric":"{CHARTS[0]}","type":"metric-graph"}}']["figure"]["data"]
+    answer = response.get_json()["response"]
+    curves = answer[json.dumps(GRAPH_IDS[0], separators=(",", ":"))]["figure"]["data"]
     if len(curves) != runs:
         raise RuntimeError(f"expected {runs} curves in the loss chart, got {len(curves)}")
-    static, live, sizes, table = [], [], [], []
+    sent = answer["chart-signatures"]["data"]  # what the page keeps and sends back on the next tick
+    static, live, sizes, live_sizes, table = [], [], [], [], []
     for tick in range(1, repeats + 1):
-        elapsed, response = _post(client, refresh_request(tick))
+        elapsed, response = _post(client, refresh_request(tick, sent))
         static.append(elapsed)
         sizes.append(len(response.data))
         table.append(_post(client, table_request(tick))[0])
@@ -124,13 +138,17 @@ def time_refresh(store: DuckDBStore, runs: int, points: int, repeats: int) -> di
         step += 25
         for run_id in range(1, runs + 1):
             append_points(store, EXPERIMENT, run_id, new_steps)
-        live.append(_post(client, refresh_request(tick))[0])
+        elapsed, response = _post(client, refresh_request(tick, sent))
+        sent = response.get_json()["response"]["chart-signatures"]["data"]
+        live.append(elapsed)
+        live_sizes.append(len(response.data))
     return {
         "cold_ms": round(cold_ms, 1),
         "static": _summary(static),
         "live": _summary(live),
         "table": _summary(table),
         "response_kb": round(statistics.median(sizes) / 1024, 1),
+        "live_response_kb": round(statistics.median(live_sizes) / 1024, 1),
         "requests": 1 + 3 * repeats,
     }
 
@@ -251,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         line = (
             f"{case['runs']:>3} runs x {case['points_per_run_and_metric']:,} points: chart refresh median "
             f"{refresh['live']['median_ms']} ms with new points (max {refresh['live']['max_ms']}), "
-            f"{refresh['static']['median_ms']} ms without, cold {refresh['cold_ms']} ms, {refresh['response_kb']} KB; "
+            f"{refresh['static']['median_ms']} ms without, cold {refresh['cold_ms']} ms; "
+            f"answer {refresh['response_kb']} KB without new points, {refresh['live_response_kb']} KB with; "
             f"table {refresh['table']['median_ms']} ms"
         )
         if "page_load" in case:

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dash import ALL, Dash, Input, Output, State, ctx, html, no_update
+from dash import ALL, ClientsideFunction, Dash, Input, Output, Patch, State, ctx, html, no_update
 from dash.exceptions import MissingCallbackContextException
 
 from dash_app import data, figures
 from dash_app.downsample import M4Cache
-from dash_app.layout import chart_cells
+from dash_app.layout import chart_cell, chart_cells
 from rf_core.control.store import Store
 
 Callbacks = dict[str, Any]
@@ -94,34 +94,45 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("refresh", "n_intervals"),
         State("metric-names", "data"),
     )
-    def refresh_chart_list(experiment: str | None, _: int | None, shown: list[str] | None) -> tuple[Any, Any]:
+    def refresh_chart_list(experiment: str | None, _: int | None, shown: Mapping[str, Any] | None) -> tuple[Any, Any]:
         names = data.chart_names(store, experiment)
-        if shown is not None and names == shown:
+        if shown and (shown.get("experiment"), shown.get("names")) == (experiment, names):
             return no_update, no_update
-        if not names:
+        cells = int((shown or {}).get("cells") or 0)
+        if not names or not experiment:
             message = "no metrics yet" if experiment else "no experiment yet: start one with rf demo or run_fit"
-            return [html.Div(message, className="rf-label")], names
-        return chart_cells(names), names
+            return [html.Div(message, className="rf-label")], {"experiment": experiment, "names": names, "cells": cells}
+        inserts = chart_inserts(shown, experiment, names)
+        if inserts is None:
+            cells += 1
+            return chart_cells(names, experiment, cells), {"experiment": experiment, "names": names, "cells": cells}
+        # A new metric (eval_loss after the first chunk) joins the charts already drawn: they keep their zoom.
+        children = Patch()
+        for index, name in inserts:
+            children.insert(index, chart_cell(name, experiment, cells))
+        return children, {"experiment": experiment, "names": names, "cells": cells}
 
     @register(
-        Output({"type": "metric-graph", "metric": ALL}, "figure"),
-        Input({"type": "metric-graph", "metric": ALL}, "id"),
+        Output({"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}, "figure"),
+        Output("chart-signatures", "data"),
+        Input({"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}, "id"),
         Input("refresh", "n_intervals"),
         Input("show-deleted", "value"),
         Input("smoothing", "value"),
         Input("ops-changed", "data"),
         State("experiment-select", "value"),
+        State("chart-signatures", "data"),
     )
     def refresh_charts(
-        graph_ids: list[dict[str, str]],
+        graph_ids: list[dict[str, Any]],
         _: int | None,
         show_deleted: list[str] | None,
         smoothing: float | None,
         __: int | None,
         experiment: str | None,
-    ) -> list[dict[str, Any]]:
-        names = [graph_id["metric"] for graph_id in graph_ids]
-        return metric_figures(store, cache, experiment, names, bool(show_deleted), smoothing)
+        sent: Mapping[str, Any] | None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        return chart_updates(store, cache, experiment, graph_ids, bool(show_deleted), smoothing, sent)
 
     @register(
         Output("timeline-graph", "figure"),
@@ -149,18 +160,25 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
 
     @register(
         Output("selected-run", "data"),
-        Input({"type": "metric-graph", "metric": ALL}, "clickData"),
+        Input({"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}, "clickData"),
         Input("runs-grid", "cellClicked"),
         Input("lineage-graph", "clickData"),
         Input("timeline-graph", "clickData"),
         Input("panel-close", "n_clicks"),
         Input("experiment-select", "value"),
-        prevent_initial_call=True,
+        Input("url", "search"),
+        State("experiment-select", "value"),
     )
-    def select_run(*_: Any) -> int | None:
-        trigger = ctx.triggered_id
-        value = ctx.triggered[0]["value"] if ctx.triggered else None
-        if trigger in ("panel-close", "experiment-select"):
+    def select_run(*inputs: Any) -> int | None:
+        search, experiment = inputs[-2], inputs[-1]
+        trigger = _triggered_id()
+        value = ctx.triggered[0]["value"] if trigger is not None and ctx.triggered else None
+        if trigger is None or trigger == "url":
+            # The page's first call, or a link followed: the run the URL names, if it is of this experiment.
+            return data.run_in_query(search, experiment)
+        if trigger == "experiment-select":
+            return data.run_in_query(search, value)  # None when the URL names another experiment
+        if trigger == "panel-close":
             return None
         if trigger == "runs-grid":
             run_id = run_from_cell(value)
@@ -250,6 +268,20 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         message = data.accepted_message(op, data.fit_state(store, experiment))
         return html.Div(message, className="rf-ok", id="op-accepted"), (changes or 0) + 1
 
+    @register(Output("smoothing", "value"), Input("url", "search"))
+    def restore_smoothing(search: str | None) -> Any:
+        smoothing = data.smoothing_in_query(search)
+        return no_update if smoothing is None else smoothing
+
+    app.clientside_callback(
+        ClientsideFunction(namespace="rf", function_name="write_url"),
+        Output("url-written", "data"),
+        Input("experiment-select", "value"),
+        Input("selected-run", "data"),
+        Input("smoothing", "value"),
+        prevent_initial_call=True,
+    )
+
     @register(
         Output("continue-result", "children"),
         Input("continue-experiment", "n_clicks"),
@@ -304,6 +336,59 @@ def metric_figures(
         )
         for name in names
     ]
+
+
+def chart_updates(
+    store: Store,
+    cache: M4Cache,
+    experiment: str | None,
+    graph_ids: Sequence[Mapping[str, Any]],
+    include_deleted: bool,
+    smoothing: float | None,
+    sent: Mapping[str, Any] | None,
+) -> tuple[list[Any], dict[str, Any]]:
+    """What each chart gets on a refresh, and the signatures of what the page then shows.
+
+    A chart drawn for the first time gets its whole figure. A drawn one gets its traces only (a `Patch`), so
+    Plotly keeps the user's zoom: Dash's Graph writes a zoom into the figure's layout, and a whole new layout
+    would reset it. A chart whose traces did not change gets nothing at all: a finished experiment costs a refresh
+    tick a few bytes. Graphs of another experiment (the page is switching) are left to their new cells.
+    `sent` is what the last call returned: {"experiment", "cells", "charts": {metric: signature}}.
+    """
+    mine = [graph_id for graph_id in graph_ids if graph_id.get("experiment") == experiment]
+    names = [graph_id["metric"] for graph_id in mine]
+    built = dict(zip(names, metric_figures(store, cache, experiment, names, include_deleted, smoothing), strict=True))
+    signatures = {name: figures.traces_signature(figure) for name, figure in built.items()}
+    cells = max((int(graph_id.get("cells") or 0) for graph_id in mine), default=0)
+    drawn = (sent or {}).get("charts") or {}
+    same_cells = (sent or {}).get("experiment") == experiment and (sent or {}).get("cells") == cells
+    updates: list[Any] = []
+    for graph_id in graph_ids:
+        name = graph_id["metric"]
+        if graph_id.get("experiment") != experiment:
+            updates.append(no_update)
+        elif not same_cells or graph_id.get("cells") != cells or drawn.get(name) is None:
+            updates.append(built[name])
+        elif drawn[name] == signatures[name]:
+            updates.append(no_update)
+        else:
+            traces = Patch()
+            traces["data"] = built[name]["data"]
+            updates.append(traces)
+    return updates, {"experiment": experiment, "cells": cells, "charts": signatures}
+
+
+def chart_inserts(
+    shown: Mapping[str, Any] | None, experiment: str, names: Sequence[str]
+) -> list[tuple[int, str]] | None:
+    """The (index, name) of each chart to insert so that the charts shown become `names`, in increasing index
+    order; None when that is not an insertion (another experiment, or a metric gone): draw them all anew."""
+    if not shown or shown.get("experiment") != experiment:
+        return None
+    before = list(shown.get("names") or [])
+    if not before or [name for name in names if name in set(before)] != before:
+        return None
+    return [(index, name) for index, name in enumerate(names) if name not in set(before)]
 
 
 def run_from_click(click_data: Mapping[str, Any] | None) -> int | None:

@@ -32,12 +32,32 @@ MIN_BUCKETS = 100
 # Metrics shown first, in this order; any other metric follows alphabetically.
 METRIC_ORDER = (states.TRAIN_LOSS_METRIC, states.LEARNING_RATE_METRIC, states.EVAL_LOSS_METRIC)
 IC_OPS_CELL = "IC Ops ▸"
+MAX_SMOOTHING = 0.95  # the smoothing slider's top: an EMA weight of 1 would draw a flat line
 
 
 def experiment_in_query(search: str | None) -> str | None:
     """The experiment a page URL names (`?experiment=NAME`, the link every fit prints), if any."""
     values = urllib.parse.parse_qs((search or "").lstrip("?")).get("experiment")
     return values[0] if values else None
+
+
+def run_in_query(search: str | None, experiment: str | None) -> int | None:
+    """The run a page URL opens (`?experiment=NAME&run=ID`), when NAME is `experiment`."""
+    query = urllib.parse.parse_qs((search or "").lstrip("?"))
+    runs = query.get("run")
+    if not runs or not experiment or query.get("experiment", [None])[0] != experiment:
+        return None
+    return int(runs[0]) if runs[0].isdigit() else None
+
+
+def smoothing_in_query(search: str | None) -> float | None:
+    """The smoothing a page URL asks for (`?smoothing=0.6`), within the slider's range; None if none or invalid."""
+    values = urllib.parse.parse_qs((search or "").lstrip("?")).get("smoothing")
+    try:
+        smoothing = float(values[0]) if values else None
+    except ValueError:
+        return None
+    return smoothing if smoothing is not None and 0 <= smoothing <= MAX_SMOOTHING else None
 
 
 def experiment_options(store: Store) -> list[dict[str, str]]:
@@ -227,9 +247,9 @@ def chart_runs(
 
 
 def hover_labels(runs: Sequence[Mapping[str, Any]], knobs: Sequence[str]) -> dict[int, str]:
-    """Per run, the knobs that differ between runs, as "name=value" lines for the chart hover."""
+    """Per run, the knobs that differ between runs, as "name=value" lines (plain text) for the chart hover."""
     return {
-        int(run["run_id"]): "<br>".join(f"{knob}={_display(run['config'].get(knob))}" for knob in knobs) for run in runs
+        int(run["run_id"]): "\n".join(f"{knob}={_display(run['config'].get(knob))}" for knob in knobs) for run in runs
     }
 
 

@@ -7,14 +7,16 @@ Point arrays travel as Plotly's typed-array spec ({"dtype", "bdata"}: base64 of 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from dash_app.downsample import Series, ema
-from rf_core.states import EVAL_LOSS_METRIC, LEARNING_RATE_METRIC, TRAIN_LOSS_METRIC
+from rf_core.states import EVAL_LOSS_METRIC, LEARNING_RATE_METRIC, LOGGED_LOSS_METRIC, TRAIN_LOSS_METRIC
 
 # Plotly's and D3's category colours: run N keeps its colour in every chart and when runs come and go.
 PALETTE = (
@@ -33,7 +35,12 @@ METRIC_TITLES = {
     TRAIN_LOSS_METRIC: "minibatch loss",
     LEARNING_RATE_METRIC: "learning rate",
     EVAL_LOSS_METRIC: "eval loss",
+    LOGGED_LOSS_METRIC: "loss (mean over logging_steps)",
 }
+# Per-step training curves, the only ones smoothing applies to: a schedule or a per-chunk eval point is exact.
+SMOOTHED_METRICS = frozenset({TRAIN_LOSS_METRIC, LOGGED_LOSS_METRIC})
+# Learning rates of a sweep span decades (1e-5 ... 1e-3): on a linear axis the smaller ones lie flat on 0.
+LOG_Y_METRICS = frozenset({LEARNING_RATE_METRIC})
 _MARGIN = {"l": 55, "r": 10, "t": 36, "b": 36}
 
 
@@ -69,18 +76,20 @@ def metric_figure(
 ) -> dict[str, Any]:
     """One metric's chart: a curve per run (step on x), hover naming the run and the knobs that vary.
 
-    `uirevision` stays the same across refreshes so Plotly keeps the user's zoom and hidden curves; with
-    `smoothing`, the raw curve stays as a faint line under the smoothed one. Each point carries its run id as
-    customdata, which is how a click on a curve opens that run's IC Ops panel.
+    `uirevision` stays the same across refreshes so Plotly keeps the user's hidden curves (zoom is kept by
+    refreshing the traces only: see `dash_app.callbacks`). `smoothing` applies to per-step training losses only;
+    the raw curve stays as a faint line under the smoothed one. Each point carries its run id as customdata, which
+    is how a click on a curve opens that run's IC Ops panel. The learning rate is on a log axis.
     """
+    smoothing = smoothing if name in SMOOTHED_METRICS else 0.0
     traces: list[dict[str, Any]] = []
     for run_id in sorted(series):
         steps, values = series[run_id]
         color = run_color(run_id)
         # Few points (eval metrics: one per chunk) read better as markers joined by a line.
         mode = "lines+markers" if len(steps) <= 50 else "lines"
-        label = html.escape(hover_labels.get(run_id, ""))
-        knobs = f"<br>{label}" if label else ""
+        # Each knob line escaped on its own: a value may hold "<", the line breaks are ours.
+        knobs = "".join(f"<br>{html.escape(line)}" for line in hover_labels.get(run_id, "").splitlines())
         hover = f"<b>run {run_id}</b>{knobs}<br>step %{{x}}<br>{name} %{{y:.4g}}<extra></extra>"
         # A plain list: dcc.Graph reads a clicked point's customdata from the figure as given, not decoded.
         run_ids = [run_id] * len(steps)
@@ -117,12 +126,24 @@ def metric_figure(
         "height": 300,
         "hovermode": "closest",
         "xaxis": {"title": {"text": "step"}, "gridcolor": "#eee", "zeroline": False},
-        "yaxis": {"gridcolor": "#eee", "zeroline": False, "exponentformat": "e"},
+        "yaxis": {
+            "gridcolor": "#eee",
+            "zeroline": False,
+            "exponentformat": "e",
+            "type": "log" if name in LOG_Y_METRICS else "linear",
+        },
         "plot_bgcolor": "white",
         "paper_bgcolor": "white",
-        "legend": {"font": {"size": 10}},
+        # Run colours are keyed in the runs table: a legend per chart needs its own scrollbar from 8 runs on.
+        "showlegend": False,
     }
     return {"data": traces, "layout": layout}
+
+
+def traces_signature(figure: Mapping[str, Any]) -> str:
+    """A short digest of a figure's traces: equal digests, nothing to redraw."""
+    encoded = json.dumps(figure.get("data", []), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(encoded, digest_size=12).hexdigest()
 
 
 def timeline_figure(entries: Sequence[Mapping[str, Any]], origin: float, now: float) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 import dash_ag_grid as dag
 from dash import dcc, html
 
-from dash_app.data import OPS_LOG_COLUMNS
+from dash_app.data import MAX_SMOOTHING, OPS_LOG_COLUMNS
 from rf_core.states import WARM_START_MODES
 
 REFRESH_MS = 2000
@@ -19,8 +19,15 @@ def op_button_id(kind: str) -> dict[str, str]:
     return {"type": "op-btn", "op": kind}
 
 
-def metric_graph_id(name: str) -> dict[str, str]:
-    return {"type": "metric-graph", "metric": name}
+def metric_graph_id(name: str, experiment: str, cells: int) -> dict[str, Any]:
+    """A chart's graph. Its experiment and the generation of chart cells it belongs to (each full redraw of the
+    charts is a new one) are part of its id, so a graph just created is never taken for one already drawn."""
+    return {"type": "metric-graph", "metric": name, "experiment": experiment, "cells": cells}
+
+
+def chart_id(name: str) -> str:
+    """The stable id of a metric's chart cell (for tests and people's own scripts)."""
+    return f"chart-{name}"
 
 
 def build_layout(
@@ -42,7 +49,11 @@ def build_layout(
                 ],
                 className="rf-row",
             ),
-            html.Div(chart_cells(metric_names) if metric_names else [], id="charts", className="rf-charts"),
+            html.Div(
+                chart_cells(metric_names, experiment, 0) if metric_names and experiment else [],
+                id="charts",
+                className="rf-charts",
+            ),
             html.Div(
                 [
                     html.H3("Runs"),
@@ -80,9 +91,17 @@ def build_layout(
             _ic_ops_panel(),
             dcc.Store(id="selected-run", data=None),
             dcc.Store(id="ops-changed", data=0),
-            dcc.Store(id="metric-names", data=metric_names if metric_names else None),
+            # The charts the page shows ({"experiment", "names"}), and what each one's figure was last built from.
+            dcc.Store(
+                id="metric-names",
+                data={"experiment": experiment, "names": metric_names, "cells": 0} if metric_names else None,
+            ),
+            dcc.Store(id="chart-signatures", data=None),
             dcc.Interval(id="refresh", interval=REFRESH_MS),
-            dcc.Location(id="url", refresh=False),  # ?experiment=NAME opens that experiment (the URL a fit prints)
+            # ?experiment=NAME&run=ID&smoothing=S: the view (what a fit prints, what a reload restores); the page
+            # keeps it current with history.replaceState (assets/page.js), which changes none of url's props.
+            dcc.Location(id="url", refresh=False),
+            dcc.Store(id="url-written", data=None),
         ],
         className="rf-page",
     )
@@ -92,6 +111,7 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
     return html.Div(
         [
             html.H2("rf"),
+            html.Span("live", id="liveness", className="rf-liveness rf-liveness-live", title="the rf server"),
             dcc.Dropdown(
                 id="experiment-select",
                 options=experiment_options,
@@ -109,7 +129,7 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
                     dcc.Slider(
                         id="smoothing",
                         min=0,
-                        max=0.95,
+                        max=MAX_SMOOTHING,
                         step=0.05,
                         value=0,
                         marks={0: "0", 0.5: "0.5", 0.9: "0.9"},
@@ -173,6 +193,11 @@ def _ic_ops_panel() -> html.Div:
     )
 
 
-def chart_cells(names: list[str]) -> list[Any]:
+def chart_cells(names: list[str], experiment: str, cells: int) -> list[Any]:
     """One chart per metric; the figures are filled by the figure callback."""
-    return [html.Div(dcc.Graph(id=metric_graph_id(name), config=GRAPH_CONFIG), className="rf-chart") for name in names]
+    return [chart_cell(name, experiment, cells) for name in names]
+
+
+def chart_cell(name: str, experiment: str, cells: int) -> html.Div:
+    graph = dcc.Graph(id=metric_graph_id(name, experiment, cells), config=GRAPH_CONFIG)
+    return html.Div(graph, id=chart_id(name), className="rf-chart")

@@ -24,12 +24,17 @@ def seed_experiment(
     num_chunks: int = 4,
     chunks_done: int = 2,
     seed: int = 0,
+    ranks: tuple[int, ...] = (4,),
 ) -> dict[str, object]:
-    """Create experiment `name` with `runs` runs (learning rates differ) that have trained `chunks_done` chunks
-    (`points` steps in all) on two slots, with their curves. Returns what `experiments.create_experiment` returns."""
+    """Create experiment `name` with `runs` runs (learning rates differ; ranks cycle through `ranks`) that have
+    trained `chunks_done` chunks (`points` steps in all) on two slots, with their curves. Returns what
+    `experiments.create_experiment` returns."""
     rng = np.random.default_rng(seed)
     rates = np.geomspace(1e-4, 1e-2, runs)
-    configs = [{"learning_rate": float(rate), "r": 4, "lora_alpha": 8} for rate in rates]
+    configs = [
+        {"learning_rate": float(rate), "r": ranks[index % len(ranks)], "lora_alpha": 8}
+        for index, rate in enumerate(rates)
+    ]
     experiment = experiments.create_experiment(store, name, configs, num_chunks, seed=seed)
     steps = np.arange(1, points + 1)
     for run_id in range(1, runs + 1):
@@ -65,7 +70,11 @@ def _rows(
 
 def append_points(store: Store, name: str, run_id: int, steps: np.ndarray, seed: int = 0) -> None:
     """Log more minibatch-loss and learning-rate points for a run, as its training goes on."""
+    metrics.log_metrics(store, uuid.uuid4().hex, more_points(name, run_id, steps, seed))
+
+
+def more_points(name: str, run_id: int, steps: np.ndarray, seed: int = 0) -> list[dict[str, object]]:
+    """The metric rows of `append_points` (to send through the API when a server owns the store)."""
     values = 2.0 + np.random.default_rng(seed + int(steps[0])).normal(0, 0.15, len(steps))
-    rows = [*_rows(name, run_id, "train_loss", steps, values, 1, int(steps[-1])),
+    return [*_rows(name, run_id, "train_loss", steps, values, 1, int(steps[-1])),
             *_rows(name, run_id, "learning_rate", steps, np.full(len(steps), 1e-4), 1, int(steps[-1]))]  # fmt: skip
-    metrics.log_metrics(store, uuid.uuid4().hex, rows)

@@ -10,7 +10,7 @@ from contextvars import copy_context
 from typing import Any
 
 import pytest
-from dash import Dash, no_update
+from dash import Dash, Patch, no_update
 from dash._callback_context import context_value
 from dash._utils import AttributeDict
 
@@ -76,17 +76,38 @@ def test_runs_table_and_header_refresh(callbacks, store):
 
 
 def test_chart_list_follows_the_metrics_and_figures_follow_the_runs(callbacks, store):
-    children, names = callbacks["refresh_chart_list"]("exp", 1, None)
-    assert names == ["train_loss", "learning_rate", "eval_loss"] and len(children) == 3
-    assert callbacks["refresh_chart_list"]("exp", 2, names) == (no_update, no_update)
-    graph_ids = [{"type": "metric-graph", "metric": name} for name in names]
-    figures = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "exp")
+    children, shown = callbacks["refresh_chart_list"]("exp", 1, None)
+    assert shown == {"experiment": "exp", "names": ["train_loss", "learning_rate", "eval_loss"], "cells": 1}
+    assert [child.id for child in children] == ["chart-train_loss", "chart-learning_rate", "chart-eval_loss"]
+    assert callbacks["refresh_chart_list"]("exp", 2, shown) == (no_update, no_update)
+    graph_ids = [child.children.id for child in children]
+    figures, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "exp", None)
     assert [[trace["name"] for trace in figure["data"]] for figure in figures] == [["run 1", "run 2", "run 3"]] * 3
     ops.submit_op(store, "exp", "delete", 2)
-    figures = callbacks["refresh_charts"](graph_ids, 1, [], 0.5, 1, "exp")
-    assert [trace["name"] for trace in figures[0]["data"] if "raw" not in trace["name"]] == ["run 1", "run 3"]
-    figures = callbacks["refresh_charts"](graph_ids, 1, ["show"], 0.0, 1, "exp")
+    # Drawn charts get their traces only (a Patch: the layout, and so the user's zoom, stays as it is).
+    patches, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.5, 1, "exp", sent)
+    traces = patches[0].to_plotly_json()["operations"][0]["params"]["value"]
+    assert [trace["name"] for trace in traces if "raw" not in trace["name"]] == ["run 1", "run 3"]
+    assert all(isinstance(patch, Patch) for patch in patches)
+    # Nothing changed since: nothing is sent.
+    assert callbacks["refresh_charts"](graph_ids, 2, [], 0.5, 1, "exp", sent)[0] == [no_update] * 3
+    # New cells (another generation) are drawn whole, whatever was sent to the old ones.
+    new_ids = [{**graph_id, "cells": 2} for graph_id in graph_ids]
+    figures, _ = callbacks["refresh_charts"](new_ids, 3, ["show"], 0.0, 1, "exp", sent)
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2", "run 3"]
+
+
+def test_a_new_metric_joins_the_charts_drawn_without_redrawing_them(callbacks):
+    shown = {"experiment": "exp", "names": ["train_loss", "eval_loss"], "cells": 4}
+    children, now_shown = callbacks["refresh_chart_list"]("exp", 1, shown)
+    assert isinstance(children, Patch) and now_shown["cells"] == 4
+    (insert,) = children.to_plotly_json()["operations"]
+    assert insert["operation"] == "Insert" and insert["params"]["index"] == 1
+    assert insert["params"]["value"].id == "chart-learning_rate"
+    # Another experiment's charts are drawn anew, as a new generation of cells.
+    children, now_shown = callbacks["refresh_chart_list"]("older", 1, now_shown)
+    assert isinstance(children, list) and now_shown["cells"] == 5
+    assert {child.children.id["experiment"] for child in children} == {"older"}
 
 
 def test_history_panels_show_timeline_lineage_and_ops(callbacks, store):
@@ -98,17 +119,33 @@ def test_history_panels_show_timeline_lineage_and_ops(callbacks, store):
     assert [row["kind"] for row in log] == ["clone"]
 
 
+def select(trigger: str, value: Any, callbacks: Any, search: str = "", experiment: str = "exp") -> Any:
+    """select_run as Dash calls it: its seven inputs (only the trigger's value matters), the URL and experiment."""
+    return triggered_by(trigger, value, callbacks["select_run"], *[None] * 6, search, experiment)
+
+
 def test_a_click_on_a_curve_a_grid_cell_or_the_close_button_selects_the_run(callbacks):
     click = {"points": [{"curveNumber": 1, "x": 10, "y": 2.0, "customdata": 2}]}
-    graph = '{"metric":"train_loss","type":"metric-graph"}.clickData'
-    assert triggered_by(graph, click, callbacks["select_run"]) == 2
+    graph = '{"cells":0,"experiment":"exp","metric":"train_loss","type":"metric-graph"}.clickData'
+    assert select(graph, click, callbacks) == 2
     cell = {"colId": "ic_ops", "rowId": "3", "value": data.IC_OPS_CELL}
-    assert triggered_by("runs-grid.cellClicked", cell, callbacks["select_run"]) == 3
+    assert select("runs-grid.cellClicked", cell, callbacks) == 3
     other_cell = {"colId": "status", "rowId": "3", "value": "Ongoing"}
-    assert triggered_by("runs-grid.cellClicked", other_cell, callbacks["select_run"]) is no_update
-    assert triggered_by("panel-close.n_clicks", 1, callbacks["select_run"]) is None
+    assert select("runs-grid.cellClicked", other_cell, callbacks) is no_update
+    assert select("panel-close.n_clicks", 1, callbacks) is None
     assert run_from_click({"points": [{"customdata": [4, 2, "ok"]}]}) == 4  # a timeline bar
     assert run_from_click({"points": [{"x": 1}]}) is None and run_from_cell(None) is None
+
+
+def test_the_url_reopens_the_run_panel_of_its_experiment_only(callbacks):
+    search = "?experiment=exp&run=2&smoothing=0.6"
+    assert callbacks["select_run"](*[None] * 7, search, "exp") == 2  # the page's first call
+    assert select("url.search", search, callbacks, search, "older") is None  # not this experiment's run
+    assert select("experiment-select.value", "exp", callbacks, search, "older") == 2  # switched to the URL's
+    assert select("experiment-select.value", "older", callbacks, search, "exp") is None
+    assert callbacks["restore_smoothing"](search) == 0.6
+    assert callbacks["restore_smoothing"]("?smoothing=7") is no_update
+    assert callbacks["restore_smoothing"]("?smoothing=abc") is no_update and data.run_in_query("?run=x", "e") is None
 
 
 def test_panel_enables_exactly_the_allowed_ops(callbacks, store):
@@ -165,9 +202,9 @@ def test_an_ended_experiment_stays_browsable(callbacks, store):
     rendered = _render(header[0]) + _render(header[-1])
     assert "finished" in rendered and "ended" in rendered
     assert [row["run"] for row in rows] == [1, 2]
-    _, names = callbacks["refresh_chart_list"]("older", 1, None)
-    graph_ids = [{"type": "metric-graph", "metric": name} for name in names]
-    figures = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "older")
+    children, _ = callbacks["refresh_chart_list"]("older", 1, None)
+    graph_ids = [child.children.id for child in children]
+    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "older", None)
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2"]
     options, _ = callbacks["refresh_experiments"](1, None, "older")
     assert {"label": "older (finished)", "value": "older"} in options

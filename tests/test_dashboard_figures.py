@@ -48,7 +48,7 @@ def test_metric_figure_has_a_curve_per_run_with_its_knobs_on_hover():
 
 
 def test_smoothing_adds_the_smoothed_curve_over_a_faint_raw_one():
-    figure = metric_figure("eval_loss", _series(), {}, smoothing=0.8, deleted=frozenset({2}))
+    figure = metric_figure("train_loss", _series(), {}, smoothing=0.8, deleted=frozenset({2}))
     assert [trace["name"] for trace in figure["data"]] == ["run 1 (raw)", "run 1", "run 2 (raw)", "run 2"]
     raw, smoothed = figure["data"][2], figure["data"][3]
     np.testing.assert_allclose(decode_typed_array(raw["y"]), [5.0, 4.0, 4.5, 3.0])
@@ -57,6 +57,25 @@ def test_smoothing_adds_the_smoothed_curve_over_a_faint_raw_one():
     assert raw["hoverinfo"] == "skip" and raw["opacity"] < 1
     assert smoothed["line"]["dash"] == "dot"  # a deleted run shown on request
     assert figure["data"][1]["line"]["dash"] == "solid"
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "eval_loss", "eval_rougeL"])
+def test_smoothing_leaves_schedules_and_evaluations_exact(name):
+    figure = metric_figure(name, _series(), {}, smoothing=0.8)
+    assert [trace["name"] for trace in figure["data"]] == ["run 1", "run 2"]
+    np.testing.assert_allclose(decode_typed_array(figure["data"][1]["y"]), [5.0, 4.0, 4.5, 3.0])
+
+
+def test_the_learning_rate_is_on_a_log_axis_and_losses_on_a_linear_one():
+    assert metric_figure("learning_rate", _series(), {})["layout"]["yaxis"]["type"] == "log"
+    assert metric_figure("train_loss", _series(), {})["layout"]["yaxis"]["type"] == "linear"
+
+
+def test_hover_shows_each_varying_knob_on_its_own_line_escaped():
+    figure = metric_figure("train_loss", _series(), {2: "r=4\nlearning_rate=0.0003\nformatting_func=<lambda>"})
+    hover = figure["data"][1]["hovertemplate"]
+    assert "<br>r=4<br>learning_rate=0.0003<br>formatting_func=&lt;lambda&gt;<br>step" in hover
+    assert "&lt;br&gt;" not in hover
 
 
 def test_timeline_bars_sit_on_their_slot_and_a_running_chunk_reaches_now():

@@ -159,8 +159,7 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, every_
 
 
 def graph_selector(metric: str) -> str:
-    # Dash writes a dict id as its JSON with sorted keys.
-    return f"""[id='{{"metric":"{metric}","type":"metric-graph"}}'] .js-plotly-plot"""
+    return f"[id='chart-{metric}'] .js-plotly-plot"
 
 
 def curve_runs(page: Any, metric: str = "train_loss") -> set[int]:
@@ -182,8 +181,9 @@ def click_curve(page: Any, run_id: int, metric: str = "train_loss") -> None:
             const trace = gd._fullData[index];
             const point = Math.floor(trace.x.length / 2);
             const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
-            return {x: box.left + gd._fullLayout.xaxis.l2p(trace.x[point]),
-                    y: box.top + gd._fullLayout.yaxis.l2p(trace.y[point])};
+            // c2p: data to pixels, through a log axis too (the learning rate's)
+            return {x: box.left + gd._fullLayout.xaxis.c2p(trace.x[point]),
+                    y: box.top + gd._fullLayout.yaxis.c2p(trace.y[point])};
         }""",
         [graph_selector(metric), f"run {run_id}"],
     )

@@ -1,0 +1,134 @@
+/* The page's own behaviour that must work without the server: whether the server answers, what a click does
+   when it does not, the Esc key, and the URL that records what is on screen. */
+(function () {
+  "use strict";
+
+  const HEALTH_EVERY_MS = 1000;
+  const HEALTH_TIMEOUT_MS = 2500;
+  const STALE_AFTER_S = 6; // three refresh ticks without an answer
+
+  const state = { reachable: true, lastAnswer: Date.now(), downSince: null };
+
+  // Every callback answer the page gets is a sign of life: note when the last one came.
+  const plainFetch = window.fetch.bind(window);
+  window.fetch = function (resource, options) {
+    const url = typeof resource === "string" ? resource : (resource && resource.url) || "";
+    return plainFetch(resource, options).then(function (response) {
+      if (url.indexOf("_dash-update-component") !== -1 && response.ok) {
+        state.lastAnswer = Date.now();
+      }
+      return response;
+    });
+  };
+
+  function checkHealth() {
+    const controller = new AbortController();
+    const timer = setTimeout(function () { controller.abort(); }, HEALTH_TIMEOUT_MS);
+    plainFetch("/api/health", { cache: "no-store", signal: controller.signal })
+      .then(function (response) { setReachable(response.ok); })
+      .catch(function () { setReachable(false); })
+      .finally(function () { clearTimeout(timer); showLiveness(); });
+  }
+
+  function setReachable(reachable) {
+    if (reachable) {
+      state.downSince = null;
+    } else if (state.reachable || state.downSince === null) {
+      state.downSince = Date.now();
+    }
+    state.reachable = reachable;
+  }
+
+  function secondsSince(time) {
+    return Math.max(0, Math.round((Date.now() - time) / 1000));
+  }
+
+  function showLiveness() {
+    const element = document.getElementById("liveness");
+    if (!element) {
+      return;
+    }
+    const age = secondsSince(state.lastAnswer);
+    let text;
+    let kind;
+    if (!state.reachable) {
+      text = "disconnected: the rf server does not answer (last updated " + age + " s ago)";
+      kind = "down";
+    } else if (age >= STALE_AFTER_S) {
+      text = "last updated " + age + " s ago";
+      kind = "stale";
+    } else {
+      text = "live";
+      kind = "live";
+    }
+    if (element.textContent !== text) {
+      element.textContent = text;
+    }
+    element.className = "rf-liveness rf-liveness-" + kind;
+    element.dataset.state = kind;
+  }
+
+  // An op clicked while the server is gone would fail in the console only: refuse it where the user looks.
+  document.addEventListener(
+    "click",
+    function (event) {
+      const target = event.target instanceof Element ? event.target.closest(".rf-op, #continue-experiment") : null;
+      if (!target || state.reachable) {
+        return;
+      }
+      event.preventDefault();
+      event.stopImmediatePropagation();
+      const where = document.getElementById(target.id === "continue-experiment" ? "continue-result" : "op-result");
+      if (where) {
+        where.innerHTML = "";
+        const message = document.createElement("div");
+        message.className = "rf-bad";
+        message.id = "op-offline";
+        message.textContent =
+          "Not sent: the rf server cannot be reached (since " + secondsSince(state.downSince || Date.now()) +
+          " s); nothing was queued. Start it again (rf up) and retry.";
+        where.appendChild(message);
+      }
+    },
+    true
+  );
+
+  // Esc closes the IC Ops panel (it covers the right of the page).
+  document.addEventListener("keydown", function (event) {
+    if (event.key !== "Escape") {
+      return;
+    }
+    const panel = document.getElementById("ic-panel");
+    const close = document.getElementById("panel-close");
+    if (panel && close && panel.style.display !== "none") {
+      close.click();
+    }
+  });
+
+  setInterval(checkHealth, HEALTH_EVERY_MS);
+
+  // The URL records the view (experiment, open run, smoothing), so a reload or a shared link shows the same.
+  window.dash_clientside = Object.assign({}, window.dash_clientside, {
+    rf: {
+      write_url: function (experiment, run, smoothing) {
+        const params = new URLSearchParams(window.location.search);
+        const set = function (name, value) {
+          if (value === null || value === undefined || value === "" || value === 0) {
+            params.delete(name);
+          } else {
+            params.set(name, String(value));
+          }
+        };
+        set("experiment", experiment);
+        set("run", run);
+        set("smoothing", smoothing);
+        const query = params.toString();
+        const url = window.location.pathname + (query ? "?" + query : "");
+        if (url !== window.location.pathname + window.location.search) {
+          window.history.replaceState(null, "", url);
+        }
+        return window.dash_clientside.no_update;
+      },
+    },
+  });
+})();

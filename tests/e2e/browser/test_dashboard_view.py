@@ -1,0 +1,227 @@
+"""The dashboard's view state and liveness in headless Chromium, against a real `rf server` on a store written
+through rf_core.control (no training: curves grow by metric rows sent through the API, as a fit sends them).
+
+Zoom survives refreshes and new points, the hover names each varying knob on its own line, Esc closes the IC Ops
+panel, the URL restores the view, and a page whose server is gone says so and refuses ops visibly. The server is
+stopped by the last test. Screenshots go to test-artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from rf_core import paths
+from rf_core.client import RFClient
+from rf_core.control import ops
+from rf_core.control.store import DuckDBStore
+from tests.dashboard_sample import more_points, seed_experiment
+from tests.e2e.browser.test_dashboard_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PROJECT_ROOT,
+    shot,
+    wait_until,
+)
+
+EXPERIMENT = "view"
+POINTS = 300
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[bytes], url: str, home: Path) -> None:
+        self.process, self.url, self.home = process, url, home
+        self.client = RFClient(url)
+        self.last_step = POINTS
+
+    def grow(self, run_id: int, steps: int = 40) -> None:
+        """Run `run_id` logs `steps` more points, sent as a fit sends them."""
+        new_steps = np.arange(self.last_step + 1, self.last_step + 1 + steps)
+        self.last_step += steps
+        self.client.log_metrics(uuid.uuid4().hex, more_points(EXPERIMENT, run_id, new_steps))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(15)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("dashboard-view") / "home"
+    home.mkdir()
+    store = DuckDBStore(paths.db_path(home))
+    seed_experiment(store, EXPERIMENT, runs=4, points=POINTS, ranks=(4, 8))
+    seed_experiment(store, "other", runs=2, points=50)
+    store.close()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", "0"],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: paths.server_info_path(home).exists() or process.poll() is not None, 60, "server start")
+        assert process.poll() is None
+        yield Server(process, json.loads(paths.server_info_path(home).read_text())["url"], home)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(15)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: Server) -> Iterator[Any]:
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.set_default_timeout(20_000)
+    yield page
+    page.close()
+    assert errors == [], f"JavaScript errors in the page: {errors}"
+
+
+def graph_selector(metric: str, experiment: str = EXPERIMENT) -> str:
+    """The chart's plot, once the page shows `experiment` (a graph's id names the experiment it was drawn for)."""
+    return f"""[id='chart-{metric}'] [id*='"experiment":"{experiment}"'] .js-plotly-plot"""
+
+
+def open_view(page: Any, server: Server, query: str = f"?experiment={EXPERIMENT}") -> None:
+    page.goto(f"{server.url}/{query}")
+    page.wait_for_function(
+        "(selector) => { const gd = document.querySelector(selector); return gd && gd.data && gd.data.length; }",
+        arg=graph_selector("train_loss"),
+    )
+
+
+def x_range(page: Any, metric: str = "train_loss") -> list[float]:
+    return page.evaluate("(s) => document.querySelector(s)._fullLayout.xaxis.range.slice()", graph_selector(metric))
+
+
+def points_of(page: Any, run_id: int, metric: str = "train_loss") -> int:
+    return page.evaluate(
+        "([s, name]) => document.querySelector(s)._fullData.find(trace => trace.name === name).x.length",
+        [graph_selector(metric), f"run {run_id}"],
+    )
+
+
+def drag_zoom(page: Any, metric: str = "train_loss") -> None:
+    box = page.locator(f"{graph_selector(metric)} .nsewdrag").first.bounding_box()
+    left, top = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
+    page.mouse.move(left, top)
+    page.mouse.down()
+    page.mouse.move(left + box["width"] * 0.25, top + box["height"] * 0.3, steps=8)
+    page.mouse.up()
+
+
+def test_a_drag_zoom_survives_refreshes_and_new_points(page: Any, server: Server) -> None:
+    open_view(page, server)
+    full = x_range(page)
+    drag_zoom(page)
+    zoomed = x_range(page)
+    assert zoomed[1] - zoomed[0] < 0.5 * (full[1] - full[0])
+    page.wait_for_timeout(4500)  # two refresh ticks with nothing new
+    assert x_range(page) == zoomed
+    before = points_of(page, 1)
+    server.grow(1)
+    wait_until(lambda: points_of(page, 1) > before, 15, "run 1's new points on the chart")
+    page.wait_for_timeout(2500)
+    assert x_range(page) == zoomed
+    shot(page, "view-01-zoom-kept")
+    page.dblclick(f"{graph_selector('train_loss')} .nsewdrag")  # Plotly's reset: the whole range again
+    wait_until(lambda: x_range(page)[1] >= server.last_step - 1, 10, "the zoom reset to every point")
+
+
+def test_the_hover_names_each_varying_knob_on_its_own_line(page: Any, server: Server) -> None:
+    open_view(page, server)
+    position = page.evaluate(
+        """(selector) => {
+            const gd = document.querySelector(selector);
+            const trace = gd._fullData.find(trace => trace.name === "run 2");
+            const point = Math.floor(trace.x.length / 2);
+            const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
+            // c2p: data to pixels, through the log axis too
+            return {x: box.left + gd._fullLayout.xaxis.c2p(trace.x[point]),
+                    y: box.top + gd._fullLayout.yaxis.c2p(trace.y[point])};
+        }""",
+        graph_selector("learning_rate"),
+    )
+    hover = page.locator(".hoverlayer .hovertext")
+    for nudge in range(5):  # Plotly computes hover on mouse moves; a refresh may redraw under a still mouse
+        page.mouse.move(position["x"] + nudge, position["y"])
+        page.wait_for_timeout(400)
+        if hover.count():
+            break
+    hover.first.wait_for()
+    # An SVG text: one <tspan class="line"> per line of the hover.
+    lines = hover.first.evaluate("node => [...node.querySelectorAll('tspan.line')].map(line => line.textContent)")
+    assert "run 2" in lines[0]
+    assert any(line.startswith("learning_rate=") for line in lines) and "r=8" in lines
+    assert not any("<br>" in line for line in lines)
+    shot(page, "view-02-hover")
+
+
+def test_esc_closes_the_ic_ops_panel_and_the_url_restores_the_view(page: Any, server: Server) -> None:
+    open_view(page, server)
+    page.locator("#runs-grid .ag-row[row-id='3'] [col-id='ic_ops']").first.click()
+    page.wait_for_selector("#ic-panel", state="visible")
+    page.wait_for_function("() => window.location.search.includes('run=3')")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#ic-panel", state="hidden")
+    page.wait_for_function("() => !window.location.search.includes('run=')")
+
+    # The view goes into the URL; a reload of a shared link brings it back: experiment, open run, smoothing.
+    page.goto(f"{server.url}/?experiment=other")
+    wait_until(lambda: "other" in page.inner_text("#header"), 20, "the other experiment")
+    page.goto(f"{server.url}/?experiment={EXPERIMENT}&run=2&smoothing=0.6")
+    page.wait_for_function("() => document.querySelector('#panel-title')?.innerText === 'Run 2'")
+    assert EXPERIMENT in page.inner_text("#header")
+    wait_until(
+        lambda: "run 1 (raw)" in page.evaluate("(s) => document.querySelector(s).data.map(t => t.name)",
+                                               graph_selector("train_loss")),
+        20,
+        "the smoothed curves over the raw ones",
+    )  # fmt: skip
+    assert page.evaluate("() => window.location.search") == f"?experiment={EXPERIMENT}&run=2&smoothing=0.6"
+    page.reload()
+    page.wait_for_function("() => document.querySelector('#panel-title')?.innerText === 'Run 2'")
+    shot(page, "view-03-url-restored")
+
+
+def test_a_page_whose_server_is_gone_says_so_and_refuses_ops(page: Any, server: Server) -> None:
+    open_view(page, server)
+    wait_until(lambda: page.get_attribute("#liveness", "data-state") == "live", 10, "the page to say live")
+    page.locator("#runs-grid .ag-row[row-id='1'] [col-id='ic_ops']").first.click()
+    page.wait_for_selector("#ic-panel", state="visible")
+    server.stop()
+    wait_until(lambda: page.get_attribute("#liveness", "data-state") == "down", 10, "the page to say disconnected")
+    assert "disconnected" in page.inner_text("#liveness")
+    page.get_by_role("button", name="Delete", exact=True).click()
+    page.wait_for_selector("#op-offline")
+    assert "Not sent: the rf server cannot be reached" in page.inner_text("#op-offline")
+    assert "nothing was queued" in page.inner_text("#op-offline")
+    shot(page, "view-04-disconnected")
+    store = DuckDBStore(paths.db_path(server.home))  # the server is gone: its file is free to read
+    try:
+        assert ops.list_ops(store, EXPERIMENT) == []
+    finally:
+        store.close()
