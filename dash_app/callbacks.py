@@ -6,16 +6,18 @@ them as functions, with Dash's callback context set where they read it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dash import ALL, ClientsideFunction, Dash, Input, Output, Patch, State, ctx, html, no_update
 from dash.exceptions import MissingCallbackContextException
 
-from dash_app import data, figures
+from dash_app import data, figures, sweep
 from dash_app.downsample import M4Cache
 from dash_app.layout import chart_cell, chart_cells
 from rf_core.control.store import Store
+from rf_core.report import experiment_metric, runs_table
 
 Callbacks = dict[str, Any]
 
@@ -59,6 +61,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Output("runs-grid", "rowData"),
         Output("runs-grid", "columnDefs"),
         Output("hidden-columns", "options"),
+        Output("runs-grid", "style"),
         Input("experiment-select", "value"),
         Input("refresh", "n_intervals"),
         Input("show-deleted", "value"),
@@ -76,7 +79,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
     ) -> tuple[Any, ...]:
         snap = data.runs_view(store, cache, experiment, include_deleted=bool(show_deleted))
         if snap is None:
-            return header_children(None), HIDDEN, [], [], []
+            return header_children(None), HIDDEN, [], [], [], no_update
         rows, columns = data.runs_grid(snap)
         hidden_set = set(hidden or [])
         columns = [{**column, "hide": column["field"] in hidden_set} for column in columns]
@@ -85,7 +88,25 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         columns_out = columns if columns != current_columns else no_update
         summary = data.header_summary(snap, data.timeline(store, experiment))
         continuable = HIDDEN if summary["status"] == "running" else {}
-        return header_children(summary), continuable, rows, columns_out, options
+        height = {"height": data.grid_height(len(rows))}
+        return header_children(summary), continuable, rows, columns_out, options, height
+
+    @register(
+        Output("visible-runs", "data"),
+        Input("runs-grid", "virtualRowData"),
+        Input("runs-grid", "selectedRows"),
+        State("runs-grid", "rowData"),
+        State("visible-runs", "data"),
+        prevent_initial_call=True,
+    )
+    def follow_the_table(
+        kept_rows: list[dict[str, Any]] | None,
+        ticked_rows: list[dict[str, Any]] | None,
+        all_rows: list[dict[str, Any]] | None,
+        shown: list[int] | None,
+    ) -> Any:
+        visible = data.visible_runs(kept_rows, ticked_rows, all_rows)
+        return no_update if visible == shown else visible
 
     @register(
         Output("charts", "children"),
@@ -120,6 +141,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("show-deleted", "value"),
         Input("smoothing", "value"),
         Input("ops-changed", "data"),
+        Input("visible-runs", "data"),
         State("experiment-select", "value"),
         State("chart-signatures", "data"),
     )
@@ -129,10 +151,11 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         show_deleted: list[str] | None,
         smoothing: float | None,
         __: int | None,
+        visible: list[int] | None,
         experiment: str | None,
         sent: Mapping[str, Any] | None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        return chart_updates(store, cache, experiment, graph_ids, bool(show_deleted), smoothing, sent)
+        return chart_updates(store, cache, experiment, graph_ids, bool(show_deleted), smoothing, sent, visible)
 
     @register(
         Output("timeline-graph", "figure"),
@@ -142,15 +165,18 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("refresh", "n_intervals"),
         Input("show-deleted", "value"),
         Input("ops-changed", "data"),
+        Input("visible-runs", "data"),
     )
     def refresh_history(
-        experiment: str | None, _: int | None, show_deleted: list[str] | None, __: int | None
+        experiment: str | None, _: int | None, show_deleted: list[str] | None, __: int | None, visible: Any
     ) -> tuple[Any, Any, Any]:
         snap = data.runs_view(store, cache, experiment, include_deleted=bool(show_deleted))
         if snap is None:
             empty = figures.empty_figure("no experiment")
             return empty, empty, []
-        entries = data.timeline(store, experiment)
+        if visible is not None:
+            snap = {**snap, "runs": [run for run in snap["runs"] if int(run["run_id"]) in set(visible)]}
+        entries = [entry for entry in data.timeline(store, experiment) if visible is None or entry["run_id"] in visible]
         timeline = (
             figures.timeline_figure(entries, float(snap["experiment"]["created_at"]), data.now())
             if entries
@@ -164,6 +190,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("runs-grid", "cellClicked"),
         Input("lineage-graph", "clickData"),
         Input("timeline-graph", "clickData"),
+        Input("sweep-scatter", "clickData"),
         Input("panel-close", "n_clicks"),
         Input("experiment-select", "value"),
         Input("url", "search"),
@@ -268,10 +295,36 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         message = data.accepted_message(op, data.fit_state(store, experiment))
         return html.Div(message, className="rf-ok", id="op-accepted"), (changes or 0) + 1
 
+    @register(
+        Output("sweep-parcoords", "figure"),
+        Output("sweep-scatter", "figure"),
+        Output("sweep-importance", "figure"),
+        Output("sweep-knob", "options"),
+        Output("sweep-knob", "value"),
+        Output("sweep-signature", "data"),
+        Input("experiment-select", "value"),
+        Input("refresh", "n_intervals"),
+        Input("sweep-knob", "value"),
+        Input("visible-runs", "data"),
+        State("sweep-signature", "data"),
+    )
+    def refresh_sweep(
+        experiment: str | None, _: int | None, knob: str | None, visible: list[int] | None, sent: str | None
+    ) -> tuple[Any, ...]:
+        snap = data.runs_view(store, cache, experiment)
+        return sweep_views(snap, knob, visible, sent)
+
     @register(Output("smoothing", "value"), Input("url", "search"))
     def restore_smoothing(search: str | None) -> Any:
         smoothing = data.smoothing_in_query(search)
         return no_update if smoothing is None else smoothing
+
+    app.clientside_callback(
+        ClientsideFunction(namespace="rf", function_name="highlight_row"),
+        Output("row-highlighted", "data"),
+        Input({"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}, "hoverData"),
+        prevent_initial_call=True,
+    )
 
     app.clientside_callback(
         ClientsideFunction(namespace="rf", function_name="write_url"),
@@ -315,12 +368,19 @@ def metric_figures(
     names: Sequence[str],
     include_deleted: bool,
     smoothing: float | None,
+    visible: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """The figure of each chart in `names`: the refresh every chart gets (the benchmarked callback)."""
+    """The figure of each chart in `names`: the refresh every chart gets (the benchmarked callback). `visible`:
+    the runs the table keeps (None: all)."""
     snap_runs = data.chart_runs(store, experiment, include_deleted)
     if not experiment or not snap_runs:
         return [figures.empty_figure("no runs") for _ in names]
     runs, knobs = snap_runs
+    if visible is not None:
+        kept = set(visible)
+        runs = [run for run in runs if int(run["run_id"]) in kept]
+        if not runs:
+            return [figures.empty_figure("no run is ticked or kept by the table's filters") for _ in names]
     run_ids = [int(run["run_id"]) for run in runs]
     series = data.chart_series(cache, experiment, run_ids, names)
     labels = data.hover_labels(runs, knobs)
@@ -338,6 +398,38 @@ def metric_figures(
     ]
 
 
+def sweep_views(
+    snap: Mapping[str, Any] | None, knob: str | None, visible: Sequence[int] | None, sent: str | None
+) -> tuple[Any, ...]:
+    """The sweep section: parallel coordinates, the chosen knob against the metric, the knobs' importance, the
+    knob choices, and a signature of what they were built from (nothing is rebuilt or sent while it holds)."""
+    if snap is None:
+        empty = figures.empty_figure("no experiment")
+        return empty, empty, empty, [], None, None
+    snapshot = snap if visible is None else {**snap, "runs": [r for r in snap["runs"] if int(r["run_id"]) in visible]}
+    knobs, rows = runs_table(snapshot)
+    metric, mode = experiment_metric(snapshot), snapshot["experiment"]["mode"]
+    signature = json.dumps(
+        [metric, mode, knob, [(row.run_id, row.status, row.best_metric, row.knobs) for row in rows]],
+        sort_keys=True,
+        default=str,
+    )
+    if signature == sent:
+        return (no_update,) * 6
+    importances = sweep.knob_importance(knobs, rows, metric, mode)
+    # Until one is picked, the scatter shows the knob that explains most of the metric's spread.
+    chosen = knob if knob in knobs else next(iter(importances), knobs[0] if knobs else None)
+    options = [{"label": name, "value": name} for name in knobs]
+    scatter = (
+        sweep.knob_scatter_figure(knobs, rows, metric, mode, chosen)
+        if chosen
+        else figures.empty_figure("no knob varies between the runs")
+    )
+    importance = sweep.importance_figure(importances)
+    parallel = sweep.parallel_coordinates_figure(knobs, rows, metric, mode)
+    return parallel, scatter, importance, options, chosen, signature
+
+
 def chart_updates(
     store: Store,
     cache: M4Cache,
@@ -346,6 +438,7 @@ def chart_updates(
     include_deleted: bool,
     smoothing: float | None,
     sent: Mapping[str, Any] | None,
+    visible: Sequence[int] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """What each chart gets on a refresh, and the signatures of what the page then shows.
 
@@ -357,7 +450,9 @@ def chart_updates(
     """
     mine = [graph_id for graph_id in graph_ids if graph_id.get("experiment") == experiment]
     names = [graph_id["metric"] for graph_id in mine]
-    built = dict(zip(names, metric_figures(store, cache, experiment, names, include_deleted, smoothing), strict=True))
+    built = dict(
+        zip(names, metric_figures(store, cache, experiment, names, include_deleted, smoothing, visible), strict=True)
+    )
     signatures = {name: figures.traces_signature(figure) for name, figure in built.items()}
     cells = max((int(graph_id.get("cells") or 0) for graph_id in mine), default=0)
     drawn = (sent or {}).get("charts") or {}
@@ -435,7 +530,10 @@ def header_children(summary: Mapping[str, Any] | None) -> list[Any]:
             ]
         ),
         html.Span(["runs: ", html.B(by_status)]),
-        html.Span(["chunks: ", html.B(f"{summary['chunks_done']}/{summary['chunks_planned']}")]),
+        html.Span(
+            ["chunks trained (all runs): ", html.B(f"{summary['chunks_done']}/{summary['chunks_planned']}")],
+            title="a chunk is one slice of one run's training: num_chunks per epoch, so epochs x num_chunks per run",
+        ),
         html.Span(["slots busy: ", html.B(f"{summary['slots_busy']}/{summary['slots_seen']}")]),
         html.Span(["metric: ", html.B(summary["metric"])]),
         html.Span(["started ", summary["started"]]),

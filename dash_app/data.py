@@ -17,12 +17,13 @@ from datetime import datetime
 from typing import Any
 
 from dash_app.downsample import CACHE_BUCKETS, M4Cache, Series, width_for
+from dash_app.figures import run_color
 from rf_core import errors, states
 from rf_core.config import varying_knobs
 from rf_core.control import continuation, experiments, metrics, ops
 from rf_core.control import timeline as chunk_timeline
 from rf_core.control.store import Store
-from rf_core.report import RunRow, experiment_metric, fit_state_text, run_row
+from rf_core.report import RunRow, experiment_metric, fit_state_text, progress_text, run_row
 from rf_core.report import runs_table as table_rows
 from rf_core.states import OpKind, RunStatus, allowed_ops
 
@@ -138,6 +139,7 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
     rows = [
         {
             "run": row.run_id,
+            "color": run_color(row.run_id),
             "name": row.name,
             "status": row.status,
             "source": row.source,
@@ -154,8 +156,15 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
         for row in runs
     ]
     number = {"valueFormatter": {"function": "params.value == null ? '-' : d3.format('.4~g')(params.value)"}}
+    # What decides between runs comes first (status, the metric, the knobs), so it is on screen at 1366 px too;
+    # the run's curve colour is the bar on its id.
     columns = [
-        {"field": "run", "width": 80, "pinned": "left"},
+        {
+            "field": "run",
+            "width": 90,
+            "pinned": "left",
+            "cellStyle": {"function": "({borderLeft: '6px solid ' + params.data.color})"},
+        },
         *([{"field": "name", "width": 140, "pinned": "left"}] if any(row.name for row in runs) else []),
         {
             "field": "ic_ops",
@@ -166,22 +175,42 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
             "filter": False,
             "cellClass": "ic-ops-cell",
         },
-        {"field": "status", "width": 115},
-        {"field": "source", "width": 110},
-        {"field": "parent", "width": 90},
-        {"field": "warm_start", "headerName": "warm start", "width": 170},
-        {"field": "progress", "minWidth": 230},
-        *({"field": f"knob:{knob}", "headerName": knob, "width": 140} for knob in knobs),
-        {"field": "train_loss", "headerName": "train loss", "width": 120, **number},
+        {"field": "status", "width": 115, "cellClassRules": STATUS_CELL_CLASSES},
         {"field": "latest_metric", "headerName": metric, "width": 120, **number},
         {"field": "best_metric", "headerName": f"best {metric}", "width": 130, **number},
+        *({"field": f"knob:{knob}", "headerName": knob, "width": 140} for knob in knobs),
+        {"field": "progress", "minWidth": 270, "flex": 1},
+        {"field": "train_loss", "headerName": "last train loss", "width": 130, **number,
+         "headerTooltip": "the minibatch loss of the run's last step (noisy: the charts show its curve)"},
         {"field": "pending_ops", "headerName": "pending ops", "width": 130},
-    ]
+        {"field": "source", "width": 110},
+        {"field": "parent", "width": 90},
+        {"field": "warm_start", "headerName": "warm start", "width": 240},
+    ]  # fmt: skip
     return rows, columns
 
 
-def progress_text(row: RunRow) -> str:
-    return f"epoch {row.epoch} · chunk {row.chunks_done}/{row.total_chunks or '?'} · step {row.step}"
+# One CSS class per run status (dashboard.css colours them as the lineage does).
+STATUS_CELL_CLASSES = {f"rf-run-{status.value.lower()}": f"params.value == '{status.value}'" for status in RunStatus}
+
+
+def visible_runs(
+    kept_rows: Sequence[Mapping[str, Any]] | None,
+    ticked_rows: Sequence[Mapping[str, Any]] | None,
+    all_rows: Sequence[Mapping[str, Any]] | None,
+) -> list[int] | None:
+    """The runs the charts, timeline and lineage show: the ticked rows; with none ticked, the rows the table's
+    filters keep; None when that is every row (so a run that appears later shows at once)."""
+    if ticked_rows:
+        return sorted(int(row["run"]) for row in ticked_rows)
+    kept = sorted(int(row["run"]) for row in kept_rows or [])
+    every = sorted(int(row["run"]) for row in all_rows or [])
+    return None if kept_rows is None or kept == every else kept
+
+
+def grid_height(rows: int) -> str:
+    """The runs grid's height: every row up to 15, then a scrollbar (a row is 42 px, header and filters 100)."""
+    return f"{100 + 42 * min(max(rows, 3), 15)}px"
 
 
 def warm_start_text(row: RunRow) -> str:

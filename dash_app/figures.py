@@ -41,7 +41,7 @@ METRIC_TITLES = {
 SMOOTHED_METRICS = frozenset({TRAIN_LOSS_METRIC, LOGGED_LOSS_METRIC})
 # Learning rates of a sweep span decades (1e-5 ... 1e-3): on a linear axis the smaller ones lie flat on 0.
 LOG_Y_METRICS = frozenset({LEARNING_RATE_METRIC})
-_MARGIN = {"l": 55, "r": 10, "t": 36, "b": 36}
+MARGIN = {"l": 55, "r": 10, "t": 36, "b": 36}
 
 
 def run_color(run_id: int) -> str:
@@ -122,7 +122,7 @@ def metric_figure(
     layout: dict[str, Any] = {
         "title": {"text": metric_title(name), "x": 0.01, "font": {"size": 14}},
         "uirevision": uirevision or name,
-        "margin": _MARGIN,
+        "margin": MARGIN,
         "height": 300,
         "hovermode": "closest",
         "xaxis": {"title": {"text": "step"}, "gridcolor": "#eee", "zeroline": False},
@@ -183,7 +183,7 @@ def timeline_figure(entries: Sequence[Mapping[str, Any]], origin: float, now: fl
         "title": {"text": "device timeline", "x": 0.01, "font": {"size": 14}},
         "barmode": "overlay",
         "uirevision": "timeline",
-        "margin": _MARGIN,
+        "margin": MARGIN,
         "height": max(160, 60 + 40 * len(slots)),
         "xaxis": {"title": {"text": "seconds since the experiment started"}, "gridcolor": "#eee"},
         "yaxis": {"categoryorder": "array", "categoryarray": [f"slot {slot}" for slot in reversed(slots)]},
@@ -263,7 +263,7 @@ def lineage_figure(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     layout = {
         "title": {"text": "lineage (click a run)", "x": 0.01, "font": {"size": 14}},
         "uirevision": "lineage",
-        "margin": _MARGIN,
+        "margin": MARGIN,
         "height": max(200, 50 + 28 * len(placed)),
         "xaxis": {"visible": False, "range": [-0.3, depth + 1.2]},
         "yaxis": {"visible": False, "autorange": "reversed"},
@@ -287,7 +287,7 @@ def empty_figure(message: str) -> dict[str, Any]:
         "data": [],
         "layout": {
             "height": 160,
-            "margin": _MARGIN,
+            "margin": MARGIN,
             "xaxis": {"visible": False},
             "yaxis": {"visible": False},
             "annotations": [{"text": message, "showarrow": False, "font": {"size": 13, "color": "#777"}}],

@@ -54,6 +54,7 @@ def build_layout(
                 id="charts",
                 className="rf-charts",
             ),
+            _sweep_section(),
             html.Div(
                 [
                     html.H3("Runs"),
@@ -68,8 +69,19 @@ def build_layout(
                 columnDefs=[],
                 getRowId="params.data.run",
                 defaultColDef={"sortable": True, "resizable": True, "filter": True, "floatingFilter": True},
-                dashGridOptions={"animateRows": False, "tooltipShowDelay": 300},
-                style={"height": "360px"},
+                dashGridOptions={
+                    "animateRows": False,
+                    "tooltipShowDelay": 300,
+                    # Ticked rows (or, with none ticked, the rows the filters keep) are the runs the charts,
+                    # timeline and lineage show.
+                    "rowSelection": {
+                        "mode": "multiRow",
+                        "checkboxes": True,
+                        "headerCheckbox": True,
+                        "enableClickSelection": False,
+                    },
+                },
+                style={"height": "326px"},
             ),
             html.Div(
                 [
@@ -90,6 +102,8 @@ def build_layout(
             ),
             _ic_ops_panel(),
             dcc.Store(id="selected-run", data=None),
+            dcc.Store(id="visible-runs", data=None),  # run ids the table's filter or ticks keep; None: every run
+            dcc.Store(id="row-highlighted", data=None),
             dcc.Store(id="ops-changed", data=0),
             # The charts the page shows ({"experiment", "names"}), and what each one's figure was last built from.
             dcc.Store(
@@ -140,6 +154,39 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
             ),
         ],
         className="rf-topbar",
+    )
+
+
+def _sweep_section() -> html.Details:
+    """How the knobs relate to the metric: parallel coordinates, one knob against the metric, importance."""
+    return html.Details(
+        [
+            html.Summary(html.H3("Sweep: knobs against the best metric", className="rf-inline")),
+            html.Div(dcc.Graph(id="sweep-parcoords", config=GRAPH_CONFIG), className="rf-chart"),
+            html.Div(
+                [
+                    html.Div(
+                        [
+                            html.Div(
+                                [
+                                    html.Span("knob", className="rf-label"),
+                                    dcc.Dropdown(id="sweep-knob", clearable=False, className="rf-knob"),
+                                ],
+                                className="rf-row-tight",
+                            ),
+                            dcc.Graph(id="sweep-scatter", config=GRAPH_CONFIG),
+                        ],
+                        className="rf-half",
+                    ),
+                    html.Div(dcc.Graph(id="sweep-importance", config=GRAPH_CONFIG), className="rf-half"),
+                ],
+                className="rf-row",
+            ),
+            dcc.Store(id="sweep-signature", data=None),
+        ],
+        id="sweep",
+        open=True,
+        className="rf-sweep",
     )
 
 

@@ -35,7 +35,7 @@ from rf_core.client import RFClient, ServerError, ServerUnavailable
 from rf_core.config import apply_overrides, parse_set_overrides
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.knobs import ConfigError
-from rf_core.report import experiment_metric, fit_state_text, format_table, runs_table, with_names
+from rf_core.report import experiment_metric, fit_state_text, format_table, progress_text, runs_table, with_names
 from rf_core.services import PREFECT_PORT_ENV, RF_PORT_ENV, ServiceError
 from rf_core.states import DECISION_STATUSES, RESERVED_PREFIX, WARM_START_MODES
 
@@ -407,7 +407,7 @@ def cmd_experiments(args: argparse.Namespace) -> int:
         ]
         for row in experiments
     ]
-    print(format_table(["experiment", "status", "runs", "by status", "chunks", "metric", "created"], rows))
+    print(format_table(["experiment", "status", "runs", "by status", "chunks/epoch", "metric", "created"], rows))
     return EXIT_OK
 
 
@@ -775,7 +775,7 @@ def format_runs(snapshot: dict[str, Any]) -> str:
             row.status + (f" ({', '.join(row.pending_op_kinds)} queued)" if row.pending_op_kinds else ""),
             row.source,
             row.parent_id,
-            f"ep {row.epoch} {row.chunks_done}/{row.total_chunks or '?'} step {row.step}",
+            progress_text(row),
             _number(row.train_loss),
             _number(row.latest_metric),
             _number(row.best_metric),

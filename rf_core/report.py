@@ -96,6 +96,15 @@ def _num(value: Any, fmt: str = ".4f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def progress_text(row: RunRow) -> str:
+    """A run's progress, worded the same in the dashboard and the CLI. A chunk is one slice of one run's training
+    (num_chunks per epoch, so a run has num_chunks x epochs of them); epochs count from 1, as people count them."""
+    total = row.total_chunks or "?"
+    if row.chunks_done == 0 and row.step == 0:
+        return "not started" if row.total_chunks is None else f"not started · {total} chunks"
+    return f"chunk {row.chunks_done}/{total} · epoch {row.epoch + 1} · step {row.step}"
+
+
 def format_chunk_line(outcome: ChunkOutcome, total_chunks: int, slot: int) -> str:
     head = f"run {outcome.run_id:>3}  chunk {outcome.chunk_index + 1}/{total_chunks}"
     if outcome.status == "failed":
@@ -105,7 +114,7 @@ def format_chunk_line(outcome: ChunkOutcome, total_chunks: int, slot: int) -> st
     metrics = "  ".join(f"{name} {_num(value)}" for name, value in sorted(outcome.eval_metrics.items()))
     done = "  (completed)" if outcome.status == "completed" else ""
     line = (
-        f"{head}  epoch {outcome.epoch}  step {outcome.step:>5}  train_loss {_num(outcome.last_train_loss)}"
+        f"{head}  epoch {outcome.epoch + 1}  step {outcome.step:>5}  train_loss {_num(outcome.last_train_loss)}"
         f"  {metrics}  [slot {slot}, {outcome.train_seconds:.1f} s]{done}"
     )
     if outcome.chunk_index == 0 and outcome.truncated_rows:

@@ -65,7 +65,10 @@ def test_experiment_picker_lists_every_experiment_and_keeps_the_choice(callbacks
 
 
 def test_runs_table_and_header_refresh(callbacks, store):
-    header, continue_button, rows, columns, options = callbacks["refresh_runs"]("exp", 1, [], 0, ["source"], None)
+    header, continue_button, rows, columns, options, style = callbacks["refresh_runs"](
+        "exp", 1, [], 0, ["source"], None
+    )
+    assert style == {"height": f"{100 + 42 * 3}px"}  # every row shown, up to 15
     assert continue_button == {"display": "none"}, "a running experiment offers no Continue"
     assert [row["run"] for row in rows] == [1, 2, 3]
     assert next(column for column in columns if column["field"] == "source")["hide"] is True
@@ -81,19 +84,19 @@ def test_chart_list_follows_the_metrics_and_figures_follow_the_runs(callbacks, s
     assert [child.id for child in children] == ["chart-train_loss", "chart-learning_rate", "chart-eval_loss"]
     assert callbacks["refresh_chart_list"]("exp", 2, shown) == (no_update, no_update)
     graph_ids = [child.children.id for child in children]
-    figures, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "exp", None)
+    figures, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "exp", None)
     assert [[trace["name"] for trace in figure["data"]] for figure in figures] == [["run 1", "run 2", "run 3"]] * 3
     ops.submit_op(store, "exp", "delete", 2)
     # Drawn charts get their traces only (a Patch: the layout, and so the user's zoom, stays as it is).
-    patches, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.5, 1, "exp", sent)
+    patches, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.5, 1, None, "exp", sent)
     traces = patches[0].to_plotly_json()["operations"][0]["params"]["value"]
     assert [trace["name"] for trace in traces if "raw" not in trace["name"]] == ["run 1", "run 3"]
     assert all(isinstance(patch, Patch) for patch in patches)
     # Nothing changed since: nothing is sent.
-    assert callbacks["refresh_charts"](graph_ids, 2, [], 0.5, 1, "exp", sent)[0] == [no_update] * 3
+    assert callbacks["refresh_charts"](graph_ids, 2, [], 0.5, 1, None, "exp", sent)[0] == [no_update] * 3
     # New cells (another generation) are drawn whole, whatever was sent to the old ones.
     new_ids = [{**graph_id, "cells": 2} for graph_id in graph_ids]
-    figures, _ = callbacks["refresh_charts"](new_ids, 3, ["show"], 0.0, 1, "exp", sent)
+    figures, _ = callbacks["refresh_charts"](new_ids, 3, ["show"], 0.0, 1, None, "exp", sent)
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2", "run 3"]
 
 
@@ -110,10 +113,24 @@ def test_a_new_metric_joins_the_charts_drawn_without_redrawing_them(callbacks):
     assert {child.children.id["experiment"] for child in children} == {"older"}
 
 
+def test_the_table_s_ticks_or_filters_decide_which_runs_the_charts_and_history_show(callbacks, store):
+    rows = [{"run": 1}, {"run": 2}, {"run": 3}]
+    assert callbacks["follow_the_table"](rows, [], rows, None) is no_update  # every row: every run, new ones too
+    assert callbacks["follow_the_table"]([rows[0], rows[2]], [], rows, None) == [1, 3]  # a filter keeps two
+    assert callbacks["follow_the_table"](rows, [rows[1]], rows, [1, 3]) == [2]  # a tick wins over the filter
+    assert callbacks["follow_the_table"](rows, [], rows, [2]) is None
+    children, _ = callbacks["refresh_chart_list"]("exp", 1, None)
+    graph_ids = [child.children.id for child in children]
+    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, [1, 3], "exp", None)
+    assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 3"]
+    timeline, lineage, _ = callbacks["refresh_history"]("exp", 1, [], 0, [2])
+    assert [trace["name"] for trace in timeline["data"]] == ["run 2"] and lineage["data"][-1]["customdata"] == [2]
+
+
 def test_history_panels_show_timeline_lineage_and_ops(callbacks, store):
     ops.submit_op(store, "exp", "clone", 1, payload={"overrides": {"learning_rate": 5e-4}})
     ops.apply_due_ops(store, "exp", [1])
-    timeline, lineage, log = callbacks["refresh_history"]("exp", 1, [], 0)
+    timeline, lineage, log = callbacks["refresh_history"]("exp", 1, [], 0, None)
     assert sorted(trace["name"] for trace in timeline["data"]) == ["run 1", "run 2", "run 3"]
     assert lineage["data"][-1]["customdata"] == [1, 4, 2, 3]  # the clone sits under its parent
     assert [row["kind"] for row in log] == ["clone"]
@@ -197,14 +214,28 @@ def test_stop_from_the_panel_and_a_rejected_second_stop(callbacks, store):
 
 def test_an_ended_experiment_stays_browsable(callbacks, store):
     experiments.set_experiment_status(store, "older", "finished")
-    header, continue_button, rows, _, _ = callbacks["refresh_runs"]("older", 1, [], 0, [], None)
+    header, continue_button, rows, *_ = callbacks["refresh_runs"]("older", 1, [], 0, [], None)
     assert continue_button == {}, "an ended experiment offers Continue experiment"
     rendered = _render(header[0]) + _render(header[-1])
     assert "finished" in rendered and "ended" in rendered
     assert [row["run"] for row in rows] == [1, 2]
     children, _ = callbacks["refresh_chart_list"]("older", 1, None)
     graph_ids = [child.children.id for child in children]
-    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, "older", None)
+    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "older", None)
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2"]
     options, _ = callbacks["refresh_experiments"](1, None, "older")
     assert {"label": "older (finished)", "value": "older"} in options
+
+
+def test_the_sweep_views_follow_the_runs_and_are_not_rebuilt_while_nothing_changed(callbacks, store):
+    parallel, scatter, importance, options, knob, signature = callbacks["refresh_sweep"]("exp", 1, None, None, None)
+    assert [option["value"] for option in options] == ["learning_rate"] and knob == "learning_rate"
+    assert parallel["data"][0]["type"] == "parcoords" and parallel["layout"]["meta"]["run_ids"] == [1, 2, 3]
+    assert scatter["data"][0]["customdata"] == [1, 2, 3]  # a click on a point opens that run's panel
+    assert importance["data"] == []  # three runs: too few to estimate an importance (the figure says so)
+    signature = callbacks["refresh_sweep"]("exp", 2, knob, None, signature)[-1]  # the dropdown now holds the knob
+    assert callbacks["refresh_sweep"]("exp", 3, knob, None, signature) == (no_update,) * 6
+    parallel, scatter, *_ = callbacks["refresh_sweep"]("exp", 3, "learning_rate", [1, 3], signature)
+    assert parallel["layout"]["meta"]["run_ids"] == [1, 3] and scatter["data"][0]["customdata"] == [1, 3]
+    click = {"points": [{"customdata": 3}]}
+    assert select("sweep-scatter.clickData", click, callbacks) == 3

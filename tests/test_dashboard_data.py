@@ -30,7 +30,7 @@ def test_runs_table_has_a_row_per_run_and_a_column_per_varying_knob(store):
     by_run = {row["run"]: row for row in rows}
     assert sorted(by_run) == [1, 2, 3, 4]
     assert by_run[2]["pending_ops"] == "stop" and by_run[1]["pending_ops"] == ""
-    assert by_run[1]["progress"] == "epoch 0 · chunk 2/4 · step 400"
+    assert by_run[1]["progress"] == "chunk 2/4 · epoch 1 · step 400"
     assert by_run[1]["ic_ops"] == data.IC_OPS_CELL
     assert by_run[1]["best_metric"] is not None and by_run[1]["source"] == "initial"
     assert data.runs_grid(None) == ([], []) and data.runs_table(store, "nope") == ([], [])

@@ -1,5 +1,7 @@
+from dataclasses import replace
+
 from rf_core.messages import ChunkOutcome
-from rf_core.report import format_chunk_line, format_results_table
+from rf_core.report import RunRow, format_chunk_line, format_results_table, progress_text
 
 SNAPSHOT = {
     "experiment": {"name": "exp", "metric": "eval_loss"},
@@ -45,3 +47,15 @@ def test_run_names_get_a_column_of_their_own_in_every_text_table():
     knobs, table = runs_table(named)
     assert "run_name" not in knobs and [row.name for row in table] == ["baseline", None]
     assert results_rows(SNAPSHOT)[0][:2] == ["run", "status"]  # no names, no column
+
+
+def test_progress_counts_a_run_s_chunks_across_epochs_and_epochs_from_one():
+    row = RunRow(
+        run_id=1, name=None, status="New", source="initial", parent_id=None, warm_start="off", parent_step=None,
+        epoch=0, chunks_done=0, total_chunks=None, step=0, train_loss=None, latest_metric=None, best_metric=None,
+        pending_op_kinds=(), knobs={},
+    )  # fmt: skip
+    assert progress_text(row) == "not started"
+    assert progress_text(replace(row, total_chunks=8)) == "not started · 8 chunks"
+    trained = replace(row, status="Ongoing", epoch=1, chunks_done=5, total_chunks=8, step=120)
+    assert progress_text(trained) == "chunk 5/8 · epoch 2 · step 120"

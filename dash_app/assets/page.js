@@ -110,6 +110,21 @@
   // The URL records the view (experiment, open run, smoothing), so a reload or a shared link shows the same.
   window.dash_clientside = Object.assign({}, window.dash_clientside, {
     rf: {
+      // A curve hovered: its run's row in the table scrolls into view and flashes.
+      highlight_row: function (hovers) {
+        const hovered = (hovers || []).find(function (hover) { return hover && hover.points && hover.points.length; });
+        const run = hovered ? hovered.points[0].customdata : null;
+        const api = window.dash_ag_grid && window.dash_ag_grid.getApi ? window.dash_ag_grid.getApi("runs-grid") : null;
+        if (run === null || run === undefined || !api) {
+          return window.dash_clientside.no_update;
+        }
+        const node = api.getRowNode(String(Array.isArray(run) ? run[0] : run));
+        if (node) {
+          api.ensureNodeVisible(node);
+          api.flashCells({ rowNodes: [node] });
+        }
+        return node ? node.id : null;
+      },
       write_url: function (experiment, run, smoothing) {
         const params = new URLSearchParams(window.location.search);
         const set = function (name, value) {

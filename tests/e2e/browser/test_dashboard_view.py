@@ -207,6 +207,56 @@ def test_esc_closes_the_ic_ops_panel_and_the_url_restores_the_view(page: Any, se
     shot(page, "view-03-url-restored")
 
 
+def curve_runs(page: Any, metric: str = "train_loss") -> list[int]:
+    names = page.evaluate("(s) => document.querySelector(s).data.map(t => t.name)", graph_selector(metric))
+    return sorted(int(name.split()[1]) for name in names if "raw" not in name)
+
+
+def test_the_table_s_ticks_and_filters_decide_which_curves_show(page: Any, server: Server) -> None:
+    open_view(page, server)
+    wait_until(lambda: curve_runs(page) == [1, 2, 3, 4], 10, "every run's curve")
+    assert "rf-run-ongoing" in page.locator("#runs-grid .ag-row[row-id='2'] [col-id='status']").first.get_attribute(
+        "class"
+    )  # the status is coloured as in the lineage
+    page.locator("#runs-grid .ag-row[row-id='2'] .ag-selection-checkbox input").first.check()
+    wait_until(lambda: curve_runs(page) == [2], 10, "run 2's curve alone")
+    wait_until(lambda: curve_runs(page, "eval_loss") == [2], 10, "run 2 alone on every chart")
+    shot(page, "view-05-ticked-run")
+    page.locator("#runs-grid .ag-row[row-id='2'] .ag-selection-checkbox input").first.uncheck()
+    wait_until(lambda: curve_runs(page) == [1, 2, 3, 4], 10, "every run's curve again")
+
+
+def test_the_sweep_views_draw_the_knobs_against_the_metric_and_a_point_opens_its_run(page: Any, server: Server) -> None:
+    open_view(page, server)
+    parcoords = "#sweep-parcoords .js-plotly-plot"
+    page.wait_for_function("(s) => { const gd = document.querySelector(s); return gd && gd.data && gd.data.length; }",
+                           arg=parcoords)  # fmt: skip
+    labels = page.evaluate("(s) => document.querySelector(s).data[0].dimensions.map(d => d.label)", parcoords)
+    assert labels == ["r", "log10 learning_rate", "best eval_loss"]
+    assert page.evaluate("(s) => document.querySelector(s).layout.meta.run_ids", parcoords) == [1, 2, 3, 4]
+    scatter = "#sweep-scatter .js-plotly-plot"
+    page.wait_for_function("(s) => { const gd = document.querySelector(s); return gd && gd._fullData && "
+                           "gd._fullData.length; }", arg=scatter)  # fmt: skip
+    page.locator("#sweep").scroll_into_view_if_needed()
+    position = page.evaluate(
+        """(selector) => {
+            const gd = document.querySelector(selector);
+            const trace = gd._fullData[0];
+            const index = trace.customdata.indexOf(3);
+            const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
+            return {x: box.left + gd._fullLayout.xaxis.c2p(trace.x[index]),
+                    y: box.top + gd._fullLayout.yaxis.c2p(trace.y[index])};
+        }""",
+        scatter,
+    )
+    page.mouse.move(position["x"], position["y"])
+    page.wait_for_timeout(300)
+    page.mouse.click(position["x"], position["y"])
+    page.wait_for_function("() => document.querySelector('#panel-title')?.innerText === 'Run 3'")
+    shot(page, "view-06-sweep")
+    page.keyboard.press("Escape")
+
+
 def test_a_page_whose_server_is_gone_says_so_and_refuses_ops(page: Any, server: Server) -> None:
     open_view(page, server)
     wait_until(lambda: page.get_attribute("#liveness", "data-state") == "live", 10, "the page to say live")
