@@ -13,7 +13,7 @@ from typing import Any
 from dash import ALL, ClientsideFunction, Dash, Input, Output, Patch, State, ctx, html, no_update
 from dash.exceptions import MissingCallbackContextException
 
-from dash_app import data, figures, sweep
+from dash_app import data, figures, routes, run_page, sweep
 from dash_app.downsample import M4Cache
 from dash_app.layout import chart_cell, chart_cells
 from rf_core.control.store import Store
@@ -314,6 +314,39 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         snap = data.runs_view(store, cache, experiment)
         return sweep_views(snap, knob, visible, sent)
 
+    @register(
+        Output("dashboard-page", "style"),
+        Output("run-page", "style"),
+        Input("url", "pathname"),
+    )
+    def route(pathname: str | None) -> tuple[dict[str, str], dict[str, str]]:
+        on_run_page = routes.parse_run_path(pathname) is not None
+        return (HIDDEN, {}) if on_run_page else ({}, HIDDEN)
+
+    @register(
+        Output("run-page-top", "children"),
+        Output("run-page-body", "children"),
+        Output("run-compare", "options"),
+        Output("run-compare", "value"),
+        Output("run-page-signature", "data"),
+        Input("url", "pathname"),
+        Input("run-compare", "value"),
+        Input("refresh", "n_intervals"),
+        State("run-page-signature", "data"),
+    )
+    def refresh_run_page(pathname: str | None, compare: int | None, _: int | None, shown: str | None) -> Any:
+        where = routes.parse_run_path(pathname)
+        if where is None:
+            return (no_update,) * 5
+        experiment, run_id = where
+        view = run_page.run_view(store, experiment, run_id, compare)
+        signature = run_page.view_signature(view)
+        if signature == shown:
+            return (no_update,) * 5  # re-drawing would reset the curves' zoom and the open details
+        top, body = run_page.run_page(view, experiment, run_id, cache, store)
+        options, value = run_page.compare_choices(view)
+        return top, body, options, value, signature
+
     @register(Output("smoothing", "value"), Input("url", "search"))
     def restore_smoothing(search: str | None) -> Any:
         smoothing = data.smoothing_in_query(search)
@@ -545,6 +578,7 @@ def header_children(summary: Mapping[str, Any] | None) -> list[Any]:
 
 def panel_status(state: data.PanelState) -> list[Any]:
     lines: list[Any] = [
+        html.A("open the run's page →", href=state.page, id="panel-run-page", className="rf-back"),
         html.Div(["status: ", html.B(state.status, id="panel-run-status")]),
         html.Div(state.progress),
         html.Div(f"source: {state.source}" + (f" · {state.parent}" if state.parent else "")),

@@ -18,6 +18,7 @@ from typing import Any
 
 from dash_app.downsample import CACHE_BUCKETS, M4Cache, Series, width_for
 from dash_app.figures import run_color
+from dash_app.routes import run_page_path
 from rf_core import errors, states
 from rf_core.config import varying_knobs
 from rf_core.control import continuation, experiments, metrics, ops
@@ -118,8 +119,8 @@ def header_summary(snap: Mapping[str, Any], timeline: Sequence[Mapping[str, Any]
         "slots_busy": len(busy),
         "slots_seen": len(slots),
         "metric": f"{experiment['metric']} ({experiment['mode']})",
-        "started": _clock(experiment["created_at"]),
-        "ended": _clock(experiment["ended_at"]) if experiment.get("ended_at") else None,
+        "started": clock(experiment["created_at"]),
+        "ended": clock(experiment["ended_at"]) if experiment.get("ended_at") else None,
     }
 
 
@@ -139,6 +140,7 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
     rows = [
         {
             "run": row.run_id,
+            "page": run_page_path(snap["experiment"]["name"], row.run_id),
             "color": run_color(row.run_id),
             "name": row.name,
             "status": row.status,
@@ -164,6 +166,7 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
             "width": 90,
             "pinned": "left",
             "cellStyle": {"function": "({borderLeft: '6px solid ' + params.data.color})"},
+            "cellRenderer": "RunLink",  # assets/page.js: the id links to the run's page
         },
         *([{"field": "name", "width": 140, "pinned": "left"}] if any(row.name for row in runs) else []),
         {
@@ -301,8 +304,8 @@ def ops_log(store: Store, experiment: str | None) -> list[dict[str, Any]]:
             "source": op["source"],
             "who": op["who"] or "",
             "status": op["status"],
-            "submitted": _clock(op["submitted_at"]),
-            "applied": _clock(op["applied_at"]) if op["applied_at"] else "",
+            "submitted": clock(op["submitted_at"]),
+            "applied": clock(op["applied_at"]) if op["applied_at"] else "",
             "detail": op_detail(op),
         }
         for op in reversed(rows)
@@ -364,6 +367,7 @@ class PanelState:
     allowed: frozenset[str]  # the ops the state table allows once the pending ops apply
     will_be: str  # the status once the pending ops apply
     config: dict[str, Any] = field(default_factory=dict)
+    page: str = ""  # the run page's path
 
 
 def panel_state(store: Store, experiment: str | None, run_id: int | None) -> PanelState | None:
@@ -387,6 +391,7 @@ def panel_state(store: Store, experiment: str | None, run_id: int | None) -> Pan
         allowed=frozenset(op.value for op in allowed_ops(future)),
         will_be=future.value,
         config=run["config"],
+        page=run_page_path(experiment, row.run_id),
     )
 
 
@@ -519,7 +524,7 @@ def _through_deployment(row: Mapping[str, Any]) -> Any:
         return None
 
 
-def _clock(epoch_seconds: float | None) -> str:
+def clock(epoch_seconds: float | None) -> str:
     if not epoch_seconds:
         return ""
     return datetime.fromtimestamp(float(epoch_seconds)).strftime("%Y-%m-%d %H:%M:%S")

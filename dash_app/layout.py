@@ -37,7 +37,7 @@ def build_layout(
 ) -> html.Div:
     """The page. Given the experiment to open and its metrics, the charts exist from the start and their figures
     come with the first callback round trip, instead of three (experiment, then chart list, then figures)."""
-    return html.Div(
+    dashboard = html.Div(
         [
             _top_bar(experiment_options or [], experiment),
             html.Div(id="header", className="rf-header"),
@@ -101,6 +101,32 @@ def build_layout(
                 style={"height": "260px"},
             ),
             _ic_ops_panel(),
+        ],
+        id="dashboard-page",
+    )
+    return html.Div(
+        [
+            dashboard,
+            # /run/<experiment>/<id>: one run in full (dash_app.run_page); the dashboard is hidden meanwhile.
+            html.Div(
+                [
+                    html.Div(id="run-page-top"),
+                    html.Div(
+                        [
+                            html.H3("Config and diff"),
+                            html.Span("compare with", className="rf-label"),
+                            dcc.Dropdown(id="run-compare", clearable=False, className="rf-knob"),
+                        ],
+                        className="rf-section-title",
+                    ),
+                    html.Div(id="run-page-body"),
+                ],
+                id="run-page",
+                style={"display": "none"},
+            ),
+            dcc.Store(id="run-page-signature", data=None),
+            # Whether the rf server answers (assets/page.js keeps it current), on every page.
+            html.Span("live", id="liveness", className="rf-liveness rf-liveness-live", title="the rf server"),
             dcc.Store(id="selected-run", data=None),
             dcc.Store(id="visible-runs", data=None),  # run ids the table's filter or ticks keep; None: every run
             dcc.Store(id="row-highlighted", data=None),
@@ -125,7 +151,6 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
     return html.Div(
         [
             html.H2("rf"),
-            html.Span("live", id="liveness", className="rf-liveness rf-liveness-live", title="the rf server"),
             dcc.Dropdown(
                 id="experiment-select",
                 options=experiment_options,

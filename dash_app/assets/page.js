@@ -65,6 +65,7 @@
       element.textContent = text;
     }
     element.className = "rf-liveness rf-liveness-" + kind;
+    element.title = "the rf server: " + text;
     element.dataset.state = kind;
   }
 
@@ -107,6 +108,16 @@
 
   setInterval(checkHealth, HEALTH_EVERY_MS);
 
+  // The runs table's id cell: a link to the run's page.
+  const gridComponents = (window.dashAgGridComponentFunctions = window.dashAgGridComponentFunctions || {});
+  gridComponents.RunLink = function (props) {
+    return React.createElement(
+      "a",
+      { href: props.data.page, title: "open run " + props.value + "'s page", className: "rf-run-link" },
+      String(props.value)
+    );
+  };
+
   // The URL records the view (experiment, open run, smoothing), so a reload or a shared link shows the same.
   window.dash_clientside = Object.assign({}, window.dash_clientside, {
     rf: {
@@ -126,6 +137,9 @@
         return node ? node.id : null;
       },
       write_url: function (experiment, run, smoothing) {
+        if (window.location.pathname.indexOf("/run/") === 0) {
+          return window.dash_clientside.no_update; // a run page's URL names its run already
+        }
         const params = new URLSearchParams(window.location.search);
         const set = function (name, value) {
           if (value === null || value === undefined || value === "" || value === 0) {

@@ -67,7 +67,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         [sys.executable, "-m", "dash_app.server", "--rf-home", str(home), "--port", "0"],
         cwd=PROJECT_ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(home.parent / "server.log").open("wb"),
     )
     try:
         wait_until(lambda: paths.server_info_path(home).exists() or process.poll() is not None, 60, "server start")
@@ -153,25 +153,25 @@ def test_a_drag_zoom_survives_refreshes_and_new_points(page: Any, server: Server
 
 def test_the_hover_names_each_varying_knob_on_its_own_line(page: Any, server: Server) -> None:
     open_view(page, server)
-    position = page.evaluate(
-        """(selector) => {
-            const gd = document.querySelector(selector);
-            const trace = gd._fullData.find(trace => trace.name === "run 2");
-            const point = Math.floor(trace.x.length / 2);
-            const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
-            // c2p: data to pixels, through the log axis too
-            return {x: box.left + gd._fullLayout.xaxis.c2p(trace.x[point]),
-                    y: box.top + gd._fullLayout.yaxis.c2p(trace.y[point])};
-        }""",
-        graph_selector("learning_rate"),
+    selector = graph_selector("learning_rate")
+    page.wait_for_function(
+        "(s) => { const gd = document.querySelector(s); return gd && gd._fullData && "
+        "gd._fullData.some(trace => trace.name === 'run 2'); }",
+        arg=selector,
     )
-    hover = page.locator(".hoverlayer .hovertext")
-    for nudge in range(5):  # Plotly computes hover on mouse moves; a refresh may redraw under a still mouse
-        page.mouse.move(position["x"] + nudge, position["y"])
-        page.wait_for_timeout(400)
-        if hover.count():
-            break
-    hover.first.wait_for()
+    # Plotly's own hover call draws the label a mouse would (a mouse can miss under load, as the page redraws).
+    hover = page.locator(f"{selector} .hoverlayer .hovertext")
+    wait_until(
+        lambda: page.evaluate(
+            """(s) => { const gd = document.querySelector(s);
+                const curve = gd._fullData.findIndex(trace => trace.name === 'run 2');
+                window.Plotly.Fx.hover(gd, [{curveNumber: curve, pointNumber: 10}]);
+                return gd.querySelectorAll('.hoverlayer .hovertext').length; }""",
+            selector,
+        ),
+        10,
+        "the hover label",
+    )
     # An SVG text: one <tspan class="line"> per line of the hover.
     lines = hover.first.evaluate("node => [...node.querySelectorAll('tspan.line')].map(line => line.textContent)")
     assert "run 2" in lines[0]
@@ -254,6 +254,28 @@ def test_the_sweep_views_draw_the_knobs_against_the_metric_and_a_point_opens_its
     page.mouse.click(position["x"], position["y"])
     page.wait_for_function("() => document.querySelector('#panel-title')?.innerText === 'Run 3'")
     shot(page, "view-06-sweep")
+    page.keyboard.press("Escape")
+
+
+def test_a_run_s_page_opens_from_the_table_and_the_panel_and_compares_configs(page: Any, server: Server) -> None:
+    open_view(page, server)
+    page.locator("#runs-grid .ag-row[row-id='2'] [col-id='run'] a").first.click()
+    page.wait_for_selector("#run-page #run-title")
+    assert page.url.endswith(f"/run/{EXPERIMENT}/2") and page.is_hidden("#dashboard-page")
+    assert page.inner_text("#run-title").startswith("Run 2")
+    assert json.loads(page.inner_text("#run-config"))["r"] == 8
+    assert "an initial run: pick a run to compare with" in page.inner_text("#run-page")
+    page.click("#run-compare")
+    page.locator("#run-page").get_by_text("run 1", exact=True).click()
+    page.wait_for_selector("#run-diff")
+    diff = page.inner_text("#run-diff")
+    assert "learning_rate" in diff and "r\t8\t4" in diff  # run 2 has r=8, run 1 r=4
+    page.wait_for_selector("#run-page .rf-chart .js-plotly-plot")  # its curves
+    shot(page, "view-07-run-page")
+    page.click("text=← experiment view")
+    page.wait_for_selector("#ic-panel", state="visible")  # back on the dashboard, the run's panel open
+    assert page.inner_text("#panel-title") == "Run 2"
+    assert page.get_attribute("#panel-run-page", "href") == f"/run/{EXPERIMENT}/2"
     page.keyboard.press("Escape")
 
 
