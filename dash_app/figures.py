@@ -146,31 +146,84 @@ def traces_signature(figure: Mapping[str, Any]) -> str:
     return hashlib.blake2b(encoded, digest_size=12).hexdigest()
 
 
+# An idle stretch (no chunk on any slot) longer than this many seconds, and than IDLE_CHUNKS median chunks, is cut
+# out of the timeline and marked: after a continue, the gap between two fits would make both slivers.
+IDLE_GAP_S = 30.0
+IDLE_CHUNKS = 5
+CUT_GAP_WIDTH = 0.03  # a cut gap keeps this share of the active time's width, so the cut shows
+MAX_TIMELINE_LEGEND = 24  # runs; more would crowd the chart out
+
+
+def idle_cuts(intervals: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The idle stretches (start, end) to cut out: gaps between busy stretches longer than IDLE_GAP_S seconds and
+    IDLE_CHUNKS times the median chunk."""
+    if not intervals:
+        return []
+    durations = sorted(end - start for start, end in intervals)
+    threshold = max(IDLE_GAP_S, IDLE_CHUNKS * durations[len(durations) // 2])
+    cuts: list[tuple[float, float]] = []
+    busy_until = None
+    for start, end in sorted(intervals):
+        if busy_until is not None and start - busy_until > threshold:
+            cuts.append((busy_until, start))
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return cuts
+
+
+def squeeze_time(cuts: Sequence[tuple[float, float]], keep: float) -> Any:
+    """x = f(t): the time axis with each cut gap shrunk to `keep` seconds (monotonic, continuous)."""
+
+    def squeezed(t: float) -> float:
+        removed = 0.0
+        for start, end in cuts:
+            if t >= end:
+                removed += (end - start) - keep
+            elif t > start:
+                removed += min(t - start, end - start) * (1 - keep / (end - start))
+        return t - removed
+
+    return squeezed
+
+
 def timeline_figure(entries: Sequence[Mapping[str, Any]], origin: float, now: float) -> dict[str, Any]:
-    """The device timeline: a bar per chunk, on the row of the slot that trained it, from its start to its end
-    (a chunk in flight reaches `now`, drawn lighter). x is seconds since `origin`."""
-    by_run: dict[int, list[Mapping[str, Any]]] = {}
-    for entry in entries:
-        by_run.setdefault(int(entry["run_id"]), []).append(entry)
+    """The device timeline: a bar per chunk, on the row of the slot that trained it, coloured by run (a chunk in
+    flight reaches `now`, drawn lighter). x is seconds since `origin`, with idle stretches between fits cut out
+    and marked; the hover gives each chunk's real start, end and duration. Labels show only where they fit."""
+    spans = [
+        (float(entry["start"]) - origin, (float(entry["end"]) if entry["end"] is not None else now) - origin)
+        for entry in entries
+    ]
+    cuts = idle_cuts(spans)
+    active = max((end for _, end in spans), default=0.0) - sum(end - start for start, end in cuts)
+    keep = max(active * CUT_GAP_WIDTH, 1.0)
+    squeeze = squeeze_time(cuts, keep)
+    by_run: dict[int, list[int]] = {}
+    for index, entry in enumerate(entries):
+        by_run.setdefault(int(entry["run_id"]), []).append(index)
     traces = []
     for run_id in sorted(by_run):
-        chunks = by_run[run_id]
-        starts = [float(entry["start"]) - origin for entry in chunks]
-        ends = [(float(entry["end"]) if entry["end"] is not None else now) - origin for entry in chunks]
+        chunks = [entries[index] for index in by_run[run_id]]
+        real = [spans[index] for index in by_run[run_id]]
+        starts = [squeeze(start) for start, _ in real]
         traces.append(
             {
                 "type": "bar",
                 "orientation": "h",
                 "name": f"run {run_id}",
+                "legendgroup": str(run_id),
                 "y": [f"slot {entry['slot']}" for entry in chunks],
                 "base": starts,
-                "x": [max(end - start, 0.0) for start, end in zip(starts, ends, strict=True)],
+                "x": [max(squeeze(end) - start, 0.0) for start, (_, end) in zip(starts, real, strict=True)],
                 "text": [f"r{run_id}·c{int(entry['chunk']) + 1}" for entry in chunks],
                 "textposition": "inside",
                 "insidetextanchor": "middle",
-                "customdata": [[run_id, int(entry["chunk"]) + 1, entry["outcome"] or "training"] for entry in chunks],
-                "hovertemplate": "run %{customdata[0]} · chunk %{customdata[1]}<br>%{y}<br>"
-                "%{base:.1f} s → +%{x:.1f} s<br>%{customdata[2]}<extra></extra>",
+                "customdata": [
+                    [run_id, int(entry["chunk"]) + 1, entry["outcome"] or "training", start, end, end - start]
+                    for entry, (start, end) in zip(chunks, real, strict=True)
+                ],
+                "hovertemplate": "run %{customdata[0]} · chunk %{customdata[1]} · %{y}<br>"
+                "from %{customdata[3]:.1f} s to %{customdata[4]:.1f} s (%{customdata[5]:.1f} s)"
+                "<br>%{customdata[2]}<extra></extra>",
                 "marker": {
                     "color": run_color(run_id),
                     "opacity": [1.0 if entry["end"] is not None else 0.5 for entry in chunks],
@@ -179,19 +232,48 @@ def timeline_figure(entries: Sequence[Mapping[str, Any]], origin: float, now: fl
             }
         )
     slots = sorted({int(entry["slot"]) for entry in entries})
+    shapes, annotations = [], []
+    for start, end in cuts:
+        left, right = squeeze(start), squeeze(end)
+        shapes.append(
+            {"type": "rect", "xref": "x", "yref": "paper", "x0": left, "x1": right, "y0": 0, "y1": 1,
+             "fillcolor": "#ddd", "line": {"width": 0}, "layer": "below"}
+        )  # fmt: skip
+        annotations.append(
+            {"x": (left + right) / 2, "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom", "showarrow": False,
+             "text": f"idle {_duration(end - start)}", "font": {"size": 10, "color": "#777"}}
+        )  # fmt: skip
+    title = "seconds since the experiment started" + (" (idle stretches cut out, shaded)" if cuts else "")
     layout = {
         "title": {"text": "device timeline", "x": 0.01, "font": {"size": 14}},
         "barmode": "overlay",
         "uirevision": "timeline",
-        "margin": MARGIN,
-        "height": max(160, 60 + 40 * len(slots)),
-        "xaxis": {"title": {"text": "seconds since the experiment started"}, "gridcolor": "#eee"},
-        "yaxis": {"categoryorder": "array", "categoryarray": [f"slot {slot}" for slot in reversed(slots)]},
+        "margin": {**MARGIN, "t": 44},
+        "height": max(180, 80 + 40 * len(slots)),
+        "xaxis": {"title": {"text": title}, "gridcolor": "#eee", "zeroline": False},
+        "yaxis": {
+            "categoryorder": "array",
+            "categoryarray": [f"slot {slot}" for slot in reversed(slots)],
+            "fixedrange": True,  # zoom is in time only
+        },
+        # A label too small to read is left out (the hover has it): bars of 1-s chunks over an hour are slivers.
+        "uniformtext": {"mode": "hide", "minsize": 9},
+        "shapes": shapes,
+        "annotations": annotations,
         "plot_bgcolor": "white",
         "paper_bgcolor": "white",
-        "showlegend": False,
+        "showlegend": len(by_run) <= MAX_TIMELINE_LEGEND,
+        "legend": {"font": {"size": 10}, "itemclick": "toggleothers"},
     }
     return {"data": traces, "layout": layout}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def lineage_layout(runs: Sequence[Mapping[str, Any]]) -> dict[int, tuple[int, int]]:

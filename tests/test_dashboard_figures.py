@@ -92,8 +92,26 @@ def test_timeline_bars_sit_on_their_slot_and_a_running_chunk_reaches_now():
     assert run_1["x"] == [4.0, 5.5]  # the open chunk is drawn up to now
     assert run_1["marker"]["opacity"] == [1.0, 0.5]
     assert run_1["text"] == ["r1·c1", "r1·c2"]
-    assert by_name["run 2"]["customdata"] == [[2, 1, "ok"]]
+    assert by_name["run 2"]["customdata"] == [[2, 1, "ok", 0.5, 3.0, 2.5]]  # run, chunk, outcome, start, end, s
+    assert "from 0.5 s to 3.0 s (2.5 s)" not in by_name["run 2"]["hovertemplate"]  # (Plotly fills the template)
+    assert "(%{customdata[5]:.1f} s)" in by_name["run 2"]["hovertemplate"]
+    assert figure["layout"]["shapes"] == [] and figure["layout"]["uniformtext"]["mode"] == "hide"
     assert figure["layout"]["yaxis"]["categoryarray"] == ["slot 1", "slot 0"]
+
+
+def test_an_idle_stretch_between_two_fits_is_cut_out_of_the_timeline_and_marked():
+    first = [{"run_id": 1, "slot": 0, "chunk": c, "start": 10.0 * c, "end": 10.0 * c + 9, "outcome": "ok"}
+             for c in range(3)]  # fmt: skip
+    second = [{"run_id": 1, "slot": 0, "chunk": 3, "start": 3600.0, "end": 3609.0, "outcome": "ok"}]
+    figure = timeline_figure(first + second, origin=0.0, now=3700.0)
+    (bars,) = figure["data"]
+    (shade,) = figure["layout"]["shapes"]
+    # Busy 0-29 s and 3600-3609 s: the hour between shrinks to a few seconds, shaded and labelled.
+    assert shade["x0"] == pytest.approx(29.0) and shade["x1"] - shade["x0"] < 5
+    assert bars["base"][3] == pytest.approx(shade["x1"]) and bars["x"][3] == pytest.approx(9.0)
+    assert figure["layout"]["annotations"][0]["text"] == "idle 60 min"  # 3571 s
+    assert bars["customdata"][3][3:] == [3600.0, 3609.0, 9.0]  # the hover keeps the real times
+    assert "idle stretches cut out" in figure["layout"]["xaxis"]["title"]["text"]
 
 
 def _run(run_id, parent=None, warm="off", status="Ongoing"):
