@@ -75,6 +75,8 @@ def refresh_request(tick: int, sent: Any = None) -> dict[str, Any]:
             {"id": "show-deleted", "property": "value", "value": []},
             {"id": "smoothing", "property": "value", "value": 0},
             {"id": "ops-changed", "property": "data", "value": 0},
+            {"id": "visible-runs", "property": "data", "value": None},
+            {"id": "x-axis", "property": "value", "value": "step"},
         ],
         "changedPropIds": ["refresh.n_intervals"],
         "state": [
@@ -87,7 +89,7 @@ def refresh_request(tick: int, sent: Any = None) -> dict[str, Any]:
 def table_request(tick: int) -> dict[str, Any]:
     """The body the page posts for the header and runs table on each refresh tick."""
     outputs = [("header", "children"), ("continue-experiment", "style"), ("runs-grid", "rowData"),
-               ("runs-grid", "columnDefs"), ("hidden-columns", "options")]  # fmt: skip
+               ("runs-grid", "columnDefs"), ("hidden-columns", "options"), ("runs-grid", "style")]  # fmt: skip
     return {
         "output": "".join(f"..{component}.{prop}.." for component, prop in outputs).replace("....", "..."),
         "outputs": [{"id": component, "property": prop} for component, prop in outputs],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dash import ALL, ClientsideFunction, Dash, Input, Output, Patch, State, ctx, html, no_update
@@ -20,6 +21,9 @@ from rf_core.control.store import Store
 from rf_core.report import experiment_metric, runs_table
 
 Callbacks = dict[str, Any]
+# Every metric chart's graph, and its lin/log switch (pattern-matching ids: see dash_app.layout.metric_graph_id).
+ALL_GRAPHS = {"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}
+ALL_Y_SCALES = {"type": "y-scale", "metric": ALL, "experiment": ALL, "cells": ALL}
 
 
 def register_callbacks(app: Dash, store: Store) -> Callbacks:
@@ -134,14 +138,15 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         return children, {"experiment": experiment, "names": names, "cells": cells}
 
     @register(
-        Output({"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}, "figure"),
+        Output(ALL_GRAPHS, "figure"),
         Output("chart-signatures", "data"),
-        Input({"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}, "id"),
+        Input(ALL_GRAPHS, "id"),
         Input("refresh", "n_intervals"),
         Input("show-deleted", "value"),
         Input("smoothing", "value"),
         Input("ops-changed", "data"),
         Input("visible-runs", "data"),
+        Input("x-axis", "value"),
         State("experiment-select", "value"),
         State("chart-signatures", "data"),
     )
@@ -152,10 +157,27 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         smoothing: float | None,
         __: int | None,
         visible: list[int] | None,
+        x_axis: str | None,
         experiment: str | None,
         sent: Mapping[str, Any] | None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        return chart_updates(store, cache, experiment, graph_ids, bool(show_deleted), smoothing, sent, visible)
+        view = ChartView(bool(show_deleted), smoothing, visible, x_axis == "lineage")
+        return chart_updates(store, cache, experiment, graph_ids, view, sent)
+
+    @register(
+        Output(ALL_GRAPHS, "figure", allow_duplicate=True),
+        Input(ALL_Y_SCALES, "value"),
+        prevent_initial_call=True,
+    )
+    def set_y_scales(scales: list[str | None]) -> list[Any]:
+        """A chart's lin/log switch: its y axis changes, nothing else (the zoom on x stays)."""
+        patches = []
+        for scale in scales:
+            patch = Patch()
+            patch["layout"]["yaxis"]["type"] = scale or "linear"
+            patch["layout"]["yaxis"]["autorange"] = True  # a log range is not a linear one
+            patches.append(patch)
+        return patches
 
     @register(
         Output("timeline-graph", "figure"),
@@ -186,7 +208,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
 
     @register(
         Output("selected-run", "data"),
-        Input({"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}, "clickData"),
+        Input(ALL_GRAPHS, "clickData"),
         Input("runs-grid", "cellClicked"),
         Input("lineage-graph", "clickData"),
         Input("timeline-graph", "clickData"),
@@ -355,7 +377,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
     app.clientside_callback(
         ClientsideFunction(namespace="rf", function_name="highlight_row"),
         Output("row-highlighted", "data"),
-        Input({"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells": ALL}, "hoverData"),
+        Input(ALL_GRAPHS, "hoverData"),
         prevent_initial_call=True,
     )
 
@@ -399,23 +421,26 @@ def metric_figures(
     cache: M4Cache,
     experiment: str | None,
     names: Sequence[str],
-    include_deleted: bool,
-    smoothing: float | None,
-    visible: Sequence[int] | None = None,
+    view: ChartView,
 ) -> list[dict[str, Any]]:
-    """The figure of each chart in `names`: the refresh every chart gets (the benchmarked callback). `visible`:
-    the runs the table keeps (None: all)."""
-    snap_runs = data.chart_runs(store, experiment, include_deleted)
+    """The figure of each chart in `names`: the refresh every chart gets (the benchmarked callback)."""
+    snap_runs = data.chart_runs(store, experiment, view.include_deleted)
     if not experiment or not snap_runs:
         return [figures.empty_figure("no runs") for _ in names]
     runs, knobs = snap_runs
-    if visible is not None:
-        kept = set(visible)
+    if view.visible is not None:
+        kept = set(view.visible)
         runs = [run for run in runs if int(run["run_id"]) in kept]
         if not runs:
             return [figures.empty_figure("no run is ticked or kept by the table's filters") for _ in names]
     run_ids = [int(run["run_id"]) for run in runs]
     series = data.chart_series(cache, experiment, run_ids, names)
+    if view.from_parent:
+        offsets = data.step_offsets(runs)
+        series = {
+            name: {run_id: (steps + offsets.get(run_id, 0), values) for run_id, (steps, values) in curves.items()}
+            for name, curves in series.items()
+        }
     labels = data.hover_labels(runs, knobs)
     deleted = frozenset(int(run["run_id"]) for run in runs if run["status"] == "Deleted")
     return [
@@ -423,7 +448,7 @@ def metric_figures(
             name,
             series.get(name, {}),
             labels,
-            smoothing=float(smoothing or 0),
+            smoothing=float(view.smoothing or 0),
             uirevision=f"{experiment}:{name}",
             deleted=deleted,
         )
@@ -463,15 +488,23 @@ def sweep_views(
     return parallel, scatter, importance, options, chosen, signature
 
 
+@dataclass(frozen=True)
+class ChartView:
+    """How the page asks the charts to be drawn."""
+
+    include_deleted: bool = False
+    smoothing: float | None = 0.0
+    visible: Sequence[int] | None = None  # the runs the table keeps; None: all
+    from_parent: bool = False  # warm clones continue their parent's curve (x = step from the first run of the chain)
+
+
 def chart_updates(
     store: Store,
     cache: M4Cache,
     experiment: str | None,
     graph_ids: Sequence[Mapping[str, Any]],
-    include_deleted: bool,
-    smoothing: float | None,
+    view: ChartView,
     sent: Mapping[str, Any] | None,
-    visible: Sequence[int] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """What each chart gets on a refresh, and the signatures of what the page then shows.
 
@@ -483,9 +516,7 @@ def chart_updates(
     """
     mine = [graph_id for graph_id in graph_ids if graph_id.get("experiment") == experiment]
     names = [graph_id["metric"] for graph_id in mine]
-    built = dict(
-        zip(names, metric_figures(store, cache, experiment, names, include_deleted, smoothing, visible), strict=True)
-    )
+    built = dict(zip(names, metric_figures(store, cache, experiment, names, view), strict=True))
     signatures = {name: figures.traces_signature(figure) for name, figure in built.items()}
     cells = max((int(graph_id.get("cells") or 0) for graph_id in mine), default=0)
     drawn = (sent or {}).get("charts") or {}

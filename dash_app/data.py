@@ -278,6 +278,29 @@ def chart_runs(
     return runs, varying_knobs([run["config"] for run in runs]) if runs else []
 
 
+def step_offsets(runs: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+    """Per run, the step its curve starts from when warm clones continue their parent's curve: a warm clone's own
+    step 0 is its parent's step at the clone (and so on up a chain of warm clones); everything else starts at 0."""
+    by_id = {int(run["run_id"]): run for run in runs}
+    offsets: dict[int, int] = {}
+
+    def offset(run_id: int, seen: frozenset[int] = frozenset()) -> int:
+        if run_id in offsets:
+            return offsets[run_id]
+        run = by_id.get(run_id)
+        parent = run.get("parent_id") if run else None
+        warm = run is not None and (run.get("warm_start") or "off") != "off"
+        if parent is None or not warm or int(parent) in seen:
+            value = 0
+        else:
+            value = int(run.get("parent_step") or 0) + (offset(int(parent), seen | {run_id}) if int(parent) in by_id
+                                                        else 0)  # fmt: skip
+        offsets[run_id] = value
+        return value
+
+    return {run_id: offset(run_id) for run_id in by_id}
+
+
 def hover_labels(runs: Sequence[Mapping[str, Any]], knobs: Sequence[str]) -> dict[int, str]:
     """Per run, the knobs that differ between runs, as "name=value" lines (plain text) for the chart hover."""
     return {

@@ -61,6 +61,10 @@ def decode_typed_array(spec: Mapping[str, str] | Sequence[Any]) -> np.ndarray:
     return np.asarray(spec)
 
 
+def default_y_scale(name: str) -> str:
+    return "log" if name in LOG_Y_METRICS else "linear"
+
+
 def metric_title(name: str) -> str:
     return METRIC_TITLES.get(name, name)
 
@@ -130,7 +134,7 @@ def metric_figure(
             "gridcolor": "#eee",
             "zeroline": False,
             "exponentformat": "e",
-            "type": "log" if name in LOG_Y_METRICS else "linear",
+            "type": default_y_scale(name),
         },
         "plot_bgcolor": "white",
         "paper_bgcolor": "white",

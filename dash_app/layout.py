@@ -8,6 +8,7 @@ import dash_ag_grid as dag
 from dash import dcc, html
 
 from dash_app.data import MAX_SMOOTHING, OPS_LOG_COLUMNS
+from dash_app.figures import default_y_scale
 from rf_core.states import WARM_START_MODES
 
 REFRESH_MS = 2000
@@ -162,6 +163,16 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
             dcc.Checklist(
                 id="show-deleted", options=[{"label": " show deleted runs", "value": "show"}], value=[], inline=True
             ),
+            dcc.RadioItems(
+                id="x-axis",
+                options=[
+                    {"label": " step", "value": "step"},
+                    {"label": " warm clones continue their parent", "value": "lineage"},
+                ],
+                value="step",
+                inline=True,
+                className="rf-x-axis",
+            ),
             html.Div(
                 [
                     html.Span("smoothing", className="rf-label"),
@@ -270,6 +281,17 @@ def chart_cells(names: list[str], experiment: str, cells: int) -> list[Any]:
     return [chart_cell(name, experiment, cells) for name in names]
 
 
+def y_scale_id(name: str, experiment: str, cells: int) -> dict[str, Any]:
+    return {"type": "y-scale", "metric": name, "experiment": experiment, "cells": cells}
+
+
 def chart_cell(name: str, experiment: str, cells: int) -> html.Div:
     graph = dcc.Graph(id=metric_graph_id(name, experiment, cells), config=GRAPH_CONFIG)
-    return html.Div(graph, id=chart_id(name), className="rf-chart")
+    scale = dcc.RadioItems(
+        id=y_scale_id(name, experiment, cells),
+        options=[{"label": " lin", "value": "linear"}, {"label": " log", "value": "log"}],
+        value=default_y_scale(name),
+        inline=True,
+        className="rf-y-scale",
+    )
+    return html.Div([scale, graph], id=chart_id(name), className="rf-chart")

@@ -16,6 +16,7 @@ from dash._utils import AttributeDict
 
 from dash_app import data
 from dash_app.callbacks import register_callbacks, run_from_cell, run_from_click
+from dash_app.figures import decode_typed_array
 from dash_app.layout import build_layout
 from rf_core.control import experiments, ops
 from rf_core.control.store import DuckDBStore
@@ -83,20 +84,20 @@ def test_chart_list_follows_the_metrics_and_figures_follow_the_runs(callbacks, s
     assert shown == {"experiment": "exp", "names": ["train_loss", "learning_rate", "eval_loss"], "cells": 1}
     assert [child.id for child in children] == ["chart-train_loss", "chart-learning_rate", "chart-eval_loss"]
     assert callbacks["refresh_chart_list"]("exp", 2, shown) == (no_update, no_update)
-    graph_ids = [child.children.id for child in children]
-    figures, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "exp", None)
+    graph_ids = [child.children[1].id for child in children]
+    figures, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "step", "exp", None)
     assert [[trace["name"] for trace in figure["data"]] for figure in figures] == [["run 1", "run 2", "run 3"]] * 3
     ops.submit_op(store, "exp", "delete", 2)
     # Drawn charts get their traces only (a Patch: the layout, and so the user's zoom, stays as it is).
-    patches, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.5, 1, None, "exp", sent)
+    patches, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.5, 1, None, "step", "exp", sent)
     traces = patches[0].to_plotly_json()["operations"][0]["params"]["value"]
     assert [trace["name"] for trace in traces if "raw" not in trace["name"]] == ["run 1", "run 3"]
     assert all(isinstance(patch, Patch) for patch in patches)
     # Nothing changed since: nothing is sent.
-    assert callbacks["refresh_charts"](graph_ids, 2, [], 0.5, 1, None, "exp", sent)[0] == [no_update] * 3
+    assert callbacks["refresh_charts"](graph_ids, 2, [], 0.5, 1, None, "step", "exp", sent)[0] == [no_update] * 3
     # New cells (another generation) are drawn whole, whatever was sent to the old ones.
     new_ids = [{**graph_id, "cells": 2} for graph_id in graph_ids]
-    figures, _ = callbacks["refresh_charts"](new_ids, 3, ["show"], 0.0, 1, None, "exp", sent)
+    figures, _ = callbacks["refresh_charts"](new_ids, 3, ["show"], 0.0, 1, None, "step", "exp", sent)
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2", "run 3"]
 
 
@@ -110,7 +111,7 @@ def test_a_new_metric_joins_the_charts_drawn_without_redrawing_them(callbacks):
     # Another experiment's charts are drawn anew, as a new generation of cells.
     children, now_shown = callbacks["refresh_chart_list"]("older", 1, now_shown)
     assert isinstance(children, list) and now_shown["cells"] == 5
-    assert {child.children.id["experiment"] for child in children} == {"older"}
+    assert {child.children[1].id["experiment"] for child in children} == {"older"}
 
 
 def test_the_table_s_ticks_or_filters_decide_which_runs_the_charts_and_history_show(callbacks, store):
@@ -120,8 +121,8 @@ def test_the_table_s_ticks_or_filters_decide_which_runs_the_charts_and_history_s
     assert callbacks["follow_the_table"](rows, [rows[1]], rows, [1, 3]) == [2]  # a tick wins over the filter
     assert callbacks["follow_the_table"](rows, [], rows, [2]) is None
     children, _ = callbacks["refresh_chart_list"]("exp", 1, None)
-    graph_ids = [child.children.id for child in children]
-    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, [1, 3], "exp", None)
+    graph_ids = [child.children[1].id for child in children]
+    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, [1, 3], "step", "exp", None)
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 3"]
     timeline, lineage, _ = callbacks["refresh_history"]("exp", 1, [], 0, [2])
     assert [trace["name"] for trace in timeline["data"]] == ["run 2"] and lineage["data"][-1]["customdata"] == [2]
@@ -220,8 +221,8 @@ def test_an_ended_experiment_stays_browsable(callbacks, store):
     assert "finished" in rendered and "ended" in rendered
     assert [row["run"] for row in rows] == [1, 2]
     children, _ = callbacks["refresh_chart_list"]("older", 1, None)
-    graph_ids = [child.children.id for child in children]
-    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "older", None)
+    graph_ids = [child.children[1].id for child in children]
+    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "step", "older", None)
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 2"]
     options, _ = callbacks["refresh_experiments"](1, None, "older")
     assert {"label": "older (finished)", "value": "older"} in options
@@ -239,3 +240,22 @@ def test_the_sweep_views_follow_the_runs_and_are_not_rebuilt_while_nothing_chang
     assert parallel["layout"]["meta"]["run_ids"] == [1, 3] and scatter["data"][0]["customdata"] == [1, 3]
     click = {"points": [{"customdata": 3}]}
     assert select("sweep-scatter.clickData", click, callbacks) == 3
+
+
+def test_warm_clones_can_continue_their_parent_s_curve_and_a_chart_switches_its_y_scale(callbacks, store):
+    runs = [
+        {"run_id": 1, "parent_id": None, "warm_start": "off", "parent_step": None},
+        {"run_id": 2, "parent_id": 1, "warm_start": "weights", "parent_step": 300},
+        {"run_id": 3, "parent_id": 2, "warm_start": "weights+optimizer", "parent_step": 50},
+        {"run_id": 4, "parent_id": 1, "warm_start": "off", "parent_step": 300},  # a cold clone starts afresh
+    ]
+    assert data.step_offsets(runs) == {1: 0, 2: 300, 3: 350, 4: 0}
+    store.update_run("exp", 2, {"parent_id": 1, "warm_start": "weights", "parent_step": 300})
+    children, _ = callbacks["refresh_chart_list"]("exp", 1, None)
+    graph_ids = [child.children[1].id for child in children]
+    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "lineage", "exp", None)
+    run_2 = next(trace for trace in figures[0]["data"] if trace["name"] == "run 2")
+    assert decode_typed_array(run_2["x"])[0] == 301  # its step 1 drawn where its parent's step 301 would be
+    patches = callbacks["set_y_scales"](["log", "linear", "linear"])
+    assert patches[0].to_plotly_json()["operations"][0] == {
+        "operation": "Assign", "location": ["layout", "yaxis", "type"], "params": {"value": "log"}}  # fmt: skip

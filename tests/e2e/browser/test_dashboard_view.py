@@ -147,6 +147,17 @@ def test_a_drag_zoom_survives_refreshes_and_new_points(page: Any, server: Server
     page.wait_for_timeout(2500)
     assert x_range(page) == zoomed
     shot(page, "view-01-zoom-kept")
+    # The chart's own lin/log switch changes its y axis only: the zoom on x stays.
+    page.locator("#chart-train_loss .rf-y-scale input[value='log']").check()
+    wait_until(
+        lambda: (
+            page.evaluate("(s) => document.querySelector(s)._fullLayout.yaxis.type", graph_selector("train_loss"))
+            == "log"
+        ),
+        10,
+        "a log y axis",
+    )
+    assert x_range(page) == zoomed
     page.dblclick(f"{graph_selector('train_loss')} .nsewdrag")  # Plotly's reset: the whole range again
     wait_until(lambda: x_range(page)[1] >= server.last_step - 1, 10, "the zoom reset to every point")
 
