@@ -148,7 +148,7 @@ def register_routes(server: Flask, store: Store) -> None:
             body["kind"],
             body["run_id"],
             payload=body.get("payload"),
-            source=body.get("source") or "user",
+            source=body.get("source") or "api",
             who=body.get("who"),
         )
         return _json(op, 201)

@@ -243,16 +243,26 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("selected-run", "data"),
         Input("refresh", "n_intervals"),
         Input("ops-changed", "data"),
+        Input("clone-valid", "data"),
         State("experiment-select", "value"),
         State({"type": "op-btn", "op": ALL}, "id"),
     )
     def refresh_panel(
-        run_id: int | None, _: int | None, __: int | None, experiment: str | None, button_ids: list[dict[str, str]]
+        run_id: int | None,
+        _: int | None,
+        __: int | None,
+        clone_valid: bool | None,
+        experiment: str | None,
+        button_ids: list[dict[str, str]],
     ) -> tuple[Any, ...]:
         state = data.panel_state(store, experiment, run_id)
         if state is None:
             return {"display": "none"}, "", "", [True] * len(button_ids)
-        disabled = [button["op"] not in state.allowed for button in button_ids]
+        # Submit Clone-Modify waits for a clone request the live check finds nothing wrong with.
+        disabled = [
+            button["op"] not in state.allowed or (button["op"] == "clone" and clone_valid is False)
+            for button in button_ids
+        ]
         return {"display": "block"}, f"Run {state.run_id}", panel_status(state), disabled
 
     @register(
@@ -271,16 +281,20 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
 
     @register(
         Output("clone-preview", "children"),
+        Output("clone-valid", "data"),
         Input("clone-json", "value"),
         Input("warm-start", "value"),
         State("selected-run", "data"),
         State("experiment-select", "value"),
         prevent_initial_call=True,
     )
-    def preview_clone(text: str | None, warm_start: str | None, run_id: int | None, experiment: str | None) -> Any:
+    def preview_clone(
+        text: str | None, warm_start: str | None, run_id: int | None, experiment: str | None
+    ) -> tuple[Any, bool | None]:
         if run_id is None or not experiment:
-            return ""
-        return clone_feedback(text or "", data.check_clone(store, experiment, run_id, text, warm_start))
+            return "", None
+        check = data.check_clone(store, experiment, run_id, text, warm_start)
+        return clone_feedback(text or "", check), not check.problems
 
     @register(
         Output("op-result", "children"),
@@ -633,12 +647,11 @@ def clone_feedback(text: str, check: data.CloneCheck) -> Any:
 
 
 def not_queued(text: str, check: data.CloneCheck) -> Any:
-    """Submit's answer to an invalid clone request: the same annotated text as the live check above it."""
+    """Submit's answer to an invalid clone request (Submit is disabled while the live check shows a problem, so this
+    is a request changed between the check and the click): the count; the annotated text is the check's, above."""
     noun = "problem" if len(check.problems) == 1 else "problems"
-    return html.Div(
-        [html.Div(f"Not queued: {len(check.problems)} {noun}, each under its line.", className="rf-bad"),
-         annotated_json(text, check)]
-    )  # fmt: skip
+    return html.Div(f"Not queued: {len(check.problems)} {noun}, each written under its line above.",
+                    className="rf-bad", id="clone-not-queued")  # fmt: skip
 
 
 def annotated_json(text: str, check: data.CloneCheck) -> Any:

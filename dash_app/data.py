@@ -24,7 +24,7 @@ from rf_core.config import varying_knobs
 from rf_core.control import continuation, experiments, metrics, ops
 from rf_core.control import timeline as chunk_timeline
 from rf_core.control.store import Store
-from rf_core.report import RunRow, experiment_metric, fit_state_text, progress_text, run_row
+from rf_core.report import RunRow, experiment_metric, fit_state_text, progress_text, run_row, runs_text
 from rf_core.report import runs_table as table_rows
 from rf_core.states import OpKind, RunStatus, allowed_ops
 
@@ -357,7 +357,7 @@ def op_detail(op: Mapping[str, Any]) -> str:
     if op["kind"] == OpKind.CLONE:
         parts.append(f"{payload.get('count', '?')} clone(s), warm start {payload.get('warm_start', 'off')}")
         if result.get("created_run_ids"):
-            parts.append("created runs " + ", ".join(map(str, result["created_run_ids"])))
+            parts.append("created " + runs_text(result["created_run_ids"]))
     elif result:
         parts.append(f"{result.get('from')} → {result.get('to')}")
     if isinstance(payload.get("policy"), Mapping) and payload["policy"].get("reason"):
@@ -499,7 +499,7 @@ def submit(
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """Queue an IC Op from the dashboard: (the op's row, []) or (None, every reason it was rejected)."""
     try:
-        return ops.submit_op(store, experiment, kind, run_id, payload=payload, source="user", who="dashboard"), []
+        return ops.submit_op(store, experiment, kind, run_id, payload=payload, source="dashboard", who=None), []
     except (errors.InvalidRequest, errors.NotFound) as exc:
         return None, list(exc.problems)
 

@@ -35,7 +35,15 @@ from rf_core.client import RFClient, ServerError, ServerUnavailable
 from rf_core.config import apply_overrides, parse_set_overrides
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.knobs import ConfigError
-from rf_core.report import experiment_metric, fit_state_text, format_table, progress_text, runs_table, with_names
+from rf_core.report import (
+    experiment_metric,
+    fit_state_text,
+    format_table,
+    progress_text,
+    runs_table,
+    runs_text,
+    with_names,
+)
 from rf_core.services import PREFECT_PORT_ENV, RF_PORT_ENV, ServiceError
 from rf_core.states import DECISION_STATUSES, RESERVED_PREFIX, WARM_START_MODES
 
@@ -820,7 +828,7 @@ def _result(result: Any) -> str | None:
     if not result:
         return None
     if result.get("created_run_ids"):
-        return "created runs " + ", ".join(str(run_id) for run_id in result["created_run_ids"])
+        return "created " + runs_text(result["created_run_ids"])
     if "to" in result:
         return f"{result.get('from')} -> {result['to']}"
     return json.dumps(result)

@@ -290,7 +290,7 @@ class RFClient:
         kind: str,
         run_id: int,
         payload: Mapping[str, Any] | None = None,
-        source: str = "cli",
+        source: str = "api",
         who: str | None = None,
     ) -> dict[str, Any]:
         """Queue an IC Op; returns its row once committed. Raises OpRejected (`.problems`) when invalid."""

@@ -245,8 +245,8 @@ def parse_tagged(obj: Any) -> Any:
         raise ConfigError(f"a tagged value has exactly one key (one of {list(TAGS)}), got {sorted(map(str, obj))}")
     tag, body = tags[0], obj[tags[0]]
     if tag == "$list":
-        if not isinstance(body, list):
-            raise ConfigError(f'"$list" takes a JSON list of values, got {body!r}')
+        if not isinstance(body, list) or not body:
+            raise ConfigError(f'"$list" takes a non-empty JSON list of values, got {json.dumps(body)}')
         return List(body)
     if tag == "$range":
         fields = _tag_fields(tag, body, required=("low", "high"), optional=("log",))
@@ -261,7 +261,11 @@ def _parse_config_value(key: Any, value: Any) -> Any:
     """A config's top-level value: a knob when tagged, else the plain value (a JSON list stays a list)."""
     if not _is_tagged(value):
         return value
-    parsed = parse_tagged(value)
+    try:
+        parsed = parse_tagged(value)
+    except ConfigError as exc:
+        # Named by its knob, as every other config problem is (the dashboard writes it under that knob's line).
+        raise ConfigError([f"{key}={json.dumps(value, default=str)}: {problem}" for problem in exc.problems]) from None
     if isinstance(parsed, GridSearch | RandomSearch):
         raise ConfigError(f"{key!r} holds a $grid/$random generator: generators wrap whole configs, not one knob")
     return parsed

@@ -96,6 +96,12 @@ def _num(value: Any, fmt: str = ".4f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def runs_text(run_ids: Sequence[int]) -> str:
+    """ "run 5" or "runs 5, 6, 7"."""
+    ids = ", ".join(str(run_id) for run_id in run_ids)
+    return f"run {ids}" if len(run_ids) == 1 else f"runs {ids}"
+
+
 def progress_text(row: RunRow) -> str:
     """A run's progress, worded the same in the dashboard and the CLI. A chunk is one slice of one run's training
     (num_chunks per epoch, so a run has num_chunks x epochs of them); epochs count from 1, as people count them."""

@@ -167,14 +167,14 @@ def test_the_url_reopens_the_run_panel_of_its_experiment_only(callbacks):
 
 
 def test_panel_enables_exactly_the_allowed_ops(callbacks, store):
-    style, title, _, disabled = callbacks["refresh_panel"](1, 1, 0, "exp", BUTTONS)
+    style, title, _, disabled = callbacks["refresh_panel"](1, 1, 0, None, "exp", BUTTONS)
     assert style == {"display": "block"} and title == "Run 1"
     assert disabled == [False, True, False, False]  # Ongoing: stop, clone and delete; not resume
     ops.submit_op(store, "exp", "stop", 1)
-    assert callbacks["refresh_panel"](1, 1, 1, "exp", BUTTONS)[3] == [True, False, False, False]
+    assert callbacks["refresh_panel"](1, 1, 1, None, "exp", BUTTONS)[3] == [True, False, False, False]
     ops.submit_op(store, "exp", "delete", 1)
-    assert callbacks["refresh_panel"](1, 1, 2, "exp", BUTTONS)[3] == [True, True, True, True]
-    assert callbacks["refresh_panel"](None, 1, 0, "exp", BUTTONS)[0] == {"display": "none"}
+    assert callbacks["refresh_panel"](1, 1, 2, None, "exp", BUTTONS)[3] == [True, True, True, True]
+    assert callbacks["refresh_panel"](None, 1, 0, None, "exp", BUTTONS)[0] == {"display": "none"}
 
 
 def test_clone_submit_queues_the_op_and_an_invalid_config_queues_nothing(callbacks, store):
@@ -182,14 +182,18 @@ def test_clone_submit_queues_the_op_and_an_invalid_config_queues_nothing(callbac
     config = json.loads(text)
     assert config["learning_rate"] == data.panel_state(store, "exp", 2).config["learning_rate"] and warm == "off"
     grid = json.dumps({**config, "learning_rate": {"$list": [1e-4, 2e-4, 3e-4]}}, indent=2)
-    preview = callbacks["preview_clone"](grid, "weights", 2, "exp")
-    assert preview.children == "Submit creates 3 clones (warm start: weights)"
+    preview, valid = callbacks["preview_clone"](grid, "weights", 2, "exp")
+    assert preview.children == "Submit creates 3 clones (warm start: weights)" and valid is True
 
     clone_button = '{"op":"clone","type":"op-btn"}.n_clicks'
     bad = '{\n  "learning_rate": -1\n}'
+    # The live check writes the problem under its line, and Submit waits until it is fixed.
+    preview, valid = callbacks["preview_clone"](bad, "off", 2, "exp")
+    assert "learning_rate=-1: must be > 0" in _render(preview) and valid is False
+    assert callbacks["refresh_panel"](2, 1, 0, False, "exp", BUTTONS)[3] == [False, True, False, True]
     result, changed = triggered_by(clone_button, 1, callbacks["submit_op"], [None, None, None, 1], 2, "exp", bad,
                                    "off", 0)  # fmt: skip
-    assert changed is no_update and "learning_rate=-1: must be > 0" in _render(result)
+    assert changed is no_update and "Not queued: 1 problem, each written under its line above." in _render(result)
     assert ops.list_ops(store, "exp") == []
 
     result, changed = triggered_by(clone_button, 2, callbacks["submit_op"], [None, None, None, 2], 2, "exp", grid,

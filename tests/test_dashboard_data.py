@@ -126,7 +126,7 @@ def test_problems_are_placed_under_the_line_of_their_key():
 
 def test_submit_queues_through_ops_and_a_rejection_writes_nothing(store):
     op, problems = data.submit(store, "exp", "stop", 3)
-    assert problems == [] and op["source"] == "user" and op["who"] == "dashboard"
+    assert problems == [] and op["source"] == "dashboard" and op["who"] is None
     assert data.accepted_message(op) == f"op {op['op_id']} (stop) queued: applies at run 3's next chunk boundary"
     again, problems = data.submit(store, "exp", "stop", 3)
     assert again is None and problems == [f"run 3 will already be stopped by op {op['op_id']}"]
@@ -177,3 +177,11 @@ def test_runs_view_reads_the_metrics_the_snapshot_reads_without_scanning(store):
                         "best_metric"):  # fmt: skip
                 assert mine[key] == pytest.approx(theirs[key]), key
     assert data.runs_view(store, cache, "nope") is None and data.runs_view(store, cache, None) is None
+
+
+def test_a_bad_tagged_value_is_written_under_its_knob_s_line(store):
+    text = '{\n  "r": 4,\n  "learning_rate": {"$list": []}\n}'
+    check = data.check_clone(store, "exp", 1, text, "off")
+    assert check.problems == ['learning_rate={"$list": []}: "$list" takes a non-empty JSON list of values, got []']
+    lines, unplaced = data.annotate_problems(text, check.problems, check.bad_json_at)
+    assert unplaced == [] and lines[2][1] == check.problems

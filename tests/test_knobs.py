@@ -282,7 +282,7 @@ def test_a_group_expands_the_same_from_its_tagged_text(group: Any) -> None:
         ({"r": {"$lists": [1, 2]}}, r"'\$lists'"),
         ({"$list": [1], "extra": 2}, "exactly one key"),
         ({"$list": []}, "non-empty"),
-        ({"$list": 5}, "takes a JSON list"),
+        ({"$list": 5}, "takes a non-empty JSON list"),
         ({"$range": {"low": 1e-3}}, "missing field 'high'"),
         ({"$range": {"low": 1, "high": 2, "step": 1}}, "unknown field 'step'"),
         ({"$range": [1, 2]}, "takes an object"),

@@ -103,7 +103,7 @@ def test_valid_op_is_queued_and_invalid_op_is_rejected_without_a_row(
     client, _, _ = server
     client.create_experiment("opsexp", [CONFIG], num_chunks=2)
     op = client.submit_op("opsexp", "stop", 1, who="tester")
-    assert op["status"] == "pending" and op["source"] == "cli" and op["who"] == "tester"
+    assert op["status"] == "pending" and op["source"] == "api" and op["who"] == "tester"
     with pytest.raises(OpRejected) as info:
         client.submit_op("opsexp", "stop", 1)
     assert info.value.problems == [f"run 1 will already be stopped by op {op['op_id']}"]

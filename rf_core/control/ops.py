@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 CLONE_PAYLOAD_KEYS = frozenset({"config", "overrides", "warm_start"})
 MAX_CLONES_PER_OP = 256  # a generator that expands further is almost certainly a typo in a $range/$grid
-OP_SOURCES = ("user", "cli")  # plus "policy:<name>"; "initial" is reserved for the experiment's own configs
+# Where an op came from: the channel (the dashboard, the CLI, the JSON API) or "policy:<name>"; `who` is the person
+# where the channel knows one (the CLI's login). "user" is what ops from the page were called before. "initial" is
+# reserved for the experiment's own configs.
+OP_SOURCES = ("dashboard", "cli", "api", "user")
 
 _ALREADY = {OpKind.STOP: "stopped", OpKind.RESUME: "resumed", OpKind.DELETE: "deleted"}
 
@@ -177,7 +180,7 @@ def submit_op(
     kind: OpKind | str,
     run_id: int,
     payload: Any = None,
-    source: str = "user",
+    source: str = "api",
     who: str | None = None,
     policy_note: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -342,4 +345,4 @@ def list_ops(
 def _source_problems(source: Any) -> list[str]:
     if isinstance(source, str) and (source in OP_SOURCES or (source.startswith("policy:") and len(source) > 7)):
         return []
-    return [f"source must be 'user', 'cli' or 'policy:<name>', got {source!r}"]
+    return [f"source must be 'dashboard', 'cli', 'api' or 'policy:<name>', got {source!r}"]

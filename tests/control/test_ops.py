@@ -101,7 +101,7 @@ def test_unknown_run_and_unknown_experiment(store: DuckDBStore, exp: str) -> Non
     [
         ("pause", 1, None, "cli", "unknown op kind 'pause'"),
         ("stop", "1", None, "cli", "run_id must be an integer"),
-        ("stop", 1, None, "robot", "source must be 'user', 'cli' or 'policy:<name>'"),
+        ("stop", 1, None, "robot", "source must be 'dashboard', 'cli', 'api' or 'policy:<name>'"),
         ("stop", 1, [1, 2], "cli", "payload must be a JSON object or null"),
         ("clone", 1, "lr=1", "cli", "clone payload must be a JSON object"),
         ("clone", 1, {"overrides": [1]}, "cli", "'overrides' must be a JSON object"),
@@ -126,7 +126,9 @@ def test_clone_with_an_unknown_config_key_names_the_key(store: DuckDBStore, exp:
 
 def test_clone_with_a_range_whose_low_exceeds_high_is_rejected(store: DuckDBStore, exp: str) -> None:
     payload = {"overrides": {"learning_rate": {"$range": {"low": 1e-3, "high": 1e-5}}}}
-    assert rejected(store, "clone", 1, payload) == ["Range low must be <= high, got low=0.001 > high=1e-05"]
+    assert rejected(store, "clone", 1, payload) == [
+        'learning_rate={"$range": {"low": 0.001, "high": 1e-05}}: Range low must be <= high, got low=0.001 > high=1e-05'
+    ]  # named by its knob, so the dashboard writes it under that line
 
 
 def test_a_tagged_list_clone_expands_to_one_config_per_value(store: DuckDBStore, exp: str) -> None:

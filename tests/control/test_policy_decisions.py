@@ -54,7 +54,7 @@ def test_an_illegal_op_is_recorded_as_rejected_with_its_problems_and_queues_noth
     result = decisions.record_policy_decision(store, "exp", "budget", 1, 0, "stop", reason="over budget")
     assert result["op"] is None and result["decision"]["status"] == "rejected"
     assert result["decision"]["problems"] == ["run 1 will already be stopped by op 1"]
-    assert [op["source"] for op in ops.list_ops(store, "exp")] == ["user"]
+    assert [op["source"] for op in ops.list_ops(store, "exp")] == ["api"]
 
 
 def test_a_clone_decision_stores_its_configs_and_the_policy_note(store: DuckDBStore) -> None:

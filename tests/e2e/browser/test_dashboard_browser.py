@@ -306,25 +306,28 @@ def test_malformed_json_is_explained_inline_and_nothing_is_queued(page: Any, liv
     wait_until(lambda: 1 in grid_rows(page), 60, "run 1's row")
     open_panel_from_grid(page, 1)
     ops_before = live.op_count()
+    submit = button(page, "Submit Clone-Modify")
     page.fill("#clone-json", '{\n  "learning_rate": 0.001,\n  "r": 4,\n}')
-    button(page, "Submit Clone-Modify").click()
-    page.wait_for_selector("#op-result .rf-json-error")
-    annotated = page.inner_text("#op-result .rf-annotated")
+    page.wait_for_selector("#clone-preview .rf-json-error")
+    annotated = page.inner_text("#clone-preview .rf-annotated")
     # The message sits under the line with the stray comma's consequence: the closing brace on line 4.
     assert "malformed JSON at line 4" in annotated
     assert annotated.index('"r": 4,') < annotated.index("malformed JSON")
-    assert "Not queued" in page.inner_text("#op-result")
+    wait_until(submit.is_disabled, 10, "Submit to wait for a valid request")
 
-    # An invalid value is explained under its key, and nothing is queued either.
+    # An invalid value is explained under its key, and Submit stays disabled: nothing can be queued.
     page.fill("#clone-json", '{\n  "learning_rate": -1,\n  "lora_alpha": 8\n}')
-    button(page, "Submit Clone-Modify").click()
-    # (The live check above the button shows the same text as soon as the box changes: wait for Submit's answer.)
-    page.wait_for_selector("#op-result .rf-annotated >> text=learning_rate=-1: must be > 0 and <= 1")
-    lines = page.inner_text("#op-result .rf-annotated").split("\n")
+    page.wait_for_selector("#clone-preview .rf-annotated >> text=learning_rate=-1: must be > 0 and <= 1")
+    lines = page.inner_text("#clone-preview .rf-annotated").split("\n")
     error_line = next(index for index, line in enumerate(lines) if "must be > 0" in line)
     assert '"learning_rate": -1' in lines[error_line - 1]
+    assert submit.is_disabled() and page.locator("#op-result .rf-annotated").count() == 0  # written once
     shot(page, "11-invalid-config-inline")
+    page.fill("#clone-json", '{\n  "learning_rate": 0.0005\n}')
+    page.wait_for_selector("#clone-count")
+    wait_until(submit.is_enabled, 10, "Submit enabled for a valid request")
     assert live.op_count() == ops_before
+    page.keyboard.press("Escape")
 
 
 def test_the_link_a_fit_prints_opens_its_experiment(page: Any, live: Live) -> None:
