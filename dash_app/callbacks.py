@@ -383,6 +383,20 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         options, value = run_page.compare_choices(view)
         return top, body, options, value, signature
 
+    @register(
+        Output("toasts", "children"),
+        Output("events-seen", "data"),
+        Input("refresh", "n_intervals"),
+        Input("experiment-select", "value"),
+        State("events-seen", "data"),
+    )
+    def show_events(_: int | None, experiment: str | None, seen: Mapping[str, Any] | None) -> tuple[Any, Any]:
+        events, now_seen = data.new_events(store, experiment, seen)
+        if now_seen == seen:
+            return no_update, no_update
+        toasts = [html.Div(text, className=f"rf-toast rf-toast-{kind}") for kind, text in events]
+        return (toasts if toasts else no_update), now_seen
+
     @register(Output("smoothing", "value"), Input("url", "search"))
     def restore_smoothing(search: str | None) -> Any:
         smoothing = data.smoothing_in_query(search)

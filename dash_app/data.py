@@ -197,6 +197,33 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
 STATUS_CELL_CLASSES = {f"rf-run-{status.value.lower()}": f"params.value == '{status.value}'" for status in RunStatus}
 
 
+def new_events(
+    store: Store, experiment: str | None, seen: Mapping[str, Any] | None
+) -> tuple[list[tuple[str, str]], dict[str, Any] | None]:
+    """What happened since the page last looked, as (kind, text) toasts: each op applied or skipped, each run that
+    failed; and what the page has now seen. The first look at an experiment tells nothing (it is not news)."""
+    if not experiment:
+        return [], None
+    try:
+        op_rows = ops.list_ops(store, experiment)
+        runs = experiments.list_runs(store, experiment, include_deleted=True)
+    except errors.NotFound:
+        return [], None
+    done = {int(op["op_id"]): op for op in op_rows if op["status"] != "pending"}
+    failed = {int(run["run_id"]): run for run in runs if run["status"] == RunStatus.FAILED}
+    now_seen = {"experiment": experiment, "ops": sorted(done), "failed": sorted(failed)}
+    if not seen or seen.get("experiment") != experiment:
+        return [], now_seen
+    events: list[tuple[str, str]] = []
+    for op_id in sorted(set(done) - set(seen.get("ops") or [])):
+        op = done[op_id]
+        kind = "ok" if op["status"] == "applied" else "bad"
+        events.append((kind, f"op {op_id} ({op['kind']} run {op['run_id']}) {op['status']}: {op_detail(op)}"))
+    for run_id in sorted(set(failed) - set(seen.get("failed") or [])):
+        events.append(("bad", f"run {run_id} failed: {failed[run_id].get('error') or 'no reason recorded'}"))
+    return events, now_seen
+
+
 def visible_runs(
     kept_rows: Sequence[Mapping[str, Any]] | None,
     ticked_rows: Sequence[Mapping[str, Any]] | None,

@@ -129,7 +129,9 @@ def build_layout(
             # Whether the rf server answers (assets/page.js keeps it current), on every page.
             html.Span("live", id="liveness", className="rf-liveness rf-liveness-live", title="the rf server"),
             dcc.Store(id="selected-run", data=None),
-            dcc.Store(id="clone-valid", data=None),  # the live check's verdict on the Clone-Modify request
+            dcc.Store(id="clone-valid", data=None),
+            dcc.Store(id="events-seen", data=None),  # the ops and failures the toasts have told of
+            html.Div(id="toasts", className="rf-toasts"),  # the live check's verdict on the Clone-Modify request
             dcc.Store(id="visible-runs", data=None),  # run ids the table's filter or ticks keep; None: every run
             dcc.Store(id="row-highlighted", data=None),
             dcc.Store(id="ops-changed", data=0),

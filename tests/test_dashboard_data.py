@@ -185,3 +185,18 @@ def test_a_bad_tagged_value_is_written_under_its_knob_s_line(store):
     assert check.problems == ['learning_rate={"$list": []}: "$list" takes a non-empty JSON list of values, got []']
     lines, unplaced = data.annotate_problems(text, check.problems, check.bad_json_at)
     assert unplaced == [] and lines[2][1] == check.problems
+
+
+def test_the_page_is_told_once_of_each_op_that_applied_and_each_run_that_failed(store):
+    from rf_core.control import ops, timeline
+
+    events, seen = data.new_events(store, "exp", None)
+    assert events == [] and seen == {"experiment": "exp", "ops": [], "failed": []}  # a first look is not news
+    stop = ops.submit_op(store, "exp", "stop", 1)
+    assert data.new_events(store, "exp", seen)[0] == []  # queued is not done yet
+    ops.apply_due_ops(store, "exp", [1])
+    timeline.fail_run(store, "exp", 3, "CUDA out of memory")
+    events, seen = data.new_events(store, "exp", seen)
+    assert events[0][0] == "ok" and events[0][1].startswith(f"op {stop['op_id']} (stop run 1) applied")
+    assert events[1:] == [("bad", "run 3 failed: CUDA out of memory")]
+    assert data.new_events(store, "exp", seen)[0] == []  # told once

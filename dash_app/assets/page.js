@@ -108,6 +108,20 @@
 
   setInterval(checkHealth, HEALTH_EVERY_MS);
 
+  // AG Grid's built-in theme follows the page: dark when the browser prefers it (dashboard.css does the rest).
+  const darkQuery = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
+  function followColorScheme() {
+    document.body.dataset.agThemeMode = darkQuery && darkQuery.matches ? "dark" : "light";
+  }
+  if (darkQuery) {
+    if (document.body) {
+      followColorScheme();
+    } else {
+      document.addEventListener("DOMContentLoaded", followColorScheme);
+    }
+    darkQuery.addEventListener("change", followColorScheme);
+  }
+
   // The runs table's id cell: a link to the run's page.
   const gridComponents = (window.dashAgGridComponentFunctions = window.dashAgGridComponentFunctions || {});
   gridComponents.RunLink = function (props) {

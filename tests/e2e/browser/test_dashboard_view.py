@@ -290,6 +290,25 @@ def test_a_run_s_page_opens_from_the_table_and_the_panel_and_compares_configs(pa
     page.keyboard.press("Escape")
 
 
+def test_a_dark_page_for_a_dark_browser_and_a_toast_when_a_run_fails(browser: Any, server: Server) -> None:
+    page = browser.new_page(viewport={"width": 1500, "height": 1000}, color_scheme="dark")
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        open_view(page, server)
+        background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(21, 23, 27)"
+        assert page.evaluate("() => document.body.dataset.agThemeMode") == "dark"
+        page.wait_for_timeout(2500)  # the page has looked once: what happens next is news
+        server.client.fail_run(EXPERIMENT, 4, "CUDA out of memory at step 12")
+        toast = page.locator(".rf-toast-bad", has_text="run 4 failed: CUDA out of memory at step 12")
+        toast.wait_for()
+        shot(page, "view-08-dark-and-toast")
+    finally:
+        page.close()
+    assert errors == []
+
+
 def test_a_page_whose_server_is_gone_says_so_and_refuses_ops(page: Any, server: Server) -> None:
     open_view(page, server)
     wait_until(lambda: page.get_attribute("#liveness", "data-state") == "live", 10, "the page to say live")
