@@ -47,6 +47,7 @@ def build_app(store: Store, token: str | None = None) -> Dash:
         title="rf",
         serve_locally=True,
         update_title=None,
+        compress=True,  # brotli or gzip, as the browser accepts: the scripts shrink about 4x
         # Named explicitly: under `python -m dash_app.server` the module is __main__.
         assets_folder=str(Path(__file__).with_name("assets")),
     )

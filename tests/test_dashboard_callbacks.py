@@ -263,3 +263,17 @@ def test_warm_clones_can_continue_their_parent_s_curve_and_a_chart_switches_its_
     patches = callbacks["set_y_scales"](["log", "linear", "linear"])
     assert patches[0].to_plotly_json()["operations"][0] == {
         "operation": "Assign", "location": ["layout", "yaxis", "type"], "params": {"value": "log"}}  # fmt: skip
+
+
+def test_the_page_s_scripts_are_served_compressed(store):
+    import re
+
+    from dash_app.server import build_app
+
+    client = build_app(store).server.test_client()
+    scripts = re.findall(r'src="([^"]+\.js[^"]*)"', client.get("/").data.decode())
+    script = next(src for src in scripts if "dash_renderer" in src or "react" in src)
+    packed = client.get(script, headers={"Accept-Encoding": "br, gzip"})
+    plain = client.get(script)
+    assert packed.headers.get("Content-Encoding") in ("br", "gzip") and "Content-Encoding" not in plain.headers
+    assert len(packed.data) * 2 < len(plain.data)
