@@ -329,10 +329,21 @@ def step_offsets(runs: Sequence[Mapping[str, Any]]) -> dict[int, int]:
 
 
 def hover_labels(runs: Sequence[Mapping[str, Any]], knobs: Sequence[str]) -> dict[int, str]:
-    """Per run, the knobs that differ between runs, as "name=value" lines (plain text) for the chart hover."""
-    return {
-        int(run["run_id"]): "\n".join(f"{knob}={_display(run['config'].get(knob))}" for knob in knobs) for run in runs
-    }
+    """Per run, the knobs that differ between runs, as "name=value" lines (plain text) for the chart hover, and
+    the runs with the very same config: their curves lie on top of each other, and only the hover can say so."""
+    twins: dict[str, list[int]] = {}
+    for run in runs:
+        config = {key: value for key, value in run["config"].items() if key != "run_name"}
+        twins.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(int(run["run_id"]))
+    same = {run_id: [other for other in group if other != run_id] for group in twins.values() for run_id in group}
+    labels = {}
+    for run in runs:
+        run_id = int(run["run_id"])
+        lines = [f"{knob}={_display(run['config'].get(knob))}" for knob in knobs]
+        if same.get(run_id):
+            lines.append(f"same config as {runs_text(same[run_id])} (curves may overlap)")
+        labels[run_id] = "\n".join(lines)
+    return labels
 
 
 # -- ops log and timeline -----------------------------------------------------------------------------------

@@ -200,3 +200,14 @@ def test_the_page_is_told_once_of_each_op_that_applied_and_each_run_that_failed(
     assert events[0][0] == "ok" and events[0][1].startswith(f"op {stop['op_id']} (stop run 1) applied")
     assert events[1:] == [("bad", "run 3 failed: CUDA out of memory")]
     assert data.new_events(store, "exp", seen)[0] == []  # told once
+
+
+def test_the_hover_says_which_runs_have_the_very_same_config():
+    runs = [
+        {"run_id": 1, "config": {"learning_rate": 1e-3, "r": 4}},
+        {"run_id": 2, "config": {"learning_rate": 1e-3, "r": 4, "run_name": "again"}},
+        {"run_id": 3, "config": {"learning_rate": 3e-3, "r": 4}},
+    ]
+    labels = data.hover_labels(runs, ["learning_rate"])
+    assert labels[1] == "learning_rate=0.001\nsame config as run 2 (curves may overlap)"
+    assert labels[2].endswith("same config as run 1 (curves may overlap)") and labels[3] == "learning_rate=0.003"
