@@ -161,7 +161,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         experiment: str | None,
         sent: Mapping[str, Any] | None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        view = ChartView(bool(show_deleted), smoothing, visible, x_axis == "lineage")
+        view = ChartView(bool(show_deleted), smoothing, visible, x_axis or "step")
         return chart_updates(store, cache, experiment, graph_ids, view, sent)
 
     @register(
@@ -463,12 +463,8 @@ def metric_figures(
             return [figures.empty_figure("no run is ticked or kept by the table's filters") for _ in names]
     run_ids = [int(run["run_id"]) for run in runs]
     series = data.chart_series(cache, experiment, run_ids, names)
-    if view.from_parent:
-        offsets = data.step_offsets(runs)
-        series = {
-            name: {run_id: (steps + offsets.get(run_id, 0), values) for run_id, (steps, values) in curves.items()}
-            for name, curves in series.items()
-        }
+    if view.x_axis != "step":
+        series = data.chart_x(store, experiment, runs, series, view.x_axis)
     labels = data.hover_labels(runs, knobs)
     deleted = frozenset(int(run["run_id"]) for run in runs if run["status"] == "Deleted")
     return [
@@ -479,6 +475,7 @@ def metric_figures(
             smoothing=float(view.smoothing or 0),
             uirevision=f"{experiment}:{name}",
             deleted=deleted,
+            x_axis=view.x_axis,
         )
         for name in names
     ]
@@ -523,7 +520,7 @@ class ChartView:
     include_deleted: bool = False
     smoothing: float | None = 0.0
     visible: Sequence[int] | None = None  # the runs the table keeps; None: all
-    from_parent: bool = False  # warm clones continue their parent's curve (x = step from the first run of the chain)
+    x_axis: str = "step"  # a key of figures.X_AXIS_TITLES
 
 
 def chart_updates(
@@ -548,7 +545,9 @@ def chart_updates(
     signatures = {name: figures.traces_signature(figure) for name, figure in built.items()}
     cells = max((int(graph_id.get("cells") or 0) for graph_id in mine), default=0)
     drawn = (sent or {}).get("charts") or {}
+    # Another x (step, time...) is another axis: the charts are drawn whole again.
     same_cells = (sent or {}).get("experiment") == experiment and (sent or {}).get("cells") == cells
+    same_cells = same_cells and (sent or {}).get("x_axis", "step") == view.x_axis
     updates: list[Any] = []
     for graph_id in graph_ids:
         name = graph_id["metric"]
@@ -562,7 +561,7 @@ def chart_updates(
             traces = Patch()
             traces["data"] = built[name]["data"]
             updates.append(traces)
-    return updates, {"experiment": experiment, "cells": cells, "charts": signatures}
+    return updates, {"experiment": experiment, "cells": cells, "x_axis": view.x_axis, "charts": signatures}
 
 
 def chart_inserts(

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+
 from dash_app.downsample import CACHE_BUCKETS, M4Cache, Series, width_for
 from dash_app.figures import run_color
 from dash_app.routes import run_page_path
@@ -303,6 +305,37 @@ def chart_runs(
     except errors.NotFound:
         return None
     return runs, varying_knobs([run["config"] for run in runs]) if runs else []
+
+
+def chart_x(
+    store: Store,
+    experiment: str,
+    runs: Sequence[Mapping[str, Any]],
+    series: Mapping[str, Mapping[int, Series]],
+    x_axis: str,
+) -> dict[str, dict[int, Series]]:
+    """The curves with x as the page asks: "lineage" (a warm clone from its parent's step, `step_offsets`),
+    "relative" (minutes since the run's first step) or "wall" (the server's clock, as Plotly's date axis takes it:
+    milliseconds, shifted to local time). Times come from when each run logged its train_loss, interpolated
+    between one sample per bucket of steps."""
+    if x_axis == "lineage":
+        offsets = step_offsets(runs)
+        return {name: {run: (steps + offsets.get(run, 0), values) for run, (steps, values) in curves.items()}
+                for name, curves in series.items()}  # fmt: skip
+    last_step = metrics.max_metric_step(store, experiment) or 0
+    samples = metrics.step_times(store, experiment, states.TRAIN_LOSS_METRIC, max(1, last_step // 2000))
+    local_offset = time.localtime().tm_gmtoff
+    moved: dict[str, dict[int, Series]] = {}
+    for name, curves in series.items():
+        moved[name] = {}
+        for run_id, (steps, values) in curves.items():
+            if run_id not in samples:
+                continue  # a run with no training step logged has no times to place its points at
+            known_steps, known_times = samples[run_id]
+            times = np.interp(steps, known_steps, known_times)
+            x = (times - known_times[0]) / 60 if x_axis == "relative" else (times + local_offset) * 1000
+            moved[name][run_id] = (x, values)
+    return moved
 
 
 def step_offsets(runs: Sequence[Mapping[str, Any]]) -> dict[int, int]:

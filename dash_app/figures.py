@@ -37,6 +37,13 @@ METRIC_TITLES = {
     EVAL_LOSS_METRIC: "eval loss",
     LOGGED_LOSS_METRIC: "loss (mean over logging_steps)",
 }
+# What a chart's x means (the curves' x values are computed by dash_app.data.chart_x).
+X_AXIS_TITLES = {
+    "step": "step",
+    "lineage": "step (a warm clone from its parent's step at the clone)",
+    "relative": "minutes since the run's first step",
+    "wall": "time (the rf server's clock)",
+}
 # Per-step training curves, the only ones smoothing applies to: a schedule or a per-chunk eval point is exact.
 SMOOTHED_METRICS = frozenset({TRAIN_LOSS_METRIC, LOGGED_LOSS_METRIC})
 # Learning rates of a sweep span decades (1e-5 ... 1e-3): on a linear axis the smaller ones lie flat on 0.
@@ -77,8 +84,10 @@ def metric_figure(
     smoothing: float = 0.0,
     uirevision: str = "",
     deleted: frozenset[int] = frozenset(),
+    x_axis: str = "step",
 ) -> dict[str, Any]:
-    """One metric's chart: a curve per run (step on x), hover naming the run and the knobs that vary.
+    """One metric's chart: a curve per run (x as `x_axis` says: X_AXIS_TITLES), hover naming the run and the knobs
+    that vary.
 
     `uirevision` stays the same across refreshes so Plotly keeps the user's hidden curves (zoom is kept by
     refreshing the traces only: see `dash_app.callbacks`). `smoothing` applies to per-step training losses only;
@@ -97,7 +106,8 @@ def metric_figure(
         hover = f"<b>run {run_id}</b>{knobs}<br>step %{{x}}<br>{name} %{{y:.4g}}<extra></extra>"
         # A plain list: dcc.Graph reads a clicked point's customdata from the figure as given, not decoded.
         run_ids = [run_id] * len(steps)
-        common = {"type": "scatter", "x": typed_array(steps, "i4"), "customdata": run_ids, "legendgroup": str(run_id)}
+        x = typed_array(steps, "i4" if np.asarray(steps).dtype.kind in "iu" else "f8")
+        common = {"type": "scatter", "x": x, "customdata": run_ids, "legendgroup": str(run_id)}
         dash = "dot" if run_id in deleted else "solid"
         if smoothing > 0:
             traces.append(
@@ -129,7 +139,12 @@ def metric_figure(
         "margin": MARGIN,
         "height": 300,
         "hovermode": "closest",
-        "xaxis": {"title": {"text": "step"}, "gridcolor": "#eee", "zeroline": False},
+        "xaxis": {
+            "title": {"text": X_AXIS_TITLES[x_axis]},
+            "gridcolor": "#eee",
+            "zeroline": False,
+            **({"type": "date"} if x_axis == "wall" else {}),
+        },  # fmt: skip
         "yaxis": {
             "gridcolor": "#eee",
             "zeroline": False,

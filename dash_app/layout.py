@@ -171,6 +171,8 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
                 options=[
                     {"label": " step", "value": "step"},
                     {"label": " warm clones continue their parent", "value": "lineage"},
+                    {"label": " minutes", "value": "relative"},
+                    {"label": " time", "value": "wall"},
                 ],
                 value="step",
                 inline=True,

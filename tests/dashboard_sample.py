@@ -14,6 +14,7 @@ from rf_core.control import experiments, metrics, timeline
 from rf_core.control.store import Store
 
 BATCH_ROWS = 50_000  # the API's per-batch limit is 100k rows
+SAMPLE_START = 1_790_000_000.0  # when the sample runs started logging (epoch seconds)
 
 
 def seed_experiment(
@@ -61,10 +62,13 @@ def _rows(
     experiment: str, run_id: int, name: str, steps: np.ndarray, values: np.ndarray, chunks: int, points: int
 ) -> list[dict[str, object]]:
     chunk_of = (steps - 1) * max(chunks, 1) // max(points, 1)
+    # Logged as training would: a step every half second from a fixed start, each run a minute after the last.
+    times = SAMPLE_START + 60.0 * run_id + 0.5 * steps
     return [
         {"experiment": experiment, "run_id": run_id, "step": int(step), "name": name, "value": float(value),
-         "chunk": int(chunk)}
-        for step, value, chunk in zip(steps.tolist(), values.tolist(), chunk_of.tolist(), strict=True)
+         "chunk": int(chunk), "time": float(at)}
+        for step, value, chunk, at in zip(steps.tolist(), values.tolist(), chunk_of.tolist(), times.tolist(),
+                                          strict=True)
     ]  # fmt: skip
 
 

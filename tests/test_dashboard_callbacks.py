@@ -6,9 +6,11 @@ Where a callback reads `ctx`, the context is set the way Dash sets it for a requ
 from __future__ import annotations
 
 import json
+import time
 from contextvars import copy_context
 from typing import Any
 
+import numpy as np
 import pytest
 from dash import Dash, Patch, no_update
 from dash._callback_context import context_value
@@ -20,7 +22,7 @@ from dash_app.figures import decode_typed_array
 from dash_app.layout import build_layout
 from rf_core.control import experiments, ops
 from rf_core.control.store import DuckDBStore
-from tests.dashboard_sample import seed_experiment
+from tests.dashboard_sample import SAMPLE_START, seed_experiment
 
 BUTTONS = [{"type": "op-btn", "op": kind} for kind in ("stop", "resume", "delete", "clone")]
 
@@ -277,3 +279,18 @@ def test_the_page_s_scripts_are_served_compressed(store):
     plain = client.get(script)
     assert packed.headers.get("Content-Encoding") in ("br", "gzip") and "Content-Encoding" not in plain.headers
     assert len(packed.data) * 2 < len(plain.data)
+
+
+def test_the_charts_x_can_be_minutes_or_the_clock_and_a_new_x_redraws_them_whole(callbacks, store):
+    children, _ = callbacks["refresh_chart_list"]("exp", 1, None)
+    graph_ids = [child.children[1].id for child in children]
+    _, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "step", "exp", None)
+    figures, sent = callbacks["refresh_charts"](graph_ids, 2, [], 0.0, 0, None, "relative", "exp", sent)
+    assert all(isinstance(figure, dict) for figure in figures)  # whole figures, not patches: the axis changed
+    assert figures[0]["layout"]["xaxis"]["title"]["text"] == "minutes since the run's first step"
+    x = decode_typed_array(figures[0]["data"][0]["x"])  # run 1: a step every half second from its first
+    assert x[0] == pytest.approx(0.0) and x[-1] == pytest.approx(299 * 0.5 / 60) and np.all(np.diff(x) > 0)
+    figures, _ = callbacks["refresh_charts"](graph_ids, 3, [], 0.0, 0, None, "wall", "exp", sent)
+    assert figures[0]["layout"]["xaxis"]["type"] == "date"
+    first = decode_typed_array(figures[0]["data"][0]["x"])[0] / 1000 - time.localtime().tm_gmtoff  # ms, local
+    assert first == pytest.approx(SAMPLE_START + 60 + 0.5)  # run 1's step 1

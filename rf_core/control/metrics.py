@@ -142,6 +142,12 @@ def max_metric_step(store: Store, experiment: str) -> int | None:
     return store.max_metric_step(experiment)
 
 
+def step_times(store: Store, experiment: str, name: str, width: int) -> dict[int, tuple[Any, Any]]:
+    """Per run, (steps, times) at which it reached them, one per `width` steps (see `Store.step_times`)."""
+    require_experiment(store, experiment)
+    return store.step_times(experiment, name, width)
+
+
 def metric_buckets(store: Store, experiment: str, width: int, after_row: int = -1) -> tuple[dict[str, Any], int]:
     """M4 aggregates of the experiment's metric points stored after row `after_row` (see `Store.metric_buckets`)."""
     require_experiment(store, experiment)

@@ -210,6 +210,11 @@ class Store(ABC):
         """
 
     @abstractmethod
+    def step_times(self, experiment: str, name: str, width: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per run, when it reached its steps: the first (step, time) of metric `name` in every bucket of `width`
+        steps, by step (a chart's x in time, interpolated between them)."""
+
+    @abstractmethod
     def metric_summary(self, experiment: str, train_name: str, eval_name: str, mode: str) -> dict[int, Row]:
         """Per run: latest `train_name` value, latest and best (per `mode`) `eval_name` value."""
 
@@ -593,6 +598,25 @@ class DuckDBStore(Store):
             except duckdb.Error as exc:
                 raise _translate(exc, self.path) from exc
         return {column: np.asarray(columns[column]) for column in M4_COLUMNS}, max(last_row, int(after_row))
+
+    def step_times(self, experiment: str, name: str, width: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"{width=} must be a positive integer")
+        sql = (
+            "SELECT run_id, min(step) AS step, arg_min(time, step) AS time FROM metrics "
+            "WHERE experiment = ? AND name = ? GROUP BY run_id, step // ? ORDER BY run_id, step"
+        )
+        with self._cursor() as cursor:
+            try:
+                cursor.execute(sql, [experiment, name, width])
+                columns = cursor.fetchnumpy()
+            except duckdb.Error as exc:
+                raise _translate(exc, self.path) from exc
+        run_ids, steps, times = (np.asarray(columns[column]) for column in ("run_id", "step", "time"))
+        return {
+            int(run_id): (steps[run_ids == run_id].astype(np.int64), times[run_ids == run_id].astype(np.float64))
+            for run_id in np.unique(run_ids)
+        }
 
     def metric_extremes(self, experiment: str, skip_names: Sequence[str]) -> list[Row]:
         skip = ", ".join("?" for _ in skip_names) or "NULL"
