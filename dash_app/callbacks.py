@@ -149,6 +149,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("x-axis", "value"),
         State("experiment-select", "value"),
         State("chart-signatures", "data"),
+        State("url", "search"),
     )
     def refresh_charts(
         graph_ids: list[dict[str, Any]],
@@ -160,9 +161,13 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         x_axis: str | None,
         experiment: str | None,
         sent: Mapping[str, Any] | None,
+        search: str | None = None,
     ) -> tuple[list[Any], dict[str, Any]]:
         view = ChartView(bool(show_deleted), smoothing, visible, x_axis or "step")
-        return chart_updates(store, cache, experiment, graph_ids, view, sent)
+        # A link's zoom applies to the charts' first drawing of its experiment (after that, the user's zoom rules).
+        first_look = (sent or {}).get("experiment") != experiment and data.experiment_in_query(search) == experiment
+        zoom = data.zoom_in_query(search) if first_look else {}
+        return chart_updates(store, cache, experiment, graph_ids, view, sent, zoom)
 
     @register(
         Output(ALL_GRAPHS, "figure", allow_duplicate=True),
@@ -223,8 +228,11 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         trigger = _triggered_id()
         value = ctx.triggered[0]["value"] if trigger is not None and ctx.triggered else None
         if trigger is None or trigger == "url":
-            # The page's first call, or a link followed: the run the URL names, if it is of this experiment.
-            return data.run_in_query(search, experiment)
+            # The page's first call, or a link followed: the run the URL names, if it is of this experiment. If the
+            # page still shows another one, leave the choice to the switch to the URL's experiment (its answer may
+            # come first under load: "nothing" here must not undo it).
+            run_id = data.run_in_query(search, experiment)
+            return no_update if run_id is None else run_id
         if trigger == "experiment-select":
             return data.run_in_query(search, value)  # None when the URL names another experiment
         if trigger == "panel-close":
@@ -402,6 +410,21 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         smoothing = data.smoothing_in_query(search)
         return no_update if smoothing is None else smoothing
 
+    @register(Output("x-axis", "value"), Input("url", "search"))
+    def restore_x_axis(search: str | None) -> Any:
+        x_axis = data.x_axis_in_query(search)
+        return no_update if x_axis is None else x_axis
+
+    @register(Output("runs-grid", "selectedRows"), Input("url", "search"), Input("runs-grid", "rowData"),
+              State("runs-grid", "selectedRows"))  # fmt: skip
+    def restore_ticks(search: str | None, rows: list[dict[str, Any]] | None, ticked: Any) -> Any:
+        """The runs the URL ticks, ticked once their rows are in the table (then the user's ticks rule)."""
+        wanted = data.ticks_in_query(search)
+        if not wanted or ticked or not rows or _triggered_id() not in (None, "url", "runs-grid"):
+            return no_update
+        present = [str(row["run"]) for row in rows if int(row["run"]) in wanted]
+        return {"ids": present} if present else no_update
+
     app.clientside_callback(
         ClientsideFunction(namespace="rf", function_name="highlight_row"),
         Output("row-highlighted", "data"),
@@ -415,6 +438,10 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("experiment-select", "value"),
         Input("selected-run", "data"),
         Input("smoothing", "value"),
+        Input("x-axis", "value"),
+        Input("runs-grid", "selectedRows"),
+        Input(ALL_GRAPHS, "relayoutData"),
+        State(ALL_GRAPHS, "id"),
         prevent_initial_call=True,
     )
 
@@ -530,6 +557,7 @@ def chart_updates(
     graph_ids: Sequence[Mapping[str, Any]],
     view: ChartView,
     sent: Mapping[str, Any] | None,
+    zoom: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """What each chart gets on a refresh, and the signatures of what the page then shows.
 
@@ -554,7 +582,10 @@ def chart_updates(
         if graph_id.get("experiment") != experiment:
             updates.append(no_update)
         elif not same_cells or graph_id.get("cells") != cells or drawn.get(name) is None:
-            updates.append(built[name])
+            figure = built[name]
+            if zoom and name in zoom:
+                figure["layout"]["xaxis"].update(range=list(zoom[name]), autorange=False)
+            updates.append(figure)
         elif drawn[name] == signatures[name]:
             updates.append(no_update)
         else:

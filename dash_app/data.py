@@ -54,6 +54,31 @@ def run_in_query(search: str | None, experiment: str | None) -> int | None:
     return int(runs[0]) if runs[0].isdigit() else None
 
 
+def x_axis_in_query(search: str | None) -> str | None:
+    values = urllib.parse.parse_qs((search or "").lstrip("?")).get("x")
+    return values[0] if values and values[0] in ("step", "lineage", "relative", "wall") else None
+
+
+def ticks_in_query(search: str | None) -> list[int]:
+    """The runs a page URL ticks (`?runs=1,3`)."""
+    values = urllib.parse.parse_qs((search or "").lstrip("?")).get("runs")
+    return [int(item) for item in values[0].split(",") if item.strip().isdigit()] if values else []
+
+
+def zoom_in_query(search: str | None) -> dict[str, tuple[float, float]]:
+    """Each chart's x range a page URL keeps (`?zoom=train_loss:120:210;eval_loss:100:300`)."""
+    values = urllib.parse.parse_qs((search or "").lstrip("?")).get("zoom")
+    ranges: dict[str, tuple[float, float]] = {}
+    for item in values[0].split(";") if values else []:
+        name, _, bounds = item.rpartition(":")
+        name, _, low = name.rpartition(":")
+        try:
+            ranges[name] = (float(low), float(bounds))
+        except ValueError:
+            continue
+    return {name: bounds for name, bounds in ranges.items() if name}
+
+
 def smoothing_in_query(search: str | None) -> float | None:
     """The smoothing a page URL asks for (`?smoothing=0.6`), within the slider's range; None if none or invalid."""
     values = urllib.parse.parse_qs((search or "").lstrip("?")).get("smoothing")

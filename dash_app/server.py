@@ -42,6 +42,11 @@ class _NoDelayRequestHandler(WSGIRequestHandler):
 def build_app(store: Store, token: str | None = None) -> Dash:
     """The Dash app (all assets served locally, no CDN) with the JSON API on its Flask server; with a `token`,
     every request must carry it (see dash_app.auth)."""
+    # Plotly's JSON encoder looks pandas up in sys.modules without the import lock: a first request that imports
+    # pandas while another is being encoded made that one fail ("partially initialized module 'pandas'"), so the
+    # page stayed blank. Imported here, before any request.
+    import pandas  # noqa: F401
+
     app = Dash(
         __name__,
         title="rf",

@@ -211,3 +211,10 @@ def test_the_hover_says_which_runs_have_the_very_same_config():
     labels = data.hover_labels(runs, ["learning_rate"])
     assert labels[1] == "learning_rate=0.001\nsame config as run 2 (curves may overlap)"
     assert labels[2].endswith("same config as run 1 (curves may overlap)") and labels[3] == "learning_rate=0.003"
+
+
+def test_the_url_keeps_the_x_axis_the_ticked_runs_and_each_chart_s_zoom():
+    search = "?experiment=e&x=relative&runs=1,3,x&zoom=train_loss:120.5:210;eval:loss:1e2:3e2;bad:a:b"
+    assert data.x_axis_in_query(search) == "relative" and data.x_axis_in_query("?x=sideways") is None
+    assert data.ticks_in_query(search) == [1, 3] and data.ticks_in_query("") == []
+    assert data.zoom_in_query(search) == {"train_loss": (120.5, 210.0), "eval:loss": (100.0, 300.0)}

@@ -150,7 +150,7 @@
         }
         return node ? node.id : null;
       },
-      write_url: function (experiment, run, smoothing) {
+      write_url: function (experiment, run, smoothing, xAxis, ticked, relayouts, graphIds) {
         if (window.location.pathname.indexOf("/run/") === 0) {
           return window.dash_clientside.no_update; // a run page's URL names its run already
         }
@@ -165,6 +165,30 @@
         set("experiment", experiment);
         set("run", run);
         set("smoothing", smoothing);
+        set("x", xAxis === "step" ? null : xAxis);
+        set("runs", (ticked || []).map(function (row) { return row.run; }).join(","));
+        // Each chart's x zoom, "metric:low:high" (numbers only: a clock axis is not kept), from its last relayout.
+        const zoom = new Map();
+        (params.get("zoom") || "").split(";").forEach(function (item) {
+          const parts = item.split(":");
+          if (parts.length >= 3) {
+            zoom.set(parts.slice(0, -2).join(":"), parts.slice(-2).join(":"));
+          }
+        });
+        (relayouts || []).forEach(function (relayout, index) {
+          const metric = graphIds && graphIds[index] ? graphIds[index].metric : null;
+          if (!relayout || !metric) {
+            return;
+          }
+          const low = relayout["xaxis.range[0]"];
+          const high = relayout["xaxis.range[1]"];
+          if (typeof low === "number" && typeof high === "number") {
+            zoom.set(metric, low.toPrecision(6) + ":" + high.toPrecision(6));
+          } else if (relayout["xaxis.autorange"]) {
+            zoom.delete(metric);
+          }
+        });
+        set("zoom", Array.from(zoom, function (entry) { return entry[0] + ":" + entry[1]; }).join(";"));
         const query = params.toString();
         const url = window.location.pathname + (query ? "?" + query : "");
         if (url !== window.location.pathname + window.location.search) {

@@ -117,6 +117,10 @@ def x_range(page: Any, metric: str = "train_loss") -> list[float]:
     return page.evaluate("(s) => document.querySelector(s)._fullLayout.xaxis.range.slice()", graph_selector(metric))
 
 
+def x_title(page: Any, metric: str = "train_loss") -> str:
+    return page.evaluate("(s) => document.querySelector(s).layout.xaxis.title.text", graph_selector(metric))
+
+
 def points_of(page: Any, run_id: int, metric: str = "train_loss") -> int:
     return page.evaluate(
         "([s, name]) => document.querySelector(s)._fullData.find(trace => trace.name === name).x.length",
@@ -125,6 +129,7 @@ def points_of(page: Any, run_id: int, metric: str = "train_loss") -> int:
 
 
 def drag_zoom(page: Any, metric: str = "train_loss") -> None:
+    page.locator(graph_selector(metric)).scroll_into_view_if_needed()  # (a tick in the table scrolls it away)
     box = page.locator(f"{graph_selector(metric)} .nsewdrag").first.bounding_box()
     left, top = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
     page.mouse.move(left, top)
@@ -217,9 +222,29 @@ def test_esc_closes_the_ic_ops_panel_and_the_url_restores_the_view(page: Any, se
     page.wait_for_function("() => document.querySelector('#panel-title')?.innerText === 'Run 2'")
     shot(page, "view-03-url-restored")
 
+    # The x axis, the ticked runs and a chart's zoom go into the URL too, and come back with it.
+    page.keyboard.press("Escape")
+    page.locator("#x-axis input[value='relative']").check()
+    page.locator("#runs-grid .ag-row[row-id='3'] .ag-selection-checkbox input").first.check()
+    wait_until(lambda: curve_runs(page) == [3], 10, "run 3's curve alone")
+    wait_until(lambda: x_title(page) == "minutes since the run's first step", 10, "x in minutes")
+    drag_zoom(page)
+    zoomed = x_range(page)
+    page.wait_for_function("() => window.location.search.includes('zoom=train_loss')")
+    shared = page.url
+    assert "x=relative" in shared and "runs=3" in shared
+    page.goto(shared)
+    wait_until(lambda: curve_runs(page) == [3], 20, "the link's ticked run alone")
+    assert x_title(page) == "minutes since the run's first step"
+    restored = x_range(page)
+    assert restored == pytest.approx(zoomed, rel=1e-4)
+
 
 def curve_runs(page: Any, metric: str = "train_loss") -> list[int]:
-    names = page.evaluate("(s) => document.querySelector(s).data.map(t => t.name)", graph_selector(metric))
+    names = page.evaluate(
+        "(s) => { const gd = document.querySelector(s); return gd && gd.data ? gd.data.map(t => t.name) : []; }",
+        graph_selector(metric),
+    )
     return sorted(int(name.split()[1]) for name in names if "raw" not in name)
 
 
