@@ -353,7 +353,7 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         State("sweep-signature", "data"),
     )
     def refresh_sweep(
-        experiment: str | None, _: int | None, knob: str | None, visible: list[int] | None, sent: str | None
+        experiment: str | None, _: int | None, knob: str | None, visible: list[int] | None, sent: Any
     ) -> tuple[Any, ...]:
         snap = data.runs_view(store, cache, experiment)
         return sweep_views(snap, knob, visible, sent)
@@ -415,15 +415,40 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         x_axis = data.x_axis_in_query(search)
         return no_update if x_axis is None else x_axis
 
-    @register(Output("runs-grid", "selectedRows"), Input("url", "search"), Input("runs-grid", "rowData"),
-              State("runs-grid", "selectedRows"))  # fmt: skip
-    def restore_ticks(search: str | None, rows: list[dict[str, Any]] | None, ticked: Any) -> Any:
-        """The runs the URL ticks, ticked once their rows are in the table (then the user's ticks rule)."""
+    @register(
+        Output("runs-grid", "selectedRows"),
+        Output("ticks-restored", "data"),
+        Input("url", "search"),
+        Input("runs-grid", "rowData"),
+        State("ticks-restored", "data"),
+    )
+    def restore_ticks(search: str | None, rows: list[dict[str, Any]] | None, restored: bool | None) -> Any:
+        """The runs the URL ticks, ticked once, as soon as their rows are in the table (then the user's ticks rule:
+        the page's own URL changes do not reach `search`)."""
         wanted = data.ticks_in_query(search)
-        if not wanted or ticked or not rows or _triggered_id() not in (None, "url", "runs-grid"):
-            return no_update
+        if restored or not wanted or not rows:
+            return no_update, no_update
         present = [str(row["run"]) for row in rows if int(row["run"]) in wanted]
-        return {"ids": present} if present else no_update
+        return ({"ids": present} if present else no_update), True
+
+    @register(
+        Output("runs-grid", "selectedRows", allow_duplicate=True),
+        Output("sweep-brush", "data"),
+        Input("sweep-parcoords", "restyleData"),
+        State("sweep-brush", "data"),
+        State("experiment-select", "value"),
+        prevent_initial_call=True,
+    )
+    def brush_ticks(restyle: Any, brush: Mapping[str, Any] | None, experiment: str | None) -> Any:
+        """Brushing the parallel coordinates ticks the runs inside every brushed range (clearing it unticks)."""
+        brush = sweep.brush_update(brush, restyle)
+        snap = data.runs_view(store, cache, experiment)
+        if snap is None:
+            return no_update, brush
+        knobs, rows = runs_table(snap)
+        figure = sweep.parallel_coordinates_figure(knobs, rows, experiment_metric(snap), snap["experiment"]["mode"])
+        inside = sweep.runs_in_brush(figure, brush)
+        return {"ids": [str(run_id) for run_id in inside]} if brush else [], brush
 
     app.clientside_callback(
         ClientsideFunction(namespace="rf", function_name="highlight_row"),
@@ -509,23 +534,30 @@ def metric_figures(
 
 
 def sweep_views(
-    snap: Mapping[str, Any] | None, knob: str | None, visible: Sequence[int] | None, sent: str | None
+    snap: Mapping[str, Any] | None, knob: str | None, visible: Sequence[int] | None, sent: Mapping[str, str] | None
 ) -> tuple[Any, ...]:
-    """The sweep section: parallel coordinates, the chosen knob against the metric, the knobs' importance, the
-    knob choices, and a signature of what they were built from (nothing is rebuilt or sent while it holds)."""
+    """The sweep section: parallel coordinates of every run (brushing its axes ticks runs in the table), the
+    chosen knob against the metric and the knobs' importance over the runs the table keeps, the knob choices, and
+    signatures of what they were built from (a view is not rebuilt or sent while its signature holds)."""
     if snap is None:
         empty = figures.empty_figure("no experiment")
         return empty, empty, empty, [], None, None
-    snapshot = snap if visible is None else {**snap, "runs": [r for r in snap["runs"] if int(r["run_id"]) in visible]}
-    knobs, rows = runs_table(snapshot)
-    metric, mode = experiment_metric(snapshot), snapshot["experiment"]["mode"]
-    signature = json.dumps(
-        [metric, mode, knob, [(row.run_id, row.status, row.best_metric, row.knobs) for row in rows]],
-        sort_keys=True,
-        default=str,
-    )
-    if signature == sent:
+    metric, mode = experiment_metric(snap), snap["experiment"]["mode"]
+    every_knob, every_row = runs_table(snap)
+    kept = snap if visible is None else {**snap, "runs": [r for r in snap["runs"] if int(r["run_id"]) in visible]}
+    knobs, rows = runs_table(kept)
+    signatures = {
+        "all": _sweep_signature(metric, mode, None, every_row),
+        "kept": _sweep_signature(metric, mode, knob, rows),
+    }
+    sent = sent if isinstance(sent, Mapping) else {}
+    if sent == signatures:
         return (no_update,) * 6
+    parallel: Any = no_update
+    if sent.get("all") != signatures["all"]:
+        parallel = sweep.parallel_coordinates_figure(every_knob, every_row, metric, mode)
+    if sent.get("kept") == signatures["kept"]:
+        return parallel, no_update, no_update, no_update, no_update, signatures
     importances = sweep.knob_importance(knobs, rows, metric, mode)
     # Until one is picked, the scatter shows the knob that explains most of the metric's spread.
     chosen = knob if knob in knobs else next(iter(importances), knobs[0] if knobs else None)
@@ -535,9 +567,12 @@ def sweep_views(
         if chosen
         else figures.empty_figure("no knob varies between the runs")
     )
-    importance = sweep.importance_figure(importances)
-    parallel = sweep.parallel_coordinates_figure(knobs, rows, metric, mode)
-    return parallel, scatter, importance, options, chosen, signature
+    return parallel, scatter, sweep.importance_figure(importances), options, chosen, signatures
+
+
+def _sweep_signature(metric: str, mode: str, knob: str | None, rows: Sequence[Any]) -> str:
+    state = [metric, mode, knob, [(row.run_id, row.status, row.best_metric, row.knobs) for row in rows]]
+    return json.dumps(state, sort_keys=True, default=str)
 
 
 @dataclass(frozen=True)

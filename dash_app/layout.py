@@ -130,6 +130,7 @@ def build_layout(
             html.Span("live", id="liveness", className="rf-liveness rf-liveness-live", title="the rf server"),
             dcc.Store(id="selected-run", data=None),
             dcc.Store(id="clone-valid", data=None),
+            dcc.Store(id="ticks-restored", data=None),
             dcc.Store(id="events-seen", data=None),  # the ops and failures the toasts have told of
             html.Div(id="toasts", className="rf-toasts"),  # the live check's verdict on the Clone-Modify request
             dcc.Store(id="visible-runs", data=None),  # run ids the table's filter or ticks keep; None: every run
@@ -224,6 +225,7 @@ def _sweep_section() -> html.Details:
                 className="rf-row",
             ),
             dcc.Store(id="sweep-signature", data=None),
+            dcc.Store(id="sweep-brush", data=None),  # {dimension index: [[low, high], ...]} brushed on the axes
         ],
         id="sweep",
         open=True,

@@ -174,6 +174,43 @@ def parallel_coordinates_figure(knobs: Sequence[str], rows: Sequence[RunRow], me
     return {"data": [trace], "layout": layout}
 
 
+def brush_update(brush: Mapping[str, Any] | None, restyle: Any) -> dict[str, Any]:
+    """The brushed ranges after a parcoords restyle (`[{"dimensions[i].constraintrange": ranges}, [0]]`): one or
+    several [low, high] per dimension; a null range clears that dimension."""
+    ranges = dict(brush or {})
+    changes = restyle[0] if isinstance(restyle, list) and restyle and isinstance(restyle[0], Mapping) else {}
+    for key, value in changes.items():
+        if not (key.startswith("dimensions[") and key.endswith("].constraintrange")):
+            continue
+        index = key[len("dimensions[") : -len("].constraintrange")]
+        value = value[0] if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list) and value[0] \
+            and isinstance(value[0][0], list) else value  # fmt: skip
+        if not value:
+            ranges.pop(index, None)
+        else:
+            ranges[index] = [value] if isinstance(value[0], int | float) else [list(pair) for pair in value]
+    return ranges
+
+
+def runs_in_brush(figure: Mapping[str, Any], brush: Mapping[str, Any]) -> list[int]:
+    """The runs of a `parallel_coordinates_figure` whose line passes inside every brushed range."""
+    if not figure.get("data") or figure["data"][0].get("type") != "parcoords":
+        return []
+    dimensions = figure["data"][0]["dimensions"]
+    run_ids = figure["layout"]["meta"]["run_ids"]
+    inside = []
+    for position, run_id in enumerate(run_ids):
+        keep = True
+        for index, ranges in brush.items():
+            if int(index) >= len(dimensions):
+                continue
+            value = dimensions[int(index)]["values"][position]
+            keep = keep and any(low <= value <= high for low, high in ranges)
+        if keep:
+            inside.append(int(run_id))
+    return inside
+
+
 def _dimension(axis: KnobAxis, points: Sequence[SweepPoint]) -> dict[str, Any]:
     raw = [point.knobs.get(axis.knob) for point in points]
     if axis.kind == "categorical":

@@ -243,7 +243,8 @@ def test_the_sweep_views_follow_the_runs_and_are_not_rebuilt_while_nothing_chang
     signature = callbacks["refresh_sweep"]("exp", 2, knob, None, signature)[-1]  # the dropdown now holds the knob
     assert callbacks["refresh_sweep"]("exp", 3, knob, None, signature) == (no_update,) * 6
     parallel, scatter, *_ = callbacks["refresh_sweep"]("exp", 3, "learning_rate", [1, 3], signature)
-    assert parallel["layout"]["meta"]["run_ids"] == [1, 3] and scatter["data"][0]["customdata"] == [1, 3]
+    # The scatter follows the runs the table keeps; the parallel coordinates keep every run (they select runs).
+    assert parallel is no_update and scatter["data"][0]["customdata"] == [1, 3]
     click = {"points": [{"customdata": 3}]}
     assert select("sweep-scatter.clickData", click, callbacks) == 3
 
@@ -294,3 +295,15 @@ def test_the_charts_x_can_be_minutes_or_the_clock_and_a_new_x_redraws_them_whole
     assert figures[0]["layout"]["xaxis"]["type"] == "date"
     first = decode_typed_array(figures[0]["data"][0]["x"])[0] / 1000 - time.localtime().tm_gmtoff  # ms, local
     assert first == pytest.approx(SAMPLE_START + 60 + 0.5)  # run 1's step 1
+
+
+def test_brushing_the_parallel_coordinates_ticks_the_runs_inside_every_range(callbacks):
+    # Dimension 0 is log10(learning_rate) (runs at 1e-4, 1e-3, 1e-2), dimension 1 the best eval_loss.
+    ticked, brush = callbacks["brush_ticks"]([{"dimensions[0].constraintrange": [[-3.5, -1.5]]}, [0]], None, "exp")
+    assert ticked == {"ids": ["2", "3"]} and brush == {"0": [[-3.5, -1.5]]}
+    ticked, brush = callbacks["brush_ticks"]([{"dimensions[1].constraintrange": [[0, 2.5]]}, [0]], brush, "exp")
+    assert ticked == {"ids": ["3"]}  # inside both ranges
+    ticked, brush = callbacks["brush_ticks"]([{"dimensions[0].constraintrange": None}, [0]], brush, "exp")
+    assert ticked == {"ids": ["3"]} and brush == {"1": [[0, 2.5]]}
+    ticked, brush = callbacks["brush_ticks"]([{"dimensions[1].constraintrange": None}, [0]], brush, "exp")
+    assert ticked == [] and brush == {}  # no brush left: nothing ticked, every run shows

@@ -240,6 +240,14 @@ def test_esc_closes_the_ic_ops_panel_and_the_url_restores_the_view(page: Any, se
     assert restored == pytest.approx(zoomed, rel=1e-4)
 
 
+def grid_ticks(page: Any) -> set[int]:
+    ids = page.eval_on_selector_all(
+        "#runs-grid .ag-center-cols-container .ag-row.ag-row-selected",
+        "rows => rows.map(r => r.getAttribute('row-id'))",
+    )
+    return {int(row_id) for row_id in ids}
+
+
 def curve_runs(page: Any, metric: str = "train_loss") -> list[int]:
     names = page.evaluate(
         "(s) => { const gd = document.querySelector(s); return gd && gd.data ? gd.data.map(t => t.name) : []; }",
@@ -291,6 +299,16 @@ def test_the_sweep_views_draw_the_knobs_against_the_metric_and_a_point_opens_its
     page.wait_for_function("() => document.querySelector('#panel-title')?.innerText === 'Run 3'")
     shot(page, "view-06-sweep")
     page.keyboard.press("Escape")
+
+    # Brushing an axis of the parallel coordinates ticks the runs inside it: every view follows; clearing it
+    # unticks them. (Plotly's restyle is what a drag on the axis does.)
+    brush = "(range) => window.Plotly.restyle(document.querySelector('#sweep-parcoords .js-plotly-plot'), " \
+            "{'dimensions[1].constraintrange': range})"  # fmt: skip
+    page.evaluate(brush, [[-2.8, -1.9]])  # log10 learning_rate: runs 3 (2.2e-3) and 4 (1e-2)
+    wait_until(lambda: curve_runs(page) == [3, 4], 10, "the brushed runs' curves only")
+    assert grid_ticks(page) == {3, 4}
+    page.evaluate(brush, None)
+    wait_until(lambda: curve_runs(page) == [1, 2, 3, 4], 10, "every curve again")
 
 
 def test_a_run_s_page_opens_from_the_table_and_the_panel_and_compares_configs(page: Any, server: Server) -> None:
