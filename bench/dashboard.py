@@ -82,6 +82,7 @@ def refresh_request(tick: int, sent: Any = None) -> dict[str, Any]:
         "state": [
             {"id": "experiment-select", "property": "value", "value": EXPERIMENT},
             {"id": "chart-signatures", "property": "data", "value": sent},
+            {"id": "url", "property": "search", "value": f"?experiment={EXPERIMENT}"},
         ],
     }
 

@@ -350,11 +350,17 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("refresh", "n_intervals"),
         Input("sweep-knob", "value"),
         Input("visible-runs", "data"),
+        Input("sweep-show", "value"),
         State("sweep-signature", "data"),
     )
     def refresh_sweep(
-        experiment: str | None, _: int | None, knob: str | None, visible: list[int] | None, sent: Any
+        experiment: str | None, _: int | None, knob: str | None, visible: list[int] | None, shown: Any, sent: Any
     ) -> tuple[Any, ...]:
+        if not shown:
+            if sent == "hidden":
+                return (no_update,) * 6
+            placeholder = figures.empty_figure("tick 'draw' to draw the sweep views")
+            return placeholder, placeholder, placeholder, [], None, "hidden"
         snap = data.runs_view(store, cache, experiment)
         return sweep_views(snap, knob, visible, sent)
 

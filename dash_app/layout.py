@@ -199,11 +199,19 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
     )
 
 
-def _sweep_section() -> html.Details:
+def _sweep_section() -> html.Div:
     """How the knobs relate to the metric: parallel coordinates, one knob against the metric, importance."""
-    return html.Details(
+    return html.Div(
         [
-            html.Summary(html.H3("Sweep: knobs against the best metric", className="rf-inline")),
+            html.Div(
+                [
+                    html.H3("Sweep: knobs against the best metric"),
+                    # Drawn when asked for: its importance estimate (Optuna's fANOVA: seconds to import the first
+                    # time) must not slow the page's first charts.
+                    dcc.Checklist(id="sweep-show", options=[{"label": " draw", "value": "show"}], value=[]),
+                ],
+                className="rf-section-title",
+            ),
             html.Div(dcc.Graph(id="sweep-parcoords", config=GRAPH_CONFIG), className="rf-chart"),
             html.Div(
                 [
@@ -228,7 +236,6 @@ def _sweep_section() -> html.Details:
             dcc.Store(id="sweep-brush", data=None),  # {dimension index: [[low, high], ...]} brushed on the axes
         ],
         id="sweep",
-        open=True,
         className="rf-sweep",
     )
 

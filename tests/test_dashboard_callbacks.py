@@ -235,14 +235,19 @@ def test_an_ended_experiment_stays_browsable(callbacks, store):
 
 
 def test_the_sweep_views_follow_the_runs_and_are_not_rebuilt_while_nothing_changed(callbacks, store):
-    parallel, scatter, importance, options, knob, signature = callbacks["refresh_sweep"]("exp", 1, None, None, None)
+    hidden = callbacks["refresh_sweep"]("exp", 1, None, None, [], None)  # not asked for: placeholders, once
+    assert hidden[-1] == "hidden" and hidden[0]["data"] == []
+    assert callbacks["refresh_sweep"]("exp", 2, None, None, [], "hidden") == (no_update,) * 6
+    parallel, scatter, importance, options, knob, signature = callbacks["refresh_sweep"]("exp", 1, None, None, ["show"],
+                                                                                         None)  # fmt: skip
     assert [option["value"] for option in options] == ["learning_rate"] and knob == "learning_rate"
     assert parallel["data"][0]["type"] == "parcoords" and parallel["layout"]["meta"]["run_ids"] == [1, 2, 3]
     assert scatter["data"][0]["customdata"] == [1, 2, 3]  # a click on a point opens that run's panel
     assert importance["data"] == []  # three runs: too few to estimate an importance (the figure says so)
-    signature = callbacks["refresh_sweep"]("exp", 2, knob, None, signature)[-1]  # the dropdown now holds the knob
-    assert callbacks["refresh_sweep"]("exp", 3, knob, None, signature) == (no_update,) * 6
-    parallel, scatter, *_ = callbacks["refresh_sweep"]("exp", 3, "learning_rate", [1, 3], signature)
+    # The dropdown now holds the knob: drawn once more for it, then nothing while nothing changes.
+    signature = callbacks["refresh_sweep"]("exp", 2, knob, None, ["show"], signature)[-1]
+    assert callbacks["refresh_sweep"]("exp", 3, knob, None, ["show"], signature) == (no_update,) * 6
+    parallel, scatter, *_ = callbacks["refresh_sweep"]("exp", 3, "learning_rate", [1, 3], ["show"], signature)
     # The scatter follows the runs the table keeps; the parallel coordinates keep every run (they select runs).
     assert parallel is no_update and scatter["data"][0]["customdata"] == [1, 3]
     click = {"points": [{"customdata": 3}]}

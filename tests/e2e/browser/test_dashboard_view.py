@@ -272,6 +272,7 @@ def test_the_table_s_ticks_and_filters_decide_which_curves_show(page: Any, serve
 
 def test_the_sweep_views_draw_the_knobs_against_the_metric_and_a_point_opens_its_run(page: Any, server: Server) -> None:
     open_view(page, server)
+    page.check("#sweep-show input")  # drawn when asked for
     parcoords = "#sweep-parcoords .js-plotly-plot"
     page.wait_for_function("(s) => { const gd = document.querySelector(s); return gd && gd.data && gd.data.length; }",
                            arg=parcoords)  # fmt: skip
