@@ -327,8 +327,11 @@ def test_a_run_s_page_opens_from_the_table_and_the_panel_and_compares_configs(pa
     assert "learning_rate" in diff and "r\t8\t4" in diff  # run 2 has r=8, run 1 r=4
     page.wait_for_selector("#run-page .rf-chart .js-plotly-plot")  # its curves
     shot(page, "view-07-run-page")
-    page.click("text=← experiment view")
-    page.wait_for_selector("#ic-panel", state="visible")  # back on the dashboard, the run's panel open
+    back = page.locator("#run-page a.rf-back").first
+    assert back.inner_text() == f"← experiment {EXPERIMENT}"
+    assert back.get_attribute("href") == f"/?experiment={EXPERIMENT}&run=2"
+    page.goto(f"{server.url}{back.get_attribute('href')}")
+    page.wait_for_selector("#ic-panel", state="visible", timeout=40_000)  # the dashboard, the run's panel open
     assert page.inner_text("#panel-title") == "Run 2"
     assert page.get_attribute("#panel-run-page", "href") == f"/run/{EXPERIMENT}/2"
     page.keyboard.press("Escape")
