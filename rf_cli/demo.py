@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 DEMO_ENTRYPOINT = "rf_core.demo:demo_experiment"
+DEMO_ENTRYPOINTS = {"sft": DEMO_ENTRYPOINT, "dpo": "rf_core.demo:dpo_demo_experiment"}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -16,21 +17,24 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from flows.fit import run_flow
 
-    experiment = args.experiment or time.strftime("demo-%Y%m%d-%H%M%S")
+    trainer = getattr(args, "trainer", "sft")
+    experiment = args.experiment or time.strftime(f"{'demo' if trainer == 'sft' else trainer + '-demo'}-%Y%m%d-%H%M%S")
     print(f"starting demo experiment {experiment!r}; steer it from another terminal, e.g.")
     print(f"  rf runs {experiment}")
     print(f"  rf stop {experiment} 1")
     print(f"  rf clone {experiment} 2 --set learning_rate=3e-4 --warm-start")
+    if trainer == "sft":
+        print(f"  rf clone {experiment} 1 --set trainer_type=dpo --warm-start   (DPO, anchored to run 1's weights)")
     snapshot = run_flow(
         experiment,
         ephemeral=args.ephemeral,
-        entrypoint=DEMO_ENTRYPOINT,
+        entrypoint=DEMO_ENTRYPOINTS[trainer],
         cpu_slots=args.cpu_slots,
         idle_timeout=args.idle_timeout,
         num_chunks=args.chunks,
         max_configs=args.max_configs,
     )
-    print(summary_line(snapshot))
+    print(summary_line(snapshot) if trainer == "sft" else preference_summary_line(snapshot))
     return 0
 
 
@@ -40,3 +44,13 @@ def summary_line(snapshot: dict[str, Any]) -> str:
         return "fewer than two runs finished with an eval loss"
     best, worst = min(finals), max(finals)
     return f"best final eval_loss {best:.4f}, worst {worst:.4f}: the worst is {100 * (worst / best - 1):.1f} % higher"
+
+
+def preference_summary_line(snapshot: dict[str, Any]) -> str:
+    finals = [run["latest_metric"] for run in snapshot["runs"] if run.get("latest_metric") is not None]
+    if not finals:
+        return "no run finished with an eval reward accuracy"
+    return (
+        f"eval reward accuracy (chosen rewarded above rejected): best {max(finals):.3f}, worst {min(finals):.3f} "
+        "(0.5 is chance)"
+    )

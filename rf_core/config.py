@@ -20,7 +20,19 @@ from rf_core.functions import BUILTIN_METRICS, name_problem
 from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range, expand_config_group
 from rf_core.model_roots import model_source_problem
 
-KnobKind = Literal["model", "adapter", "training", "data", "eval", "devices"]
+KnobKind = Literal["model", "adapter", "training", "preference", "data", "eval", "devices"]
+
+# What a run optimises: supervised fine-tuning, or preference optimisation (TRL's DPOTrainer's objective).
+TRAINER_TYPES = ("sft", "dpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+REF_MODELS = ("parent", "base")
+DEFAULT_DPO_BETA = 0.1  # TRL's DPOConfig
+# Knobs that only one trainer type reads: a value other than the default on a run of another type is refused.
+TRAINER_TYPE_KNOBS: dict[str, str] = {
+    "beta": "dpo", "loss_type": "dpo", "label_smoothing": "dpo", "reference_free": "dpo", "ref_model": "dpo",
+    "completion_only_loss": "sft", "assistant_only_loss": "sft", "predict_with_generate": "sft",
+    "compute_metrics": "sft", "generation_config": "sft",
+}  # fmt: skip
 
 LR_SCHEDULERS = (
     "linear",
@@ -215,6 +227,12 @@ KNOBS: dict[str, KnobSpec] = {
             f"arguments for loading the base ({', '.join(MODEL_KWARGS)}), handed to create_model_fn in the config; "
             "bases with other model_kwargs are other bases",
         ),
+        _K(
+            "trainer_type", "model", (str,), "sft",
+            Constraint(f"one of {', '.join(TRAINER_TYPES)}", lambda v: v in TRAINER_TYPES),
+            "what the run optimises: sft (supervised, TRL's SFTTrainer) or dpo (preferences, TRL's DPOTrainer); "
+            "may differ between runs and change in a Clone-Modify",
+        ),
         _K("use_peft", "adapter", (bool,), True, None, "true: train a LoRA adapter; false: full fine-tune"),
         _K("r", "adapter", (int,), 8, _between(1, 1024), "LoRA rank"),
         _K("lora_alpha", "adapter", (float,), 16, Constraint("> 0", lambda v: v > 0), "LoRA scaling (alpha / r)"),
@@ -300,6 +318,30 @@ KNOBS: dict[str, KnobSpec] = {
             "run_name", "training", (str, type(None)), None,
             Constraint("1 to 100 characters", lambda v: v is None or 0 < len(v.strip()) <= 100),
             "HF's run_name: a label for the run, shown in every runs table; null = none",
+        ),
+        _K(
+            "beta", "preference", (float, type(None)), None, Constraint("> 0", lambda v: v > 0),
+            f"TRL's DPO beta: how far the run may move from its reference; null = {DEFAULT_DPO_BETA}, TRL's default",
+        ),
+        _K(
+            "loss_type", "preference", (str, type(None)), None,
+            Constraint(f"one of {', '.join(DPO_LOSS_TYPES)}, or null", lambda v: v in DPO_LOSS_TYPES),
+            "TRL's DPO loss_type; null = sigmoid (the DPO paper's loss)",
+        ),
+        _K(
+            "label_smoothing", "preference", (float,), 0.0, Constraint(">= 0 and < 0.5", lambda v: 0 <= v < 0.5),
+            "TRL's: the probability that a preference label is flipped (loss_type robust, as TRL)",
+        ),
+        _K(
+            "reference_free", "preference", (bool,), False, None,
+            "DPO against a uniform reference (log-probabilities 0): no reference forward pass",
+        ),
+        _K(
+            "ref_model", "preference", (str,), "parent",
+            Constraint(f"one of {', '.join(REF_MODELS)}", lambda v: v in REF_MODELS),
+            "the DPO reference: parent = the weights a warm-started clone starts from (the SFT model it came from; "
+            "a clone of a DPO run keeps that run's reference); base = the base model. A run with no parent uses "
+            "the base either way",
         ),
         _K(
             "max_length", "data", (int,), 1024, _between(8, 8192),
@@ -392,7 +434,32 @@ def validate_config(cfg: Any) -> list[str]:
             continue
         if problem:
             problems.append(problem)
-    return problems or _device_problems(cfg) or _precision_problems(cfg) or _eval_problems(cfg)
+    return (
+        problems
+        or _device_problems(cfg)
+        or _precision_problems(cfg)
+        or _trainer_type_problems(cfg)
+        or _eval_problems(cfg)
+    )
+
+
+def _trainer_type_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """A knob of one trainer type set on a run of another: it would be ignored, so it is refused."""
+    trainer_type = cfg.get("trainer_type", KNOBS["trainer_type"].default)
+    problems = [
+        f"{knob}={_show(cfg[knob])}: applies to trainer_type {owner} runs; this config's trainer_type is "
+        f"{trainer_type} (leave it at its default, {_show(KNOBS[knob].default)})"
+        for knob, owner in TRAINER_TYPE_KNOBS.items()
+        if knob in cfg and owner != trainer_type and cfg[knob] != KNOBS[knob].default
+    ]
+    if trainer_type == "dpo" and cfg.get("strategy") == "deepspeed":
+        problems.append('trainer_type="dpo": not supported with strategy deepspeed yet; use ddp')
+    if cfg.get("label_smoothing") and cfg.get("loss_type") not in ("robust",):
+        problems.append(
+            f"label_smoothing={_show(cfg['label_smoothing'])}: is read by loss_type robust only (as TRL's); "
+            f"this config's loss_type is {_show(cfg.get('loss_type'))}"
+        )
+    return problems
 
 
 def _eval_problems(cfg: Mapping[str, Any]) -> list[str]:
@@ -458,6 +525,8 @@ _NOT_YET_SUPPORTED = frozenset(
     {
         "tf32", "logging_strategy", "logging_first_step",
         "save_strategy", "save_steps", "packing", "dataset_text_field", "optim", "report_to", "output_dir",
+        "max_prompt_length", "max_completion_length", "truncation_mode", "precompute_ref_log_probs", "loss_weights",
+        "f_divergence_type", "use_weighting", "sync_ref_model", "ld_alpha", "rpo_alpha", "disable_dropout",
     }
 )  # fmt: skip
 # Spelling slips only: a lower similarity suggests knobs of another meaning.

@@ -1,7 +1,10 @@
-"""The demo experiment: LoRA fine-tunes of a small pretrained causal LM on the standard library's docstrings.
+"""The demo experiments: LoRA fine-tunes of a small pretrained causal LM on the standard library's docstrings.
 
-Importable as `rf_core.demo:demo_experiment`, so the CLI, the Prefect deployment and `rf continue` all name it
-the same way. The grid spans learning rates wide enough that the runs end visibly apart.
+Importable as `rf_core.demo:demo_experiment` (SFT) and `rf_core.demo:dpo_demo_experiment` (DPO), so the CLI, the
+Prefect deployment and `rf continue` all name them the same way. The SFT grid spans learning rates wide enough that
+the runs end visibly apart. Both carry the SFT pairs and the preference pairs (`train_dataset` keyed by trainer type),
+so any run can be cloned into the other trainer type: `rf clone EXP 1 --set trainer_type=dpo --warm-start` is the
+usual story, a DPO run anchored to the SFT run it starts from.
 """
 
 from __future__ import annotations
@@ -43,15 +46,41 @@ def tiny_model_folder(name: str = "rf-tiny-llama") -> str:
     return str(ensure_pretrained(name, model_cache_dir()))
 
 
+DPO_DEMO_GRID = {
+    "model_name_or_path": "rf-tiny-llama",
+    "trainer_type": "dpo",
+    "beta": List([0.1, 0.5]),
+    "learning_rate": List([1e-3, 1e-4]),
+    "r": 8,
+    "lora_alpha": 16,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 8,
+    "max_length": 64,
+    "warmup_steps": 5,
+}
+
+
 def demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
-    from rf_core.demo_data import demo_datasets
+    return _demo_spec(GridSearch(DEMO_GRID), num_chunks)
+
+
+def dpo_demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
+    """DPO runs on preference pairs (chosen: a function's docstring; rejected: another's), from the tiny model."""
+    return _demo_spec(GridSearch(DPO_DEMO_GRID), num_chunks, metric="eval_rewards/accuracies", mode="max")
+
+
+def _demo_spec(config_group: Any, num_chunks: int, metric: str = "eval_loss", mode: str = "min") -> ExperimentSpec:
+    from rf_core.demo_data import demo_datasets, demo_preference_datasets
 
     train, evaluation = demo_datasets()
+    preference_train, preference_eval = demo_preference_datasets()
     return ExperimentSpec(
-        config_group=GridSearch(DEMO_GRID),
+        config_group=config_group,
         create_model_fn=create_tiny_model,  # torch loads where the model is built (the slot workers), not here
-        train_dataset=train,
-        eval_dataset=evaluation,
+        train_dataset={"sft": train, "dpo": preference_train},
+        eval_dataset={"sft": evaluation, "dpo": preference_eval},
         num_chunks=num_chunks,
         seed=42,
+        metric=metric,
+        mode=mode,
     )

@@ -52,3 +52,25 @@ def demo_datasets(eval_size: int = 128) -> tuple[list[dict[str, str]], list[dict
         raise ValueError(f"{eval_size=} must be between 1 and {len(examples) - 1}")
     random.Random(DEMO_SPLIT_SEED).shuffle(examples)
     return examples[eval_size:], examples[:eval_size]
+
+
+def stdlib_preference_examples(limit: int | None = None, seed: int = DEMO_SPLIT_SEED) -> list[dict[str, str]]:
+    """Preference rows (TRL's prompt / chosen / rejected) from the docstring pairs: chosen is the function's own
+    docstring, rejected a plausible wrong one, another function's docstring drawn with a fixed seed (never the same
+    text), so the same call gives the same rows in every process."""
+    examples = stdlib_sft_examples()
+    rng = random.Random(seed)
+    rows = []
+    for index, example in enumerate(examples if limit is None else examples[:limit]):
+        other = examples[(index + rng.randrange(1, len(examples))) % len(examples)]["completion"]
+        while other == example["completion"]:
+            other = examples[rng.randrange(len(examples))]["completion"]
+        rows.append({"prompt": example["prompt"], "chosen": example["completion"], "rejected": other})
+    return rows
+
+
+def demo_preference_datasets(eval_size: int = 64) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The DPO demo's (train, eval) split of `stdlib_preference_examples`, as `demo_datasets` splits its pairs."""
+    examples = stdlib_preference_examples()
+    random.Random(DEMO_SPLIT_SEED).shuffle(examples)
+    return examples[eval_size:], examples[:eval_size]

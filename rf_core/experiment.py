@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from rf_core.data_forms import dataset_for, keyed_dataset_problems
 from rf_core.errors import ExperimentExists
 from rf_core.functions import named_configs
 from rf_core.paths import check_name
@@ -31,8 +32,9 @@ class ExperimentSpec:
 
     config_group: Any
     create_model_fn: Callable[[dict[str, Any]], tuple[Any, Any]]
-    train_dataset: Sequence[Any]
-    eval_dataset: Sequence[Any]
+    # Rows, or rows per trainer type ({"sft": ..., "dpo": ...}): each run uses its own type's (`dataset_for`).
+    train_dataset: Sequence[Any] | Mapping[str, Sequence[Any]]
+    eval_dataset: Sequence[Any] | Mapping[str, Sequence[Any]]
     num_chunks: int
     seed: int = 42
     compute_metrics: Callable[..., dict[str, float]] | None = None
@@ -54,10 +56,10 @@ class ExperimentSpec:
             raise ValueError(f"keep_checkpoints must be None or an integer >= 1, got {self.keep_checkpoints=}")
         if self.mode not in METRIC_MODES:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode=}")
-        if len(self.train_dataset) == 0:
-            raise ValueError("train_dataset is empty")
-        if len(self.eval_dataset) == 0:
-            raise ValueError("eval_dataset is empty")
+        problems = keyed_dataset_problems(self.train_dataset, "train_dataset")
+        problems += keyed_dataset_problems(self.eval_dataset, "eval_dataset")
+        if problems:
+            raise ValueError("; ".join(problems))
         configs, _ = self.named_configs()  # a lambda or two functions of one name are refused here, not in a worker
         untrusted = [index for index, config in enumerate(configs, start=1) if not self.allows(config)]
         if untrusted:
@@ -70,6 +72,10 @@ class ExperimentSpec:
         """False when the config asks to run a model repository's code and this experiment has not opted in."""
         model_kwargs = config.get("model_kwargs") or {}
         return self.trust_remote_code or model_kwargs.get("trust_remote_code") is not True
+
+    def num_train_rows(self, config: Mapping[str, Any]) -> int:
+        """How many training rows a run of this config has (its trainer type's dataset); ValueError if none."""
+        return len(dataset_for(self.train_dataset, config.get("trainer_type") or "sft", "train_dataset"))
 
     def named_configs(self) -> tuple[list[dict[str, Any]], dict[str, Callable[..., Any]]]:
         """The config group's configs with every function replaced by its registered name, and the registry."""
@@ -109,8 +115,8 @@ class Experiment:
         self,
         config_group: Any,
         create_model_fn: Callable[[dict[str, Any]], tuple[Any, Any]],
-        train_dataset: Sequence[Any],
-        eval_dataset: Sequence[Any],
+        train_dataset: Sequence[Any] | Mapping[str, Sequence[Any]],
+        eval_dataset: Sequence[Any] | Mapping[str, Sequence[Any]],
         num_chunks: int,
         seed: int = 42,
         *,
@@ -137,6 +143,9 @@ class Experiment:
         grids over them); `functions={"qa": qa_format, ...}` registers more by name, so a Clone-Modify, a policy or
         the CLI can switch a run to any of them by name (a function in the config group registers itself under its
         `__name__`). `compute_metrics` here is the experiment's default for configs that name none.
+
+        `train_dataset` and `eval_dataset` are rows, or rows per trainer type, `{"sft": sft_rows, "dpo":
+        preference_rows}`, when runs of several trainer types train together (each on its own).
 
         `policies` run at every chunk boundary: `rf_core.policies.Policy` objects (acting; they may be defined
         right here), template names, or JSON specs `{"template", "params", "mode": "act" | "propose"}`.

@@ -15,6 +15,7 @@ from typing import Any
 
 from rf_core.chunks import ChunkingError, elastic_device_counts, plan_chunks
 from rf_core.config import with_defaults
+from rf_core.data_forms import check_fit_data
 from rf_core.experiment import ExperimentSpec
 from rf_core.messages import ChunkSpec, Gang, TrainTask, WarmStart
 from rf_core.paths import run_dir
@@ -52,12 +53,27 @@ class FitLoop:
         self.warm_slots: dict[int, tuple[int, ...]] = {}  # run -> slots whose workers hold its state in memory
         self._dispatched_at: dict[int, float] = {}  # run in flight -> when its chunk was planned
         self._chunk_seconds: dict[int, list[float]] = {}  # run -> how long its chunks took, as seen from here
+        self._data_problems: dict[tuple[str, str | None], str | None] = {}  # (trainer type, formatting) -> why not
 
     def chunk_plan(self, run: Mapping[str, Any]) -> list[ChunkSpec]:
         run_id = int(run["run_id"])
         if run_id not in self._chunk_plans:
-            self._chunk_plans[run_id] = plan_chunks(len(self.spec.train_dataset), run["config"], self.spec.num_chunks)
+            rows = self.spec.num_train_rows(run["config"])
+            self._chunk_plans[run_id] = plan_chunks(rows, run["config"], self.spec.num_chunks)
         return self._chunk_plans[run_id]
+
+    def _data_problem(self, config: Mapping[str, Any]) -> str | None:
+        """Why the data does not fit a run of this trainer type and formatting function (a clone may have switched
+        either), checked once per pair, before any worker tries; None when it fits."""
+        key = (str(config.get("trainer_type") or "sft"), config.get("formatting_func"))
+        if key not in self._data_problems:
+            _, functions = self.spec.named_configs()
+            try:
+                check_fit_data(self.spec.train_dataset, self.spec.eval_dataset, [config], functions)
+                self._data_problems[key] = None
+            except ValueError as exc:
+                self._data_problems[key] = str(exc)
+        return self._data_problems[key]
 
     def plan(self, in_flight: Mapping[int, int]) -> Plan:
         """One planning step. `in_flight` maps busy slots to the run each is training."""
@@ -96,6 +112,10 @@ class FitLoop:
                     f"run {run_id} has fp16=true but this fit's slots are CPUs: float16 training needs a CUDA "
                     "device (as in HF's Trainer); clone it with bf16=true, which trains on the CPU"
                 )
+                continue
+            data_problem = self._data_problem(run["config"])
+            if data_problem is not None:
+                plan.unplannable[run_id] = f"run {run_id} cannot train on this experiment's data: {data_problem}"
                 continue
             try:
                 chunks = self.chunk_plan(run)

@@ -362,6 +362,11 @@ class Policy(ABC):
     def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
         """The ops to submit now, each with its reason; an empty list means nothing to do."""
 
+    def decisions(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+        """What the engine asks for: `decide` on the whole snapshot (a policy that ranks runs by a metric decides
+        per trainer type instead; see `_MetricPolicy`)."""
+        return self.decide(snapshot)
+
     def metric_names(self, experiment_metric: str) -> frozenset[str]:
         """Metrics whose histories the snapshot must carry for this policy."""
         return frozenset({experiment_metric})
@@ -398,6 +403,19 @@ class _MetricPolicy(Policy):
 
     def metric_names(self, experiment_metric: str) -> frozenset[str]:
         return frozenset({self.metric or experiment_metric})
+
+    def decisions(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+        """`decide` once per trainer type, on its runs alone: a DPO run's eval_loss is not an SFT run's, so runs
+        are ranked only against runs whose metric means the same; each reason says which group was ranked."""
+        groups = trainer_type_groups(snapshot)
+        if len(groups) <= 1:
+            return self.decide(snapshot)
+        ops: list[PolicyOp] = []
+        for trainer_type, runs in groups.items():
+            group = dataclasses.replace(snapshot, runs=runs)
+            label = f"among the {len(runs)} {trainer_type} runs"
+            ops += [_with_reason(op, f"{label}: {op.reason}") for op in self.decide(group)]
+        return ops
 
     def _metric(self, snapshot: ExperimentSnapshot) -> str:
         return self.metric or snapshot.metric
@@ -986,7 +1004,7 @@ class AnyOf(Policy):
     def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
         chosen: list[PolicyOp] = []
         for policy in self.policies:
-            for op in policy.decide(snapshot):
+            for op in policy.decisions(snapshot):
                 if not any(_clashes(op, other) for other in chosen):
                     chosen.append(_with_reason(op, f"{policy.name}: {op.reason}"))
         # A run that one policy stops is not promoted by another: the verdicts share one record per boundary.
@@ -1035,7 +1053,7 @@ class Patient(_MetricPolicy):
     def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
         metric, sign = self._metric(snapshot), self._sign(snapshot)
         kept: list[PolicyOp] = []
-        for op in self.policy.decide(snapshot):
+        for op in self.policy.decisions(snapshot):
             run = snapshot.run(op.run_id)
             if op.kind != OpKind.STOP or run is None:
                 kept.append(op)
@@ -1175,6 +1193,14 @@ def _clashes(op: PolicyOp, earlier: PolicyOp) -> bool:
     if isinstance(op, Promote) or isinstance(earlier, Promote):
         return type(op) is type(earlier) and op.boundary == earlier.boundary
     return op.kind == earlier.kind or earlier.kind in (OpKind.STOP, OpKind.DELETE)
+
+
+def trainer_type_groups(snapshot: ExperimentSnapshot) -> dict[str, tuple[RunView, ...]]:
+    """The snapshot's runs by trainer type (a run stored before trainer types existed is an SFT run)."""
+    groups: dict[str, list[RunView]] = {}
+    for run in snapshot.runs:
+        groups.setdefault(str(run.config.get("trainer_type", "sft")), []).append(run)
+    return {trainer_type: tuple(runs) for trainer_type, runs in sorted(groups.items())}
 
 
 def _with_reason(op: PolicyOp, reason: str) -> PolicyOp:

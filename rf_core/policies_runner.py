@@ -107,7 +107,7 @@ def read_snapshot(client: RFClient, experiment: str, policy: Policy, now: float 
 
 
 def decide(policy: Policy, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
-    ops = policy.decide(snapshot)
+    ops = policy.decisions(snapshot)
     if not isinstance(ops, list) or not all(isinstance(op, PolicyOp) for op in ops):
         raise TypeError(f"policy {policy.name!r} must return a list of PolicyOp (Stop, Resume, CloneModify, Delete)")
     return ops

@@ -11,6 +11,7 @@ from rf_core.compat.rapidfire import (
     List,
     Range,
     RapidFireModelFactory,
+    RFDPOConfig,
     RFGridSearch,
     RFLoraConfig,
     RFModelConfig,
@@ -114,8 +115,10 @@ def test_what_has_no_meaning_here_is_refused_by_name(changes: dict[str, Any], ex
 
 
 def test_other_trainers_and_modes_are_refused_with_why() -> None:
-    with pytest.raises(ConfigError, match="rf trains SFT runs only so far"):
-        RFGridSearch(model_config(), trainer_type="DPO")
+    with pytest.raises(ConfigError, match="rf trains SFT and DPO runs only so far"):
+        RFGridSearch(model_config(), trainer_type="GRPO")
+    with pytest.raises(ConfigError, match="training_args must be an RFDPOConfig for trainer_type 'DPO'"):
+        rf_configs(RFGridSearch(model_config(), trainer_type="DPO"))
     with pytest.raises(ValueError, match="run_fit needs Experiment"):
         Experiment(experiment_name="evals-only").run_fit(None, None, [], [], num_chunks=1)
 
@@ -135,3 +138,29 @@ def test_create_model_fn_gets_the_model_config_rapidfire_gives_it() -> None:
     lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
     assert given["peft_params"] == {**lora, "bias": "none", "task_type": "CAUSAL_LM"}
     assert given["training_args"]["learning_rate"] == 2e-4
+
+
+def test_rapidfires_dpo_notebook_config_becomes_dpo_runs() -> None:
+    """RapidFire's DPO tutorial (rf-tutorial-dpo-alignment-lite), its adapter-naming and length arguments included."""
+    dpo = RFDPOConfig(
+        model_adapter_name="default", ref_adapter_name="reference", force_use_ref_model=False,
+        loss_type="robust", beta=0.1, label_smoothing=0.1, max_prompt_length=512, max_completion_length=512,
+        max_length=1024, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-4,
+        warmup_ratio=0.1, weight_decay=0, lr_scheduler_type="linear", num_train_epochs=1, bf16=True,
+        save_strategy="epoch", logging_strategy="steps", logging_steps=1,
+    )  # fmt: skip
+    lora = RFLoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=16, lora_dropout=0.1, bias="none",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    config = RFModelConfig(model_name="rf-tiny-llama", ref_model_name=None, peft_config=lora, training_args=dpo,
+                           model_kwargs={"device_map": "auto", "torch_dtype": "bfloat16"})  # fmt: skip
+    [rf_config] = rf_configs(RFGridSearch(configs=List([config]), trainer_type="DPO"))
+    normalised = normalize_config(rf_config)
+    assert normalised["trainer_type"] == "dpo" and normalised["loss_type"] == "robust"
+    assert (normalised["beta"], normalised["label_smoothing"], normalised["max_length"]) == (0.1, 0.1, 1024)
+    assert normalised["r"] == 16 and normalised["bf16"] and normalised["ref_model"] == "parent"
+    seen: list[dict[str, Any]] = []
+    RapidFireModelFactory(lambda model_config: seen.append(model_config) or ("model", "tokenizer"))(normalised)
+    assert seen[0]["trainer_type"] == "DPO"
+    with pytest.raises(ConfigError, match="ref_model_name='other': not supported here"):
+        rf_configs(RFGridSearch(RFModelConfig(model_name="rf-tiny-llama", ref_model_name="other", training_args=dpo),
+                                trainer_type="DPO"))  # fmt: skip

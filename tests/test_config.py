@@ -23,6 +23,12 @@ from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range
 
 # Per knob: values it accepts and values it rejects (each rejection must name the key).
 VALID: dict[str, list[Any]] = {
+    "trainer_type": ["sft", "dpo"],
+    "beta": [None, 0.1, 2],
+    "loss_type": [None, "sigmoid", "ipo", "hinge", "robust"],
+    "label_smoothing": [0, 0.0, 0.1, 0.49],
+    "reference_free": [False, True],
+    "ref_model": ["parent", "base"],
     "logging_steps": [None, 1, 500],
     "run_name": [None, "baseline", "lr 3e-4 / r 16"],
     # Local folders must lie under the model roots (the temporary folder, in tests/conftest.py).
@@ -70,6 +76,12 @@ VALID: dict[str, list[Any]] = {
     "zero_stage": [0, 1, 2, 3],
 }  # fmt: skip
 INVALID: dict[str, list[Any]] = {
+    "trainer_type": ["SFT", "ppo", "", None, 1],
+    "beta": [0, -0.1, True, "0.1", math.nan],
+    "loss_type": ["Sigmoid", "exo_pair", "", 1],
+    "label_smoothing": [-0.1, 0.5, 1, True, None],
+    "reference_free": [1, "true", None],
+    "ref_model": ["self", "", None],
     "logging_steps": [0, -1, 1.5, True, "10"],
     "run_name": ["", "   ", "x" * 101, 3],
     "model_name_or_path": ["", "   ", None, 3, ["a"], "/models/llama", "../../../../../../../../etc/llama"],
@@ -128,6 +140,27 @@ INVALID: dict[str, list[Any]] = {
     "zero_stage": [-1, 4, 2.0, None],
 }
 
+# What a knob's valid values need beside them: the knobs of one trainer type are read by its runs only.
+DPO = {"trainer_type": "dpo"}
+CONTEXT: dict[str, dict[str, Any]] = {
+    "beta": DPO, "loss_type": DPO, "reference_free": DPO, "ref_model": DPO,
+    "label_smoothing": {**DPO, "loss_type": "robust"},
+}  # fmt: skip
+
+
+def test_knobs_of_another_trainer_type_are_refused_unless_left_at_their_default() -> None:
+    assert validate_config({"beta": 0.2}) == [
+        "beta=0.2: applies to trainer_type dpo runs; this config's trainer_type is sft (leave it at its default, null)"
+    ]
+    [problem] = validate_config({"trainer_type": "dpo", "assistant_only_loss": True})
+    assert problem.startswith("assistant_only_loss=true: applies to trainer_type sft runs")
+    assert validate_config({"trainer_type": "dpo", "beta": 0.5, "completion_only_loss": None}) == []
+    assert validate_config({"trainer_type": "dpo", "strategy": "deepspeed"}) == [
+        'trainer_type="dpo": not supported with strategy deepspeed yet; use ddp'
+    ]
+    [problem] = validate_config({"trainer_type": "dpo", "label_smoothing": 0.1})
+    assert problem.startswith("label_smoothing=0.1: is read by loss_type robust only")
+
 
 def test_device_knobs_are_checked_together() -> None:
     assert validate_config({"num_devices": 2, "max_devices": 4}) == []
@@ -145,13 +178,14 @@ def test_the_tables_above_cover_every_knob() -> None:
 
 @pytest.mark.parametrize(("key", "value"), [(k, v) for k, values in VALID.items() for v in values])
 def test_each_knob_accepts_a_valid_value(key: str, value: Any) -> None:
-    assert validate_config({key: value}) == []
-    assert normalize_config({key: value})[key] == value
+    context = CONTEXT.get(key, {})
+    assert validate_config({**context, key: value}) == []
+    assert normalize_config({**context, key: value})[key] == value
 
 
 @pytest.mark.parametrize(("key", "value"), [(k, v) for k, values in INVALID.items() for v in values])
 def test_each_knob_rejects_an_invalid_value_by_name(key: str, value: Any) -> None:
-    problems = validate_config({key: value})
+    problems = validate_config({**CONTEXT.get(key, {}), key: value})
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{key}="), problems
     assert ": must be " in problems[0]
@@ -161,7 +195,7 @@ def test_each_knob_rejects_an_invalid_value_by_name(key: str, value: Any) -> Non
 def test_every_default_is_valid(name: str) -> None:
     spec = KNOBS[name]
     assert spec.name == name
-    assert spec.kind in ("model", "adapter", "training", "data", "eval", "devices")
+    assert spec.kind in ("model", "adapter", "training", "preference", "data", "eval", "devices")
     assert spec.problem(spec.default) is None
     assert spec.doc
 
@@ -224,7 +258,9 @@ def test_fp16_is_refused_with_bf16_or_deepspeed() -> None:
 
 def test_an_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     (problem,) = validate_config({"zzz": 1})
-    assert problem.startswith("unknown key 'zzz' (known keys: model_name_or_path, model_kwargs, use_peft,")
+    assert problem.startswith(
+        "unknown key 'zzz' (known keys: model_name_or_path, model_kwargs, trainer_type, use_peft,"
+    )
 
 
 def test_every_problem_is_reported_at_once() -> None:

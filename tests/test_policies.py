@@ -152,6 +152,24 @@ def test_stop_bottom_fraction_stops_exactly_the_worst(
     assert {op.boundary for op in ops} <= {1}  # the verdict is about chunk 1, whatever chunk the run is at
 
 
+def test_runs_of_different_trainer_types_are_ranked_only_among_their_own() -> None:
+    """An SFT eval_loss (cross-entropy, ~2) and a DPO one (~0.69) mean different things: ranked apart."""
+    sft = {"learning_rate": 1e-3, "trainer_type": "sft"}
+    dpo = {"learning_rate": 1e-4, "trainer_type": "dpo"}
+    snap = snapshot(
+        run(1, [2.0], config=sft), run(2, [2.5], config=sft), run(3, [0.6], config=dpo), run(4, [0.7], config=dpo)
+    )
+    policy = StopBottomFraction(0.5, after_chunks=1)
+    ops = policy.decisions(snap)
+    assert summary(ops) == [("stop", 4), ("stop", 2)]  # dpo then sft: each group's worse half
+    assert ops[0].reason.startswith("among the 2 dpo runs: eval_loss 0.7 at chunk 1 ranks 2 of 2")
+    assert ops[1].reason.startswith("among the 2 sft runs: eval_loss 2.5 at chunk 1 ranks 2 of 2")
+    assert summary(policy.decide(snap)) == [("stop", 1), ("stop", 2)]  # one pool would stop both SFT runs
+    # Runs stored before trainer types existed are SFT runs; one type alone is decided as before.
+    plain = snapshot(run(1, [2.0]), run(2, [2.5], config=sft))
+    assert policy.decisions(plain) == policy.decide(plain)
+
+
 def test_stop_bottom_fraction_waits_for_every_training_run_to_reach_the_boundary() -> None:
     waiting = snapshot(run(1, [1.0, 1.0]), run(2, [2.0]), run(3, [3.0, 3.0]), run(4, [], status="New"))
     assert StopBottomFraction(0.5, after_chunks=2).decide(waiting) == []

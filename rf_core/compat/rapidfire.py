@@ -53,6 +53,16 @@ REFUSED_TRAINING_ARGS: dict[str, str] = {
     "packing": "rf trains unpacked rows, padded per batch",
     "optim": "rf trains with AdamW (torch's)",
 }
+# RFDPOConfig arguments about TRL's reference model, which rf chooses with its ref_model knob instead.
+IGNORED_DPO_ARGS: dict[str, str] = {
+    "model_adapter_name": "rf trains the run's own adapter",
+    "ref_adapter_name": "rf's DPO reference is the base (adapters off) or a warm start's parent: ref_model",
+    "force_use_ref_model": "rf's DPO reference is the base (adapters off) or a warm start's parent: ref_model",
+    "max_prompt_length": "TRL 1.x cuts prompt + completion at max_length only, and so does rf",
+    "max_completion_length": "TRL 1.x cuts prompt + completion at max_length only, and so does rf",
+}
+TRAINER_KNOB_VALUES = {"SFT": "sft", "DPO": "dpo"}  # RapidFire's trainer_type -> rf's
+ARGUMENT_CLASSES = {"SFT": "RFSFTConfig", "DPO": "RFDPOConfig", "GRPO": "RFGRPOConfig"}
 RENAMED_TRAINING_ARGS = {"max_seq_length": "max_length", "evaluation_strategy": "eval_strategy"}
 # generation_config keys RapidFire reads or passes on that rf decides itself (the tokenizer's pad and eos ids).
 ENGINE_GENERATION_KEYS = ("pad_token_id", "eos_token_id", "use_cache", "max_input_length", "add_generation_prompt",
@@ -115,7 +125,7 @@ class RFSFTConfig(_Arguments):
 
 
 class RFDPOConfig(_Arguments):
-    """TRL's DPOConfig arguments: rf does not train DPO runs yet."""
+    """TRL's DPOConfig arguments (beta, loss_type, label_smoothing, ... and the training arguments)."""
 
 
 class RFGRPOConfig(_Arguments):
@@ -153,8 +163,8 @@ class RFGridSearch:
         self.trainer_type = (trainer_type or "").upper() or None
         if self.trainer_type not in TRAINER_TYPES:
             raise ConfigError(f"trainer_type must be one of {', '.join(TRAINER_TYPES)} for a fit, got {trainer_type!r}")
-        if self.trainer_type != "SFT":
-            raise ConfigError(f"trainer_type={self.trainer_type!r}: rf trains SFT runs only so far")
+        if self.trainer_type not in TRAINER_KNOB_VALUES:
+            raise ConfigError(f"trainer_type={self.trainer_type!r}: rf trains SFT and DPO runs only so far")
         self.configs = _model_configs(configs)
         self.num_runs = num_runs
         self.create_model_fn = create_model_fn
@@ -162,7 +172,7 @@ class RFGridSearch:
     def rf_config_group(self, seed: int) -> tuple[Any, dict[str, Callable[..., Any]]]:
         """The rf config group these configs stand for, and the functions it names."""
         namer = _FunctionNamer()
-        bases = [base for config in self.configs for base in _rf_bases(config, namer)]
+        bases = [base for config in self.configs for base in _rf_bases(config, namer, self.trainer_type or "SFT")]
         return knobs.GridSearch(bases), namer.functions
 
 
@@ -171,7 +181,7 @@ class RFRandomSearch(RFGridSearch):
 
     def rf_config_group(self, seed: int) -> tuple[Any, dict[str, Callable[..., Any]]]:
         namer = _FunctionNamer()
-        bases = [base for config in self.configs for base in _rf_bases(config, namer)]
+        bases = [base for config in self.configs for base in _rf_bases(config, namer, self.trainer_type or "SFT")]
         return knobs.RandomSearch(bases, num_runs=self.num_runs, seed=seed), namer.functions
 
 
@@ -252,7 +262,7 @@ class RapidFireModelFactory:
         model_kwargs = {key: value for key, value in (config.get("model_kwargs") or {}).items()}
         model_kwargs.pop("device_map", None)  # rf puts the base on its slot's device, as RapidFire does
         model_config = {
-            "trainer_type": "SFT",
+            "trainer_type": config["trainer_type"].upper(),
             "model_name": config["model_name_or_path"],
             "tokenizer": None,
             "tokenizer_kwargs": None,
@@ -299,11 +309,13 @@ def _model_configs(configs: Any) -> list[RFModelConfig]:
     return items
 
 
-def _rf_bases(config: RFModelConfig, namer: _FunctionNamer) -> list[dict[str, Any]]:
+def _rf_bases(config: RFModelConfig, namer: _FunctionNamer, trainer_type: str) -> list[dict[str, Any]]:
     """The rf base configs (with rf `List`s and `Range`s) of one RFModelConfig: one per LoRA config."""
     problems = _unsupported_fields(config)
-    training = _training_knobs(config.training_args, problems)
+    training = _training_knobs(config.training_args, problems, trainer_type)
     model: dict[str, Any] = {"model_name_or_path": config.model_name}
+    if trainer_type != "SFT":
+        model["trainer_type"] = TRAINER_KNOB_VALUES[trainer_type]
     if config.model_kwargs:
         model["model_kwargs"] = {key: value for key, value in config.model_kwargs.items()}
     evaluation = _evaluation_knobs(config, namer, problems)
@@ -321,9 +333,9 @@ def _unsupported_fields(config: RFModelConfig) -> list[str]:
     why = {
         "tokenizer": "load the tokenizer in create_model_fn",
         "tokenizer_kwargs": "load the tokenizer in create_model_fn",
-        "ref_model_name": "rf trains SFT runs only so far",
-        "ref_model_kwargs": "rf trains SFT runs only so far",
-        "reward_funcs": "rf trains SFT runs only so far",
+        "ref_model_name": "rf's DPO reference is the base (adapters off) or a warm start's parent: set ref_model",
+        "ref_model_kwargs": "rf's DPO reference is the base (adapters off) or a warm start's parent: set ref_model",
+        "reward_funcs": "rf trains SFT and DPO runs so far",
         "num_gpus": "set num_devices (and strategy) in the training arguments' place: rf's multi-device runs",
     }
     problems = [
@@ -338,18 +350,21 @@ def _unsupported_fields(config: RFModelConfig) -> list[str]:
     return problems
 
 
-def _training_knobs(arguments: Any, problems: list[str]) -> dict[str, Any]:
+def _training_knobs(arguments: Any, problems: list[str], trainer_type: str = "SFT") -> dict[str, Any]:
     if arguments is None:
         return {}
-    if not isinstance(arguments, RFSFTConfig):
-        problems.append(f"training_args must be an RFSFTConfig, got {type(arguments).__name__}")
+    expected = ARGUMENT_CLASSES[trainer_type]
+    if type(arguments).__name__ != expected:
+        problems.append(
+            f"training_args must be an {expected} for trainer_type {trainer_type!r}, got {type(arguments).__name__}"
+        )
         return {}
     knobs_set: dict[str, Any] = {}
     for key, value in arguments._user_params.items():
-        if key in IGNORED_TRAINING_ARGS:
+        if key in IGNORED_TRAINING_ARGS or (trainer_type == "DPO" and key in IGNORED_DPO_ARGS):
             continue
         if key in REFUSED_TRAINING_ARGS:
-            problems.append(f"RFSFTConfig {key}={value!r}: {REFUSED_TRAINING_ARGS[key]}")
+            problems.append(f"{expected} {key}={value!r}: {REFUSED_TRAINING_ARGS[key]}")
             continue
         knobs_set[RENAMED_TRAINING_ARGS.get(key, key)] = _rf_value(value)
     return knobs_set

@@ -165,6 +165,12 @@ def expand_clone(
                 f"{prefix}warm start needs the parent's architecture: {mismatch}"
                 for mismatch in architecture_mismatch(dict(parent_config), normalised)
             )
+        parent_type = parent_config.get("trainer_type", "sft")
+        if warm == "weights+optimizer" and parent_type != normalised["trainer_type"]:
+            problems.append(
+                f"{prefix}warm_start 'weights+optimizer' cannot carry a {parent_type} run's optimizer state into a "
+                f"{normalised['trainer_type']} run (its moments are another objective's): use warm_start 'weights'"
+            )
         if warm == "weights+optimizer" and "deepspeed" in (parent_config.get("strategy"), normalised["strategy"]):
             problems.append(
                 f"{prefix}warm_start 'weights+optimizer' cannot carry optimizer state to or from a DeepSpeed run "

@@ -115,6 +115,10 @@ class PlainStep:
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**batch, use_cache=False).loss
 
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's logits for a batch (an objective other than the causal-LM loss computes its own loss)."""
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
     def backward(self, loss: torch.Tensor, position: int, count: int) -> None:
         scaled = loss / count
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()

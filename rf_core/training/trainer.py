@@ -27,7 +27,7 @@ import random
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import EvalPrediction, get_scheduler
 
 from rf_core import chunks
-from rf_core.data_forms import formatted_example
+from rf_core.config import KNOBS
+from rf_core.data_forms import dataset_for, formatted_example, is_keyed_by_trainer_type
 from rf_core.functions import EvaluationContext, resolve
 from rf_core.messages import ChunkOutcome, ChunkSpec, Gang, TrainTask, WarmStart
 from rf_core.states import EVAL_LOSS_METRIC, LEARNING_RATE_METRIC, LOGGED_LOSS_METRIC, TRAIN_LOSS_METRIC
@@ -56,7 +57,9 @@ from rf_core.training.checkpoints import (
     capture_rng_state,
     init_checkpoint_path,
     latest_checkpoint,
+    load_checkpoint,
     restore_rng_state,
+    save_checkpoint,
     step_checkpoint_path,
     step_of,
 )
@@ -71,6 +74,7 @@ from rf_core.training.evaluation import (
     takes_eval_prediction,
 )
 from rf_core.training.gang import DeepSpeedStep, GangSession, PlainStep, free_address, gang_session
+from rf_core.training.preference import PreferenceData, completion_logps, dpo_loss, tokenize_preferences
 from rf_core.training.staging import AfterPersist, StateWriter, StorageFull, load_state, state_exists
 
 CreateModelFn = Callable[[dict[str, Any]], tuple[Any, Any]]
@@ -80,6 +84,7 @@ EmitFn = Callable[[list[dict[str, Any]]], None]
 _MAX_LISTED_KEYS = 5  # how many mismatching keys an error message names before summarising
 MAX_FREE_ADAPTERS = 8  # per base and LoRA shape; more released adapters are deleted
 MAX_FREE_FULL_COPIES = 1  # per base: a full copy costs the base model's size in memory
+_LORA_REFERENCE_KNOBS = ("r", "lora_alpha", "target_modules")  # what a frozen reference adapter is rebuilt from
 STATE_WAIT_S = 120.0  # how long a chunk waits for its start state that another worker is still writing
 
 
@@ -125,10 +130,29 @@ class _RunState:
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale: the run's, swapped and checkpointed with it
     # logging_steps: the train losses since the last logged `loss`; an interval may span a chunk boundary.
     unlogged_losses: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    # A DPO run's reference when it is not the base: {"key": what it is, "path": its weights file in the run's folder}.
+    reference: dict[str, str] | None = None
 
     @property
     def is_lora(self) -> bool:
         return self.adapter_name is not None
+
+
+@dataclass(frozen=True)
+class _ParentState:
+    """What a warm start takes from its parent."""
+
+    weights: Mapping[str, torch.Tensor]
+    optimizer: Mapping[str, Any]
+    config: Mapping[str, Any]
+    reference: dict[str, str] | None
+    source: str  # where it came from, for error messages
+
+
+def reference_path(run_dir: Path) -> Path:
+    """The weights a DPO run is anchored to when they are not the base (written once, at its warm start)."""
+    return run_dir / "reference.ckpt"
 
 
 class SlotTrainer:
@@ -170,10 +194,12 @@ class SlotTrainer:
         if step_delay_s < 0:
             raise ValueError(f"{step_delay_s=} must be >= 0")
         self._create_model_fn = create_model_fn
-        self._train_examples = _rows(train_dataset)
-        self._eval_examples = _rows(eval_dataset) if eval_dataset is not None else []
-        if len(self._train_examples) == 0:
-            raise ValueError("train_dataset is empty")
+        # Rows per trainer type; key None: one dataset for every trainer type.
+        self._train_sets = _datasets(train_dataset)
+        self._eval_sets = _datasets(eval_dataset) if eval_dataset is not None else {}
+        for key, rows in self._train_sets.items():
+            if len(rows) == 0:
+                raise ValueError("train_dataset is empty" if key is None else f"train_dataset[{key!r}] is empty")
         self._compute_metrics = compute_metrics
         self._functions = dict(functions or {})
         self._formatted: dict[tuple[str, str, int], list[Any]] = {}
@@ -183,10 +209,14 @@ class SlotTrainer:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self._bases: dict[str, _BaseEntry] = {}
-        self._tokenized: dict[tuple[Any, ...], TokenizedData] = {}
+        self._tokenized: dict[tuple[Any, ...], TokenizedData | PreferenceData] = {}
         self._runs: dict[int, _RunState] = {}
         self._adapters: dict[int, tuple[str, str, tuple[Any, ...]]] = {}  # run -> (base, adapter, LoRA shape)
         self._adapters_made = 0
+        # DPO references other than the base, by (base, reference key): an adapter's name in the LoRA host, or a
+        # frozen full copy. Runs anchored to the same weights share one.
+        self._reference_adapters: dict[tuple[str, str], str] = {}
+        self._reference_copies: dict[tuple[str, str], Any] = {}
         self._writer = StateWriter(staging_root, max_pending_writes)
         self._staging_root = staging_root
 
@@ -223,7 +253,7 @@ class SlotTrainer:
         for config in configs:
             base = self._base(config)
             self._tokenized_data("train", base.tokenizer, config)
-            if len(self._eval_examples) > 0:
+            if self._has_eval(config):
                 self._tokenized_data("eval", base.tokenizer, config)
 
     def flush(self) -> None:
@@ -289,6 +319,8 @@ class SlotTrainer:
         state.chunk_started, state.samples_at_chunk_start = (chunk.index, chunk.start_step), state.samples
         model = self._activate(state)
         _set_gradient_checkpointing(model, config["gradient_checkpointing"])  # the base may serve other runs too
+        preference = config["trainer_type"] == "dpo"
+        _set_dropout(model, enabled=not preference)  # TRL's DPO trains without dropout (disable_dropout)
         parameters = list(state.trainable.values())
         stepper = self._stepper(task, state, model, session)
 
@@ -306,11 +338,17 @@ class SlotTrainer:
             state.optimizer.zero_grad(set_to_none=True)
             mine = micro_batches if session is None else session.my_micro_batches(micro_batches)
             micro_losses: list[float] = []
+            micro_metrics: dict[str, list[float]] = {}
             for position, indices in enumerate(mine):
                 batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
                 with stepper.micro_batch(position, len(mine)):
-                    with _precision(config, device):
-                        loss = stepper.forward(batch)
+                    if preference:
+                        loss, values = self._preference_loss(stepper.logits, state, base, batch, config, device)
+                        for name, value in values.items():
+                            micro_metrics.setdefault(name, []).append(value)
+                    else:
+                        with _precision(config, device):
+                            loss = stepper.forward(batch)
                     if session is None and not torch.isfinite(loss):
                         raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
                     stepper.backward(loss, position, len(mine))
@@ -321,6 +359,9 @@ class SlotTrainer:
                 micro_losses = [loss_sum / count]
                 if not np.isfinite(micro_losses[0]):
                     raise NonFiniteLossError(f"loss became {micro_losses[0]} at step {step_number}")
+                names = sorted(micro_metrics)
+                sums = session.sum([sum(micro_metrics[name]) for name in names]) if names else []
+                micro_metrics = {name: [total / count] for name, total in zip(names, sums, strict=True)}
             learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this update uses
             if stepper.update(state.optimizer, parameters, config["max_grad_norm"]):
                 state.scheduler.step()  # as HF: a step fp16's scaler skipped (gradients overflowed) moves no schedule
@@ -332,6 +373,10 @@ class SlotTrainer:
             rows = [
                 _metric_row(state.step, TRAIN_LOSS_METRIC, last_train_loss, chunk.index, now),
                 _metric_row(state.step, LEARNING_RATE_METRIC, learning_rate, chunk.index, now),
+            ]
+            rows += [
+                _metric_row(state.step, name, sum(values) / len(values), chunk.index, now)
+                for name, values in micro_metrics.items()
             ]
             if config["logging_steps"] is not None:
                 state.unlogged_losses.append(last_train_loss)
@@ -471,10 +516,13 @@ class SlotTrainer:
                     "warm-start it with weights only"
                 )
             state = self._new_state(task, base, seed, run_total_steps, weights_follow=True)
-            trainable, optimizer, source = self._parent_state(warm)
-            _load_trainable(state, trainable, source)
-            if warm.mode == "weights+optimizer":
-                _load_optimizer_moments(state, optimizer, source)
+            parent = self._parent_state(warm)
+            _load_trainable(state, parent.weights, parent.source)
+            # Optimizer moments never cross trainer types: they are the statistics of another objective's gradients.
+            same_objective = parent.config.get("trainer_type", "sft") == task.config["trainer_type"]
+            if warm.mode == "weights+optimizer" and same_objective:
+                _load_optimizer_moments(state, parent.optimizer, parent.source)
+            state.reference = self._warm_reference(task, parent, writes)
             # The schedule stays fresh: the clone's own warmup and decay over its own total steps. The RNG
             # starts from the seed, whichever way the adapter came to be (new, or reused).
             _seed_everything(seed)
@@ -499,9 +547,9 @@ class SlotTrainer:
         chunk = task.chunk
         return chunk.index > 0 and state.chunk_index == chunk.index - 1 and state.step == chunk.start_step
 
-    def _parent_state(self, warm: WarmStart) -> tuple[Mapping[str, torch.Tensor], Mapping[str, Any], str]:
-        """A warm start's weights and optimizer state: from the parent's in-memory state when this worker
-        holds it at the clone's step (no disk at all), else from its checkpoint (staged copy first)."""
+    def _parent_state(self, warm: WarmStart) -> _ParentState:
+        """A warm start's weights, optimizer state, config and reference: from the parent's in-memory state when
+        this worker holds it at the clone's step (no disk at all), else from its checkpoint (staged copy first)."""
         parent = self._runs.get(warm.parent_run_id)
         if parent is not None and parent.step == warm.parent_step:
             weights = (
@@ -509,11 +557,40 @@ class SlotTrainer:
                 if parent.is_lora
                 else parent.model.state_dict()
             )
-            return weights, parent.optimizer.state_dict(), f"parent run {warm.parent_run_id} (in memory)"
+            source = f"parent run {warm.parent_run_id} (in memory)"
+            return _ParentState(weights, parent.optimizer.state_dict(), parent.config, parent.reference, source)
         self._wait_for_state(Path(warm.parent_checkpoint), f"parent run {warm.parent_run_id}'s state")
         checkpoint = load_state(warm.parent_checkpoint, self._staging_root)
         source = f"parent run {warm.parent_run_id} checkpoint {warm.parent_checkpoint}"
-        return checkpoint["trainable"], checkpoint["optimizer"], source
+        return _ParentState(
+            checkpoint["trainable"],
+            checkpoint["optimizer"],
+            dict(checkpoint.get("config") or {}),
+            checkpoint.get("reference"),
+            source,
+        )
+
+    def _warm_reference(self, task: TrainTask, parent: _ParentState, writes: bool) -> dict[str, str] | None:
+        """A warm-started DPO run's reference (None: the base). With ref_model "parent", a clone of an SFT run is
+        anchored to the weights it starts from; a clone of a DPO run keeps that run's reference."""
+        config, warm = task.config, task.warm_start
+        assert warm is not None
+        if config["trainer_type"] != "dpo" or config["reference_free"] or config["ref_model"] == "base":
+            return None
+        path = reference_path(Path(task.run_dir))
+        if parent.config.get("trainer_type", "sft") == "dpo":
+            if parent.reference is None:
+                return None
+            if writes:
+                save_checkpoint(load_checkpoint(parent.reference["path"]), path)  # the parent may be deleted
+            return {"key": parent.reference["key"], "path": str(path)}
+        lora = None
+        if parent.config.get("use_peft", True):
+            lora = {name: parent.config.get(name, KNOBS[name].default) for name in _LORA_REFERENCE_KNOBS}
+        if writes:
+            weights = {key: tensor.detach().clone() for key, tensor in parent.weights.items()}
+            save_checkpoint({"weights": weights, "lora": lora}, path)
+        return {"key": f"run {warm.parent_run_id} at step {warm.parent_step}", "path": str(path)}
 
     def _wait_for_state(self, path: Path, what: str) -> None:
         """Another worker may still be writing the state (without a staging area, its disk write is behind)."""
@@ -574,6 +651,7 @@ class SlotTrainer:
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=torch.amp.GradScaler(_model_device(model).type) if config["fp16"] else None,
+            config=config,
         )
 
     def _restore(self, state: _RunState, checkpoint: dict[str, Any], source: str) -> None:
@@ -590,6 +668,7 @@ class SlotTrainer:
         state.rng = checkpoint["rng"]
         state.best = checkpoint.get("best")
         state.unlogged_losses = list(checkpoint.get("unlogged_losses", []))
+        state.reference = checkpoint.get("reference")
         if state.scaler is not None and checkpoint.get("grad_scaler") is not None:
             state.scaler.load_state_dict(checkpoint["grad_scaler"])
 
@@ -597,10 +676,7 @@ class SlotTrainer:
         """Make `state` the one that trains: its adapter active and alone trainable, train mode, its RNG."""
         model = state.model
         if state.is_lora:
-            model.set_adapter(state.adapter_name)
-            trainable_ids = {id(parameter) for parameter in state.trainable.values()}
-            for parameter in model.parameters():
-                parameter.requires_grad_(id(parameter) in trainable_ids)
+            _train_only(state)
         model.train()
         restore_rng_state(state.rng)
         return model
@@ -622,10 +698,135 @@ class SlotTrainer:
                 "best": state.best,
                 "grad_scaler": None if state.scaler is None else state.scaler.state_dict(),
                 "unlogged_losses": list(state.unlogged_losses),
+                "reference": state.reference,
             },
             path,
             follow_ups,
         )
+
+    # ------------------------------------------------------------------------------------ preference runs
+
+    def _preference_loss(
+        self,
+        policy_logits: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        state: _RunState,
+        base: _BaseEntry,
+        batch: dict[str, torch.Tensor],
+        config: dict[str, Any],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """TRL's DPO loss of one micro-batch and its metrics. The reference goes first: on a LoRA host it switches
+        adapters, which must not happen between the policy's forward and its backward."""
+        reference = self._reference_logps(state, base, batch, config, device)
+        with _precision(config, device):
+            logits = policy_logits(batch)
+        logps = completion_logps(logits, batch["input_ids"], batch["completion_mask"])
+        return dpo_loss(logps, reference, batch["completion_mask"], config)
+
+    def _reference_logps(
+        self, state: _RunState, base: _BaseEntry, batch: dict[str, torch.Tensor], config: dict[str, Any], device: Any
+    ) -> torch.Tensor:
+        if config["reference_free"]:
+            return torch.zeros(batch["input_ids"].shape[0], device=device)
+        with torch.no_grad(), self._reference_model(state, base) as reference, _precision(config, device):
+            logits = reference(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
+            return completion_logps(logits, batch["input_ids"], batch["completion_mask"])
+
+    @contextlib.contextmanager
+    def _reference_model(self, state: _RunState, base: _BaseEntry) -> Iterator[Any]:
+        """The run's reference, ready to call in eval mode: the base (a LoRA host with its adapters off), a frozen
+        reference adapter in the run's LoRA host, or a frozen full copy."""
+        reference = state.reference
+        context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if reference is None:
+            model = state.model if state.is_lora else base.lora_host or base.model
+            if isinstance(model, PeftModel):
+                context = model.disable_adapter()
+        elif state.is_lora:
+            model = state.model
+            context = _adapter_active(state, self._reference_adapter(base, state, reference))
+        else:
+            model = self._reference_copy(base, state, reference)
+        was_training = model.training
+        model.eval()
+        try:
+            with context:
+                yield model
+        finally:
+            model.train(was_training)
+
+    def _reference_adapter(self, base: _BaseEntry, state: _RunState, reference: dict[str, str]) -> str:
+        key = (state.base_key, reference["key"])
+        if key not in self._reference_adapters:
+            payload = self._reference_payload(reference)
+            lora = payload["lora"]
+            if lora is None:
+                raise ValueError(
+                    f"run {state.run_id} is a LoRA run but its reference ({reference['key']}) is a full model"
+                )
+            self._adapters_made += 1
+            name = f"reference-{self._adapters_made}"
+            settings = {**lora, "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}
+            host = self._add_adapter(base, name, settings)
+            parameters = _adapter_parameters(host, name)
+            with torch.no_grad():
+                for parameter_key, parameter in parameters.items():
+                    parameter.copy_(payload["weights"][parameter_key])
+                    parameter.requires_grad_(False)
+            self._reference_adapters[key] = name
+        return self._reference_adapters[key]
+
+    def _reference_copy(self, base: _BaseEntry, state: _RunState, reference: dict[str, str]) -> Any:
+        key = (state.base_key, reference["key"])
+        if key not in self._reference_copies:
+            payload = self._reference_payload(reference)
+            model = self._full_copy(base)
+            model.load_state_dict(payload["weights"], strict=True)
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            self._reference_copies[key] = model
+        return self._reference_copies[key]
+
+    def _reference_payload(self, reference: dict[str, str]) -> dict[str, Any]:
+        path = Path(reference["path"])
+        deadline = time.monotonic() + STATE_WAIT_S
+        while not path.exists() and time.monotonic() < deadline:  # a gang's leader may still be writing it
+            time.sleep(0.01)
+        return load_checkpoint(path)
+
+    def _evaluate_preferences(
+        self, model: Any, base: _BaseEntry, state: _RunState, config: dict[str, Any]
+    ) -> dict[str, float]:
+        """TRL's DPO evaluation: eval_loss is the mean over pairs, each other metric the mean of its batch means."""
+        data = self._tokenized_data("eval", base.tokenizer, config)
+        assert isinstance(data, PreferenceData)
+        device = _model_device(model)
+        batch_size = config["per_device_eval_batch_size"]
+        loss_sum, pairs = 0.0, 0
+        sums: dict[str, float] = {}
+        batches = 0
+        model.eval()
+
+        def policy_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                indices = list(range(start, min(start + batch_size, len(data))))
+                batch = {name: tensor.to(device) for name, tensor in data.batch(indices).items()}
+                loss, values = self._preference_loss(policy_logits, state, base, batch, config, device)
+                model.eval()  # the reference may have been the same module, put back in the mode it had
+                loss_sum += float(loss) * len(indices)
+                pairs += len(indices)
+                batches += 1
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + value
+        model.train()
+        return {EVAL_LOSS_METRIC: loss_sum / max(pairs, 1)} | {
+            f"eval_{name}": total / batches for name, total in sums.items()
+        }
 
     # ------------------------------------------------------------------------------------ models and data
 
@@ -669,11 +870,20 @@ class SlotTrainer:
             parameter.requires_grad_(True)
         return model
 
+    def _split_rows(self, split: str, config: Mapping[str, Any]) -> Any:
+        """The split's rows for this config's trainer type."""
+        sets = self._train_sets if split == "train" else self._eval_sets
+        if None in sets or not sets:
+            return sets.get(None, [])
+        return dataset_for(sets, config["trainer_type"], f"{split}_dataset")
+
+    def _has_eval(self, config: Mapping[str, Any]) -> bool:
+        return len(self._split_rows("eval", config)) > 0
+
     def _raw_examples(self, split: str, config: Mapping[str, Any]) -> list[Any]:
-        if split == "train":
-            return self._train_examples
+        rows = self._split_rows(split, config)
         subset = config["eval_subset"]
-        return self._eval_examples if subset is None else _head(self._eval_examples, subset)
+        return rows if split == "train" or subset is None else _head(rows, subset)
 
     def _examples(self, split: str, config: Mapping[str, Any]) -> list[Any]:
         """The split's rows as this config trains or evaluates on them: its subset, its formatting function."""
@@ -681,7 +891,7 @@ class SlotTrainer:
         formatting_func = config["formatting_func"]
         if formatting_func is None:
             return raw
-        key = (split, formatting_func, len(raw))
+        key = (split, config["trainer_type"], formatting_func, len(raw))
         if key not in self._formatted:
             function = resolve(self._functions, "formatting_func", formatting_func)
             self._formatted[key] = [formatted_example(function, example) for example in raw]
@@ -691,11 +901,18 @@ class SlotTrainer:
         # Keyed by tokenizer identity: tokenizers live as long as their base entry, i.e. as long as self.
         rows = len(self._raw_examples(split, config))
         losses = (config["completion_only_loss"], config["assistant_only_loss"])
-        return (split, id(tokenizer), int(config["max_length"]), config["formatting_func"], rows, losses)
+        max_length, formatting = int(config["max_length"]), config["formatting_func"]
+        return (split, config["trainer_type"], id(tokenizer), max_length, formatting, rows, losses)
 
-    def _tokenized_data(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> TokenizedData:
+    def _tokenized_data(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> TokenizedData | PreferenceData:
         key = self._data_key(split, tokenizer, config)
-        if key not in self._tokenized:
+        if key in self._tokenized:
+            return self._tokenized[key]
+        if config["trainer_type"] == "dpo":
+            self._tokenized[key] = tokenize_preferences(
+                self._examples(split, config), tokenizer, int(config["max_length"])
+            )
+        else:
             self._tokenized[key] = tokenize_examples(
                 self._examples(split, config),
                 tokenizer,
@@ -727,7 +944,7 @@ class SlotTrainer:
         leads = session is None or session.is_leader
         evaluates = leads or zero.partitions_parameters(config)  # ZeRO-3: every member's forward takes part
         context = EvaluationContext(task.experiment, task.run_id, state.step, chunk.index, chunk.epoch, config)
-        eval_metrics = self._evaluate(model, base.tokenizer, context, seed) if evaluates else {}
+        eval_metrics = self._evaluate(model, base, state, context, seed) if evaluates else {}
         if session is not None:
             eval_metrics = session.from_leader(eval_metrics)  # every member keeps the run's best chunk right
         if eval_metrics and leads:
@@ -735,10 +952,14 @@ class SlotTrainer:
             emit([_metric_row(state.step, name, value, chunk.index, now) for name, value in eval_metrics.items()])
         return eval_metrics
 
-    def _evaluate(self, model: Any, tokenizer: Any, context: EvaluationContext, seed: int) -> dict[str, float]:
-        if len(self._eval_examples) == 0:
+    def _evaluate(
+        self, model: Any, base: _BaseEntry, state: _RunState, context: EvaluationContext, seed: int
+    ) -> dict[str, float]:
+        if not self._has_eval(context.config):
             return {}
-        config = context.config
+        config, tokenizer = context.config, base.tokenizer
+        if config["trainer_type"] == "dpo":
+            return self._evaluate_preferences(model, base, state, config)
         eval_data = self._tokenized_data("eval", tokenizer, config)
         metrics_fn = metrics_function(config, self._functions, self._compute_metrics)
         generates = bool(config["predict_with_generate"])
@@ -798,6 +1019,13 @@ class SlotTrainer:
 # -------------------------------------------------------------------------------------------- helpers
 
 
+def _datasets(dataset: Any) -> dict[str | None, Any]:
+    """A dataset, or one per trainer type, as rows the trainer keeps (see `_rows`)."""
+    if is_keyed_by_trainer_type(dataset):
+        return {str(key): _rows(rows) for key, rows in dataset.items()}
+    return {None: _rows(dataset)}
+
+
 def _rows(dataset: Iterable[Any]) -> Any:
     """The rows as the trainer keeps them: a `datasets.Dataset` as it is (Arrow-backed, often memory-mapped: no
     Python object per row in every worker), anything else as a list."""
@@ -855,6 +1083,35 @@ def _precision(config: dict[str, Any], device: torch.device) -> contextlib.Abstr
     if config["fp16"]:
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def _set_dropout(model: Any, enabled: bool) -> None:
+    """Dropout as the run trains: off for a preference run (TRL's disable_dropout), and back to each module's own
+    rate for the next run that trains on the same modules."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            if not hasattr(module, "_rf_rate"):
+                module._rf_rate = module.p
+            module.p = module._rf_rate if enabled else 0.0
+
+
+def _train_only(state: _RunState) -> None:
+    """The run's adapter active in its LoRA host, and its parameters alone trainable."""
+    model = state.model
+    model.set_adapter(state.adapter_name)
+    trainable_ids = {id(parameter) for parameter in state.trainable.values()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in trainable_ids)
+
+
+@contextlib.contextmanager
+def _adapter_active(state: _RunState, adapter_name: str) -> Iterator[None]:
+    """Another adapter of the run's LoRA host active for a while (a reference), then the run's own again."""
+    state.model.set_adapter(adapter_name)
+    try:
+        yield
+    finally:
+        _train_only(state)
 
 
 def _set_gradient_checkpointing(model: Any, enabled: bool) -> None:

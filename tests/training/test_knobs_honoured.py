@@ -24,6 +24,7 @@ import torch
 from rf_core import evaluation_context
 from rf_core.chunks import plan_chunks
 from rf_core.config import KNOBS, normalize_config
+from rf_core.demo_data import stdlib_preference_examples
 from rf_core.messages import ChunkOutcome, TrainTask
 from rf_core.training.checkpoints import load_checkpoint
 from rf_core.training.data import stdlib_sft_examples
@@ -143,6 +144,8 @@ class Runs:
         self._run_root = run_root
         examples = stdlib_sft_examples(limit=NUM_TRAIN + NUM_EVAL)
         self._train_examples, self._eval_examples = examples[:NUM_TRAIN], examples[NUM_TRAIN:]
+        preferences = stdlib_preference_examples(limit=NUM_TRAIN + NUM_EVAL)
+        self._train_preferences, self._eval_preferences = preferences[:NUM_TRAIN], preferences[NUM_TRAIN:]
         self._runs: dict[str, Run] = {}
 
     @property
@@ -170,7 +173,11 @@ class Runs:
         config = normalize_config({**BASE, **overrides})
         SEEN_BY_METRICS.clear()
         trainer = SlotTrainer(
-            create_model_fn, self._train_examples, self._eval_examples, functions=FUNCTIONS, num_threads=NUM_THREADS
+            create_model_fn,
+            {"sft": self._train_examples, "dpo": self._train_preferences},
+            {"sft": self._eval_examples, "dpo": self._eval_preferences},
+            functions=FUNCTIONS,
+            num_threads=NUM_THREADS,
         )
         rows: list[dict[str, Any]] = []
         outcomes = []
@@ -613,7 +620,57 @@ def case_model_kwargs(train: Runs) -> None:
     assert eager.losses == pytest.approx(base.losses, rel=1e-5)
 
 
+DPO = {"trainer_type": "dpo"}
+LN_2 = math.log(2)
+
+
+def case_trainer_type(train: Runs) -> None:
+    dpo = train(DPO)
+    # A new adapter starts as the base, its reference: every reward is 0 and the loss log 2 at the first step.
+    assert dpo.losses[0] == pytest.approx(LN_2, abs=1e-7) and dpo.values("rewards/margins")[0] == 0.0
+    assert dpo.values("rewards/margins")[-1] > 0  # and it learns to prefer the chosen completions
+    assert len(dpo.values("logps/chosen")) == len(dpo.losses) == BASE_STEPS
+    assert dpo.values("eval_rewards/accuracies") and not train().values("rewards/chosen")
+    assert dpo.train_forwards()[0].batch_size == 2 * BASE["per_device_train_batch_size"]  # chosen and rejected
+    assert dpo.forwards[0] == Forward(False, 2 * BASE["per_device_train_batch_size"], 16)  # the reference, first
+
+
+def case_beta(train: Runs) -> None:
+    default, strong = train(DPO), train({**DPO, "beta": 1.0})
+    assert strong.losses[0] == default.losses[0] == pytest.approx(LN_2, abs=1e-7)
+    assert strong.losses[1:] != default.losses[1:]
+    assert strong.values("rewards/margins")[1] != default.values("rewards/margins")[1]
+
+
+def case_loss_type(train: Runs) -> None:
+    assert train({**DPO, "loss_type": "ipo"}).losses[0] == pytest.approx((1 / (2 * 0.1)) ** 2)  # (0 - 1/(2 beta))^2
+    assert train({**DPO, "loss_type": "hinge"}).losses[0] == pytest.approx(1.0)  # relu(1 - 0)
+    assert train({**DPO, "loss_type": "sigmoid"}).losses == train(DPO).losses  # the default
+
+
+def case_label_smoothing(train: Runs) -> None:
+    clean, noisy = train({**DPO, "loss_type": "robust"}), train({**DPO, "loss_type": "robust", "label_smoothing": 0.3})
+    assert clean.losses == train(DPO).losses  # robust without smoothing is sigmoid
+    assert noisy.losses[0] == pytest.approx(LN_2, abs=1e-6) and noisy.losses[1:] != clean.losses[1:]
+
+
+def case_reference_free(train: Runs) -> None:
+    free = train({**DPO, "reference_free": True})
+    # Against a uniform reference the rewards are beta * log-probabilities from the first step on.
+    assert free.values("rewards/chosen")[0] == pytest.approx(0.1 * free.values("logps/chosen")[0], rel=1e-6)
+    assert free.losses[0] != pytest.approx(LN_2)
+    with_reference = train(DPO)
+    assert len(free.train_forwards()) == len(with_reference.train_forwards())
+    # No reference forwards: with one, every training step and every eval batch has one more.
+    assert len(with_reference.eval_forwards()) == BASE_STEPS + 2 * len(free.eval_forwards())
+
+
 CASES = [
+    pytest.param("trainer_type", case_trainer_type, id="trainer_type"),
+    pytest.param("beta", case_beta, id="beta"),
+    pytest.param("loss_type", case_loss_type, id="loss_type"),
+    pytest.param("label_smoothing", case_label_smoothing, id="label_smoothing"),
+    pytest.param("reference_free", case_reference_free, id="reference_free"),
     pytest.param("model_name_or_path", case_model_name_or_path, id="model_name_or_path"),
     pytest.param("use_peft", case_use_peft, id="use_peft"),
     pytest.param("r", case_r, id="r"),
@@ -667,10 +724,12 @@ CASES = [
 
 # Knobs whose effect needs several processes or DeepSpeed: their cases live in tests/training/test_gang.py.
 GANG_KNOBS = {"strategy", "zero_stage", "max_devices"}
+# A knob whose effect needs a warm start: its cases live in tests/training/test_preference.py.
+WARM_START_KNOBS = {"ref_model"}
 
 
 def test_every_knob_has_a_case() -> None:
-    assert {param.values[0] for param in CASES} | GANG_KNOBS == set(KNOBS)
+    assert {param.values[0] for param in CASES} | GANG_KNOBS | WARM_START_KNOBS == set(KNOBS)
 
 
 @pytest.mark.parametrize(("knob", "case"), CASES)

@@ -617,7 +617,7 @@ def test_a_datasets_dataset_is_kept_as_arrow_and_trains_as_its_list(make_trainer
 
     train, evaluation = (hf_datasets.Dataset.from_list(rows) for rows in datasets)
     trainer, recorder = make_trainer(train_dataset=train, eval_dataset=evaluation), Recorder()
-    assert trainer._train_examples is train  # no Python list of the rows in the worker
+    assert trainer._train_sets[None] is train  # no Python list of the rows in the worker
     config = config_of(LORA, eval_subset=5)
     for chunk in plan_chunks(64, config, 3):
         last = train_ok(trainer, task_for(1, config, chunk, tmp_path), recorder)
