@@ -66,10 +66,10 @@ def demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
 
 def dpo_demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
     """DPO runs on preference pairs (chosen: a function's docstring; rejected: another's), from the tiny model."""
-    return _demo_spec(GridSearch(DPO_DEMO_GRID), num_chunks, metric="eval_rewards/accuracies", mode="max")
+    return _demo_spec(GridSearch(DPO_DEMO_GRID), num_chunks, metric="eval_rewards/accuracies")  # mode max follows
 
 
-def _demo_spec(config_group: Any, num_chunks: int, metric: str = "eval_loss", mode: str = "min") -> ExperimentSpec:
+def _demo_spec(config_group: Any, num_chunks: int, metric: str = "eval_loss") -> ExperimentSpec:
     from rf_core.demo_data import demo_datasets, demo_preference_datasets
 
     train, evaluation = demo_datasets()
@@ -82,5 +82,4 @@ def _demo_spec(config_group: Any, num_chunks: int, metric: str = "eval_loss", mo
         num_chunks=num_chunks,
         seed=42,
         metric=metric,
-        mode=mode,
     )

@@ -15,7 +15,7 @@ from rf_core.data_forms import dataset_for, keyed_dataset_problems
 from rf_core.errors import ExperimentExists
 from rf_core.functions import named_configs
 from rf_core.paths import check_name
-from rf_core.states import DEFAULT_METRIC, METRIC_MODES
+from rf_core.states import DEFAULT_METRIC, METRIC_MODES, metric_mode
 
 # The orchestration layer registers the function that runs a fit under this entry-point group (pyproject.toml):
 # the engine finds it by name and never imports the layer above it.
@@ -39,7 +39,7 @@ class ExperimentSpec:
     seed: int = 42
     compute_metrics: Callable[..., dict[str, float]] | None = None
     metric: str = DEFAULT_METRIC
-    mode: str = "min"
+    mode: str | None = None  # None: as the metric says (`rf_core.states.metric_mode`): max for accuracies, rewards
     keep_checkpoints: int | None = 2  # newest chunk checkpoints kept per run (plus what clones need); None: all
     # Functions configs may name (formatting_func, compute_metrics): {name: function} or a list (by __name__).
     functions: Mapping[str, Callable[..., Any]] | Sequence[Callable[..., Any]] | None = None
@@ -54,6 +54,8 @@ class ExperimentSpec:
         keep = self.keep_checkpoints
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ValueError(f"keep_checkpoints must be None or an integer >= 1, got {self.keep_checkpoints=}")
+        if self.mode is None:
+            self.mode = metric_mode(self.metric)
         if self.mode not in METRIC_MODES:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode=}")
         problems = keyed_dataset_problems(self.train_dataset, "train_dataset")
@@ -123,7 +125,7 @@ class Experiment:
         compute_metrics: Callable[..., dict[str, float]] | None = None,
         functions: Mapping[str, Callable[..., Any]] | Sequence[Callable[..., Any]] | None = None,
         metric: str = DEFAULT_METRIC,
-        mode: str = "min",
+        mode: str | None = None,
         keep_checkpoints: int | None = 2,
         policies: Sequence[Any] | None = None,
         cpu_slots: int | None = None,

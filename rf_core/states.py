@@ -174,3 +174,15 @@ LOGGED_LOSS_METRIC = "loss"  # HF's logged training loss: the mean over logging_
 EVAL_LOSS_METRIC = "eval_loss"
 DEFAULT_METRIC = EVAL_LOSS_METRIC  # what ranks runs unless the experiment names another metric
 METRIC_MODES = ("min", "max")  # whether a lower or a higher value of the metric is better
+# Metrics for which a higher value is better, as TRL and the built-in metrics log them; any other is a loss.
+HIGHER_IS_BETTER = frozenset(
+    {
+        "eval_rewards/chosen", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen",
+        "rougeL", "bleu", "exact_match", "eval_rougeL", "eval_bleu", "eval_exact_match",
+    }
+)  # fmt: skip
+
+
+def metric_mode(metric: str) -> str:
+    """Whether a lower ("min") or a higher ("max") value of `metric` is better, when the experiment does not say."""
+    return "max" if metric in HIGHER_IS_BETTER else "min"

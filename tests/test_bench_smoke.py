@@ -74,3 +74,12 @@ def test_sft_vs_trl_benchmark_smoke(tmp_path):
     assert results["ratio_engine_over_trl"] > 0
     assert len(results["losses"]["engine"]) == len(results["losses"]["trl"]) > 0
     assert results["eval_cost"]["subset"]["eval_rows"] < results["eval_cost"]["all"]["eval_rows"]
+
+
+def test_dpo_vs_trl_benchmark_smoke(tmp_path):
+    results = run_smoke("bench/dpo_vs_trl.py", tmp_path)
+    assert results["steps"]["engine"] == results["steps"]["trl"] == results["steps"]["engine_4_chunks_swapped"] > 0
+    assert results["ratio_engine_over_trl"] > 0 and results["swap_seconds_per_chunk"] > 0
+    # The same data, model and settings: both start at the reference, where the DPO loss is log 2.
+    assert abs(results["losses"]["engine"][0] - results["losses"]["trl"][0]) < 1e-4
+    assert results["losses"]["engine"] == results["losses"]["engine_4_chunks_swapped"]

@@ -98,3 +98,14 @@ def test_rejection_names_what_the_state_allows() -> None:
     assert op_rejection(S, OpKind.STOP, 3) == stopped
     deleted = "cannot clone run 4: it is Deleted (a Deleted run allows: nothing)"
     assert op_rejection(D, OpKind.CLONE, 4) == deleted
+
+
+def test_the_mode_follows_the_metric_when_an_experiment_does_not_say() -> None:
+    from rf_core.demo import dpo_demo_experiment
+    from rf_core.states import metric_mode
+
+    assert [metric_mode(name) for name in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/rejected")] == [
+        "min", "max", "min"
+    ]  # fmt: skip
+    assert metric_mode("rougeL") == metric_mode("eval_logps/chosen") == "max"
+    assert dpo_demo_experiment().mode == "max"
