@@ -39,11 +39,16 @@ BASE = {
 }
 
 
-def _datasets() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def _datasets() -> tuple[dict[str, list[dict[str, str]]], dict[str, list[dict[str, str]]]]:
+    from rf_core.demo_data import stdlib_preference_examples
     from rf_core.training.data import stdlib_sft_examples
 
     examples = stdlib_sft_examples(limit=NUM_TRAIN + 16)
-    return examples[:NUM_TRAIN], examples[NUM_TRAIN:]
+    pairs = stdlib_preference_examples(limit=NUM_TRAIN + 16)
+    return {"sft": examples[:NUM_TRAIN], "dpo": pairs[:NUM_TRAIN]}, {
+        "sft": examples[NUM_TRAIN:],
+        "dpo": pairs[NUM_TRAIN:],
+    }
 
 
 def _member(model_cache: str, inbox: Any, outbox: Any) -> None:
@@ -223,6 +228,24 @@ def test_two_processes_match_one_process_across_swaps(kind, model_cache, single_
     final = [outcomes[-1] for _, outcomes in results]
     assert {outcome["status"] for outcome in final} == {"completed"}
     assert final[0]["best_step"] == final[1]["best_step"]  # both members agree on the run's best chunk
+
+
+def test_a_dpo_run_on_two_ddp_processes_matches_one_process(model_cache, tmp_path) -> None:
+    """Each member computes its micro-batch's reference and policy forwards; DDP averages the gradients and the
+    DPO metrics are averaged over the gang, so the run is the one-process run with the same global batch."""
+    dpo = {**BASE, "trainer_type": "dpo", "max_steps": 12, "learning_rate": 1e-3}
+    single = normalize_config({**dpo, "gradient_accumulation_steps": 2})
+    [(reference_rows, _)] = _run(model_cache, [_tasks(single, tmp_path / "single", 2, lambda _index: None)], [])
+    config = normalize_config({**dpo, "num_devices": 2})
+
+    def gang_for(member: int):
+        return lambda index: Gang(rank=member, world_size=2, address="", slots=(0, 1), strategy="ddp")
+
+    results = _run(model_cache, [_tasks(config, tmp_path / "run", 2, gang_for(member)) for member in (0, 1)], [1])
+    leaders_rows = [row for rows, _ in results for row in rows]
+    for name in ("train_loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "eval_loss"):
+        _assert_close(_series(leaders_rows, name), _series(reference_rows, name))
+    assert len(_series(reference_rows, "rewards/margins")) == 12
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
