@@ -270,6 +270,8 @@ class SlotTrainer:
             base = self._bases[state.base_key]
             if len(base.free_full_copies) < MAX_FREE_FULL_COPIES:
                 base.free_full_copies.append(state.model)
+        if state is not None and state.reference is not None:
+            self._drop_unused_reference(state.base_key, state.reference["key"])
         held = self._adapters.pop(run_id, None)
         if held is None:
             return
@@ -788,6 +790,23 @@ class SlotTrainer:
                 parameter.requires_grad_(False)
             self._reference_copies[key] = model
         return self._reference_copies[key]
+
+    def _drop_unused_reference(self, base_key: str, reference_key: str) -> None:
+        """A reference no run in memory is anchored to leaves memory (a run swapped back in loads it again), so a
+        worker's memory does not grow with the number of references it has served."""
+        in_use = any(
+            state.reference is not None and (state.base_key, state.reference["key"]) == (base_key, reference_key)
+            for state in self._runs.values()
+        )
+        if in_use:
+            return
+        self._reference_copies.pop((base_key, reference_key), None)
+        adapter_name = self._reference_adapters.pop((base_key, reference_key), None)
+        host = self._bases[base_key].lora_host
+        if adapter_name is not None and host is not None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+                host.delete_adapter(adapter_name)
 
     def _reference_payload(self, reference: dict[str, str]) -> dict[str, Any]:
         path = Path(reference["path"])

@@ -344,3 +344,27 @@ def test_a_clone_of_a_dpo_run_keeps_its_reference_and_never_takes_its_moments(ma
     sft = config_of(SFT_LORA)
     train_ok(trainer, task_for(4, sft, plan_chunks(32, sft, 2)[0], tmp_path / "sft-clone", grandchild_warm), Recorder())
     assert not load_checkpoint(init_checkpoint_path(tmp_path / "sft-clone"))["optimizer"]["state"]
+
+
+def test_a_reference_leaves_memory_with_the_last_run_anchored_to_it(make_trainer, tmp_path) -> None:
+    warm, _ = sft_parent(make_trainer, tmp_path)
+    config = config_of(DPO_LORA)
+    trainer = make_trainer()
+    chunks = plan_chunks(32, config, 2)
+    first = task_for(1, config, chunks[0], tmp_path / "a", warm)
+    train_ok(trainer, first, Recorder())
+    train_ok(trainer, task_for(2, config, chunks[0], tmp_path / "b", warm), Recorder())
+    host = next(iter(trainer._bases.values())).lora_host
+    references = [name for name in host.peft_config if name.startswith("reference-")]
+    assert len(references) == 1  # both clones are anchored to run 9 at the same step: one frozen adapter
+    trainer.release(1)
+    assert [name for name in host.peft_config if name.startswith("reference-")] == references  # run 2 still holds it
+    trainer.release(2)
+    assert not [name for name in host.peft_config if name.startswith("reference-")]
+    # Swapped back in, the run finds its reference on disk again and trains on as it would have.
+    resumed, kept = Recorder(), Recorder()
+    train_ok(trainer, task_for(1, config, chunks[1], tmp_path / "a"), resumed)
+    straight = make_trainer()
+    train_ok(straight, task_for(3, config, chunks[0], tmp_path / "c", warm), Recorder())
+    train_ok(straight, task_for(3, config, chunks[1], tmp_path / "c"), kept)
+    assert resumed.values("train_loss") == kept.values("train_loss")
