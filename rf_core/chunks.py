@@ -24,8 +24,12 @@ class ChunkingError(ValueError):
 
 
 def samples_per_step(config: Mapping[str, Any]) -> int:
-    """Samples consumed by one optimizer step (batch × gradient accumulation × devices); `config` is normalised."""
-    return micro_batches_per_step(config) * int(config["per_device_train_batch_size"])
+    """Rows consumed by one optimizer step (batch × gradient accumulation × devices); `config` is normalised. A GRPO
+    run's batch counts completions, `num_generations` per prompt (TRL's), so it consumes that many times fewer rows."""
+    samples = micro_batches_per_step(config) * int(config["per_device_train_batch_size"])
+    if config.get("trainer_type") == "grpo":
+        return samples // int(config["num_generations"])
+    return samples
 
 
 def micro_batches_per_step(config: Mapping[str, Any]) -> int:

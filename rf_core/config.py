@@ -20,18 +20,26 @@ from rf_core.functions import BUILTIN_METRICS, name_problem
 from rf_core.knobs import ConfigError, GridSearch, List, RandomSearch, Range, expand_config_group
 from rf_core.model_roots import model_source_problem
 
-KnobKind = Literal["model", "adapter", "training", "preference", "data", "eval", "devices"]
+KnobKind = Literal["model", "adapter", "training", "preference", "grpo", "data", "eval", "devices"]
 
-# What a run optimises: supervised fine-tuning, or preference optimisation (TRL's DPOTrainer's objective).
-TRAINER_TYPES = ("sft", "dpo")
+# What a run optimises: supervised fine-tuning, preference optimisation (TRL's DPOTrainer's objective), or group
+# relative policy optimisation on its own generations, scored by reward functions (TRL's GRPOTrainer's).
+TRAINER_TYPES = ("sft", "dpo", "grpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = {"dpo": DPO_LOSS_TYPES, "grpo": GRPO_LOSS_TYPES}
+SCALE_REWARDS = ("group", "batch", "none")
 REF_MODELS = ("parent", "base")
-DEFAULT_DPO_BETA = 0.1  # TRL's DPOConfig
-# Knobs that only one trainer type reads: a value other than the default on a run of another type is refused.
-TRAINER_TYPE_KNOBS: dict[str, str] = {
-    "beta": "dpo", "loss_type": "dpo", "label_smoothing": "dpo", "reference_free": "dpo", "ref_model": "dpo",
-    "completion_only_loss": "sft", "assistant_only_loss": "sft", "predict_with_generate": "sft",
-    "compute_metrics": "sft", "generation_config": "sft",
+DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.0}  # TRL's DPOConfig and GRPOConfig
+DEFAULT_DPO_BETA = DEFAULT_BETA["dpo"]
+# Knobs that only some trainer types read: a value other than the default on a run of another type is refused.
+TRAINER_TYPE_KNOBS: dict[str, tuple[str, ...]] = {
+    "beta": ("dpo", "grpo"), "loss_type": ("dpo", "grpo"), "ref_model": ("dpo", "grpo"),
+    "label_smoothing": ("dpo",), "reference_free": ("dpo",),
+    "num_generations": ("grpo",), "max_completion_length": ("grpo",), "temperature": ("grpo",), "top_p": ("grpo",),
+    "scale_rewards": ("grpo",), "reward_funcs": ("grpo",), "reward_weights": ("grpo",),
+    "completion_only_loss": ("sft",), "assistant_only_loss": ("sft",), "predict_with_generate": ("sft",),
+    "compute_metrics": ("sft",), "generation_config": ("sft",),
 }  # fmt: skip
 
 LR_SCHEDULERS = (
@@ -230,8 +238,9 @@ KNOBS: dict[str, KnobSpec] = {
         _K(
             "trainer_type", "model", (str,), "sft",
             Constraint(f"one of {', '.join(TRAINER_TYPES)}", lambda v: v in TRAINER_TYPES),
-            "what the run optimises: sft (supervised, TRL's SFTTrainer) or dpo (preferences, TRL's DPOTrainer); "
-            "may differ between runs and change in a Clone-Modify",
+            "what the run optimises: sft (supervised, TRL's SFTTrainer), dpo (preferences, TRL's DPOTrainer) or grpo "
+            "(its own generations scored by reward functions, TRL's GRPOTrainer); may differ between runs and change "
+            "in a Clone-Modify",
         ),
         _K("use_peft", "adapter", (bool,), True, None, "true: train a LoRA adapter; false: full fine-tune"),
         _K("r", "adapter", (int,), 8, _between(1, 1024), "LoRA rank"),
@@ -320,13 +329,17 @@ KNOBS: dict[str, KnobSpec] = {
             "HF's run_name: a label for the run, shown in every runs table; null = none",
         ),
         _K(
-            "beta", "preference", (float, type(None)), None, Constraint("> 0", lambda v: v > 0),
-            f"TRL's DPO beta: how far the run may move from its reference; null = {DEFAULT_DPO_BETA}, TRL's default",
+            "beta", "preference", (float, type(None)), None, _at_least(0),
+            "TRL's beta: how far the run may move from its reference (DPO), the KL penalty's weight (GRPO); null = "
+            f"TRL's default, {DEFAULT_BETA['dpo']} for DPO and {DEFAULT_BETA['grpo']} for GRPO (no reference)",
         ),
         _K(
             "loss_type", "preference", (str, type(None)), None,
-            Constraint(f"one of {', '.join(DPO_LOSS_TYPES)}, or null", lambda v: v in DPO_LOSS_TYPES),
-            "TRL's DPO loss_type; null = sigmoid (the DPO paper's loss)",
+            Constraint(
+                f"one of {', '.join(DPO_LOSS_TYPES)} (dpo), {', '.join(GRPO_LOSS_TYPES)} (grpo), or null",
+                lambda v: v in DPO_LOSS_TYPES + GRPO_LOSS_TYPES,
+            ),
+            "TRL's loss_type; null = TRL's default: sigmoid (the DPO paper's) for DPO, dapo for GRPO",
         ),
         _K(
             "label_smoothing", "preference", (float,), 0.0, Constraint(">= 0 and < 0.5", lambda v: 0 <= v < 0.5),
@@ -342,6 +355,38 @@ KNOBS: dict[str, KnobSpec] = {
             "the DPO reference: parent = the weights a warm-started clone starts from (the SFT model it came from; "
             "a clone of a DPO run keeps that run's reference); base = the base model. A run with no parent uses "
             "the base either way",
+        ),
+        _K(
+            "num_generations", "grpo", (int,), 8, _between(2, 1024),
+            "GRPO: completions generated per prompt (a group); the batch (per_device_train_batch_size x "
+            "gradient_accumulation_steps x num_devices, in completions) must be a multiple of it",
+        ),
+        _K(
+            "max_completion_length", "grpo", (int,), 512, _between(1, 8192),
+            "GRPO: most tokens generated per completion (TRL's default 512)",
+        ),
+        _K("temperature", "grpo", (float,), 1.0, Constraint("> 0", lambda v: v > 0), "GRPO: sampling temperature"),
+        _K(
+            "top_p", "grpo", (float,), 1.0, Constraint("> 0 and <= 1", lambda v: 0 < v <= 1),
+            "GRPO: nucleus sampling's probability mass",
+        ),
+        _K(
+            "scale_rewards", "grpo", (str,), "group",
+            Constraint(f"one of {', '.join(SCALE_REWARDS)}", lambda v: v in SCALE_REWARDS),
+            "GRPO: advantages divided by the standard deviation of the group's rewards, the batch's, or none",
+        ),
+        _K(
+            "reward_funcs", "grpo", (list, type(None)), None,
+            Constraint(
+                "a non-empty list of registered functions' names",
+                lambda v: bool(v) and all(name_problem(name) is None for name in v),
+            ),
+            "GRPO: reward functions (prompts, completions, **columns) -> list of floats, by registered name",
+        ),
+        _K(
+            "reward_weights", "grpo", (list, type(None)), None,
+            Constraint("a non-empty list of numbers", lambda v: bool(v) and all(_is_number(w) for w in v)),
+            "GRPO: each reward function's weight in the reward; null = 1 each",
         ),
         _K(
             "max_length", "data", (int,), 1024, _between(8, 8192),
@@ -447,17 +492,57 @@ def _trainer_type_problems(cfg: Mapping[str, Any]) -> list[str]:
     """A knob of one trainer type set on a run of another: it would be ignored, so it is refused."""
     trainer_type = cfg.get("trainer_type", KNOBS["trainer_type"].default)
     problems = [
-        f"{knob}={_show(cfg[knob])}: applies to trainer_type {owner} runs; this config's trainer_type is "
-        f"{trainer_type} (leave it at its default, {_show(KNOBS[knob].default)})"
-        for knob, owner in TRAINER_TYPE_KNOBS.items()
-        if knob in cfg and owner != trainer_type and cfg[knob] != KNOBS[knob].default
+        f"{knob}={_show(cfg[knob])}: applies to trainer_type {' and '.join(owners)} runs; this config's "
+        f"trainer_type is {trainer_type} (leave it at its default, {_show(KNOBS[knob].default)})"
+        for knob, owners in TRAINER_TYPE_KNOBS.items()
+        if knob in cfg and trainer_type not in owners and cfg[knob] != KNOBS[knob].default
     ]
-    if trainer_type == "dpo" and cfg.get("strategy") == "deepspeed":
-        problems.append('trainer_type="dpo": not supported with strategy deepspeed yet; use ddp')
-    if cfg.get("label_smoothing") and cfg.get("loss_type") not in ("robust",):
+    if problems:
+        return problems
+    if trainer_type != "sft" and cfg.get("strategy") == "deepspeed":
+        problems.append(f"trainer_type={_show(trainer_type)}: not supported with strategy deepspeed yet; use ddp")
+    loss_type = cfg.get("loss_type")
+    if loss_type is not None and trainer_type in LOSS_TYPES and loss_type not in LOSS_TYPES[trainer_type]:
+        problems.append(
+            f"loss_type={_show(loss_type)}: must be one of {', '.join(LOSS_TYPES[trainer_type])} for trainer_type "
+            f"{trainer_type}, or null"
+        )
+    if cfg.get("label_smoothing") and loss_type not in ("robust",):
         problems.append(
             f"label_smoothing={_show(cfg['label_smoothing'])}: is read by loss_type robust only (as TRL's); "
-            f"this config's loss_type is {_show(cfg.get('loss_type'))}"
+            f"this config's loss_type is {_show(loss_type)}"
+        )
+    if trainer_type == "dpo" and cfg.get("beta") == 0:
+        problems.append("beta=0: must be > 0 for trainer_type dpo (it divides the IPO loss and scales every reward)")
+    if trainer_type == "grpo":
+        problems += _grpo_problems(cfg)
+    return problems
+
+
+def _grpo_problems(cfg: Mapping[str, Any]) -> list[str]:
+    problems = []
+    functions, weights = cfg.get("reward_funcs"), cfg.get("reward_weights")
+    if not functions:
+        problems.append(
+            'trainer_type="grpo": needs reward_funcs, a list of registered reward functions\' names (functions '
+            "(prompts, completions, **columns) -> list of floats)"
+        )
+    elif weights is not None and len(weights) != len(functions):
+        problems.append(
+            f"reward_weights={_show(weights)}: must have one weight per reward function ({len(functions)}), or be null"
+        )
+    if cfg.get("num_devices", 1) > 1 or cfg.get("max_devices") is not None:
+        problems.append('trainer_type="grpo": trains on one device per run so far (num_devices 1, max_devices null)')
+    generations = cfg.get("num_generations", KNOBS["num_generations"].default)
+    batch = (
+        cfg.get("per_device_train_batch_size", KNOBS["per_device_train_batch_size"].default)
+        * cfg.get("gradient_accumulation_steps", KNOBS["gradient_accumulation_steps"].default)
+        * cfg.get("num_devices", KNOBS["num_devices"].default)
+    )
+    if batch % generations:
+        problems.append(
+            f"num_generations={generations}: must divide the step's batch of completions (per_device_train_batch_size"
+            f" x gradient_accumulation_steps x num_devices = {batch}), as TRL's generation batch"
         )
     return problems
 
@@ -521,12 +606,19 @@ _COMMON_ALIASES = {
 
 # Hugging Face / TRL training arguments people set that rf does not have yet: named as such, never "corrected" to
 # a knob that merely looks alike (logging_strategy is not strategy).
+# GRPO's epsilon is one of them in effect: rf trains one policy iteration per generation (TRL's num_iterations=1),
+# where the ratio to the old policy is exactly 1 and clipping never acts; it is refused with that reason.
+_WHY_NOT: dict[str, str] = {
+    "epsilon": "GRPO's clipping range clips nothing with one policy iteration per generation (num_iterations=1, "
+    "rf's), where the policy ratio is exactly 1",
+}
 _NOT_YET_SUPPORTED = frozenset(
     {
         "tf32", "logging_strategy", "logging_first_step",
         "save_strategy", "save_steps", "packing", "dataset_text_field", "optim", "report_to", "output_dir",
         "max_prompt_length", "max_completion_length", "truncation_mode", "precompute_ref_log_probs", "loss_weights",
         "f_divergence_type", "use_weighting", "sync_ref_model", "ld_alpha", "rpo_alpha", "disable_dropout",
+        "num_iterations", "steps_per_generation", "generation_batch_size", "epsilon_high", "mask_truncated_completions",
     }
 )  # fmt: skip
 # Spelling slips only: a lower similarity suggests knobs of another meaning.
@@ -535,6 +627,8 @@ _TYPO_CUTOFF = 0.8
 
 def _unknown_key(key: Any) -> str:
     text = str(key)
+    if text in _WHY_NOT:
+        return f"unknown key {key!r}: {_WHY_NOT[text]}"
     if text in _NOT_YET_SUPPORTED:
         return (
             f"unknown key {key!r}: a Hugging Face / TRL training argument that rf does not support yet "

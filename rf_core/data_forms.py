@@ -23,7 +23,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 ExampleForm = Literal[
-    "text", "prompt_completion", "messages", "prompt_completion_messages", "preference", "preference_messages"
+    "text",
+    "prompt_completion",
+    "messages",
+    "prompt_completion_messages",
+    "preference",
+    "preference_messages",
+    "prompt_only",
+    "prompt_only_messages",
 ]
 CONVERSATIONAL_FORMS = frozenset({"messages", "prompt_completion_messages"})
 PREFERENCE_FORMS = frozenset({"preference", "preference_messages"})
@@ -31,10 +38,13 @@ PREFERENCE_FORMS = frozenset({"preference", "preference_messages"})
 TRAINER_FORMS: dict[str, frozenset[str]] = {
     "sft": frozenset({"text", "prompt_completion", "messages", "prompt_completion_messages"}),
     "dpo": PREFERENCE_FORMS,
+    # GRPO generates from the prompt; a completion, if the row has one, is neither trained on nor given to rewards.
+    "grpo": frozenset({"prompt_only", "prompt_only_messages", "prompt_completion", "prompt_completion_messages"}),
 }
 _FORMS_WANTED = {
     "sft": "'text', 'prompt' and 'completion', or 'messages' rows",
     "dpo": "preference rows: 'prompt', 'chosen' and 'rejected' (or 'chosen' and 'rejected' sharing their prompt)",
+    "grpo": "rows with a 'prompt' (a string or messages) to generate from; other columns go to the reward functions",
 }
 MAX_PROBLEMS_SHOWN = 5
 # Rows a formatting function is tried on before the fit starts: it may be slow, and it runs again in each worker.
@@ -58,6 +68,11 @@ def example_form(example: Any) -> ExampleForm:
     if "messages" in example:
         _check_messages(example["messages"], "messages")
         return "messages"
+    if "prompt" in example and "completion" not in example:
+        if isinstance(prompt, str):
+            return "prompt_only"
+        _check_messages(prompt, "prompt")
+        return "prompt_only_messages"
     if isinstance(prompt, list) or isinstance(completion, list):
         if not (isinstance(prompt, list) and isinstance(completion, list)):
             raise ValueError("mixes forms: a conversational 'prompt' and 'completion' are both lists of messages")

@@ -1,4 +1,4 @@
-"""Functions a config may name: its `formatting_func` and its `compute_metrics`.
+"""Functions a config may name: its `formatting_func`, its `compute_metrics` and a GRPO run's `reward_funcs`.
 
 In Python a config group may hold the functions themselves (`"formatting_func": List([qa_format, chat_format])`);
 everywhere a config is JSON (the store, the CLI, the dashboard's Clone-Modify, policies) it holds their names. An
@@ -22,6 +22,7 @@ from typing import Any
 from rf_core.knobs import ConfigError, expand_config_group
 
 FUNCTION_KNOBS = ("formatting_func", "compute_metrics")
+LIST_FUNCTION_KNOBS = ("reward_funcs",)  # knobs holding a list of functions
 BUILTIN_METRICS = ("rougeL", "bleu", "exact_match")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,99}$")
 
@@ -73,27 +74,34 @@ def named_configs(
     name_of = {id(function): name for name, function in registry.items()}
     configs = []
     problems = []
+
+    def named(function: Any, knob: str) -> Any:
+        """The function's registered name (registering it under its own name the first time); itself if no name."""
+        name = name_of.get(id(function))
+        if name is not None:
+            return name
+        try:
+            name = _own_name(function, knob)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return function
+        if name in registry:
+            problems.append(
+                f"{knob}: two different functions are named {name!r}; register them under distinct names "
+                "(functions={'name': function, ...})"
+            )
+            return function
+        registry[name], name_of[id(function)] = function, name
+        return name
+
     for config in expand_config_group(config_group):
         config = dict(config)
         for knob in FUNCTION_KNOBS:
-            function = config.get(knob)
-            if not callable(function):
-                continue
-            name = name_of.get(id(function))
-            if name is None:
-                try:
-                    name = _own_name(function, knob)
-                except ConfigError as exc:
-                    problems.extend(exc.problems)
-                    continue
-                if name in registry:
-                    problems.append(
-                        f"{knob}: two different functions are named {name!r}; register them under distinct names "
-                        "(functions={'name': function, ...})"
-                    )
-                    continue
-                registry[name], name_of[id(function)] = function, name
-            config[knob] = name
+            if callable(config.get(knob)):
+                config[knob] = named(config[knob], knob)
+        for knob in LIST_FUNCTION_KNOBS:
+            if isinstance(config.get(knob), list | tuple):
+                config[knob] = [named(item, knob) if callable(item) else item for item in config[knob]]
         configs.append(config)
     if problems:
         raise ConfigError(sorted(set(problems)))
@@ -116,8 +124,9 @@ def _own_name(function: Any, where: str) -> str:
 def unknown_function_problems(config: Mapping[str, Any], registered: Collection[str]) -> list[str]:
     """Function names in `config` that the experiment has no function for, each with the names it has."""
     problems = []
-    for knob in FUNCTION_KNOBS:
-        name = config.get(knob)
+    named = [(knob, config.get(knob)) for knob in FUNCTION_KNOBS]
+    named += [(knob, name) for knob in LIST_FUNCTION_KNOBS for name in config.get(knob) or () if isinstance(name, str)]
+    for knob, name in named:
         if name is None or not isinstance(name, str):
             continue
         known = sorted(registered) + (list(BUILTIN_METRICS) if knob == "compute_metrics" else [])

@@ -26,6 +26,13 @@ VALID: dict[str, list[Any]] = {
     "trainer_type": ["sft", "dpo"],
     "beta": [None, 0.1, 2],
     "loss_type": [None, "sigmoid", "ipo", "hinge", "robust"],
+    "num_generations": [2, 8, 16],
+    "max_completion_length": [1, 64, 8192],
+    "temperature": [0.1, 1, 1.5],
+    "top_p": [0.5, 1],
+    "scale_rewards": ["group", "batch", "none"],
+    "reward_funcs": [["format_reward"], ["format_reward", "length.reward"]],
+    "reward_weights": [None, [1.0, 1.0], [2, 0.5]],
     "label_smoothing": [0, 0.0, 0.1, 0.49],
     "reference_free": [False, True],
     "ref_model": ["parent", "base"],
@@ -78,7 +85,14 @@ VALID: dict[str, list[Any]] = {
 INVALID: dict[str, list[Any]] = {
     "trainer_type": ["SFT", "ppo", "", None, 1],
     "beta": [0, -0.1, True, "0.1", math.nan],
-    "loss_type": ["Sigmoid", "exo_pair", "", 1],
+    "loss_type": ["Sigmoid", "exo_pair", "", 1, "dapo"],
+    "num_generations": [1, 0, 2.0, None],
+    "max_completion_length": [0, 8193, None, 1.5],
+    "temperature": [0, -1, None, "1"],
+    "top_p": [0, 1.5, None],
+    "scale_rewards": ["Group", True, None],
+    "reward_funcs": [[], "format_reward", ["1bad"], [3]],
+    "reward_weights": [[], ["1"], [True], [1.0, math.nan]],
     "label_smoothing": [-0.1, 0.5, 1, True, None],
     "reference_free": [1, "true", None],
     "ref_model": ["self", "", None],
@@ -142,15 +156,19 @@ INVALID: dict[str, list[Any]] = {
 
 # What a knob's valid values need beside them: the knobs of one trainer type are read by its runs only.
 DPO = {"trainer_type": "dpo"}
+GRPO = {"trainer_type": "grpo", "reward_funcs": ["format_reward"], "per_device_train_batch_size": 16}
 CONTEXT: dict[str, dict[str, Any]] = {
     "beta": DPO, "loss_type": DPO, "reference_free": DPO, "ref_model": DPO,
     "label_smoothing": {**DPO, "loss_type": "robust"},
+    "num_generations": GRPO, "max_completion_length": GRPO, "temperature": GRPO, "top_p": GRPO,
+    "scale_rewards": GRPO, "reward_funcs": GRPO, "reward_weights": {**GRPO, "reward_funcs": ["a", "b"]},
 }  # fmt: skip
 
 
 def test_knobs_of_another_trainer_type_are_refused_unless_left_at_their_default() -> None:
     assert validate_config({"beta": 0.2}) == [
-        "beta=0.2: applies to trainer_type dpo runs; this config's trainer_type is sft (leave it at its default, null)"
+        "beta=0.2: applies to trainer_type dpo and grpo runs; this config's trainer_type is sft (leave it at its "
+        "default, null)"
     ]
     [problem] = validate_config({"trainer_type": "dpo", "assistant_only_loss": True})
     assert problem.startswith("assistant_only_loss=true: applies to trainer_type sft runs")
@@ -160,6 +178,26 @@ def test_knobs_of_another_trainer_type_are_refused_unless_left_at_their_default(
     ]
     [problem] = validate_config({"trainer_type": "dpo", "label_smoothing": 0.1})
     assert problem.startswith("label_smoothing=0.1: is read by loss_type robust only")
+
+
+def test_grpo_configs_are_checked_together() -> None:
+    assert validate_config(GRPO) == []
+    assert validate_config({**GRPO, "loss_type": "dr_grpo", "beta": 0.0}) == []
+    [problem] = validate_config({"trainer_type": "grpo", "per_device_train_batch_size": 16})
+    assert problem.startswith('trainer_type="grpo": needs reward_funcs')
+    assert validate_config({**GRPO, "per_device_train_batch_size": 6}) == [
+        "num_generations=8: must divide the step's batch of completions (per_device_train_batch_size x "
+        "gradient_accumulation_steps x num_devices = 6), as TRL's generation batch"
+    ]
+    assert validate_config({**GRPO, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}) == []
+    [problem] = validate_config({**GRPO, "reward_weights": [1, 2]})
+    assert problem.startswith("reward_weights=[1, 2]: must have one weight per reward function (1)")
+    [problem] = validate_config({**GRPO, "loss_type": "sigmoid"})
+    assert problem.startswith('loss_type="sigmoid": must be one of dapo, grpo, bnpo, dr_grpo for trainer_type grpo')
+    [problem] = validate_config({**DPO, "beta": 0})
+    assert problem.startswith("beta=0: must be > 0 for trainer_type dpo")
+    [problem] = validate_config({**DPO, "num_generations": 4})
+    assert problem.startswith("num_generations=4: applies to trainer_type grpo runs")
 
 
 def test_device_knobs_are_checked_together() -> None:
@@ -195,7 +233,7 @@ def test_each_knob_rejects_an_invalid_value_by_name(key: str, value: Any) -> Non
 def test_every_default_is_valid(name: str) -> None:
     spec = KNOBS[name]
     assert spec.name == name
-    assert spec.kind in ("model", "adapter", "training", "preference", "data", "eval", "devices")
+    assert spec.kind in ("model", "adapter", "training", "preference", "grpo", "data", "eval", "devices")
     assert spec.problem(spec.default) is None
     assert spec.doc
 
@@ -431,3 +469,11 @@ def test_varying_knobs_treats_equal_int_and_float_as_the_same() -> None:
     # lora_alpha's default is 16; `--set lora_alpha=16.0` is the same value and must not show as varying.
     assert varying_knobs([{"lora_alpha": 16.0}, {}]) == []
     assert varying_knobs([{"lora_alpha": 16.5}, {}]) == ["lora_alpha"]
+
+
+def test_grpo_epsilon_is_refused_with_why() -> None:
+    [problem] = validate_config({"epsilon": 0.2})
+    assert problem == (
+        "unknown key 'epsilon': GRPO's clipping range clips nothing with one policy iteration per generation "
+        "(num_iterations=1, rf's), where the policy ratio is exactly 1"
+    )

@@ -34,7 +34,7 @@ def test_each_form_is_recognised(example, form) -> None:
         ({"prompt": [USER], "completion": "a string"}, "mixes forms"),
         ({"prompt": [{"role": "system", "content": "s"}], "completion": [ASSISTANT]}, "ending on a 'system'"),
         ({"input": "a", "output": "b"}, "has columns ['input', 'output']"),
-        ({"prompt": "only a prompt"}, "expected a string 'text'"),
+        ({"prompt": 3}, "has a 'prompt' that is not a non-empty list of messages"),
         ("just a string", "is a str"),
     ],
 )
@@ -56,3 +56,14 @@ def test_check_datasets_lists_both_datasets() -> None:
     with pytest.raises(ValueError, match=r"(?s)train_dataset row 0 .*eval_dataset row 1 "):
         check_datasets([{"question": "q"}], [{"text": "ok"}, {"text": 3}])
     check_datasets([{"text": "ok"}], [{"prompt": "p", "completion": "c"}, {"messages": [USER, ASSISTANT]}])
+
+
+def test_a_prompt_alone_is_grpo_data_and_refused_for_sft_saying_so() -> None:
+    assert example_form({"prompt": "only a prompt", "answer": "4"}) == "prompt_only"
+    assert example_form({"prompt": [USER]}) == "prompt_only_messages"
+    [problem] = dataset_problems([{"prompt": "only a prompt"}], "train_dataset")
+    assert problem.startswith("train_dataset row 0 is a 'prompt_only' row: trainer_type sft trains on 'text'")
+    assert dataset_problems([{"prompt": "p"}, {"prompt": "p", "completion": "c"}], "train_dataset", "grpo") == []
+    [problem] = dataset_problems([{"text": "t"}], "train_dataset", "grpo")
+    assert problem.endswith("trainer_type grpo trains on rows with a 'prompt' (a string or messages) to generate "
+                            "from; other columns go to the reward functions")  # fmt: skip

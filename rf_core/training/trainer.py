@@ -74,6 +74,16 @@ from rf_core.training.evaluation import (
     takes_eval_prediction,
 )
 from rf_core.training.gang import DeepSpeedStep, GangSession, PlainStep, free_address, gang_session
+from rf_core.training.grpo import (
+    Generation,
+    PromptData,
+    completion_token_logps,
+    generate_completions,
+    group_advantages,
+    grpo_loss,
+    reward_table,
+    tokenize_prompts,
+)
 from rf_core.training.preference import PreferenceData, completion_logps, dpo_loss, tokenize_preferences
 from rf_core.training.staging import AfterPersist, StateWriter, StorageFull, load_state, state_exists
 
@@ -209,7 +219,7 @@ class SlotTrainer:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self._bases: dict[str, _BaseEntry] = {}
-        self._tokenized: dict[tuple[Any, ...], TokenizedData | PreferenceData] = {}
+        self._tokenized: dict[tuple[Any, ...], TokenizedData | PreferenceData | PromptData] = {}
         self._runs: dict[int, _RunState] = {}
         self._adapters: dict[int, tuple[str, str, tuple[Any, ...]]] = {}  # run -> (base, adapter, LoRA shape)
         self._adapters_made = 0
@@ -321,7 +331,7 @@ class SlotTrainer:
         state.chunk_started, state.samples_at_chunk_start = (chunk.index, chunk.start_step), state.samples
         model = self._activate(state)
         _set_gradient_checkpointing(model, config["gradient_checkpointing"])  # the base may serve other runs too
-        preference = config["trainer_type"] == "dpo"
+        preference, grpo = config["trainer_type"] == "dpo", config["trainer_type"] == "grpo"
         _set_dropout(model, enabled=not preference)  # TRL's DPO trains without dropout (disable_dropout)
         parameters = list(state.trainable.values())
         stepper = self._stepper(task, state, model, session)
@@ -329,9 +339,12 @@ class SlotTrainer:
         # 2. Train: this chunk's slice of the epoch's order, in optimizer steps of accumulated micro-batches
         # (a gang member trains its share of each step's micro-batches; DDP or DeepSpeed averages the gradients).
         order = chunks.epoch_order(len(train_data), seed, chunk.epoch)
-        step_batches = _step_batches(
-            order, chunk, config["per_device_train_batch_size"], chunks.micro_batches_per_step(config)
-        )
+        if grpo:  # a step's prompts, which become per_device_train_batch_size x accumulation completions
+            step_batches = _step_batches(order, chunk, chunks.samples_per_step(config), 1)
+        else:
+            step_batches = _step_batches(
+                order, chunk, config["per_device_train_batch_size"], chunks.micro_batches_per_step(config)
+            )
         device = _model_device(model)
         last_train_loss: float | None = None
         loop_started = time.perf_counter()
@@ -341,6 +354,12 @@ class SlotTrainer:
             mine = micro_batches if session is None else session.my_micro_batches(micro_batches)
             micro_losses: list[float] = []
             micro_metrics: dict[str, list[float]] = {}
+            if grpo:
+                assert isinstance(train_data, PromptData)
+                micro_losses, micro_metrics = self._grpo_step(
+                    stepper, state, base, train_data, micro_batches[0], config, device, step_number
+                )
+                mine = []
             for position, indices in enumerate(mine):
                 batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
                 with stepper.micro_batch(position, len(mine)):
@@ -573,14 +592,17 @@ class SlotTrainer:
         )
 
     def _warm_reference(self, task: TrainTask, parent: _ParentState, writes: bool) -> dict[str, str] | None:
-        """A warm-started DPO run's reference (None: the base). With ref_model "parent", a clone of an SFT run is
-        anchored to the weights it starts from; a clone of a DPO run keeps that run's reference."""
+        """A warm-started DPO or GRPO run's reference (None: the base). With ref_model "parent", a clone of an SFT run
+        is anchored to the weights it starts from; a clone of a run that has a reference keeps it."""
         config, warm = task.config, task.warm_start
         assert warm is not None
-        if config["trainer_type"] != "dpo" or config["reference_free"] or config["ref_model"] == "base":
+        anchored = (config["trainer_type"] == "dpo" and not config["reference_free"]) or (
+            config["trainer_type"] == "grpo" and bool(config["beta"])
+        )
+        if not anchored or config["ref_model"] == "base":
             return None
         path = reference_path(Path(task.run_dir))
-        if parent.config.get("trainer_type", "sft") == "dpo":
+        if parent.config.get("trainer_type", "sft") in ("dpo", "grpo"):
             if parent.reference is None:
                 return None
             if writes:
@@ -847,6 +869,134 @@ class SlotTrainer:
             f"eval_{name}": total / batches for name, total in sums.items()
         }
 
+    # -------------------------------------------------------------------------------------------- GRPO runs
+
+    def _grpo_step(
+        self,
+        stepper: PlainStep,
+        state: _RunState,
+        base: _BaseEntry,
+        data: PromptData,
+        prompt_indices: list[int],
+        config: dict[str, Any],
+        device: torch.device,
+        step_number: int,
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """One GRPO optimizer step, as TRL's: generate num_generations completions per prompt, score them, and train
+        on them in micro-batches of per_device_train_batch_size completions. Returns the step's loss (TRL's, summed
+        over its micro-batches as HF logs it) and its metrics."""
+        rows = [index for index in prompt_indices for _ in range(config["num_generations"])]
+        generation, advantages, metrics = self._scored_generation(state, base, data, rows, config, device)
+        micro_size, accumulation = config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
+        tokens = float(generation.completion_mask.sum())
+        total = 0.0
+        micro_metrics: dict[str, list[float]] = {name: [value] for name, value in metrics.items()}
+        for position in range(accumulation):
+            selection = slice(position * micro_size, (position + 1) * micro_size)
+            batch = {name: tensor.to(device) for name, tensor in generation.rows(selection).items()}
+            with stepper.micro_batch(position, accumulation):
+                loss, values = self._grpo_loss(
+                    stepper.logits, state, base, batch, advantages[selection].to(device), config, device, tokens,
+                    accumulation,
+                )  # fmt: skip
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
+                # TRL's loss is already scaled for the accumulation; the stepper divides by it again.
+                stepper.backward(loss * accumulation, position, accumulation)
+            total += loss.item()
+            for name, value in values.items():
+                micro_metrics.setdefault(name, []).append(value)
+        return [total], micro_metrics
+
+    def _scored_generation(
+        self,
+        state: _RunState,
+        base: _BaseEntry,
+        data: PromptData,
+        rows: list[int],
+        config: dict[str, Any],
+        device: torch.device,
+    ) -> tuple[Generation, torch.Tensor, dict[str, float]]:
+        """Completions for `rows` (a prompt's index once per completion), their rewards and advantages."""
+        from trl.data_utils import is_conversational
+
+        generation = generate_completions(
+            state.model, base.tokenizer, [data.prompt_ids[row] for row in rows], config, device
+        )
+        prompts = [data.prompts[row] for row in rows]
+        completions: list[Any] = list(generation.texts)
+        if is_conversational({"prompt": prompts[0]}):
+            completions = [[{"role": "assistant", "content": text}] for text in completions]
+        completion_ids = [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(generation.completion_ids, generation.completion_mask, strict=True)
+        ]
+        names = list(config["reward_funcs"])
+        functions = [(name, resolve(self._functions, "reward_funcs", name)) for name in names]
+        rewards = reward_table(functions, prompts, completions, completion_ids, [data.columns[row] for row in rows])
+        weights = config["reward_weights"] or [1.0] * len(names)
+        advantages, metrics = group_advantages(
+            rewards, weights, config["num_generations"], config["scale_rewards"], names
+        )
+        return generation, advantages, metrics
+
+    def _grpo_loss(
+        self,
+        policy_logits: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        state: _RunState,
+        base: _BaseEntry,
+        batch: dict[str, torch.Tensor],
+        advantages: torch.Tensor,
+        config: dict[str, Any],
+        device: torch.device,
+        tokens: float,
+        accumulation: int,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        temperature = float(config["temperature"])
+        reference = None
+        if config["beta"]:  # the reference first: on a LoRA host it switches adapters (see _preference_loss)
+            with torch.no_grad(), self._reference_model(state, base) as model, _precision(config, device):
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+                reference, _ = completion_token_logps(logits, batch["completion_ids"], temperature)
+        with _precision(config, device):
+            logits = policy_logits(batch)
+        logps, entropies = completion_token_logps(logits, batch["completion_ids"], temperature)
+        return grpo_loss(
+            logps, reference, batch["completion_mask"], advantages, config, tokens_in_generation_batch=tokens,
+            accumulation=accumulation, max_completion_length=int(config["max_completion_length"]),
+            entropies=entropies,
+        )  # fmt: skip
+
+    def _evaluate_grpo(
+        self, model: Any, base: _BaseEntry, state: _RunState, config: dict[str, Any], seed: int, step: int
+    ) -> dict[str, float]:
+        """TRL's GRPO evaluation: num_generations completions per eval prompt, scored; eval_loss is the GRPO loss
+        on them. Sampling is seeded by run and step, so evaluating never moves the training RNG."""
+        data = self._tokenized_data("eval", base.tokenizer, config)
+        assert isinstance(data, PromptData)
+        device = _model_device(model)
+        rows = [index for index in range(len(data)) for _ in range(config["num_generations"])]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + step)
+            generation, advantages, metrics = self._scored_generation(state, base, data, rows, config, device)
+        tokens = float(generation.completion_mask.sum())
+        model.eval()
+        with torch.no_grad():
+            batch = {name: tensor.to(device) for name, tensor in generation.rows(slice(None)).items()}
+
+            def policy_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                return model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+
+            loss, values = self._grpo_loss(
+                policy_logits, state, base, batch, advantages.to(device), config, device, tokens, 1
+            )
+        model.train()
+        return {EVAL_LOSS_METRIC: float(loss)} | {f"eval_{name}": value for name, value in (metrics | values).items()}
+
     # ------------------------------------------------------------------------------------ models and data
 
     def _base(self, config: dict[str, Any]) -> _BaseEntry:
@@ -923,7 +1073,9 @@ class SlotTrainer:
         max_length, formatting = int(config["max_length"]), config["formatting_func"]
         return (split, config["trainer_type"], id(tokenizer), max_length, formatting, rows, losses)
 
-    def _tokenized_data(self, split: str, tokenizer: Any, config: Mapping[str, Any]) -> TokenizedData | PreferenceData:
+    def _tokenized_data(
+        self, split: str, tokenizer: Any, config: Mapping[str, Any]
+    ) -> TokenizedData | PreferenceData | PromptData:
         key = self._data_key(split, tokenizer, config)
         if key in self._tokenized:
             return self._tokenized[key]
@@ -931,6 +1083,8 @@ class SlotTrainer:
             self._tokenized[key] = tokenize_preferences(
                 self._examples(split, config), tokenizer, int(config["max_length"])
             )
+        elif config["trainer_type"] == "grpo":
+            self._tokenized[key] = tokenize_prompts(self._examples(split, config), tokenizer)
         else:
             self._tokenized[key] = tokenize_examples(
                 self._examples(split, config),
@@ -979,6 +1133,8 @@ class SlotTrainer:
         config, tokenizer = context.config, base.tokenizer
         if config["trainer_type"] == "dpo":
             return self._evaluate_preferences(model, base, state, config)
+        if config["trainer_type"] == "grpo":
+            return self._evaluate_grpo(model, base, state, config, seed, context.step)
         eval_data = self._tokenized_data("eval", tokenizer, config)
         metrics_fn = metrics_function(config, self._functions, self._compute_metrics)
         generates = bool(config["predict_with_generate"])

@@ -134,3 +134,162 @@ def test_advantages_loss_metrics_and_gradients_equal_trls(settings, model_cache,
     for name in ("clip_ratio/region_mean", "entropy", *(["kl"] if config["beta"] else [])):
         assert metrics[name] == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-7), name
     assert reward_metrics["reward_std"] > 0 and advantages.abs().sum() > 0  # a real comparison
+
+
+# ------------------------------------------------------------------------------------- the engine's GRPO runs
+
+GRPO_LORA = {
+    "model_name_or_path": "rf-tiny-llama",
+    "trainer_type": "grpo",
+    "reward_funcs": ["starts_upper", "short"],
+    "reward_weights": [1.0, 0.5],
+    "num_generations": 4,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "max_completion_length": 8,
+    "r": 4,
+    "lora_alpha": 8,
+    "learning_rate": 5e-3,
+    "max_length": 64,
+    "seed": 3,
+}
+NUM_PROMPTS = 16  # 2 prompts (8 completions) per step: 8 steps
+
+
+def starts_upper(completions: list[str], **_: Any) -> list[float]:
+    return [1.0 if text.strip()[:1].isupper() else 0.0 for text in completions]
+
+
+def short(completions: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
+    return [-len(ids) / 8 for ids in completion_ids]
+
+
+def broken(completions: list[str], **_: Any) -> list[float]:
+    raise KeyError("answer")
+
+
+FUNCTIONS = {"starts_upper": starts_upper, "short": short, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def make_trainer(model_cache: Path):
+    from rf_core.demo_data import stdlib_sft_examples
+    from rf_core.training.trainer import SlotTrainer
+
+    rows = [{"prompt": row["prompt"], "module": row["prompt"].split(".")[0]} for row in stdlib_sft_examples(limit=20)]
+
+    def make() -> SlotTrainer:
+        return SlotTrainer(
+            lambda config: load_base_model(config["model_name_or_path"], model_cache),
+            rows[:NUM_PROMPTS],
+            rows[NUM_PROMPTS:],
+            functions=FUNCTIONS,
+            num_threads=2,
+        )
+
+    return make
+
+
+def train_run(make_trainer, config: dict[str, Any], run_dir: Path, num_chunks: int, alternate: bool = False):
+    from rf_core.chunks import plan_chunks
+    from tests.training.test_trainer import Recorder, task_for, train_ok
+
+    trainers = [make_trainer(), make_trainer()] if alternate else [make_trainer()]
+    recorder, outcome = Recorder(), None
+    for chunk in plan_chunks(NUM_PROMPTS, config, num_chunks):
+        trainer = trainers[chunk.index % len(trainers)]
+        outcome = train_ok(trainer, task_for(1, config, chunk, run_dir), recorder)
+        if alternate:
+            trainer.release(1)
+    return recorder, outcome
+
+
+@pytest.mark.parametrize("overrides", [{}, {"beta": 0.05, "loss_type": "grpo"}], ids=["dapo", "grpo-kl"])
+def test_a_chunked_grpo_run_through_disk_equals_it_straight_through(make_trainer, overrides, tmp_path) -> None:
+    from rf_core.config import normalize_config
+    from tests.training.test_trainer import assert_same_weights, final_weights
+
+    config = normalize_config({**GRPO_LORA, **overrides})
+    straight, last_straight = train_run(make_trainer, config, tmp_path / "straight", 1)
+    chunked, last_chunked = train_run(make_trainer, config, tmp_path / "chunked", 4, alternate=True)
+    assert last_chunked.status == "completed"
+    names = ["train_loss", "reward", "reward_std", "rewards/starts_upper/mean", "rewards/short/mean",
+             "completions/mean_length", "entropy"] + (["kl"] if overrides else [])  # fmt: skip
+    for name in names:
+        assert straight.values(name) == chunked.values(name), name
+    assert len(straight.values("reward")) == 8  # 16 prompts, 2 per step
+    assert_same_weights(final_weights(last_straight), final_weights(last_chunked))
+    # The policy gradient moved the adapter off its zero init (the loss is ~0 at ratio 1 by construction).
+    assert any(tensor.abs().sum() > 0 for key, tensor in final_weights(last_straight).items() if "lora_B" in key)
+    assert max(value for _, value in straight.values("reward_std")) > 0
+    if overrides:
+        assert straight.values("kl")[0] == (1, 0.0)  # a new adapter starts as the base, its reference
+    # Evaluated at each boundary: generation seeded by run and step, so both agree where both evaluated.
+    assert dict(chunked.values("eval_reward"))[8] == dict(straight.values("eval_reward"))[8]
+    assert {"eval_loss", "eval_reward_std", "eval_completions/mean_length"} <= {row["name"] for row in straight.rows}
+
+
+def test_a_reward_function_that_raises_fails_that_run_only_with_its_traceback(make_trainer, tmp_path) -> None:
+    from rf_core.chunks import plan_chunks
+    from rf_core.config import normalize_config
+    from tests.training.test_trainer import Recorder, task_for, train_ok
+
+    trainer = make_trainer()
+    failing = normalize_config({**GRPO_LORA, "reward_funcs": ["starts_upper", "broken"]})
+    outcome = trainer.train(task_for(1, failing, plan_chunks(NUM_PROMPTS, failing, 2)[0], tmp_path / "a"), Recorder())
+    assert outcome.status == "failed"
+    assert outcome.error == "RuntimeError: reward function 'broken' raised KeyError: 'answer'"
+    assert "def broken" in outcome.traceback or "KeyError" in outcome.traceback
+    fine = normalize_config(GRPO_LORA)
+    assert train_ok(trainer, task_for(2, fine, plan_chunks(NUM_PROMPTS, fine, 2)[0], tmp_path / "b"), Recorder())
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(make_trainer, tmp_path_factory):
+    """`runs(overrides)`: the rows and final weights of GRPO_LORA + overrides, trained once (2 chunks)."""
+    from rf_core.config import normalize_config
+    from tests.training.test_trainer import final_weights
+
+    cache: dict[str, Any] = {}
+
+    def runs(**overrides: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        key = repr(sorted(overrides.items()))
+        if key not in cache:
+            config = normalize_config({**GRPO_LORA, **overrides})
+            recorder, outcome = train_run(make_trainer, config, tmp_path_factory.mktemp("grpo-knob"), 2)
+            cache[key] = (recorder, final_weights(outcome))
+        return cache[key]
+
+    return runs
+
+
+def values(recorder: Any, name: str) -> list[float]:
+    return [value for _, value in recorder.values(name)]
+
+
+def test_each_grpo_knob_is_honoured(grpo_runs) -> None:
+    """One observable effect per GRPO knob (test_knobs_honoured.py covers the others)."""
+    base, base_weights = grpo_runs()
+    # num_generations: the same 8 completions per step come from 4 prompts of 2, so an epoch has half the steps.
+    pairs, _ = grpo_runs(num_generations=2)
+    assert len(values(base, "reward")) == 8 and len(values(pairs, "reward")) == 4
+    # max_completion_length: completions stop at it.
+    assert (
+        max(values(grpo_runs(max_completion_length=3)[0], "completions/mean_length"))
+        <= 3
+        < max(values(base, "completions/mean_length"))
+    )
+    # temperature and top_p change what is sampled, and temperature the log-probabilities trained on.
+    assert values(grpo_runs(temperature=0.3)[0], "entropy") != values(base, "entropy")
+    assert values(grpo_runs(top_p=0.3)[0], "reward") != values(base, "reward")
+    # scale_rewards: the same samples at the first step, updates of other sizes.
+    unscaled, unscaled_weights = grpo_runs(scale_rewards="none")
+    assert values(unscaled, "reward")[0] == values(base, "reward")[0]
+    assert any(not torch.equal(unscaled_weights[key], base_weights[key]) for key in base_weights)
+    # reward_funcs and reward_weights: what is rewarded, and how much each counts.
+    upper_only, _ = grpo_runs(reward_funcs=["starts_upper"], reward_weights=None)
+    assert "rewards/short/mean" not in {row["name"] for row in upper_only.rows}
+    heavier, _ = grpo_runs(reward_weights=[1.0, 2.0])
+    first_short = values(base, "rewards/short/mean")[0]
+    assert values(heavier, "rewards/short/mean")[0] == first_short  # the same samples at the first step
+    assert values(heavier, "reward")[0] == pytest.approx(values(base, "rewards/starts_upper/mean")[0] + 2 * first_short)

@@ -726,10 +726,15 @@ CASES = [
 GANG_KNOBS = {"strategy", "zero_stage", "max_devices"}
 # A knob whose effect needs a warm start: its cases live in tests/training/test_preference.py.
 WARM_START_KNOBS = {"ref_model"}
+# GRPO's own knobs: their cases need reward functions and live in tests/training/test_grpo.py.
+GRPO_KNOBS = {
+    "num_generations", "max_completion_length", "temperature", "top_p", "scale_rewards", "reward_funcs",
+    "reward_weights",
+}  # fmt: skip
 
 
 def test_every_knob_has_a_case() -> None:
-    assert {param.values[0] for param in CASES} | GANG_KNOBS | WARM_START_KNOBS == set(KNOBS)
+    assert {param.values[0] for param in CASES} | GANG_KNOBS | WARM_START_KNOBS | GRPO_KNOBS == set(KNOBS)
 
 
 @pytest.mark.parametrize(("knob", "case"), CASES)
