@@ -8,7 +8,11 @@ import time
 from typing import Any
 
 DEMO_ENTRYPOINT = "rf_core.demo:demo_experiment"
-DEMO_ENTRYPOINTS = {"sft": DEMO_ENTRYPOINT, "dpo": "rf_core.demo:dpo_demo_experiment"}
+DEMO_ENTRYPOINTS = {
+    "sft": DEMO_ENTRYPOINT,
+    "dpo": "rf_core.demo:dpo_demo_experiment",
+    "grpo": "rf_core.demo:grpo_demo_experiment",
+}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         num_chunks=args.chunks,
         max_configs=args.max_configs,
     )
-    print(summary_line(snapshot) if trainer == "sft" else preference_summary_line(snapshot))
+    print({"sft": summary_line, "dpo": preference_summary_line, "grpo": reward_summary_line}[trainer](snapshot))
     return 0
 
 
@@ -51,6 +55,14 @@ def preference_summary_line(snapshot: dict[str, Any]) -> str:
     if not finals:
         return "no run finished with an eval reward accuracy"
     return (
-        f"eval reward accuracy (chosen rewarded above rejected): best {max(finals):.3f}, worst {min(finals):.3f} "
-        "(0.5 is chance)"
+        f"final eval reward accuracy (chosen rewarded above rejected): best {max(finals):.3f}, worst "
+        f"{min(finals):.3f} (0.5 is chance)"
     )
+
+
+def reward_summary_line(snapshot: dict[str, Any]) -> str:
+    finals = [run["latest_metric"] for run in snapshot["runs"] if run.get("latest_metric") is not None]
+    if not finals:
+        return "no run finished with an eval reward"
+    best, worst = max(finals), min(finals)
+    return f"final eval reward (one sentence of about 12 words scores 2): best {best:.3f}, worst {worst:.3f}"

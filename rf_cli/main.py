@@ -2,7 +2,7 @@
 
     rf up [--port P] [--prefect-port P] | rf down [--force] | rf status   services that stay up
     rf server start [--rf-home DIR] [--host H] [--port P]     run the dashboard + API (owns the store)
-    rf demo [--experiment NAME] [--chunks K] [--trainer dpo] ...  train the demo experiment
+    rf demo [--experiment NAME] [--chunks K] [--trainer dpo|grpo]  train the demo experiment
     rf experiments | rf runs EXP [--all] | rf ops EXP         look
     rf experiments delete EXP [--yes] [--force]               delete one, with its files
     rf experiments rename EXP NEW                             rename an ended one
@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chunks", type=int, default=4, help="chunks per epoch (default 4)")
     demo.add_argument(
         "--trainer",
-        choices=("sft", "dpo"),
+        choices=("sft", "dpo", "grpo"),
         default="sft",
-        help="sft (default): LoRA fine-tunes on docstrings; dpo: DPO runs on docstring preference pairs",
+        help="sft (default): LoRA fine-tunes on docstrings; dpo: DPO runs on docstring preference pairs; grpo: GRPO "
+        "runs rewarded for answering a signature with one sentence of about 12 words",
     )
     demo.add_argument("--max-configs", type=int, default=None, help="train at most N of the demo's configs")
     demo.add_argument("--cpu-slots", type=int, default=None, help="CPU slot workers")

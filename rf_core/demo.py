@@ -60,6 +60,39 @@ DPO_DEMO_GRID = {
 }
 
 
+GRPO_DEMO_GRID = {
+    "model_name_or_path": "rf-tiny-llama",
+    "trainer_type": "grpo",
+    "reward_funcs": ["sentence_reward", "length_reward"],
+    "learning_rate": List([2e-3, 2e-4]),
+    "num_generations": 4,
+    "per_device_train_batch_size": 8,
+    "max_completion_length": 24,
+    "max_steps": 40,
+    "r": 8,
+    "lora_alpha": 16,
+    "eval_subset": 8,
+}
+TARGET_WORDS = 12  # length_reward's best completion length, in words
+
+
+def sentence_reward(completions: list[Any], **_: Any) -> list[float]:
+    """1 for a completion that reads as one sentence: it starts with a capital letter and ends with a period."""
+    texts = [_text(completion).strip() for completion in completions]
+    return [float(bool(text) and text[0].isupper() and text.endswith(".")) for text in texts]
+
+
+def length_reward(completions: list[Any], **_: Any) -> list[float]:
+    """Closer to TARGET_WORDS words is better: 1 at the target, down to 0 at twice as far."""
+    return [
+        max(0.0, 1 - abs(len(_text(completion).split()) - TARGET_WORDS) / TARGET_WORDS) for completion in completions
+    ]
+
+
+def _text(completion: Any) -> str:
+    return completion if isinstance(completion, str) else "".join(message["content"] for message in completion)
+
+
 def demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
     return _demo_spec(GridSearch(DEMO_GRID), num_chunks)
 
@@ -69,17 +102,28 @@ def dpo_demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
     return _demo_spec(GridSearch(DPO_DEMO_GRID), num_chunks, metric="eval_rewards/accuracies")  # mode max follows
 
 
+def grpo_demo_experiment(num_chunks: int = 4) -> ExperimentSpec:
+    """GRPO runs that learn to answer a function signature with one sentence of about 12 words, from rewards
+    checked by two plain functions (a verifiable format and length), from the tiny model."""
+    return _demo_spec(GridSearch(GRPO_DEMO_GRID), num_chunks, metric="eval_reward")  # mode max follows
+
+
 def _demo_spec(config_group: Any, num_chunks: int, metric: str = "eval_loss") -> ExperimentSpec:
     from rf_core.demo_data import demo_datasets, demo_preference_datasets
 
     train, evaluation = demo_datasets()
     preference_train, preference_eval = demo_preference_datasets()
+
+    def prompts(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        return [{"prompt": row["prompt"]} for row in rows]
+
     return ExperimentSpec(
         config_group=config_group,
         create_model_fn=create_tiny_model,  # torch loads where the model is built (the slot workers), not here
-        train_dataset={"sft": train, "dpo": preference_train},
-        eval_dataset={"sft": evaluation, "dpo": preference_eval},
+        train_dataset={"sft": train, "dpo": preference_train, "grpo": prompts(train)},
+        eval_dataset={"sft": evaluation, "dpo": preference_eval, "grpo": prompts(evaluation)},
         num_chunks=num_chunks,
         seed=42,
         metric=metric,
+        functions={"sentence_reward": sentence_reward, "length_reward": length_reward},
     )

@@ -178,7 +178,7 @@ METRIC_MODES = ("min", "max")  # whether a lower or a higher value of the metric
 HIGHER_IS_BETTER = frozenset(
     {
         "eval_rewards/chosen", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen",
-        "rougeL", "bleu", "exact_match", "eval_rougeL", "eval_bleu", "eval_exact_match",
+        "rougeL", "bleu", "exact_match", "eval_rougeL", "eval_bleu", "eval_exact_match", "eval_reward",
     }
 )  # fmt: skip
 

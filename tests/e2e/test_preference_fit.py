@@ -127,3 +127,96 @@ def test_run_fit_refuses_preference_runs_without_preference_data_before_anything
         with pytest.raises(ValueError, match=message):
             Experiment("refused").run_fit(dpo, e2e_experiment.create_model_fn, train, evaluation, num_chunks=2)
     assert not paths.db_path(home).exists() and not paths.server_info_path(home).exists()  # no server, no store
+
+
+def test_a_grpo_run_with_reward_functions_defined_in_place_trains_in_a_real_fit(
+    prefect_harness,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+) -> None:
+    """Reward functions written in the test (sent by value), a GRPO run next to an SFT run, and a clone of the SFT
+    run into GRPO, warm-started, switching reward functions by name."""
+    from rf_core import Experiment
+    from rf_core.policies import CloneModify, ExperimentSnapshot, Policy, PolicyOp
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+
+    def mentions_the_item(completions: list[str], item: list[int], **_: Any) -> list[float]:
+        return [float(str(number) in text) for text, number in zip(completions, item, strict=True)]
+
+    def brevity(completions: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
+        return [-len(ids) / 8 for ids in completion_ids]
+
+    class TryRewardsOnTheSftRun(Policy):
+        name = "rl"
+
+        def decide(self, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
+            if len(snapshot.runs) > 2:
+                return []
+            grpo = {"trainer_type": "grpo", "reward_funcs": ["brevity"], "num_generations": 4,
+                    "max_completion_length": 6}  # fmt: skip
+            return [
+                CloneModify(run.run_id, "reinforce it", overrides=grpo, warm_start="weights")
+                for run in snapshot.trainable()
+                if run.config["trainer_type"] == "sft" and run.chunks_done >= 1
+            ]
+
+    prompts = [{"prompt": f"item {i}: ", "item": i} for i in range(16)]
+    config = {"model_name_or_path": "rf-tiny-llama", "r": 4, "max_length": 32, "per_device_train_batch_size": 8}
+    grpo = {**config, "trainer_type": "grpo", "reward_funcs": ["mentions_the_item", "brevity"],
+            "reward_weights": [1.0, 0.25], "num_generations": 4, "max_completion_length": 6}  # fmt: skip
+    snapshot = Experiment("rl").run_fit(
+        [config, grpo],
+        e2e_experiment.create_model_fn,
+        {"sft": sft_rows(32, 0), "grpo": prompts},
+        {"sft": sft_rows(8, 100), "grpo": prompts[:2]},
+        num_chunks=2,
+        functions=[mentions_the_item, brevity],
+        policies=[TryRewardsOnTheSftRun()],
+        cpu_slots=1,
+        idle_timeout=1,
+    )
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert sorted(runs) == [1, 2, 3] and all(run["status"] == "Completed" for run in runs.values()), runs
+    assert runs[3]["parent_id"] == 1 and runs[3]["config"]["reward_funcs"] == ["brevity"]
+    metrics = Experiment("rl").metrics()
+    names = set(metrics["name"])
+    assert {"reward", "reward_std", "rewards/mentions_the_item/mean", "rewards/brevity/mean", "eval_reward"} <= names
+    per_run = metrics.groupby("name")["run_id"].apply(set)
+    assert per_run["rewards/mentions_the_item/mean"] == {2} and per_run["rewards/brevity/mean"] == {2, 3}
+    assert len(metrics[(metrics["name"] == "reward") & (metrics["run_id"] == 2)]) == 8  # 16 prompts, 2 per step
+
+
+def test_run_fit_refuses_grpo_runs_it_could_not_train_before_anything_starts(
+    prefect_harness,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+) -> None:
+    from rf_core import Experiment
+    from tests import e2e_experiment
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+
+    def brevity(completions: list[str], **_: Any) -> list[float]:
+        return [-len(text) for text in completions]
+
+    prompts = [{"prompt": f"item {i}: "} for i in range(8)]
+    grpo: dict[str, Any] = {"model_name_or_path": "rf-tiny-llama", "trainer_type": "grpo", "num_generations": 4,
+                            "per_device_train_batch_size": 8, "reward_funcs": ["brevity"]}  # fmt: skip
+    cases = [
+        ({**grpo, "reward_funcs": None}, prompts, r'trainer_type="grpo": needs reward_funcs'),
+        ({**grpo, "reward_funcs": ["missing"]}, prompts, r"reward_funcs='missing': no function of that name"),
+        ({**grpo, "num_generations": 3}, prompts, r"num_generations=3: must divide the step's batch"),
+        (grpo, [{"text": "no prompt"}] * 8, r"train_dataset row 0 is a 'text' row: trainer_type grpo trains on"),
+    ]
+    for config, rows, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Experiment("refused").run_fit(
+                config, e2e_experiment.create_model_fn, rows, rows, num_chunks=2, functions=[brevity]
+            )
+    assert not paths.server_info_path(home).exists()  # no server was left behind
