@@ -28,7 +28,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"  rf stop {experiment} 1")
     print(f"  rf clone {experiment} 2 --set learning_rate=3e-4 --warm-start")
     if trainer == "sft":
-        print(f"  rf clone {experiment} 1 --set trainer_type=dpo --warm-start   (DPO, anchored to run 1's weights)")
+        print(
+            f"  rf clone {experiment} 1 --set trainer_type=dpo learning_rate=1e-3 --warm-start   "
+            "(DPO, anchored to run 1's weights)"
+        )
     snapshot = run_flow(
         experiment,
         ephemeral=args.ephemeral,

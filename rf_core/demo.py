@@ -50,12 +50,12 @@ DPO_DEMO_GRID = {
     "model_name_or_path": "rf-tiny-llama",
     "trainer_type": "dpo",
     "beta": List([0.1, 0.5]),
-    "learning_rate": List([1e-3, 1e-4]),
+    "learning_rate": List([1e-2, 1e-3]),  # the tiny model learns its preferences at the upper end
     "r": 8,
     "lora_alpha": 16,
     "num_train_epochs": 1,
     "per_device_train_batch_size": 8,
-    "max_length": 64,
+    "max_length": 128,
     "warmup_steps": 5,
 }
 
