@@ -64,15 +64,14 @@ GRPO_DEMO_GRID = {
     "model_name_or_path": "rf-tiny-llama",
     "trainer_type": "grpo",
     "reward_funcs": ["sentence_reward", "length_reward"],
-    "learning_rate": List([2e-3, 2e-4]),
+    "learning_rate": List([3e-3, 3e-4]),
     "num_generations": 4,
-    "per_device_train_batch_size": 8,
+    "per_device_train_batch_size": 8,  # completions: 2 prompts per step, each sampled 4 times
     "max_completion_length": 24,
-    "max_steps": 40,
     "r": 8,
     "lora_alpha": 16,
-    "eval_subset": 8,
 }
+GRPO_DEMO_PROMPTS = (320, 16)  # (train, eval) prompts: 160 steps an epoch, each eval 64 completions
 TARGET_WORDS = 12  # length_reward's best completion length, in words
 
 
@@ -120,8 +119,8 @@ def _demo_spec(config_group: Any, num_chunks: int, metric: str = "eval_loss") ->
     return ExperimentSpec(
         config_group=config_group,
         create_model_fn=create_tiny_model,  # torch loads where the model is built (the slot workers), not here
-        train_dataset={"sft": train, "dpo": preference_train, "grpo": prompts(train)},
-        eval_dataset={"sft": evaluation, "dpo": preference_eval, "grpo": prompts(evaluation)},
+        train_dataset={"sft": train, "dpo": preference_train, "grpo": prompts(train[: GRPO_DEMO_PROMPTS[0]])},
+        eval_dataset={"sft": evaluation, "dpo": preference_eval, "grpo": prompts(evaluation[: GRPO_DEMO_PROMPTS[1]])},
         num_chunks=num_chunks,
         seed=42,
         metric=metric,
