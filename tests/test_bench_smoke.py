@@ -83,3 +83,10 @@ def test_dpo_vs_trl_benchmark_smoke(tmp_path):
     # The same data, model and settings: both start at the reference, where the DPO loss is log 2.
     assert abs(results["losses"]["engine"][0] - results["losses"]["trl"][0]) < 1e-4
     assert results["losses"]["engine"] == results["losses"]["engine_4_chunks_swapped"]
+
+
+def test_grpo_vs_trl_benchmark_smoke(tmp_path):
+    results = run_smoke("bench/grpo_vs_trl.py", tmp_path)
+    assert results["steps"]["engine"] == results["steps"]["trl"] == 4  # 8 prompts, 2 per step
+    assert results["ratio_engine_over_trl"] > 0
+    assert len(results["rewards"]["engine"]) == len(results["rewards"]["trl"]) == 4

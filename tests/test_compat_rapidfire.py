@@ -13,6 +13,7 @@ from rf_core.compat.rapidfire import (
     RapidFireModelFactory,
     RFDPOConfig,
     RFGridSearch,
+    RFGRPOConfig,
     RFLoraConfig,
     RFModelConfig,
     RFRandomSearch,
@@ -115,8 +116,8 @@ def test_what_has_no_meaning_here_is_refused_by_name(changes: dict[str, Any], ex
 
 
 def test_other_trainers_and_modes_are_refused_with_why() -> None:
-    with pytest.raises(ConfigError, match="rf trains SFT and DPO runs only so far"):
-        RFGridSearch(model_config(), trainer_type="GRPO")
+    with pytest.raises(ConfigError, match="trainer_type must be one of SFT, DPO, GRPO for a fit, got 'PPO'"):
+        RFGridSearch(model_config(), trainer_type="PPO")
     with pytest.raises(ConfigError, match="training_args must be an RFDPOConfig for trainer_type 'DPO'"):
         rf_configs(RFGridSearch(model_config(), trainer_type="DPO"))
     with pytest.raises(ValueError, match="run_fit needs Experiment"):
@@ -164,3 +165,37 @@ def test_rapidfires_dpo_notebook_config_becomes_dpo_runs() -> None:
     with pytest.raises(ConfigError, match="ref_model_name='other': not supported here"):
         rf_configs(RFGridSearch(RFModelConfig(model_name="rf-tiny-llama", ref_model_name="other", training_args=dpo),
                                 trainer_type="DPO"))  # fmt: skip
+
+
+def correctness_reward_func(prompts, completions, answer, **kwargs) -> list[float]:
+    responses = [completion[0]["content"] for completion in completions]
+    return [2.0 if r.strip() == a else 0.0 for r, a in zip(responses, answer, strict=True)]
+
+
+def int_reward_func(completions, **kwargs) -> list[float]:
+    return [0.5 if completion[0]["content"].strip().isdigit() else 0.0 for completion in completions]
+
+
+def test_rapidfires_grpo_notebook_config_becomes_grpo_runs() -> None:
+    """RapidFire's GRPO tutorial (rf-tutorial-grpo-mathreasoning-lite): reward functions on the model config."""
+    grpo = RFGRPOConfig(
+        learning_rate=5e-6, warmup_ratio=0.1, weight_decay=0.1, max_grad_norm=0.1, lr_scheduler_type="linear",
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=8, num_train_epochs=1,
+        max_prompt_length=256, max_completion_length=256, logging_steps=2, beta=0.0,
+    )  # fmt: skip
+    lora = RFLoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], bias="none")
+    config = RFModelConfig(model_name="rf-tiny-llama", peft_config=lora, training_args=grpo,
+                           reward_funcs=[correctness_reward_func, int_reward_func])  # fmt: skip
+    group = RFGridSearch(configs=List([config]), trainer_type="GRPO")
+    config_group, functions = group.rf_config_group(seed=42)
+    [rf_config] = config_group.configs()
+    normalised = normalize_config(rf_config)
+    assert normalised["trainer_type"] == "grpo" and normalised["num_generations"] == 8
+    assert normalised["reward_funcs"] == ["correctness_reward_func", "int_reward_func"]
+    assert functions["int_reward_func"] is int_reward_func
+    assert (normalised["max_completion_length"], normalised["beta"]) == (256, 0.0)
+    with pytest.raises(ConfigError, match="adam_beta2=0.99: rf's AdamW keeps torch's betas"):
+        rf_configs(RFGridSearch(RFModelConfig(model_name="m", training_args=RFGRPOConfig(adam_beta2=0.99),
+                                              reward_funcs=[int_reward_func]), trainer_type="GRPO"))  # fmt: skip
+    with pytest.raises(ConfigError, match="reward_funcs: only trainer_type 'GRPO' runs use them"):
+        rf_configs(RFGridSearch(model_config(reward_funcs=[int_reward_func]), trainer_type="SFT"))

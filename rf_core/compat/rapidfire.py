@@ -52,6 +52,8 @@ REFUSED_TRAINING_ARGS: dict[str, str] = {
     "deepspeed": "set strategy='deepspeed' and zero_stage instead",
     "packing": "rf trains unpacked rows, padded per batch",
     "optim": "rf trains with AdamW (torch's)",
+    "adam_beta1": "rf's AdamW keeps torch's betas (0.9, 0.999)",
+    "adam_beta2": "rf's AdamW keeps torch's betas (0.9, 0.999)",
 }
 # RFDPOConfig arguments about TRL's reference model, which rf chooses with its ref_model knob instead.
 IGNORED_DPO_ARGS: dict[str, str] = {
@@ -61,7 +63,11 @@ IGNORED_DPO_ARGS: dict[str, str] = {
     "max_prompt_length": "TRL 1.x cuts prompt + completion at max_length only, and so does rf",
     "max_completion_length": "TRL 1.x cuts prompt + completion at max_length only, and so does rf",
 }
-TRAINER_KNOB_VALUES = {"SFT": "sft", "DPO": "dpo"}  # RapidFire's trainer_type -> rf's
+# RFGRPOConfig arguments that TRL 1.x no longer has, or that rf decides.
+IGNORED_GRPO_ARGS: dict[str, str] = {
+    "max_prompt_length": "TRL 1.x generates from the whole prompt, and so does rf",
+}
+TRAINER_KNOB_VALUES = {"SFT": "sft", "DPO": "dpo", "GRPO": "grpo"}  # RapidFire's trainer_type -> rf's
 ARGUMENT_CLASSES = {"SFT": "RFSFTConfig", "DPO": "RFDPOConfig", "GRPO": "RFGRPOConfig"}
 RENAMED_TRAINING_ARGS = {"max_seq_length": "max_length", "evaluation_strategy": "eval_strategy"}
 # generation_config keys RapidFire reads or passes on that rf decides itself (the tokenizer's pad and eos ids).
@@ -129,7 +135,7 @@ class RFDPOConfig(_Arguments):
 
 
 class RFGRPOConfig(_Arguments):
-    """TRL's GRPOConfig arguments: rf does not train GRPO runs yet."""
+    """TRL's GRPOConfig arguments (num_generations, max_completion_length, beta, ... and the training arguments)."""
 
 
 @dataclass
@@ -163,8 +169,6 @@ class RFGridSearch:
         self.trainer_type = (trainer_type or "").upper() or None
         if self.trainer_type not in TRAINER_TYPES:
             raise ConfigError(f"trainer_type must be one of {', '.join(TRAINER_TYPES)} for a fit, got {trainer_type!r}")
-        if self.trainer_type not in TRAINER_KNOB_VALUES:
-            raise ConfigError(f"trainer_type={self.trainer_type!r}: rf trains SFT and DPO runs only so far")
         self.configs = _model_configs(configs)
         self.num_runs = num_runs
         self.create_model_fn = create_model_fn
@@ -316,6 +320,11 @@ def _rf_bases(config: RFModelConfig, namer: _FunctionNamer, trainer_type: str) -
     model: dict[str, Any] = {"model_name_or_path": config.model_name}
     if trainer_type != "SFT":
         model["trainer_type"] = TRAINER_KNOB_VALUES[trainer_type]
+    if config.reward_funcs is not None:
+        if trainer_type != "GRPO":
+            problems.append(f"RFModelConfig reward_funcs: only trainer_type 'GRPO' runs use them, not {trainer_type!r}")
+        functions = config.reward_funcs if isinstance(config.reward_funcs, list | tuple) else [config.reward_funcs]
+        model["reward_funcs"] = [namer.name(function, formats_rows=False) for function in functions]
     if config.model_kwargs:
         model["model_kwargs"] = {key: value for key, value in config.model_kwargs.items()}
     evaluation = _evaluation_knobs(config, namer, problems)
@@ -335,7 +344,6 @@ def _unsupported_fields(config: RFModelConfig) -> list[str]:
         "tokenizer_kwargs": "load the tokenizer in create_model_fn",
         "ref_model_name": "rf's DPO reference is the base (adapters off) or a warm start's parent: set ref_model",
         "ref_model_kwargs": "rf's DPO reference is the base (adapters off) or a warm start's parent: set ref_model",
-        "reward_funcs": "rf trains SFT and DPO runs so far",
         "num_gpus": "set num_devices (and strategy) in the training arguments' place: rf's multi-device runs",
     }
     problems = [
@@ -361,7 +369,8 @@ def _training_knobs(arguments: Any, problems: list[str], trainer_type: str = "SF
         return {}
     knobs_set: dict[str, Any] = {}
     for key, value in arguments._user_params.items():
-        if key in IGNORED_TRAINING_ARGS or (trainer_type == "DPO" and key in IGNORED_DPO_ARGS):
+        ignored = IGNORED_DPO_ARGS if trainer_type == "DPO" else IGNORED_GRPO_ARGS if trainer_type == "GRPO" else {}
+        if key in IGNORED_TRAINING_ARGS or key in ignored:
             continue
         if key in REFUSED_TRAINING_ARGS:
             problems.append(f"{expected} {key}={value!r}: {REFUSED_TRAINING_ARGS[key]}")
