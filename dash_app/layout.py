@@ -68,7 +68,7 @@ def build_layout(
                 id="runs-grid",
                 rowData=[],
                 columnDefs=[],
-                getRowId="String(params.data.run)",
+                getRowId="params.data.run",
                 defaultColDef={"sortable": True, "resizable": True, "filter": True, "floatingFilter": True},
                 dashGridOptions={
                     "animateRows": False,
@@ -96,7 +96,7 @@ def build_layout(
                 id="ops-grid",
                 rowData=[],
                 columnDefs=OPS_LOG_COLUMNS,
-                getRowId="String(params.data.op)",
+                getRowId="params.data.op",
                 defaultColDef={"sortable": True, "resizable": True, "filter": True},
                 dashGridOptions={"animateRows": False, "tooltipShowDelay": 300},
                 style={"height": "260px"},
