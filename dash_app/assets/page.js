@@ -8,6 +8,10 @@
   const STALE_AFTER_S = 6; // three refresh ticks without an answer
 
   const state = { reachable: true, lastAnswer: Date.now(), downSince: null };
+  // The run panel a loaded URL names opens once the page knows the experiment's runs; until then the URL keeps its
+  // run, or a write before the panel opened would drop it and the panel would never open.
+  const initialQuery = new URLSearchParams(window.location.search);
+  let runToRestore = initialQuery.get("run");
 
   // Every callback answer the page gets is a sign of life: note when the last one came.
   const plainFetch = window.fetch.bind(window);
@@ -155,6 +159,13 @@
           return window.dash_clientside.no_update; // a run page's URL names its run already
         }
         const params = new URLSearchParams(window.location.search);
+        if (run !== null && run !== undefined) {
+          runToRestore = null; // restored, or another run chosen: the page's own choice rules from here
+        } else if (runToRestore !== null && experiment === initialQuery.get("experiment")) {
+          run = runToRestore;
+        } else {
+          runToRestore = null; // another experiment was picked: the link's run is not of it
+        }
         const set = function (name, value) {
           if (value === null || value === undefined || value === "" || value === 0) {
             params.delete(name);
