@@ -331,8 +331,8 @@ class SlotTrainer:
         state.chunk_started, state.samples_at_chunk_start = (chunk.index, chunk.start_step), state.samples
         model = self._activate(state)
         _set_gradient_checkpointing(model, config["gradient_checkpointing"])  # the base may serve other runs too
-        preference, grpo = config["trainer_type"] == "dpo", config["trainer_type"] == "grpo"
-        _set_dropout(model, enabled=not preference)  # TRL's DPO trains without dropout (disable_dropout)
+        grpo = config["trainer_type"] == "grpo"
+        _set_dropout(model, enabled=config["trainer_type"] != "dpo")  # as TRL's DPO (disable_dropout)
         parameters = list(state.trainable.values())
         stepper = self._stepper(task, state, model, session)
 
@@ -352,28 +352,15 @@ class SlotTrainer:
             step_number = state.step + 1  # 1-based number of the update being computed
             state.optimizer.zero_grad(set_to_none=True)
             mine = micro_batches if session is None else session.my_micro_batches(micro_batches)
-            micro_losses: list[float] = []
-            micro_metrics: dict[str, list[float]] = {}
             if grpo:
                 assert isinstance(train_data, PromptData)
                 micro_losses, micro_metrics = self._grpo_step(
                     stepper, state, base, train_data, micro_batches[0], config, device, step_number
                 )
-                mine = []
-            for position, indices in enumerate(mine):
-                batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
-                with stepper.micro_batch(position, len(mine)):
-                    if preference:
-                        loss, values = self._preference_loss(stepper.logits, state, base, batch, config, device)
-                        for name, value in values.items():
-                            micro_metrics.setdefault(name, []).append(value)
-                    else:
-                        with _precision(config, device):
-                            loss = stepper.forward(batch)
-                    if session is None and not torch.isfinite(loss):
-                        raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
-                    stepper.backward(loss, position, len(mine))
-                micro_losses.append(loss.item())
+            else:
+                micro_losses, micro_metrics = self._accumulate(
+                    stepper, state, base, train_data, mine, config, device, step_number, alone=session is None
+                )
             if session is not None:
                 # Every member must see the same losses, so all of them stop together on a bad one.
                 loss_sum, count = session.sum([sum(micro_losses), len(micro_losses)])
@@ -868,6 +855,38 @@ class SlotTrainer:
         return {EVAL_LOSS_METRIC: loss_sum / max(pairs, 1)} | {
             f"eval_{name}": total / batches for name, total in sums.items()
         }
+
+    def _accumulate(
+        self,
+        stepper: PlainStep,
+        state: _RunState,
+        base: _BaseEntry,
+        train_data: TokenizedData | PreferenceData,
+        micro_batches: list[list[int]],
+        config: dict[str, Any],
+        device: torch.device,
+        step_number: int,
+        alone: bool,
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """Forward and backward of this process's micro-batches of one step (SFT or DPO): their losses and the
+        objective's metrics."""
+        losses: list[float] = []
+        metrics: dict[str, list[float]] = {}
+        for position, indices in enumerate(micro_batches):
+            batch = {name: tensor.to(device) for name, tensor in train_data.batch(indices).items()}
+            with stepper.micro_batch(position, len(micro_batches)):
+                if config["trainer_type"] == "dpo":
+                    loss, values = self._preference_loss(stepper.logits, state, base, batch, config, device)
+                    for name, value in values.items():
+                        metrics.setdefault(name, []).append(value)
+                else:
+                    with _precision(config, device):
+                        loss = stepper.forward(batch)
+                if alone and not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss became {loss.item()} at step {step_number}")
+                stepper.backward(loss, position, len(micro_batches))
+            losses.append(loss.item())
+        return losses, metrics
 
     # -------------------------------------------------------------------------------------------- GRPO runs
 
