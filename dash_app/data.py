@@ -452,6 +452,10 @@ def op_detail(op: Mapping[str, Any]) -> str:
     parts = []
     if op["kind"] == OpKind.CLONE:
         parts.append(f"{payload.get('count', '?')} clone(s), warm start {payload.get('warm_start', 'off')}")
+        overrides = (payload.get("request") or {}).get("overrides")
+        if isinstance(overrides, Mapping) and overrides:
+            # What the clone changed, a switch of trainer type included: the ops log is where people look back.
+            parts.append("set " + ", ".join(f"{key}={_short_json(value)}" for key, value in overrides.items()))
         if result.get("created_run_ids"):
             parts.append("created " + runs_text(result["created_run_ids"]))
     elif result:
@@ -459,6 +463,11 @@ def op_detail(op: Mapping[str, Any]) -> str:
     if isinstance(payload.get("policy"), Mapping) and payload["policy"].get("reason"):
         parts.append(f"policy: {payload['policy']['reason']}")
     return "; ".join(parts)
+
+
+def _short_json(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def timeline(store: Store, experiment: str | None) -> list[dict[str, Any]]:

@@ -153,7 +153,10 @@ def test_ops_log_says_what_each_op_did(store):
     ops.apply_due_ops(store, "exp", [1])
     log = data.ops_log(store, "exp")
     assert [row["op"] for row in log] == [clone["op_id"] + 1, clone["op_id"]]  # newest first
-    assert log[1]["detail"] == "2 clone(s), warm start off; created runs 5, 6" and log[1]["status"] == "applied"
+    assert log[1]["detail"] == (
+        '2 clone(s), warm start off; set learning_rate={"$list": [0.0001, 0.0002]}; created runs 5, 6'
+    )
+    assert log[1]["status"] == "applied"
     assert log[0]["status"] == "pending" and log[0]["applied"] == ""
     assert data.ops_log(store, None) == [] and data.ops_log(store, "nope") == []
 
