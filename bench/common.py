@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,26 @@ def build_llama_base(folder: Path, shape: dict[str, Any], max_positions: int) ->
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class TrainTimer:
+    """A `transformers.TrainerCallback` timing `Trainer.train` from its first step's start to its end (not the
+    dataset preparation before it): `seconds` once it has ended."""
+
+    def __new__(cls) -> Any:
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            start = end = 0.0
+
+            def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+                self.start = time.perf_counter()
+
+            def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+                self.end = time.perf_counter()
+
+            @property
+            def seconds(self) -> float:
+                return self.end - self.start
+
+        return _Timer()

@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_llama_base, isolated_environment  # noqa: E402
+from bench.common import TrainTimer, build_llama_base, isolated_environment  # noqa: E402
 from bench.sft_vs_trl import SHAPE, SMOKE_SHAPE, THREADS, load  # noqa: E402
 
 
@@ -78,7 +78,6 @@ def run_trl(folder: Path, rows: list[dict[str, Any]], settings: dict[str, Any], 
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(THREADS)
@@ -95,21 +94,14 @@ def run_trl(folder: Path, rows: list[dict[str, Any]], settings: dict[str, Any], 
     )  # fmt: skip
     lora = LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
                       target_modules=settings["target_modules"], task_type="CAUSAL_LM")  # fmt: skip
-    timer: dict[str, float] = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            timer["start"] = time.perf_counter()
-
-        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-            timer["end"] = time.perf_counter()
+    timer = TrainTimer()
 
     trainer = DPOTrainer(model=model, args=arguments, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])  # fmt: skip
+                         processing_class=tokenizer, peft_config=lora, callbacks=[timer])  # fmt: skip
     trainer.train()
     history = trainer.state.log_history
     return {
-        "seconds": timer["end"] - timer["start"],
+        "seconds": timer.seconds,
         "steps": int(trainer.state.global_step),
         "losses": [entry["loss"] for entry in history if "loss" in entry],
         "margins": [entry["rewards/margins"] for entry in history if "rewards/margins" in entry],

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_llama_base, isolated_environment  # noqa: E402
+from bench.common import TrainTimer, build_llama_base, isolated_environment  # noqa: E402
 
 SHAPE = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4}  # fmt: skip
@@ -89,7 +89,6 @@ def run_trl(folder: Path, rows: list[dict[str, Any]], settings: dict[str, Any], 
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(THREADS)
@@ -104,21 +103,14 @@ def run_trl(folder: Path, rows: list[dict[str, Any]], settings: dict[str, Any], 
     )  # fmt: skip
     lora = LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
                       target_modules=settings["target_modules"], task_type="CAUSAL_LM")  # fmt: skip
-    timer: dict[str, float] = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            timer["start"] = time.perf_counter()
-
-        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-            timer["end"] = time.perf_counter()
+    timer = TrainTimer()
 
     trainer = SFTTrainer(model=model, args=arguments, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])  # fmt: skip
+                         processing_class=tokenizer, peft_config=lora, callbacks=[timer])  # fmt: skip
     tokens = sum(len(row["input_ids"]) for row in trainer.train_dataset)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"seconds": timer["end"] - timer["start"], "tokens": int(tokens), "losses": losses}
+    return {"seconds": timer.seconds, "tokens": int(tokens), "losses": losses}
 
 
 def eval_cost(folder: Path, rows: list[dict[str, Any]], settings: dict[str, Any], scratch: Path, subset: int) -> dict:

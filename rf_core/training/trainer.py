@@ -837,14 +837,11 @@ class SlotTrainer:
         batches = 0
         model.eval()
 
-        def policy_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-
         with torch.no_grad():
             for start in range(0, len(data), batch_size):
                 indices = list(range(start, min(start + batch_size, len(data))))
                 batch = {name: tensor.to(device) for name, tensor in data.batch(indices).items()}
-                loss, values = self._preference_loss(policy_logits, state, base, batch, config, device)
+                loss, values = self._preference_loss(_logits_of(model), state, base, batch, config, device)
                 model.eval()  # the reference may have been the same module, put back in the mode it had
                 loss_sum += float(loss) * len(indices)
                 pairs += len(indices)
@@ -1005,13 +1002,8 @@ class SlotTrainer:
         with torch.no_grad():
             batch = {name: tensor.to(device) for name, tensor in generation.rows(slice(None)).items()}
 
-            def policy_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-                return model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
-
             loss, values = self._grpo_loss(
-                policy_logits, state, base, batch, advantages.to(device), config, device, tokens, 1
+                _logits_of(model), state, base, batch, advantages.to(device), config, device, tokens, 1
             )
         model.train()
         return {EVAL_LOSS_METRIC: float(loss)} | {f"eval_{name}": value for name, value in (metrics | values).items()}
@@ -1277,6 +1269,15 @@ def _precision(config: dict[str, Any], device: torch.device) -> contextlib.Abstr
     if config["fp16"]:
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def _logits_of(model: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """A batch's logits from `model` as it is (an evaluation's forward, outside any DDP wrapper)."""
+
+    def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+    return logits
 
 
 def _set_dropout(model: Any, enabled: bool) -> None:
