@@ -63,16 +63,20 @@ TRANSITION_STEPS: dict[str, str] = {
     "checkpoint": "worker: checkpoint of the finished chunk (torch.save + fsync + rename)",
     "metric_flush": "worker: last metric batch sent to the store before answering",
     "result_pipe": "worker -> fit loop: result through the slot pipe",
-    "chunk_end_http": "fit loop: POST chunk-end (store records the chunk)",
+    "chunk_end_http": "fit loop: POST chunk-end, when the chunk is recorded apart (policies read the table first)",
     "completion_detection": "fit loop: Prefect train task finishes + the loop notices it",
     "plan_task_start": "fit loop: results handled, Prefect plan task starts",
-    "plan": "fit loop: FitLoop.plan (list runs + apply due ops over HTTP, assign slots)",
+    "boundary_http": "fit loop: POST boundary (record the ended chunk, apply due ops, start the picked chunk)",
+    "plan": "fit loop: FitLoop.plan less its request (pick runs before it, assign slots after it)",
     "dispatch": "fit loop: plan task ends, train task submitted and started",
-    "chunk_start_http": "fit loop: POST chunk-start (store records the dispatch)",
+    "chunk_start_http": "fit loop: POST chunk-start, when the boundary did not start the chunk",
     "task_pipe": "fit loop -> worker: task through the slot pipe",
     "setup": "worker: chunk setup before the training loop (run state, adapter switch, RNG)",
 }
 WORKER_WORK_STEPS = ("eval", "checkpoint")  # work the engine does at every chunk boundary by design
+# Prefect's own machinery between two chunks: the train task ending and being noticed, the plan task starting and
+# ending, the next train task submitted and started.
+PREFECT_STEPS = ("completion_detection", "plan_task_start", "dispatch")
 
 
 # ------------------------------------------------------------------------------------------------- records
@@ -122,12 +126,13 @@ class ChunkRecord:
     completion_noticed: float | None  # when the fit loop last learnt of a finished chunk before planning this one
     plan_start: float
     plan_end: float
-    chunk_start_call: float
-    chunk_start_return: float
+    boundary_seconds: float  # the plan's one store request (record ends, apply ops, start picks)
+    chunk_start_call: float | None  # None: the boundary request started the chunk
+    chunk_start_return: float | None
     dispatched: float
     worker_returned: float
-    chunk_end_call: float
-    chunk_end_return: float
+    chunk_end_call: float | None  # None: the next boundary request recorded the chunk
+    chunk_end_return: float | None
     trainer_start: float
     trainer_end: float
     flush_end: float
@@ -163,6 +168,11 @@ class Transition:
     def orchestration_seconds(self) -> float:
         """Plan + dispatch + record: the whole gap less the evaluation and checkpoint work."""
         return self.total_seconds - sum(self.steps[name] for name in WORKER_WORK_STEPS)
+
+    @property
+    def prefect_seconds(self) -> float:
+        """Prefect's own per-task cost inside the gap (task runs ending, starting, being submitted)."""
+        return sum(self.steps[name] for name in PREFECT_STEPS)
 
 
 @dataclass
@@ -232,9 +242,9 @@ class FlowProbe:
                     probe.http_calls.append(record)
 
         @functools.wraps(original_plan)
-        def plan(self: FitLoop, in_flight: Any) -> Any:
+        def plan(self: FitLoop, in_flight: Any, ended: Any = ()) -> Any:
             started = time.time()
-            result = original_plan(self, in_flight)
+            result = original_plan(self, in_flight, ended)
             tasks = [(slot, task.run_id, task.chunk.index) for slot, task in result.tasks]
             with probe._lock:
                 probe.plans.append(PlanRecord(started, time.time(), tasks))
@@ -423,12 +433,17 @@ def build_chunk_records(
                 completion_noticed=max(earlier_notices) if earlier_notices else None,
                 plan_start=plan_record.started,
                 plan_end=plan_record.ended,
-                chunk_start_call=probe.chunk_starts[key].started,
-                chunk_start_return=probe.chunk_starts[key].ended,
+                boundary_seconds=sum(
+                    call.seconds
+                    for call in probe.http_calls
+                    if call.endpoint == "boundary" and plan_record.started <= call.started <= plan_record.ended
+                ),
+                chunk_start_call=start.started if (start := probe.chunk_starts.get(key)) else None,
+                chunk_start_return=start.ended if start else None,
                 dispatched=train_call.dispatched,
                 worker_returned=train_call.returned,
-                chunk_end_call=probe.chunk_ends[key].started,
-                chunk_end_return=probe.chunk_ends[key].ended,
+                chunk_end_call=end.started if (end := probe.chunk_ends.get(key)) else None,
+                chunk_end_return=end.ended if end else None,
                 trainer_start=float(worker["trainer_start"]),
                 trainer_end=float(worker["trainer_end"]),
                 flush_end=float(worker["flush_end"]),
@@ -456,20 +471,24 @@ def build_chunk_records(
 
 def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transition:
     detected = following.completion_noticed
-    if detected is None or detected < previous.chunk_end_return:
-        detected = previous.chunk_end_return  # no wait() return to tell apart: count it all as plan_task_start
+    recorded = previous.chunk_end_return if previous.chunk_end_return is not None else previous.worker_returned
+    if detected is None or detected < recorded:
+        detected = recorded  # no wait() return to tell apart: count it all as plan_task_start
+    dispatched = following.chunk_start_call if following.chunk_start_call is not None else following.dispatched
+    handed = following.chunk_start_return if following.chunk_start_return is not None else following.dispatched
     steps = {
         "eval": previous.eval_seconds,
         "checkpoint": previous.checkpoint_seconds,
         "metric_flush": previous.flush_end - previous.trainer_end,
         "result_pipe": previous.worker_returned - previous.flush_end,
-        "chunk_end_http": previous.chunk_end_return - previous.worker_returned,
-        "completion_detection": detected - previous.chunk_end_return,
+        "chunk_end_http": recorded - previous.worker_returned,
+        "completion_detection": detected - recorded,
         "plan_task_start": following.plan_start - detected,
-        "plan": following.plan_end - following.plan_start,
-        "dispatch": following.chunk_start_call - following.plan_end,
-        "chunk_start_http": following.chunk_start_return - following.chunk_start_call,
-        "task_pipe": following.trainer_start - following.chunk_start_return,
+        "boundary_http": following.boundary_seconds,
+        "plan": following.plan_end - following.plan_start - following.boundary_seconds,
+        "dispatch": dispatched - following.plan_end,
+        "chunk_start_http": handed - dispatched,
+        "task_pipe": following.trainer_start - handed,
         "setup": following.setup_seconds,
     }
     return Transition(
@@ -520,7 +539,8 @@ def analyse(
             "first_chunk_extra_seconds": first_chunk_extra,
             "first_chunk_base_model_seconds": first.base_model_seconds,
             "first_chunk_tokenize_seconds": first.tokenize_seconds,
-            "first_chunk_dispatch_to_training_seconds": first.loop_start - first.chunk_start_call,
+            "first_chunk_dispatch_to_training_seconds": first.loop_start
+            - (first.chunk_start_call if first.chunk_start_call is not None else first.dispatched),
         }
     train_total = sum(record.train_seconds for record in records)
 
@@ -581,6 +601,10 @@ def analyse(
         "overhead_per_chunk": {
             "training_end_to_next_training_start": describe(t.total_seconds for t in transitions),
             "plan_dispatch_record_only": describe(t.orchestration_seconds for t in transitions),
+            "prefect_task_machinery": describe(t.prefect_seconds for t in transitions),
+            "plan_dispatch_record_less_prefect": describe(
+                t.orchestration_seconds - t.prefect_seconds for t in transitions
+            ),
             "steps": {name: describe(t.steps[name] for t in transitions) for name in TRANSITION_STEPS},
             "step_descriptions": TRANSITION_STEPS,
             "step_sum_mismatch_max_seconds": consistency,
@@ -723,6 +747,10 @@ def print_summary(results: dict[str, Any]) -> None:
         f"  of which plan + dispatch + record (less eval and checkpoint): median "
         f"{milliseconds(orchestration['median'])} (target <= {milliseconds(TARGET_MEDIAN_OVERHEAD_S)}), p95 "
         f"{milliseconds(orchestration['p95'])}, max {milliseconds(orchestration['max'])}",
+        f"    Prefect's own task machinery in it ({' + '.join(PREFECT_STEPS)}): "
+        + _triple(overhead["prefect_task_machinery"]),
+        "    plan + dispatch + record less Prefect's machinery: "
+        + _triple(overhead["plan_dispatch_record_less_prefect"]),
         "  steps (median / p95 / max):",
     ]
     for name, description in TRANSITION_STEPS.items():

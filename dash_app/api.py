@@ -165,7 +165,11 @@ def register_routes(server: Flask, store: Store) -> None:
     def boundary(name: str) -> Response:
         body = _body()
         _require(body, "busy_run_ids")
-        return _json(ops.boundary_view(store, name, body["busy_run_ids"]))
+        return _json(
+            ops.boundary_view(
+                store, name, body["busy_run_ids"], body.get("ended", []), body.get("starts", []), body.get("since")
+            )
+        )
 
     @api.post("/experiments/<name>/chunk-start")
     def chunk_start(name: str) -> Response:

@@ -6,6 +6,7 @@ once. IC Ops queued in the store are applied by the plan step, at each run's chu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
@@ -26,8 +27,8 @@ from rf_core.data_forms import check_fit_data
 from rf_core.errors import ExperimentExists, FitSuperseded
 from rf_core.experiment import ExperimentSpec, load_entrypoint
 from rf_core.kept_specs import keep_spec, load_kept_spec
-from rf_core.messages import ChunkOutcome, TrainTask
-from rf_core.planner import FitLoop, Plan
+from rf_core.messages import TrainTask
+from rf_core.planner import EndedChunk, FitLoop, Plan
 from rf_core.report import format_chunk_line, format_op_line, format_results_table
 from rf_core.server_process import TemporaryServer, ensure_server, stop_server
 from rf_core.services import dashboard_url, describe, ephemeral_requested, revive_rf_server, up
@@ -46,9 +47,11 @@ DEFAULT_SERVER_OUTAGE_S = 300.0  # how long the fit rides out an rf server that 
 
 
 @task(task_run_name="plan-{experiment}-{tick}", cache_policy=NONE, retries=2, retry_delay_seconds=[0.5, 2])
-def plan_step(loop: FitLoop, experiment: str, tick: int, in_flight: dict[int, int]) -> Plan:
-    """Apply due IC Ops for idle runs, then choose runs for the free slots."""
-    return loop.plan(in_flight)
+def plan_step(
+    loop: FitLoop, experiment: str, tick: int, in_flight: dict[int, int], ended: list[EndedChunk] | None = None
+) -> Plan:
+    """Record the chunks that ended, apply due IC Ops for idle runs, then choose and start runs for the free slots."""
+    return loop.plan(in_flight, ended or [])
 
 
 @task(task_run_name="train-run-{run_id}-chunk-{chunk_number}", cache_policy=NONE)
@@ -59,25 +62,29 @@ def train_chunk(
     run_id: int,
     chunk_number: int,
     total_chunks: int,
-) -> ChunkOutcome:
-    """Train one chunk of one run on its slot's worker (or its gang's workers) and record the outcome.
+) -> EndedChunk:
+    """Train one chunk of one run on its slot's worker (or its gang's workers); the next planning step records
+    how it ended.
 
-    Each attempt is recorded as it starts: a worker that dies mid-chunk is restarted and the chunk trained again
-    as a new attempt, whose start closes the dead one's entry and drops the metrics it had sent.
+    Each attempt is recorded as it starts (the first, usually, by the planning step that picked the chunk): a
+    worker that dies mid-chunk is restarted and the chunk trained again as a new attempt, whose start closes the
+    dead one's entry and drops the metrics it had sent.
     """
     attempts: list[int] = []
 
     def start_attempt() -> int:
-        attempts.append(client.chunk_start(train_task.experiment, run_id, train_task.chunk.index, workers[0].slot,
-                                           total_chunks))  # fmt: skip
+        if not attempts and train_task.attempt is not None:
+            attempts.append(train_task.attempt)
+        else:
+            attempts.append(client.chunk_start(train_task.experiment, run_id, train_task.chunk.index,
+                                               workers[0].slot, total_chunks))  # fmt: skip
         return attempts[-1]
 
     def on_retry(died: WorkerDied) -> None:
         print(f"run {run_id} chunk {chunk_number}: {died}; restarted, training the chunk again")
 
     outcome = train_with_retry(workers, train_task, start_attempt, on_retry)
-    client.chunk_end(train_task.experiment, attempts[-1], outcome.to_dict())
-    return outcome
+    return EndedChunk(run_id, train_task.chunk.index, attempts[-1], outcome)
 
 
 # Retrying is safe: a run that has failed already is left as it is.
@@ -267,67 +274,79 @@ def _drive(
     end when every run is final, or when every remaining run has been stopped for `idle_timeout` seconds, or at
     once (FitSuperseded) when another fit took the experiment over."""
     slots = _SlotsInFlight(pool, client, loop)
-    crashes: dict[int, int] = {}  # run -> chunks whose recording failed
+    crashes: dict[int, int] = {}  # run -> chunks whose training task failed
+    ended: list[EndedChunk] = []  # chunks done since the last plan; the next plan records them
     tick = 0
     need_plan = True
     idle_since: float | None = None
-    while True:
-        if lease is not None and lease.lost:
-            raise FitSuperseded([lease.lost])
-        if need_plan:
-            need_plan = False
-            tick += 1
-            if policies:  # policies decide first, so their ops apply at the boundary that was just reached
-                boundary_policies(client, experiment, policies, tick)
-            plan = plan_step(loop, experiment, tick, slots.runs_in_flight())
-            for op in plan.applied_ops:
-                print(format_op_line(op))
-            slots.defer_releases(plan.releases)
-            for run_id, reason in plan.unplannable.items():
-                fail_run(client, experiment, run_id, reason)
-                need_plan = True  # the next plan sees the run Failed (and may find every run final)
-            for slot, train_task in plan.tasks:
-                slots.dispatch(slot, train_task)
+    try:
+        while True:
+            if lease is not None and lease.lost:
+                raise FitSuperseded([lease.lost])
+            if need_plan:
+                need_plan = False
+                tick += 1
+                if policies:  # policies decide first, so their ops apply at the boundary that was just reached
+                    loop.record(ended)  # on the table they read
+                    ended = []
+                    boundary_policies(client, experiment, policies, tick)
+                plan = plan_step(loop, experiment, tick, slots.runs_in_flight(), ended)
+                ended = []
+                for op in plan.applied_ops:
+                    print(format_op_line(op))
+                slots.defer_releases(plan.releases)
+                for run_id, reason in plan.unplannable.items():
+                    fail_run(client, experiment, run_id, reason)
+                    need_plan = True  # the next plan sees the run Failed (and may find every run final)
+                for slot, train_task in plan.tasks:
+                    slots.dispatch(slot, train_task)
+                if slots.busy:
+                    idle_since = None
+                elif plan.all_final:
+                    return
+                elif not plan.tasks and not plan.unplannable:
+                    # Nothing can train: every remaining run is stopped. Wait for a Resume or a Clone, or give up.
+                    now = time.monotonic()
+                    if idle_since is None or plan.applied_ops:
+                        idle_since = now
+                        print(f"every remaining run is stopped; waiting up to {idle_timeout:.0f} s for an op")
+                    elif now - idle_since >= idle_timeout:
+                        print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
+                        return
             if slots.busy:
-                idle_since = None
-            elif plan.all_final:
-                return
-            elif not plan.tasks and not plan.unplannable:
-                # Nothing can train: every remaining run is stopped. Wait for a Resume or a Clone, or give up.
-                now = time.monotonic()
-                if idle_since is None or plan.applied_ops:
-                    idle_since = now
-                    print(f"every remaining run is stopped; waiting up to {idle_timeout:.0f} s for an op")
-                elif now - idle_since >= idle_timeout:
+                for slot, train_task, future in slots.collect(POLL_SECONDS):
+                    need_plan = True
+                    try:
+                        chunk = future.result()
+                    except FitSuperseded:
+                        raise
+                    except Exception as exc:  # e.g. the server was unreachable for a retry's start: train it again
+                        loop.forget(train_task.run_id)
+                        crashes[train_task.run_id] = crashes.get(train_task.run_id, 0) + 1
+                        print(f"run {train_task.run_id} chunk {train_task.chunk.index + 1}: {exc}")
+                        if crashes[train_task.run_id] >= 3:
+                            raise
+                        continue
+                    ended.append(chunk)
+                    if chunk.outcome.status in FAILED_CHUNK_OUTCOMES:
+                        loop.forget(train_task.run_id)
+                    print(format_chunk_line(chunk.outcome, slots.total_chunks(train_task), slot))
+                if not need_plan and slots.free:
+                    need_plan = _has_pending_ops(client, experiment)
+            else:
+                # Idle, every remaining run stopped: plan again only when an op arrives, so an idle fit does not
+                # add a Prefect task run every poll.
+                time.sleep(POLL_SECONDS)
+                need_plan = need_plan or _has_pending_ops(client, experiment)
+                if not need_plan and idle_since is not None and time.monotonic() - idle_since >= idle_timeout:
                     print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
                     return
-        if slots.busy:
-            for slot, train_task, future in slots.collect(POLL_SECONDS):
-                need_plan = True
-                try:
-                    outcome = future.result()
-                except FitSuperseded:
-                    raise
-                except Exception as exc:  # recording failed (e.g. the server was unreachable): retry the chunk
-                    loop.forget(train_task.run_id)
-                    crashes[train_task.run_id] = crashes.get(train_task.run_id, 0) + 1
-                    print(f"run {train_task.run_id} chunk {train_task.chunk.index + 1}: {exc}")
-                    if crashes[train_task.run_id] >= 3:
-                        raise
-                    continue
-                if outcome.status in FAILED_CHUNK_OUTCOMES:
-                    loop.forget(train_task.run_id)
-                print(format_chunk_line(outcome, slots.total_chunks(train_task), slot))
-            if not need_plan and slots.free:
-                need_plan = _has_pending_ops(client, experiment)
-        else:
-            # Idle, every remaining run stopped: plan again only when an op arrives, so an idle fit does not
-            # add a Prefect task run every poll.
-            time.sleep(POLL_SECONDS)
-            need_plan = need_plan or _has_pending_ops(client, experiment)
-            if not need_plan and idle_since is not None and time.monotonic() - idle_since >= idle_timeout:
-                print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
-                return
+    except FitSuperseded:
+        raise  # the experiment is another fit's now: this one writes nothing more
+    except BaseException:
+        with contextlib.suppress(Exception):  # what was trained before the fit broke stays trained
+            loop.record(ended)
+        raise
 
 
 class _SlotsInFlight:

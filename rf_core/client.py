@@ -301,10 +301,30 @@ class RFClient:
         query = {"run": run_id, "status": status}
         return self._request("GET", self._experiment_path(experiment, "/ops"), query=query, idempotent=True)
 
-    def boundary_view(self, experiment: str, busy_run_ids: Iterable[int]) -> dict[str, Any]:
-        """Apply due ops of runs not in flight and return them with the runs table (`ops.boundary_view`)."""
-        body = {"busy_run_ids": [int(run_id) for run_id in busy_run_ids]}
-        return self._request("POST", self._experiment_path(experiment, "/boundary"), body, idempotent=True)
+    def boundary_view(
+        self,
+        experiment: str,
+        busy_run_ids: Iterable[int],
+        ended: Sequence[Mapping[str, Any]] = (),
+        starts: Sequence[Mapping[str, Any]] = (),
+        since: float | None = None,
+    ) -> dict[str, Any]:
+        """A chunk boundary in one request (`ops.boundary_view`): record the chunks that ended, apply the due ops of
+        runs not in flight, start the chunks picked in advance that are still legal; returns the runs table too.
+
+        Safe to retry: an end recorded twice changes nothing, and a start made twice is refused the second time
+        (the run is in flight), so the loop plans it again and that start closes the first as abandoned. With
+        `since`, only the runs changed from then on come back."""
+        body: dict[str, Any] = {
+            "busy_run_ids": [int(run_id) for run_id in busy_run_ids],
+            "ended": [dict(chunk) for chunk in ended],
+            "starts": [dict(start) for start in starts],
+        }
+        if since is not None:
+            body["since"] = since
+        view = self._request("POST", self._experiment_path(experiment, "/boundary"), body, idempotent=True)
+        view["started"] = {int(run_id): int(tid) for run_id, tid in (view.get("started") or {}).items()}
+        return view
 
     def chunk_start(self, experiment: str, run_id: int, chunk_index: int, slot: int, total_chunks: int) -> int:
         """Record that a chunk was dispatched (New → Ongoing); returns the timeline id for `chunk_end`."""

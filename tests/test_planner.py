@@ -9,7 +9,8 @@ import pytest
 
 from rf_core.config import normalize_config
 from rf_core.experiment import ExperimentSpec
-from rf_core.planner import FitLoop
+from rf_core.messages import ChunkOutcome
+from rf_core.planner import EndedChunk, FitLoop
 
 
 class FakeClient:
@@ -17,6 +18,8 @@ class FakeClient:
         self.runs = {run["run_id"]: run for run in runs}
         self.due_ops = due_ops or {}
         self.apply_calls: list[list[int]] = []
+        self.boundary_calls: list[dict[str, Any]] = []
+        self.next_timeline_id = 100
 
     def list_runs(self, experiment: str, include_deleted: bool = False) -> list[dict[str, Any]]:
         return [dict(run) for run in self.runs.values()]
@@ -30,10 +33,33 @@ class FakeClient:
                 applied.append(op)
         return applied
 
-    def boundary_view(self, experiment: str, busy_run_ids: list[int]) -> dict[str, Any]:
+    def boundary_view(
+        self,
+        experiment: str,
+        busy_run_ids: list[int],
+        ended: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        starts: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        since: float | None = None,
+    ) -> dict[str, Any]:
+        self.boundary_calls.append({"busy": list(busy_run_ids), "ended": list(ended), "starts": list(starts)})
+        for chunk in ended:
+            outcome = chunk["outcome"]
+            run = self.runs[outcome["run_id"]]
+            if outcome["status"] == "ok":
+                run["chunks_done"] = outcome["chunk_index"] + 1
         idle = [run_id for run_id in self.runs if run_id not in set(busy_run_ids)]
         applied = self.apply_due_ops(experiment, idle) if idle else []
-        return {"applied_ops": applied, "runs": self.list_runs(experiment, include_deleted=True)}
+        started, refused = {}, {}
+        for start in starts:
+            run = self.runs[start["run_id"]]
+            if run["status"] in ("New", "Ongoing") and run["chunks_done"] == start["chunk_index"]:
+                run["status"] = "Ongoing"
+                self.next_timeline_id += 1
+                started[start["run_id"]] = self.next_timeline_id
+            else:
+                refused[start["run_id"]] = "no longer legal"
+        runs = self.list_runs(experiment, include_deleted=True)
+        return {"applied_ops": applied, "runs": runs, "started": started, "refused": refused}
 
 
 def make_run(run_id: int, status: str = "New", done: int = 0, **extra: Any) -> dict[str, Any]:
@@ -207,3 +233,48 @@ def test_a_run_stored_before_a_knob_existed_trains_with_its_default():
         0.0,
     )
     assert (task.config["bias"], task.config["task_type"]) == ("none", "CAUSAL_LM")
+
+
+def ended_chunk(task: Any, attempt: int, status: str = "ok") -> EndedChunk:
+    outcome = ChunkOutcome(task.run_id, task.chunk.index, status, task.chunk.end_step, 0, task.chunk.end_sample)  # type: ignore[arg-type]
+    return EndedChunk(task.run_id, task.chunk.index, attempt, outcome)
+
+
+def test_a_boundary_records_the_ended_chunk_and_starts_the_run_picked_for_its_slot_in_one_request():
+    client = FakeClient([make_run(1), make_run(2)])
+    loop = make_loop(client, slots=1)
+    first = loop.plan(in_flight={})
+    (slot, task) = first.tasks[0]
+    assert task.run_id == 1 and task.attempt is None  # no table yet: its start is recorded when dispatched
+
+    second = loop.plan(in_flight={}, ended=[ended_chunk(task, attempt=7)])
+
+    call = client.boundary_calls[-1]
+    assert [chunk["timeline_id"] for chunk in call["ended"]] == [7]
+    # Run 2 has less progress now that run 1 has a chunk done: picked, and started by the same request.
+    assert call["starts"] == [{"run_id": 2, "chunk_index": 0, "slot": slot, "total_chunks": 4}]
+    assert len(client.boundary_calls) == 2
+    ((_, picked),) = second.tasks
+    assert picked.run_id == 2 and picked.attempt == 101 and picked.chunk.index == 0
+
+
+def test_a_pick_that_an_op_made_illegal_at_the_boundary_is_planned_again():
+    client = FakeClient([make_run(1), make_run(2)])
+    loop = make_loop(client, slots=1)
+    (_, task) = loop.plan(in_flight={}).tasks[0]
+    client.due_ops[2] = [{"op_id": 7, "kind": "stop", "new_status": "Stopped"}]
+
+    plan = loop.plan(in_flight={}, ended=[ended_chunk(task, attempt=7)])
+
+    assert client.boundary_calls[-1]["starts"][0]["run_id"] == 2
+    ((_, replanned),) = plan.tasks
+    # Run 2 was stopped by the op applied first; run 1 trains its second chunk, its start recorded on dispatch.
+    assert (replanned.run_id, replanned.chunk.index, replanned.attempt) == (1, 1, None)
+
+
+def test_a_run_whose_chunk_failed_or_completed_it_is_not_picked():
+    client = FakeClient([make_run(1)])
+    loop = make_loop(client, slots=1)
+    (_, task) = loop.plan(in_flight={}).tasks[0]
+    loop.plan(in_flight={}, ended=[ended_chunk(task, attempt=7, status="failed")])
+    assert client.boundary_calls[-1]["starts"] == []

@@ -15,12 +15,12 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rf_core.config import apply_overrides, architecture_mismatch, normalize_config
-from rf_core.control.checks import is_int, registered_functions, require_experiment, type_name
-from rf_core.control.experiments import list_runs
+from rf_core.control.checks import is_int, is_json_number, registered_functions, require_experiment, type_name
+from rf_core.control.timeline import end_chunk, start_chunk
 from rf_core.errors import InvalidRequest, OpRejected
 from rf_core.functions import unknown_function_problems
 from rf_core.knobs import ConfigError, config_group_from_json
-from rf_core.states import WARM_START_MODES, OpKind, RunStatus, op_rejection, op_result
+from rf_core.states import WARM_START_MODES, OpKind, RunStatus, SystemEvent, event_result, op_rejection, op_result
 
 if TYPE_CHECKING:
     from rf_core.control.store import Store
@@ -269,24 +269,101 @@ def apply_due_ops(store: Store, experiment: str, idle_run_ids: Iterable[int]) ->
         ]
 
 
-def boundary_view(store: Store, experiment: str, busy_run_ids: Iterable[int]) -> dict[str, Any]:
-    """The fit loop's planning read, in one transaction: apply the due ops of every run not in flight, then
-    return them with the runs table as it is afterwards (deleted runs included).
+def boundary_view(
+    store: Store,
+    experiment: str,
+    busy_run_ids: Iterable[int],
+    ended: Sequence[Mapping[str, Any]] = (),
+    starts: Sequence[Mapping[str, Any]] = (),
+    since: float | None = None,
+) -> dict[str, Any]:
+    """The fit loop's whole chunk boundary, in one transaction: record the chunks that `ended`, apply the due ops of
+    every run not in flight, start the chunks the loop picked in advance (`starts`) that are still legal, and return
+    the runs table as it is afterwards (deleted runs included).
 
-    `{"applied_ops": [...], "runs": [...]}`. One request per planning step instead of two or three.
+    `ended`: [{"timeline_id", "outcome"}] as `timeline.record_chunk_end` takes them. `starts`: [{"run_id",
+    "chunk_index", "slot", "total_chunks"}]; a start is made only if, once the ops applied, the run may start a
+    chunk, is not in flight and has exactly `chunk_index` chunks done; otherwise it is refused with the reason and
+    the loop plans that slot again.
+
+    Returns `{"applied_ops": [...], "runs": [...], "started": {run_id: timeline_id}, "refused": {run_id: why},
+    "as_of": time}`: one request per boundary instead of four. With `since` (an earlier answer's `as_of`), `runs`
+    holds only the rows changed from then on, so a boundary of a thousand-run experiment does not carry them all.
     """
     if isinstance(busy_run_ids, str | bytes | Mapping) or not isinstance(busy_run_ids, Iterable):
         raise InvalidRequest([f"busy_run_ids must be a list of run ids, got {type_name(busy_run_ids)}"])
     busy = list(busy_run_ids)
     if not all(is_int(run_id) for run_id in busy):
         raise InvalidRequest([f"busy_run_ids must be a list of integers, got {busy!r}"])
+    problems = _list_of_objects_problems("ended", ended, ("timeline_id", "outcome"))
+    problems += _list_of_objects_problems("starts", starts, ("run_id", "chunk_index", "slot", "total_chunks"))
+    if problems:
+        raise InvalidRequest(problems)
+    if since is not None and not is_json_number(since):
+        raise InvalidRequest([f"since must be a number (a previous answer's as_of), got {type_name(since)}"])
+    started: dict[int, int] = {}
+    refused: dict[int, str] = {}
     with store.transaction():
-        runs = list_runs(store, experiment, include_deleted=True)
-        idle = [int(run["run_id"]) for run in runs if int(run["run_id"]) not in set(busy)]
-        applied = apply_due_ops(store, experiment, idle)
-        if applied:
-            runs = list_runs(store, experiment, include_deleted=True)
-    return {"applied_ops": applied, "runs": runs}
+        require_experiment(store, experiment)
+        for chunk in ended:
+            end_chunk(store, experiment, chunk["timeline_id"], chunk["outcome"])
+        now, in_flight = time.time(), set(busy)
+        applied = [
+            _apply_one(store, op, store.get_run(experiment, op["run_id"]), now)
+            for op in store.list_ops(experiment, statuses=["pending"])
+            if int(op["run_id"]) not in in_flight
+        ]
+        for start in starts:
+            run_id = int(start["run_id"])
+            run = store.get_run(experiment, run_id)
+            open_entries = store.open_timeline(experiment, run_id) if run is not None else []
+            why_not = _start_refusal(run_id, run, open_entries, start, busy)
+            if why_not is not None:
+                refused[run_id] = why_not
+                continue
+            assert run is not None
+            started[run_id] = start_chunk(
+                store, experiment, run, start["chunk_index"], start["slot"], start["total_chunks"], open_entries
+            )
+            busy.append(run_id)
+        as_of = time.time()
+        runs = store.list_runs(experiment, updated_since=None if since is None else float(since))
+    return {"applied_ops": applied, "runs": runs, "started": started, "refused": refused, "as_of": as_of}
+
+
+def _list_of_objects_problems(name: str, value: Any, keys: Sequence[str]) -> list[str]:
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
+        return [f"{name} must be a list of objects, got {type_name(value)}"]
+    problems = []
+    for position, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            problems.append(f"{name}[{position}] must be an object, got {type_name(item)}")
+        elif missing := [key for key in keys if key not in item]:
+            problems.append(f"{name}[{position}] lacks {', '.join(missing)}")
+        elif name == "starts" and not all(is_int(item[key]) for key in keys):
+            problems.append(f"{name}[{position}]: {', '.join(keys)} must be integers, got {dict(item)!r}")
+    return problems
+
+
+def _start_refusal(
+    run_id: int,
+    run: Mapping[str, Any] | None,
+    open_entries: Sequence[Mapping[str, Any]],
+    start: Mapping[str, Any],
+    busy: Collection[int],
+) -> str | None:
+    """Why a chunk picked before the boundary may not start now; None when it may."""
+    if run is None:
+        return f"run {run_id} no longer exists"
+    status = RunStatus(run["status"])
+    if run_id in busy or open_entries:
+        return f"run {run_id} is training a chunk already"
+    if event_result(status, SystemEvent.START) is None:
+        return f"run {run_id} is {status} now: a chunk cannot start"
+    done = int(run.get("chunks_done") or 0)
+    if done != int(start["chunk_index"]):
+        return f"run {run_id} has {done} chunks done, not {int(start['chunk_index'])}"
+    return None
 
 
 def _apply_one(store: Store, op: Mapping[str, Any], run: Mapping[str, Any] | None, now: float) -> dict[str, Any]:

@@ -154,10 +154,12 @@ class Store(ABC):
     def get_run(self, experiment: str, run_id: int) -> Row | None: ...
 
     @abstractmethod
-    def list_runs(self, experiment: str) -> list[Row]: ...
+    def list_runs(self, experiment: str, updated_since: float | None = None) -> list[Row]:
+        """The experiment's runs by id; with `updated_since`, only those whose `updated_at` is not earlier."""
 
     @abstractmethod
-    def update_run(self, experiment: str, run_id: int, fields: Mapping[str, Any]) -> Row: ...
+    def update_run(self, experiment: str, run_id: int, fields: Mapping[str, Any]) -> Row:
+        """Change a run's fields; `updated_at` is set to now unless given."""
 
     # ops
     @abstractmethod
@@ -488,10 +490,14 @@ class DuckDBStore(Store):
         rows = self._query("runs", sql, [experiment, run_id])
         return rows[0] if rows else None
 
-    def list_runs(self, experiment: str) -> list[Row]:
-        return self._query("runs", "SELECT * FROM runs WHERE experiment = ? ORDER BY run_id", [experiment])
+    def list_runs(self, experiment: str, updated_since: float | None = None) -> list[Row]:
+        if updated_since is None:
+            return self._query("runs", "SELECT * FROM runs WHERE experiment = ? ORDER BY run_id", [experiment])
+        sql = "SELECT * FROM runs WHERE experiment = ? AND updated_at >= ? ORDER BY run_id"
+        return self._query("runs", sql, [experiment, updated_since])
 
     def update_run(self, experiment: str, run_id: int, fields: Mapping[str, Any]) -> Row:
+        fields = {"updated_at": time.time(), **fields}  # a fit reads the rows changed since its last look
         return self._update("runs", _RUN_COLUMNS, {"experiment": experiment, "run_id": run_id}, fields)
 
     # -- ops ------------------------------------------------------------------------------------------------

@@ -44,21 +44,39 @@ def record_chunk_start(
     if problems:
         raise InvalidRequest(problems)
     with store.transaction():
-        run, status = _run_and_status(store, experiment, run_id)
-        target = event_result(status, SystemEvent.START)
-        if target is None:
-            raise IllegalTransition([f"run {run_id} is {status}: a chunk cannot start"])
-        now = time.time()
-        # A run trains one chunk at a time, so an entry still open is an attempt that died with its worker.
-        abandon_open_chunks(store, experiment, store.open_timeline(experiment, run_id), now)
-        fields: dict[str, Any] = {"status": target.value, "updated_at": now}
-        if total_chunks > 0:  # 0 means unknown (a run that failed before it could be split into chunks)
-            fields["total_chunks"] = total_chunks
-        store.update_run(experiment, run_id, fields)
-        entry = store.insert_timeline(
-            {"experiment": experiment, "run_id": run_id, "slot": slot, "chunk": chunk_index, "start": now}
-        )
-        return int(entry["id"])
+        run, _ = _run_and_status(store, experiment, run_id)
+        return start_chunk(store, experiment, run, chunk_index, slot, total_chunks)
+
+
+def start_chunk(
+    store: Store,
+    experiment: str,
+    run: Mapping[str, Any],
+    chunk_index: int,
+    slot: int,
+    total_chunks: int,
+    open_entries: Sequence[Mapping[str, Any]] | None = None,
+) -> int:
+    """`record_chunk_start` for a run row already read in the caller's transaction (`open_entries`: the run's open
+    timeline entries, when the caller read them too)."""
+    run_id = int(run["run_id"])
+    status = RunStatus(run["status"])
+    target = event_result(status, SystemEvent.START)
+    if target is None:
+        raise IllegalTransition([f"run {run_id} is {status}: a chunk cannot start"])
+    now = time.time()
+    if open_entries is None:
+        open_entries = store.open_timeline(experiment, run_id)
+    # A run trains one chunk at a time, so an entry still open is an attempt that died with its worker.
+    abandon_open_chunks(store, experiment, open_entries, now)
+    fields: dict[str, Any] = {"status": target.value, "updated_at": now}
+    if total_chunks > 0:  # 0 means unknown (a run that failed before it could be split into chunks)
+        fields["total_chunks"] = total_chunks
+    store.update_run(experiment, run_id, fields)
+    entry = store.insert_timeline(
+        {"experiment": experiment, "run_id": run_id, "slot": slot, "chunk": chunk_index, "start": now}
+    )
+    return int(entry["id"])
 
 
 def record_chunk_end(store: Store, experiment: str, timeline_id: int, outcome: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,11 +86,17 @@ def record_chunk_end(store: Store, experiment: str, timeline_id: int, outcome: M
     and "failed" change the status through the system-event table. Recording the same timeline entry twice
     changes nothing, so a client may retry.
     """
+    with store.transaction():
+        require_experiment(store, experiment)
+        return end_chunk(store, experiment, timeline_id, outcome)
+
+
+def end_chunk(store: Store, experiment: str, timeline_id: int, outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """`record_chunk_end` inside a caller's transaction that has checked the experiment exists."""
     problems = _outcome_problems(timeline_id, outcome)
     if problems:
         raise InvalidRequest(problems)
     with store.transaction():
-        require_experiment(store, experiment)
         entry = store.get_timeline(timeline_id)
         if entry is None or entry["experiment"] != experiment:
             raise NotFound(f"experiment {experiment} has no chunk with timeline id {timeline_id}")

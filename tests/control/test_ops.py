@@ -243,6 +243,58 @@ def test_boundary_view_applies_ops_of_runs_not_in_flight_and_returns_the_runs_af
         ops.boundary_view(store, "exp", "1")
 
 
+def test_a_boundary_records_ends_then_applies_ops_then_starts_the_picks_still_legal(
+    store: DuckDBStore, exp: str
+) -> None:
+    attempt = timeline.record_chunk_start(store, "exp", 1, 0, slot=0, total_chunks=4)
+    outcome = {"run_id": 1, "chunk_index": 0, "status": "ok", "step": 10, "epoch": 0, "samples": 80}
+    stop = submit(store, "stop", 2)
+    picks = [
+        {"run_id": 2, "chunk_index": 0, "slot": 0, "total_chunks": 4},  # stopped by the op applied first
+        {"run_id": 3, "chunk_index": 1, "slot": 1, "total_chunks": 4},  # has no chunk done
+        {"run_id": 1, "chunk_index": 1, "slot": 1, "total_chunks": 4},  # its first chunk counts once recorded
+    ]
+    view = ops.boundary_view(store, "exp", [], ended=[{"timeline_id": attempt, "outcome": outcome}], starts=picks)
+
+    assert [op["op_id"] for op in view["applied_ops"]] == [stop["op_id"]]
+    assert view["refused"] == {2: "run 2 is Stopped now: a chunk cannot start", 3: "run 3 has 0 chunks done, not 1"}
+    (started,) = view["started"].items()
+    assert started[0] == 1
+    entry = store.get_timeline(started[1])
+    assert (entry["run_id"], entry["chunk"], entry["slot"], entry["end"]) == (1, 1, 1, None)
+    assert store.get_timeline(attempt)["outcome"] == "ok"
+    rows = {run["run_id"]: run for run in view["runs"]}
+    assert rows[1]["chunks_done"] == 1 and rows[1]["status"] == "Ongoing" and rows[2]["status"] == "Stopped"
+    # The same request again (a retry after a lost answer) records nothing twice and starts nothing twice.
+    again = ops.boundary_view(store, "exp", [], ended=[{"timeline_id": attempt, "outcome": outcome}], starts=picks[2:])
+    assert again["started"] == {} and again["refused"] == {1: "run 1 is training a chunk already"}
+    assert len(store.list_timeline("exp")) == 2
+
+
+def test_a_boundary_since_an_earlier_answer_sends_only_the_runs_changed_since(store: DuckDBStore, exp: str) -> None:
+    first = ops.boundary_view(store, "exp", [])
+    assert [run["run_id"] for run in first["runs"]] == [1, 2, 3]
+    submit(store, "stop", 2)
+    later = ops.boundary_view(store, "exp", [], since=first["as_of"])
+    assert [(run["run_id"], run["status"]) for run in later["runs"]] == [(2, "Stopped")]
+    assert ops.boundary_view(store, "exp", [], since=later["as_of"])["runs"] == []
+    with pytest.raises(errors.InvalidRequest, match="since must be a number"):
+        ops.boundary_view(store, "exp", [], since="yesterday")  # type: ignore[arg-type]
+
+
+def test_a_malformed_boundary_request_changes_nothing(store: DuckDBStore, exp: str) -> None:
+    submit(store, "stop", 2)
+    with pytest.raises(errors.InvalidRequest) as info:
+        ops.boundary_view(store, "exp", [], ended=[{"outcome": {}}], starts=[{"run_id": "1", "chunk_index": 0,
+                                                                          "slot": 0, "total_chunks": 4}])  # fmt: skip
+    assert info.value.problems == [
+        "ended[0] lacks timeline_id",
+        "starts[0]: run_id, chunk_index, slot, total_chunks must be integers, got "
+        "{'run_id': '1', 'chunk_index': 0, 'slot': 0, 'total_chunks': 4}",
+    ]
+    assert store.get_run("exp", 2)["status"] == "New"  # the op still waits
+
+
 def test_an_op_no_longer_legal_is_skipped_with_the_reason(store: DuckDBStore, exp: str) -> None:
     train_chunk(store, 1, 0)
     stop = submit(store, "stop", 1)
