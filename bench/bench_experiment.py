@@ -7,7 +7,7 @@ sets the sizes through environment variables (read when `spec()` is called, in t
 - RF_BENCH_MODEL_CACHE: folder the base model is built into once (required).
 - RF_BENCH_RUNS, RF_BENCH_CHUNKS, RF_BENCH_STEPS_PER_CHUNK: configs, chunks per run, optimizer steps per chunk.
 - RF_BENCH_PROBE_DIR: when set, each slot worker process times the phases of every chunk it trains (setup,
-  training loop, evaluation, checkpoint, metric flush) and appends them as JSON lines to a file in that folder.
+  training loop, evaluation, checkpoint, metric hand-over) and appends them as JSON lines to a file in that folder.
   The probe only wraps methods to read the clock around them; what they do is unchanged.
 
 `python -m bench.bench_experiment --calibrate` measures optimizer steps per second on one thread.
@@ -151,7 +151,7 @@ def _install_worker_probe(probe_dir: Path) -> None:
     probe_dir.mkdir(parents=True, exist_ok=True)
     probe = _ChunkProbe(probe_dir / f"{process_name}-{os.getpid()}.jsonl", int(process_name.split("-")[-1]))
     original_train = SlotTrainer.train
-    original_flush = MetricWriter.flush
+    original_hand_over = MetricWriter.hand_over
 
     def train(self: SlotTrainer, task: Any, emit: Any) -> Any:
         probe.current = {
@@ -169,18 +169,19 @@ def _install_worker_probe(probe_dir: Path) -> None:
         probe.current["status"] = outcome.status
         return outcome
 
-    def flush(self: MetricWriter) -> None:
+    def hand_over(self: MetricWriter) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        original_flush(self)
+        batches = original_hand_over(self)
         record, probe.current = probe.current, None
-        if record is not None:  # the flush the worker does after each chunk, before it answers the fit loop
+        if record is not None:  # after each chunk, before the worker answers the fit loop
             record["flush_seconds"] = time.perf_counter() - started
             record["flush_end"] = time.time()
             probe.write(record)
+        return batches
 
     train._bench_probe = True  # type: ignore[attr-defined]
     SlotTrainer.train = train  # type: ignore[method-assign]
-    MetricWriter.flush = flush  # type: ignore[method-assign]
+    MetricWriter.hand_over = hand_over  # type: ignore[method-assign]
     SlotTrainer._evaluate = _timed(probe, "eval_seconds", SlotTrainer._evaluate)  # type: ignore[method-assign]
     SlotTrainer._save = _timed(probe, "checkpoint_seconds", SlotTrainer._save)  # type: ignore[method-assign]
     SlotTrainer._base = _timed(probe, "base_model_seconds", SlotTrainer._base)  # type: ignore[method-assign]

@@ -61,22 +61,22 @@ TARGET_MEDIAN_OVERHEAD_S = 0.100
 TRANSITION_STEPS: dict[str, str] = {
     "eval": "worker: evaluation of the finished chunk (eval set forward passes)",
     "checkpoint": "worker: checkpoint of the finished chunk (torch.save + fsync + rename)",
-    "metric_flush": "worker: last metric batch sent to the store before answering",
+    "metric_flush": "worker: earlier metric batches sent, the last ones taken to travel with the result",
     "result_pipe": "worker -> fit loop: result through the slot pipe",
     "chunk_end_http": "fit loop: POST chunk-end, when the chunk is recorded apart (policies read the table first)",
     "completion_detection": "fit loop: Prefect train task finishes + the loop notices it",
-    "plan_task_start": "fit loop: results handled, Prefect plan task starts",
+    "plan_start": "fit loop: results handled, planning starts (after the policies, when attached)",
     "boundary_http": "fit loop: POST boundary (record the ended chunk, apply due ops, start the picked chunk)",
     "plan": "fit loop: FitLoop.plan less its request (pick runs before it, assign slots after it)",
-    "dispatch": "fit loop: plan task ends, train task submitted and started",
+    "dispatch": "fit loop: train task submitted and started",
     "chunk_start_http": "fit loop: POST chunk-start, when the boundary did not start the chunk",
     "task_pipe": "fit loop -> worker: task through the slot pipe",
     "setup": "worker: chunk setup before the training loop (run state, adapter switch, RNG)",
 }
 WORKER_WORK_STEPS = ("eval", "checkpoint")  # work the engine does at every chunk boundary by design
-# Prefect's own machinery between two chunks: the train task ending and being noticed, the plan task starting and
-# ending, the next train task submitted and started.
-PREFECT_STEPS = ("completion_detection", "plan_task_start", "dispatch")
+# Prefect's own machinery between two chunks: the train task ending and being noticed, the next one submitted and
+# started.
+PREFECT_STEPS = ("completion_detection", "dispatch")
 
 
 # ------------------------------------------------------------------------------------------------- records
@@ -473,7 +473,7 @@ def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transit
     detected = following.completion_noticed
     recorded = previous.chunk_end_return if previous.chunk_end_return is not None else previous.worker_returned
     if detected is None or detected < recorded:
-        detected = recorded  # no wait() return to tell apart: count it all as plan_task_start
+        detected = recorded  # no wait() return to tell apart: count it all as plan_start
     dispatched = following.chunk_start_call if following.chunk_start_call is not None else following.dispatched
     handed = following.chunk_start_return if following.chunk_start_return is not None else following.dispatched
     steps = {
@@ -483,7 +483,7 @@ def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transit
         "result_pipe": previous.worker_returned - previous.flush_end,
         "chunk_end_http": recorded - previous.worker_returned,
         "completion_detection": detected - recorded,
-        "plan_task_start": following.plan_start - detected,
+        "plan_start": following.plan_start - detected,
         "boundary_http": following.boundary_seconds,
         "plan": following.plan_end - following.plan_start - following.boundary_seconds,
         "dispatch": dispatched - following.plan_end,

@@ -24,7 +24,7 @@ from flows.policy import Policy, boundary_policies, build_policies
 from rf_core import paths
 from rf_core.client import RFClient
 from rf_core.data_forms import check_fit_data
-from rf_core.errors import ExperimentExists, FitSuperseded
+from rf_core.errors import ExperimentExists, FitSuperseded, InvalidRequest
 from rf_core.experiment import ExperimentSpec, load_entrypoint
 from rf_core.kept_specs import keep_spec, load_kept_spec
 from rf_core.messages import TrainTask
@@ -46,12 +46,27 @@ SERVER_OUTAGE_ENV = "RF_SERVER_OUTAGE_S"
 DEFAULT_SERVER_OUTAGE_S = 300.0  # how long the fit rides out an rf server that does not answer
 
 
-@task(task_run_name="plan-{experiment}-{tick}", cache_policy=NONE, retries=2, retry_delay_seconds=[0.5, 2])
-def plan_step(
-    loop: FitLoop, experiment: str, tick: int, in_flight: dict[int, int], ended: list[EndedChunk] | None = None
-) -> Plan:
-    """Record the chunks that ended, apply due IC Ops for idle runs, then choose and start runs for the free slots."""
-    return loop.plan(in_flight, ended or [])
+PLAN_RETRY_DELAYS_S = (0.5, 2.0)
+
+
+def plan_step(loop: FitLoop, in_flight: dict[int, int], ended: list[EndedChunk]) -> Plan:
+    """Record the chunks that ended, apply due IC Ops for idle runs, then choose and start runs for the free slots.
+
+    It runs in the flow itself, not as a Prefect task: a task run per boundary cost ~10 ms on the critical path
+    between two chunks and showed nothing the flow's log and the train tasks do not (bench/orchestration.py). A
+    failed step is tried again: its one request is safe to repeat.
+    """
+    for delay in (*PLAN_RETRY_DELAYS_S, None):
+        try:
+            return loop.plan(in_flight, ended)
+        except (FitSuperseded, InvalidRequest):
+            raise
+        except Exception as exc:
+            if delay is None:
+                raise
+            print(f"planning failed ({exc}); trying again in {delay:g} s")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @task(task_run_name="train-run-{run_id}-chunk-{chunk_number}", cache_policy=NONE)
@@ -276,6 +291,7 @@ def _drive(
     slots = _SlotsInFlight(pool, client, loop)
     crashes: dict[int, int] = {}  # run -> chunks whose training task failed
     ended: list[EndedChunk] = []  # chunks done since the last plan; the next plan records them
+    chunk_lines: list[str] = []
     tick = 0
     need_plan = True
     idle_since: float | None = None
@@ -290,7 +306,7 @@ def _drive(
                     loop.record(ended)  # on the table they read
                     ended = []
                     boundary_policies(client, experiment, policies, tick)
-                plan = plan_step(loop, experiment, tick, slots.runs_in_flight(), ended)
+                plan = plan_step(loop, slots.runs_in_flight(), ended)
                 ended = []
                 for op in plan.applied_ops:
                     print(format_op_line(op))
@@ -300,6 +316,9 @@ def _drive(
                     need_plan = True  # the next plan sees the run Failed (and may find every run final)
                 for slot, train_task in plan.tasks:
                     slots.dispatch(slot, train_task)
+                for line in chunk_lines:  # printed once the freed slots train again: a log line takes a few ms
+                    print(line)
+                chunk_lines = []
                 if slots.busy:
                     idle_since = None
                 elif plan.all_final:
@@ -330,12 +349,11 @@ def _drive(
                     ended.append(chunk)
                     if chunk.outcome.status in FAILED_CHUNK_OUTCOMES:
                         loop.forget(train_task.run_id)
-                    print(format_chunk_line(chunk.outcome, slots.total_chunks(train_task), slot))
+                    chunk_lines.append(format_chunk_line(chunk.outcome, slots.total_chunks(train_task), slot))
                 if not need_plan and slots.free:
                     need_plan = _has_pending_ops(client, experiment)
             else:
-                # Idle, every remaining run stopped: plan again only when an op arrives, so an idle fit does not
-                # add a Prefect task run every poll.
+                # Idle, every remaining run stopped: plan again only when an op arrives.
                 time.sleep(POLL_SECONDS)
                 need_plan = need_plan or _has_pending_ops(client, experiment)
                 if not need_plan and idle_since is not None and time.monotonic() - idle_since >= idle_timeout:

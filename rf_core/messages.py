@@ -116,6 +116,8 @@ class ChunkOutcome:
     device: str | None = None  # where the chunk trained ("cpu", "cuda:0")
     device_peak_mib: float | None = None  # a GPU worker's peak allocated memory so far; None on CPU
     truncated_rows: int | None = None  # training rows cut to the run's max_length
+    # The chunk's last metric batches ({"batch_id", "rows"}), stored with the chunk's record, before it.
+    metric_batches: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -79,6 +79,21 @@ class MetricWriter:
         """Send everything buffered now (spooling it if the server is unreachable)."""
         self._flush(force_replay=True)
 
+    def hand_over(self) -> list[dict[str, Any]]:
+        """The rows still buffered, as batches the caller delivers itself (with the chunk's record, in the same
+        request), once every batch made before them has been sent. While the server is unreachable they go the
+        usual way instead (spooled after the earlier ones, keeping their order) and nothing is handed over."""
+        with self._send_lock:
+            if not self._spool_files():
+                with self._wakeup:
+                    rows, self._buffer = self._buffer, []
+                return [
+                    {"batch_id": uuid.uuid4().hex, "rows": rows[start : start + self.max_rows]}
+                    for start in range(0, len(rows), self.max_rows)
+                ]
+        self.flush()
+        return []
+
     def close(self) -> None:
         """Flush everything and replay the spool; whatever the server still cannot take stays spooled."""
         if self._closed:

@@ -38,6 +38,11 @@ class EndedChunk:
     attempt: int
     outcome: ChunkOutcome
 
+    def record(self) -> dict[str, Any]:
+        """What the store is sent: the attempt, its outcome and, apart, the chunk's last metric batches."""
+        outcome = self.outcome.to_dict()
+        return {"timeline_id": self.attempt, "outcome": outcome, "metrics": outcome.pop("metric_batches")}
+
 
 @dataclass
 class Plan:
@@ -122,7 +127,7 @@ class FitLoop:
         view = self.client.boundary_view(
             self.experiment,
             sorted(busy_runs),
-            ended=[{"timeline_id": chunk.attempt, "outcome": chunk.outcome.to_dict()} for chunk in ended],
+            ended=[chunk.record() for chunk in ended],
             starts=starts,
             since=(since := self._changes_since(now)),
         )
@@ -297,7 +302,10 @@ class FitLoop:
     def record(self, ended: Sequence[EndedChunk]) -> None:
         """Record ended chunks on their own, before the planning step (policies read the table in between)."""
         for chunk in ended:
-            self.client.chunk_end(self.experiment, chunk.attempt, chunk.outcome.to_dict())
+            record = chunk.record()
+            for batch in record["metrics"]:
+                self.client.log_metrics(batch["batch_id"], batch["rows"])
+            self.client.chunk_end(self.experiment, record["timeline_id"], record["outcome"])
 
     def forget(self, run_id: int) -> None:
         """The run's worker died or failed: its warm copy, if any, is gone."""

@@ -222,6 +222,7 @@ def test_metric_writer_spools_while_the_server_is_down_and_replays_after_a_resta
     time.sleep(0.3)
     writer.add(rows(200, 30))
     assert writer.spooled_batches >= 1
+    assert writer.hand_over() == []  # with batches spooled, later rows queue behind them, not beside them
     process, info = start_server(home, port=port)
     try:
         writer.close()
@@ -230,6 +231,27 @@ def test_metric_writer_spools_while_the_server_is_down_and_replays_after_a_resta
         assert [row["step"] for row in stored] == list(range(230))
     finally:
         stop(process)
+
+
+def test_a_chunk_s_last_metric_rows_are_handed_over_to_travel_with_its_record(
+    server: tuple[RFClient, dict[str, Any], Path], tmp_path: Path
+) -> None:
+    client, info, _ = server
+    client.create_experiment("hand", [CONFIG], num_chunks=2)
+    writer = MetricWriter(info["url"], flush_interval=60, spool_dir=tmp_path / "spool")  # sends nothing itself
+    writer.add([{"experiment": "hand", "run_id": 1, "step": step, "name": "train_loss", "value": 1.0}
+                for step in range(120)])  # fmt: skip
+    batches = writer.hand_over()
+    try:
+        assert [row["step"] for batch in batches for row in batch["rows"]] == list(range(120))
+        assert client.get_metrics("hand", names=["train_loss"]) == []  # handed over, not sent
+        attempt = client.chunk_start("hand", 1, 0, 0, 2)
+        outcome = {"run_id": 1, "chunk_index": 0, "status": "ok", "step": 120, "epoch": 0, "samples": 120}
+        client.boundary_view("hand", [], ended=[{"timeline_id": attempt, "outcome": outcome, "metrics": batches}])
+        assert [row["step"] for row in client.get_metrics("hand", names=["train_loss"])] == list(range(120))
+        assert client.get_run("hand", 1)["chunks_done"] == 1
+    finally:
+        writer.close()
 
 
 def test_a_second_server_on_the_same_home_fails_fast_and_clearly(

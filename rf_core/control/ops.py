@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from rf_core.config import apply_overrides, architecture_mismatch, normalize_config
 from rf_core.control.checks import is_int, is_json_number, registered_functions, require_experiment, type_name
+from rf_core.control.metrics import log_metrics
 from rf_core.control.timeline import end_chunk, start_chunk
 from rf_core.errors import InvalidRequest, OpRejected
 from rf_core.functions import unknown_function_problems
@@ -281,10 +282,11 @@ def boundary_view(
     every run not in flight, start the chunks the loop picked in advance (`starts`) that are still legal, and return
     the runs table as it is afterwards (deleted runs included).
 
-    `ended`: [{"timeline_id", "outcome"}] as `timeline.record_chunk_end` takes them. `starts`: [{"run_id",
-    "chunk_index", "slot", "total_chunks"}]; a start is made only if, once the ops applied, the run may start a
-    chunk, is not in flight and has exactly `chunk_index` chunks done; otherwise it is refused with the reason and
-    the loop plans that slot again.
+    `ended`: [{"timeline_id", "outcome", "metrics"}]: an attempt and its outcome as `timeline.record_chunk_end`
+    takes them, and the chunk's last metric batches ([{"batch_id", "rows"}], stored first, as `log_metrics`).
+    `starts`: [{"run_id", "chunk_index", "slot", "total_chunks"}]; a start is made only if, once the ops applied,
+    the run may start a chunk, is not in flight and has exactly `chunk_index` chunks done; otherwise it is refused
+    with the reason and the loop plans that slot again.
 
     Returns `{"applied_ops": [...], "runs": [...], "started": {run_id: timeline_id}, "refused": {run_id: why},
     "as_of": time}`: one request per boundary instead of four. With `since` (an earlier answer's `as_of`), `runs`
@@ -306,6 +308,8 @@ def boundary_view(
     with store.transaction():
         require_experiment(store, experiment)
         for chunk in ended:
+            for batch in chunk.get("metrics") or []:  # the chunk's last rows, stored before it counts as done
+                log_metrics(store, batch["batch_id"], batch["rows"])
             end_chunk(store, experiment, chunk["timeline_id"], chunk["outcome"])
         now, in_flight = time.time(), set(busy)
         applied = [
@@ -342,7 +346,15 @@ def _list_of_objects_problems(name: str, value: Any, keys: Sequence[str]) -> lis
             problems.append(f"{name}[{position}] lacks {', '.join(missing)}")
         elif name == "starts" and not all(is_int(item[key]) for key in keys):
             problems.append(f"{name}[{position}]: {', '.join(keys)} must be integers, got {dict(item)!r}")
+        elif name == "ended" and not _are_metric_batches(item.get("metrics") or []):
+            problems.append(f"{name}[{position}].metrics must be a list of {{batch_id, rows}} objects")
     return problems
+
+
+def _are_metric_batches(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(batch, Mapping) and "batch_id" in batch and "rows" in batch for batch in value
+    )
 
 
 def _start_refusal(

@@ -111,9 +111,9 @@ class SlotService:
             self.writer.add([{**tags, **row} for row in rows])
 
         outcome = self.trainer.train(task, emit)
-        # The chunk's metric rows are committed before the chunk is recorded as done.
-        self.writer.flush()
-        return outcome.to_dict()
+        # The chunk's last metric rows travel with its outcome and are stored by the request that records the chunk
+        # as done, before it: one round trip less between two chunks.
+        return {**outcome.to_dict(), "metric_batches": self.writer.hand_over()}
 
     def release(self, run_ids: Sequence[int]) -> None:
         for run_id in run_ids:
