@@ -153,7 +153,7 @@ def _install_worker_probe(probe_dir: Path) -> None:
     original_train = SlotTrainer.train
     original_hand_over = MetricWriter.hand_over
 
-    def train(self: SlotTrainer, task: Any, emit: Any) -> Any:
+    def train(self: SlotTrainer, task: Any, emit: Any, on_trained: Any = None) -> Any:
         probe.current = {
             "slot": probe.slot,
             "pid": os.getpid(),
@@ -162,7 +162,7 @@ def _install_worker_probe(probe_dir: Path) -> None:
             "trainer_start": time.time(),
         }
         started = time.perf_counter()
-        outcome = original_train(self, task, emit)
+        outcome = original_train(self, task, emit, on_trained)
         probe.current["trainer_seconds"] = time.perf_counter() - started
         probe.current["trainer_end"] = time.time()
         probe.current["train_seconds"] = outcome.train_seconds

@@ -70,7 +70,7 @@ TRANSITION_STEPS: dict[str, str] = {
     "plan": "fit loop: FitLoop.plan less its request (pick runs before it, assign slots after it)",
     "dispatch": "fit loop: train task submitted and started",
     "chunk_start_http": "fit loop: POST chunk-start, when the boundary did not start the chunk",
-    "task_pipe": "fit loop -> worker: task through the slot pipe",
+    "task_pipe": "fit loop -> worker: task through the slot pipe (a chunk planned early: from the last one's end)",
     "setup": "worker: chunk setup before the training loop (run state, adapter switch, RNG)",
 }
 WORKER_WORK_STEPS = ("eval", "checkpoint")  # work the engine does at every chunk boundary by design
@@ -242,9 +242,9 @@ class FlowProbe:
                     probe.http_calls.append(record)
 
         @functools.wraps(original_plan)
-        def plan(self: FitLoop, in_flight: Any, ended: Any = ()) -> Any:
+        def plan(self: FitLoop, in_flight: Any, ended: Any = (), finishing: Any = ()) -> Any:
             started = time.time()
-            result = original_plan(self, in_flight, ended)
+            result = original_plan(self, in_flight, ended, finishing)
             tasks = [(slot, task.run_id, task.chunk.index) for slot, task in result.tasks]
             with probe._lock:
                 probe.plans.append(PlanRecord(started, time.time(), tasks))
@@ -253,7 +253,7 @@ class FlowProbe:
         @functools.wraps(original_detector)
         def detector(*args: Any, **kwargs: Any) -> Any:
             result = original_detector(*args, **kwargs)
-            if result:
+            if result[0]:  # chunks ended (not only slots that began evaluating)
                 with probe._lock:
                     probe.completion_notices.append(time.time())
             return result
@@ -469,6 +469,11 @@ def build_chunk_records(
     return records
 
 
+def planned_early(previous: ChunkRecord, following: ChunkRecord) -> bool:
+    """The following chunk was planned before the previous one's worker answered (while it evaluated)."""
+    return following.plan_end <= previous.worker_returned
+
+
 def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transition:
     detected = following.completion_noticed
     recorded = previous.chunk_end_return if previous.chunk_end_return is not None else previous.worker_returned
@@ -476,6 +481,11 @@ def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transit
         detected = recorded  # no wait() return to tell apart: count it all as plan_start
     dispatched = following.chunk_start_call if following.chunk_start_call is not None else following.dispatched
     handed = following.chunk_start_return if following.chunk_start_return is not None else following.dispatched
+    plan_start, plan_end, boundary = following.plan_start, following.plan_end, following.boundary_seconds
+    if planned_early(previous, following):
+        # Planned, started and sent while the previous chunk evaluated: none of it is between the two chunks.
+        detected = plan_start = plan_end = dispatched = handed = recorded
+        boundary = 0.0
     steps = {
         "eval": previous.eval_seconds,
         "checkpoint": previous.checkpoint_seconds,
@@ -483,10 +493,10 @@ def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transit
         "result_pipe": previous.worker_returned - previous.flush_end,
         "chunk_end_http": recorded - previous.worker_returned,
         "completion_detection": detected - recorded,
-        "plan_start": following.plan_start - detected,
-        "boundary_http": following.boundary_seconds,
-        "plan": following.plan_end - following.plan_start - following.boundary_seconds,
-        "dispatch": dispatched - following.plan_end,
+        "plan_start": plan_start - detected,
+        "boundary_http": boundary,
+        "plan": plan_end - plan_start - boundary,
+        "dispatch": dispatched - plan_end,
         "chunk_start_http": handed - dispatched,
         "task_pipe": following.trainer_start - handed,
         "setup": following.setup_seconds,
@@ -513,6 +523,11 @@ def analyse(
         for chunks in by_slot.values()
         for previous, following in zip(chunks, chunks[1:], strict=False)
     ]
+    early = sum(
+        planned_early(previous, following)
+        for chunks in by_slot.values()
+        for previous, following in zip(chunks, chunks[1:], strict=False)
+    )
     later_setups = [record.setup_seconds for chunks in by_slot.values() for record in chunks[1:]]
     typical_setup = statistics.median(later_setups) if later_setups else 0.0
 
@@ -601,6 +616,7 @@ def analyse(
         "overhead_per_chunk": {
             "training_end_to_next_training_start": describe(t.total_seconds for t in transitions),
             "plan_dispatch_record_only": describe(t.orchestration_seconds for t in transitions),
+            "planned_while_previous_evaluated": early,
             "prefect_task_machinery": describe(t.prefect_seconds for t in transitions),
             "plan_dispatch_record_less_prefect": describe(
                 t.orchestration_seconds - t.prefect_seconds for t in transitions
@@ -751,6 +767,8 @@ def print_summary(results: dict[str, Any]) -> None:
         + _triple(overhead["prefect_task_machinery"]),
         "    plan + dispatch + record less Prefect's machinery: "
         + _triple(overhead["plan_dispatch_record_less_prefect"]),
+        f"  chunks planned, started and sent while the slot's previous chunk evaluated: "
+        f"{overhead['planned_while_previous_evaluated']} of {total['count']}",
         "  steps (median / p95 / max):",
     ]
     for name, description in TRANSITION_STEPS.items():

@@ -10,6 +10,7 @@ import contextlib
 import os
 import queue
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ DEFAULT_SERVER_OUTAGE_S = 300.0  # how long the fit rides out an rf server that 
 PLAN_RETRY_DELAYS_S = (0.5, 2.0)
 
 
-def plan_step(loop: FitLoop, in_flight: dict[int, int], ended: list[EndedChunk]) -> Plan:
+def plan_step(loop: FitLoop, in_flight: dict[int, int], ended: list[EndedChunk], finishing: set[int]) -> Plan:
     """Record the chunks that ended, apply due IC Ops for idle runs, then choose and start runs for the free slots.
 
     It runs in the flow itself, not as a Prefect task: a task run per boundary cost ~10 ms on the critical path
@@ -58,7 +59,7 @@ def plan_step(loop: FitLoop, in_flight: dict[int, int], ended: list[EndedChunk])
     """
     for delay in (*PLAN_RETRY_DELAYS_S, None):
         try:
-            return loop.plan(in_flight, ended)
+            return loop.plan(in_flight, ended, finishing)
         except (FitSuperseded, InvalidRequest):
             raise
         except Exception as exc:
@@ -77,6 +78,7 @@ def train_chunk(
     run_id: int,
     chunk_number: int,
     total_chunks: int,
+    releases: dict[int, list[int]] | None = None,
 ) -> EndedChunk:
     """Train one chunk of one run on its slot's worker (or its gang's workers); the next planning step records
     how it ended.
@@ -85,6 +87,8 @@ def train_chunk(
     worker that dies mid-chunk is restarted and the chunk trained again as a new attempt, whose start closes the
     dead one's entry and drops the metrics it had sent.
     """
+    for member, run_ids in (releases or {}).items():  # states this slot's worker may forget before it trains
+        next(worker for worker in workers if worker.slot == member).release(run_ids)
     attempts: list[int] = []
 
     def start_attempt() -> int:
@@ -288,7 +292,8 @@ def _drive(
     """The loop: plan when a slot frees up or an op arrives, train the planned chunks, record what came of them;
     end when every run is final, or when every remaining run has been stopped for `idle_timeout` seconds, or at
     once (FitSuperseded) when another fit took the experiment over."""
-    slots = _SlotsInFlight(pool, client, loop)
+    # Policies read the boundary's evaluation before the next chunk is planned: no planning while it runs.
+    slots = _SlotsInFlight(pool, client, loop, early_planning=not policies)
     crashes: dict[int, int] = {}  # run -> chunks whose training task failed
     ended: list[EndedChunk] = []  # chunks done since the last plan; the next plan records them
     chunk_lines: list[str] = []
@@ -306,7 +311,7 @@ def _drive(
                     loop.record(ended)  # on the table they read
                     ended = []
                     boundary_policies(client, experiment, policies, tick)
-                plan = plan_step(loop, slots.runs_in_flight(), ended)
+                plan = plan_step(loop, slots.runs_in_flight(), ended, slots.finishing_runs())
                 ended = []
                 for op in plan.applied_ops:
                     print(format_op_line(op))
@@ -333,7 +338,9 @@ def _drive(
                         print(f"no op for {idle_timeout:.0f} s with every remaining run stopped: ending the fit")
                         return
             if slots.busy:
-                for slot, train_task, future in slots.collect(POLL_SECONDS):
+                finished, trained = slots.collect(POLL_SECONDS)
+                need_plan = need_plan or bool(trained)
+                for slot, train_task, future in finished:
                     need_plan = True
                     try:
                         chunk = future.result()
@@ -369,27 +376,43 @@ def _drive(
 
 class _SlotsInFlight:
     """Which slot trains which chunk now: chunks are submitted as Prefect task runs, and a slot whose chunk ends
-    is reported at once, in the order they end, while the others train on. A gang's chunk holds all its slots."""
+    is reported at once, in the order they end, while the others train on. A gang's chunk holds all its slots.
 
-    def __init__(self, pool: SlotPool, client: RFClient, loop: FitLoop) -> None:
+    A slot whose chunk has done its optimizer steps says so before evaluating (`trained`): the fit may plan and
+    start its next chunk then, which waits in line behind the evaluation, so the boundary's request, the planning
+    and Prefect's task start happen while the worker evaluates instead of after it."""
+
+    def __init__(self, pool: SlotPool, client: RFClient, loop: FitLoop, early_planning: bool = True) -> None:
         self.pool = pool
         self.client = client
         self.loop = loop
-        self.futures: dict[int, PrefectFuture] = {}  # slot -> future of the chunk it trains (a gang's rank-0 slot)
-        self.running: dict[int, TrainTask] = {}  # every busy slot -> its chunk's task
-        self.finished: queue.Queue[int] = queue.Queue()
-        self.deferred_releases: dict[int, list[int]] = {}  # runs a busy slot may forget once its chunk ends
+        self.futures: dict[int, deque[PrefectFuture]] = {}  # slot -> its chunks' futures, oldest first (gang: rank 0)
+        self.running: dict[int, deque[TrainTask]] = {}  # every busy slot -> its chunks' tasks, the one training first
+        self.events: queue.Queue[tuple[str, int]] = queue.Queue()  # ("done" | "trained", slot), as they happen
+        self.trained: set[int] = set()  # slots whose only chunk is evaluating: free to plan
+        self.deferred_releases: dict[int, list[int]] = {}  # runs a busy slot may forget once it is free
+        if early_planning:
+            for member in range(loop.num_slots):
+                pool[member].on_trained = lambda slot: self.events.put(("trained", slot))
 
     @property
     def busy(self) -> bool:
-        return bool(self.running)
+        return any(self.running.values())
 
     @property
     def free(self) -> bool:
-        return len(self.running) < self.loop.num_slots
+        return sum(1 for tasks in self.running.values() if tasks) < self.loop.num_slots
 
     def runs_in_flight(self) -> dict[int, int]:
-        return {slot: task.run_id for slot, task in self.running.items()}
+        """Slot -> the run it trains, for the slots planning must leave alone (a slot that is evaluating its only
+        chunk is left out: it is free to plan)."""
+        return {slot: tasks[-1].run_id for slot, tasks in self.running.items() if tasks and slot not in self.trained}
+
+    def finishing_runs(self) -> set[int]:
+        """Runs whose chunk is still on a slot left out of `runs_in_flight`: none of them may be planned."""
+        return {task.run_id for slot, tasks in self.running.items() for task in tasks} - set(
+            self.runs_in_flight().values()
+        )
 
     def total_chunks(self, train_task: TrainTask) -> int:
         return len(self.loop.chunk_plan({"run_id": train_task.run_id, "config": train_task.config}))
@@ -400,8 +423,13 @@ class _SlotsInFlight:
 
     def dispatch(self, slot: int, train_task: TrainTask) -> None:
         members = _slots_of(slot, train_task)
+        releases = {}
         for member in members:
-            self._flush_releases(member)
+            self.trained.discard(member)
+            if not self.running.get(member):
+                self._flush_releases(member)
+            elif run_ids := self.deferred_releases.pop(member, None):
+                releases[member] = run_ids  # the task releases them when the slot's worker is its own
         chunk_number = train_task.chunk.index + 1
         future = train_chunk.with_options(task_run_name=f"train-run-{train_task.run_id}-chunk-{chunk_number}").submit(
             self.client,
@@ -410,29 +438,37 @@ class _SlotsInFlight:
             train_task.run_id,
             chunk_number,
             self.total_chunks(train_task),
+            releases,
         )
-        future.add_done_callback(lambda _future: self.finished.put(slot))
-        self.futures[slot] = future
+        future.add_done_callback(lambda _future: self.events.put(("done", slot)))
+        self.futures.setdefault(slot, deque()).append(future)
         for member in members:
-            self.running[member] = train_task
+            self.running.setdefault(member, deque()).append(train_task)
 
-    def collect(self, timeout: float) -> list[tuple[int, TrainTask, PrefectFuture]]:
-        """The chunks that ended, as (slot, task, future): waits up to `timeout` for the first, then takes any
-        others already done; their slots are free again."""
+    def collect(self, timeout: float) -> tuple[list[tuple[int, TrainTask, PrefectFuture]], list[int]]:
+        """What happened since the last call, waiting up to `timeout` for the first event: the chunks that ended,
+        as (slot, task, future), and the slots that became free to plan while evaluating their chunk."""
         try:
-            slots = [self.finished.get(timeout=timeout)]
+            events = [self.events.get(timeout=timeout)]
         except queue.Empty:
-            return []
-        while not self.finished.empty():
-            slots.append(self.finished.get_nowait())
-        ended = []
-        for slot in slots:
-            future, train_task = self.futures.pop(slot), self.running[slot]
+            return [], []
+        while not self.events.empty():
+            events.append(self.events.get_nowait())
+        ended, trained = [], []
+        for kind, slot in events:
+            if kind == "trained":
+                if len(self.running.get(slot) or ()) == 1:  # its only chunk: nothing is lined up behind it yet
+                    self.trained.add(slot)
+                    trained.append(slot)
+                continue
+            future, train_task = self.futures[slot].popleft(), self.running[slot][0]
             for member in _slots_of(slot, train_task):
-                del self.running[member]
-                self._flush_releases(member)
+                self.running[member].popleft()
+                if not self.running[member]:
+                    self.trained.discard(member)
+                    self._flush_releases(member)
             ended.append((slot, train_task, future))
-        return ended
+        return ended, trained
 
     def _flush_releases(self, slot: int) -> None:
         run_ids = self.deferred_releases.pop(slot, None)

@@ -116,6 +116,10 @@ class ChunkOutcome:
     device: str | None = None  # where the chunk trained ("cpu", "cuda:0")
     device_peak_mib: float | None = None  # a GPU worker's peak allocated memory so far; None on CPU
     truncated_rows: int | None = None  # training rows cut to the run's max_length
+    # When the worker began and finished the chunk (its clock): the chunk's timeline entry spans them, not the
+    # moments it was planned (perhaps while the slot's previous chunk evaluated) and recorded.
+    started_at: float | None = None
+    ended_at: float | None = None
     # The chunk's last metric batches ({"batch_id", "rows"}), stored with the chunk's record, before it.
     metric_batches: list[dict[str, Any]] = field(default_factory=list)
 

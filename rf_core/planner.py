@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,16 +99,19 @@ class FitLoop:
                 self._data_problems[key] = str(exc)
         return self._data_problems[key]
 
-    def plan(self, in_flight: Mapping[int, int], ended: Sequence[EndedChunk] = ()) -> Plan:
+    def plan(
+        self, in_flight: Mapping[int, int], ended: Sequence[EndedChunk] = (), finishing: Collection[int] = ()
+    ) -> Plan:
         """One planning step at a boundary. `in_flight` maps busy slots to the run each is training; `ended` are the
-        chunks that finished since the last step, recorded by this step's one request.
+        chunks that finished since the last step, recorded by this step's one request; `finishing`: runs whose chunk
+        is still on a slot that is free to plan (evaluating): neither picked nor given their ops yet.
 
         The runs for the free slots are picked before the request, from the runs table as the last step left it
         with the ended chunks' progress added, and started by the same request if they still may (the boundary's
         ops apply first). A slot whose pick is refused, or that no pick was made for, is planned again on the
         table the request returned, and its chunk's start is recorded when it is dispatched.
         """
-        busy_runs = set(in_flight.values())
+        busy_runs = set(in_flight.values()) | set(finishing)
         now = time.monotonic()
         self._note_finished(busy_runs, now)
         predicted = _runs_after(self._runs or [], ended)
@@ -137,7 +140,7 @@ class FitLoop:
         taken = dict(in_flight)
         for pick in accepted:
             taken.update(dict.fromkeys(pick.slots, pick.run_id))
-        runnable = self._runnable(plan.runs, set(taken.values()), plan)
+        runnable = self._runnable(plan.runs, busy_runs | set(taken.values()), plan)
         by_id = {int(run["run_id"]): run for run in plan.runs}
         pinned = _pinned_steps(plan.runs)
         for assignment in accepted + self._assign(runnable, taken, now):

@@ -278,3 +278,13 @@ def test_a_run_whose_chunk_failed_or_completed_it_is_not_picked():
     (_, task) = loop.plan(in_flight={}).tasks[0]
     loop.plan(in_flight={}, ended=[ended_chunk(task, attempt=7, status="failed")])
     assert client.boundary_calls[-1]["starts"] == []
+
+
+def test_a_run_still_evaluating_on_a_slot_free_to_plan_is_neither_picked_nor_planned():
+    client = FakeClient([make_run(1, "Ongoing", 1), make_run(2, "Completed", 4)])
+    loop = make_loop(client, slots=1)
+    loop.plan(in_flight={0: 1})  # the table
+    # Slot 0's chunk of run 1 has done its steps and evaluates: the slot may be planned, run 1 may not.
+    plan = loop.plan(in_flight={}, finishing={1})
+    assert plan.tasks == [] and client.boundary_calls[-1]["starts"] == []
+    assert client.boundary_calls[-1]["busy"] == [1]  # its ops wait until its chunk is recorded

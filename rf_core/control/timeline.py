@@ -136,8 +136,19 @@ def end_chunk(store: Store, experiment: str, timeline_id: int, outcome: Mapping[
         if chunk_status in FAILED_CHUNK_OUTCOMES:
             fields.update(error=str(outcome.get("error") or "the chunk failed"), traceback=outcome.get("traceback"))
         updated = store.update_run(experiment, run_id, fields)
-        store.update_timeline(timeline_id, {"end": now, "outcome": chunk_status})
+        store.update_timeline(timeline_id, {**_worker_span(entry, outcome, now), "outcome": chunk_status})
         return updated
+
+
+def _worker_span(entry: Mapping[str, Any], outcome: Mapping[str, Any], now: float) -> dict[str, float]:
+    """The entry's start and end as the worker saw them, where they fit inside (planned, recorded]; else as
+    recorded. A chunk planned while its slot's previous one evaluated begins only once that one is done."""
+    start = float(entry["start"])
+    began, finished = outcome.get("started_at"), outcome.get("ended_at")
+    if began is not None and start < float(began) <= now:
+        start = float(began)
+    end = float(finished) if finished is not None and start <= float(finished) <= now else now
+    return {"start": start, "end": end}
 
 
 def _outcome_problems(timeline_id: Any, outcome: Any) -> list[str]:
@@ -154,6 +165,9 @@ def _outcome_problems(timeline_id: Any, outcome: Any) -> list[str]:
             for name in ("step", "epoch", "samples")
             if not is_int(outcome.get(name))
         ]
+    for name in ("started_at", "ended_at"):
+        if outcome.get(name) is not None and not is_json_number(outcome[name]):
+            problems.append(f"outcome {name} must be a number or null, got {type_name(outcome[name])}")
     for name in ("checkpoint", "error", "traceback"):
         if outcome.get(name) is not None and not isinstance(outcome[name], str):
             problems.append(f"outcome {name} must be a string or null, got {type_name(outcome[name])}")

@@ -232,10 +232,13 @@ class SlotTrainer:
 
     # ----------------------------------------------------------------------------------------------- public
 
-    def train(self, task: TrainTask, emit: EmitFn) -> ChunkOutcome:
-        """Train `task.chunk` of run `task.run_id`. Never raises: a failure comes back as status "failed"."""
+    def train(self, task: TrainTask, emit: EmitFn, on_trained: Callable[[], None] | None = None) -> ChunkOutcome:
+        """Train `task.chunk` of run `task.run_id`. Never raises: a failure comes back as status "failed".
+
+        `on_trained` is called when the chunk's optimizer steps are done, before its evaluation and checkpoint, for a
+        run that trains alone: the fit can plan this slot's next chunk meanwhile."""
         try:
-            return self._train_chunk(task, emit)
+            return self._train_chunk(task, emit, on_trained)
         except Exception as error:
             state = self._runs.get(task.run_id)
             samples = 0  # unknown unless the chunk got as far as starting
@@ -299,14 +302,20 @@ class SlotTrainer:
 
     # --------------------------------------------------------------------------------------- the chunk loop
 
-    def _train_chunk(self, task: TrainTask, emit: EmitFn) -> ChunkOutcome:
+    def _train_chunk(self, task: TrainTask, emit: EmitFn, on_trained: Callable[[], None] | None) -> ChunkOutcome:
         gang = task.gang
         if gang is None and task.config["strategy"] == "deepspeed":
             gang = Gang(rank=0, world_size=1, address=free_address(), slots=(0,), strategy="deepspeed")
         with gang_session(gang, self._device or torch.device("cpu")) as session:
-            return self._train_chunk_in(task, emit, session)
+            return self._train_chunk_in(task, emit, session, on_trained if gang is None else None)
 
-    def _train_chunk_in(self, task: TrainTask, emit: EmitFn, session: GangSession | None) -> ChunkOutcome:
+    def _train_chunk_in(
+        self,
+        task: TrainTask,
+        emit: EmitFn,
+        session: GangSession | None,
+        on_trained: Callable[[], None] | None = None,
+    ) -> ChunkOutcome:
         """The chunk loop; `session` is this process's gang for multi-process runs (None: trains alone)."""
         config, chunk = task.config, task.chunk
         leads = session is None or session.is_leader  # evaluates, logs and checkpoints
@@ -406,6 +415,8 @@ class SlotTrainer:
         state.chunk_index = chunk.index
         # Captured before evaluation so a compute_metrics that draws random numbers can't change training.
         state.rng = capture_rng_state()
+        if on_trained is not None:
+            on_trained()
 
         # 3. Evaluate, then checkpoint the boundary.
         eval_started = time.perf_counter()

@@ -100,7 +100,8 @@ class SlotService:
             self.trainer.prepare(_initial_configs(spec))
         self.writer = MetricWriter(server_url, spool_dir=Path(spool_dir))
 
-    def train(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def train(self, payload: dict[str, Any], on_trained: Callable[[], None] | None = None) -> dict[str, Any]:
+        started_at = time.time()
         task = TrainTask.from_dict(payload)
 
         tags = {"experiment": task.experiment, "run_id": task.run_id}
@@ -110,10 +111,11 @@ class SlotService:
         def emit(rows: list[dict[str, Any]]) -> None:
             self.writer.add([{**tags, **row} for row in rows])
 
-        outcome = self.trainer.train(task, emit)
+        outcome = self.trainer.train(task, emit, on_trained)
         # The chunk's last metric rows travel with its outcome and are stored by the request that records the chunk
         # as done, before it: one round trip less between two chunks.
-        return {**outcome.to_dict(), "metric_batches": self.writer.hand_over()}
+        batches = self.writer.hand_over()
+        return {**outcome.to_dict(), "started_at": started_at, "ended_at": time.time(), "metric_batches": batches}
 
     def release(self, run_ids: Sequence[int]) -> None:
         for run_id in run_ids:
@@ -147,7 +149,9 @@ def _serve(
         while True:
             kind, payload = conn.recv()
             if kind == "train":
-                conn.send(("result", service.train(payload), None))
+                # "trained": the chunk's steps are done and its evaluation begins; the fit may plan the slot.
+                result = service.train(payload, lambda: conn.send(("trained", None, None)))
+                conn.send(("result", result, None))
             elif kind == "release":
                 service.release(payload)
                 conn.send(("released", None, None))
@@ -227,6 +231,9 @@ class Slot:
         self._num_threads = num_threads
         self._lock = threading.Lock()
         self.restarts = 0
+        # Told (with the slot) when a chunk's steps are done, before its evaluation; workers that cannot tell
+        # (Ray actors) never call it.
+        self.on_trained: Callable[[int], None] | None = None
 
     def start(self) -> None:
         raise NotImplementedError
@@ -308,7 +315,11 @@ class SlotWorker(Slot):
                 raise WorkerDied(f"slot {self.slot} worker is not running")
             try:
                 self._conn.send(("train", task.to_dict()))
-                _kind, payload, _ = self._recv()
+                kind, payload, _ = self._recv()
+                while kind == "trained":
+                    if self.on_trained is not None:
+                        self.on_trained(self.slot)
+                    kind, payload, _ = self._recv()
                 return ChunkOutcome(**payload)
             except (BrokenPipeError, OSError) as exc:
                 raise WorkerDied(f"slot {self.slot} worker is gone: {exc}") from exc

@@ -20,6 +20,7 @@ import torch
 from rf_core import paths
 from rf_core.client import RFClient
 from rf_core.errors import InvalidRequest
+from rf_core.planner import FitLoop
 from rf_core.training.checkpoints import init_checkpoint_path, load_checkpoint, step_checkpoint_path
 from rf_core.training.staging import default_staging_root, staged_path
 from rf_core.training.worker import STEP_DELAY_ENV
@@ -280,6 +281,14 @@ def test_runs_moved_between_workers_in_a_real_fit_end_bitwise_as_trained_straigh
     monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
     monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
     monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    early_plans: list[set[int]] = []  # what each planning step was told is still evaluating on a free slot
+    plan = FitLoop.plan
+
+    def observed_plan(loop: FitLoop, in_flight: Any, ended: Any = (), finishing: Any = ()) -> Any:
+        early_plans.append(set(finishing))
+        return plan(loop, in_flight, ended, finishing)
+
+    monkeypatch.setattr(FitLoop, "plan", observed_plan)
     data = e2e_experiment.spec()
     snapshot = Experiment("exact").run_fit(
         data.config_group, e2e_experiment.create_model_fn, data.train_dataset, data.eval_dataset,
@@ -294,6 +303,15 @@ def test_runs_moved_between_workers_in_a_real_fit_end_bitwise_as_trained_straigh
     finally:
         store.close()
     assert any(len(slots) == 2 for slots in slots_per_run.values()), slots_per_run  # some run changed workers
+    attempts = [(entry["run_id"], entry["chunk"]) for entry in entries]
+    assert len(attempts) == len(set(attempts)), attempts  # every chunk trained once: none abandoned and redone
+    assert {entry["outcome"] for entry in entries} <= {"ok", "completed"}
+    # Some slots were planned while their chunk evaluated (the run still on them left alone), through the real loop,
+    # Prefect and workers; the timeline shows when the workers began and ended each chunk: one at a time per slot.
+    assert any(finishing for finishing in early_plans), early_plans
+    on_slot = {slot: sorted((e for e in entries if e["slot"] == slot), key=lambda e: e["start"]) for slot in (0, 1)}
+    pairs = [pair for chunks in on_slot.values() for pair in zip(chunks, chunks[1:], strict=False)]
+    assert all(earlier["end"] <= later["start"] for earlier, later in pairs)
     threads = max(1, (os.cpu_count() or 1) // 2)  # what the fit gave each of its two slot workers
     trainer = SlotTrainer(e2e_experiment.create_model_fn, data.train_dataset, None, num_threads=threads)
     for run_id, run in runs.items():
