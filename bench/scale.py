@@ -1,7 +1,7 @@
 """Scale benchmark: what the fit's bookkeeping costs per decision at 10, 100 and 1,000 runs, and a slot worker's
 memory after that many runs passed through it.
 
-    .venv/bin/python bench/scale.py [--runs 10 100 1000] [--chunks 4] [--ops 100] [--out FILE.json]
+    .venv/bin/python bench/scale.py [--runs 10 100 1000] [--chunks 4] [--ops 100] [--max-boundaries N] [--out F]
     .venv/bin/python bench/scale.py --smoke          # 10 runs, 10 ops, a 10-run worker: about a minute
 
 Part 1, the orchestration at scale, without training: for each run count, a fresh RF_HOME with a real rf server
@@ -141,8 +141,11 @@ def dashboard_request(url: str, body: dict[str, Any]) -> Any:
         return json.loads(response.read())
 
 
-def orchestration_case(num_runs: int, num_chunks: int, num_ops: int, seed: int = 3) -> dict[str, Any]:
-    """One simulated fit of `num_runs` configs on a fresh rf server; the timings of part 1."""
+def orchestration_case(
+    num_runs: int, num_chunks: int, num_ops: int, max_boundaries: int | None = None, seed: int = 3
+) -> dict[str, Any]:
+    """One simulated fit of `num_runs` configs on a fresh rf server (cut after `max_boundaries` boundaries, when
+    given); the timings of part 1."""
     from bench import dashboard
     from bench.bench_experiment import BATCH_SIZE, examples
     from flows.policy import boundary_policies, build_policies
@@ -178,7 +181,8 @@ def orchestration_case(num_runs: int, num_chunks: int, num_ops: int, seed: int =
         in_flight: dict[int, Any] = {}  # slot -> (task, attempt)
         ended: list[Any] = []
         boundaries, chunks_trained, ops_sent, signatures = 0, 0, 0, None
-        op_every = max(1, (num_runs * num_chunks) // max(1, num_ops))
+        expected_chunks = min(num_runs * num_chunks, max_boundaries or num_runs * num_chunks)
+        op_every = max(1, expected_chunks // max(1, num_ops))
         while True:
             boundaries += 1
             if boundaries % READ_EVERY == 1:
@@ -207,6 +211,8 @@ def orchestration_case(num_runs: int, num_chunks: int, num_ops: int, seed: int =
                 if plan.all_final or not plan.tasks:
                     break
                 continue
+            if max_boundaries is not None and boundaries >= max_boundaries:
+                break
             # The chunk that started first ends first; the other slot trains on.
             slot = min(in_flight, key=lambda busy_slot: in_flight[busy_slot][1])
             task, attempt = in_flight.pop(slot)
@@ -388,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--ops", type=int, default=100)
     parser.add_argument("--memory-runs", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--max-boundaries", type=int, help="cut each simulated fit after this many boundaries")
     parser.add_argument("--smoke", action="store_true", help="10 runs, 10 ops, a 10-run worker")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -399,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         for count in args.runs:
             isolated_environment(Path(scratch) / f"runs-{count}", PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore")
             print(f"orchestration at {count} runs ...", flush=True)
-            results["orchestration"].append(orchestration_case(count, args.chunks, args.ops))
+            results["orchestration"].append(orchestration_case(count, args.chunks, args.ops, args.max_boundaries))
         isolated_environment(Path(scratch) / "memory")
         print(f"slot worker memory over {max(args.memory_runs)} runs ...", flush=True)
         results["worker_memory"] = worker_memory_case(args.memory_runs, Path(scratch) / "model-cache")

@@ -1,7 +1,9 @@
 """The Prefect fit flow: a loop of plan → train chunks on free slots → record, with no barrier across runs.
 
 Runs reach chunk boundaries at different times; each finished chunk frees its slot and triggers a new plan at
-once. IC Ops queued in the store are applied by the plan step, at each run's chunk boundary.
+once. IC Ops queued in the store are applied by the plan step, at each run's chunk boundary. A slot whose chunk has
+done its steps is planned while it evaluates (unless a policy waits for that evaluation): the boundary's one store
+request starts the slot's next chunk, which the worker takes up as soon as it has answered for the last one.
 """
 
 from __future__ import annotations

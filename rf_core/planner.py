@@ -74,6 +74,7 @@ class FitLoop:
         self.warm_slots: dict[int, tuple[int, ...]] = {}  # run -> slots whose workers hold its state in memory
         self._dispatched_at: dict[int, float] = {}  # run in flight -> when its chunk was planned
         self._chunk_seconds: dict[int, list[float]] = {}  # run -> how long its chunks took, as seen from here
+        self._overall_seconds: float | None = None  # their mean over every run, computed when first needed
         self._data_problems: dict[tuple[str, str | None], str | None] = {}  # (trainer type, formatting) -> why not
         self._runs: list[dict[str, Any]] | None = None  # the runs table as the last planning step saw it
         self._as_of: float | None = None  # the store's clock when it answered that step
@@ -254,14 +255,18 @@ class FitLoop:
             history = self._chunk_seconds.setdefault(run_id, [])
             history.append(seconds)
             del history[:-5]  # recent chunks only: a run's chunks change length when its data or batch does
+            self._overall_seconds = None
 
     def _expected_seconds(self, run_id: int) -> float | None:
         """A run's next chunk length: its recent mean, else the mean over all runs; None before any chunk ended."""
         own = self._chunk_seconds.get(run_id)
         if own:
             return statistics.fmean(own)
-        everyone = [seconds for history in self._chunk_seconds.values() for seconds in history]
-        return statistics.fmean(everyone) if everyone else None
+        if self._overall_seconds is None and self._chunk_seconds:  # once per change, not once per run planned
+            self._overall_seconds = statistics.fmean(
+                seconds for history in self._chunk_seconds.values() for seconds in history
+            )
+        return self._overall_seconds
 
     def _preferred_slot(self, run: Mapping[str, Any]) -> int | None:
         """Where the run's state is warm; for a warm clone's first chunk, where its parent's is."""
