@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,3 +92,13 @@ def test_grpo_vs_trl_benchmark_smoke(tmp_path):
     assert results["steps"]["engine"] == results["steps"]["trl"] == 4  # 8 prompts, 2 per step
     assert results["ratio_engine_over_trl"] > 0
     assert len(results["rewards"]["engine"]) == len(results["rewards"]["trl"]) == 4
+
+
+@pytest.mark.slow
+def test_scale_benchmark_smoke(tmp_path):
+    results = run_smoke("bench/scale.py", tmp_path)
+    (case,) = results["orchestration"]
+    assert case["runs"] == 10 and case["chunks"] > 0 and case["plan_per_decision"]["count"] == case["boundaries"]
+    assert case["ops_sent"] > 0 and case["dashboard_refresh"]["count"] > 0
+    memory = results["worker_memory"]["resident_mib_after_runs"]
+    assert set(memory) == {"0", "2", "10"} and all(mib > 0 for mib in memory.values())
