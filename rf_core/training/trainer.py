@@ -10,8 +10,10 @@ interleaved with other runs, or swapped to another trainer through the staging a
 same per-step losses and final weights as one chunk. That is why every chunk restores the run's RNG state, why the data
 order is a pure function of (seed, epoch), and why the LR schedule spans the whole run.
 
-LoRA runs on the same base share one frozen copy of it: a single PEFT model per base holds one adapter per run
-and switches the active adapter per chunk. A full fine-tune run trains its own copy of the base.
+LoRA runs on the same base share one frozen copy of it: a single PEFT model per base (the LoRA host) holds one
+adapter per LoRA shape, a slot that the runs of that shape take turns in. Each run owns its adapter parameters and
+puts them into the slot's modules when it trains, so switching runs costs a pointer per LoRA weight, whatever the
+number of runs in memory. A full fine-tune run trains its own copy of the base.
 
 At each boundary the state is snapshotted into the staging area and persisted, exported and pruned by a
 background `StateWriter` (see `rf_core.training.staging`), so saving costs the chunk a memory copy, not a disk write.
@@ -92,7 +94,7 @@ ComputeMetricsFn = Callable[[Any, Any, Any], Mapping[str, float]]
 EmitFn = Callable[[list[dict[str, Any]]], None]
 
 _MAX_LISTED_KEYS = 5  # how many mismatching keys an error message names before summarising
-MAX_FREE_ADAPTERS = 8  # per base and LoRA shape; more released adapters are deleted
+MAX_LORA_SLOTS = 8  # per base: more LoRA shapes in turn evict the slot used longest ago (runs keep their weights)
 MAX_FREE_FULL_COPIES = 1  # per base: a full copy costs the base model's size in memory
 _LORA_REFERENCE_KNOBS = ("r", "lora_alpha", "target_modules")  # what a frozen reference adapter is rebuilt from
 STATE_WAIT_S = 120.0  # how long a chunk waits for its start state that another worker is still writing
@@ -103,15 +105,47 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass
+class _LoraSlot:
+    """An adapter of a LoRA host that the runs of one LoRA shape take turns in.
+
+    A run's own parameters are put into the slot's modules when it trains (`bind`), so PEFT's per-adapter loops
+    (activating an adapter, train/eval mode, requires_grad) run over a handful of slots, not over every run in memory.
+    """
+
+    name: str
+    places: dict[str, tuple[torch.nn.Module, str]]  # parameter key -> (the module holding it, its attribute)
+    last_bound: int = 0  # when a run last trained in it, to evict the slot used longest ago
+    evicted: bool = False
+
+    @classmethod
+    def of(cls, host: PeftModel, name: str) -> _LoraSlot:
+        places: dict[str, tuple[torch.nn.Module, str]] = {}
+        for full_name, _ in host.named_parameters():
+            parts = full_name.split(".")
+            if name in parts:
+                key = ".".join(part for part in parts if part != name)
+                places[key] = (host.get_submodule(".".join(parts[:-1])), parts[-1])
+        if not places:
+            raise ValueError(f"adapter {name!r} has no parameters: do its target_modules match the model?")
+        return cls(name=name, places=places)
+
+    def parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {key: module._parameters[attribute] for key, (module, attribute) in self.places.items()}
+
+    def bind(self, parameters: Mapping[str, torch.nn.Parameter], clock: int) -> None:
+        for key, (module, attribute) in self.places.items():
+            module._parameters[attribute] = parameters[key]
+        self.last_bound = clock
+
+
+@dataclass
 class _BaseEntry:
     """One base model: the single copy of its weights, its tokenizer, and the LoRA host wrapping it."""
 
     model: Any
     tokenizer: Any
     lora_host: PeftModel | None = None
-    # Adapters of released runs, by LoRA shape: a run swapped in reuses one (its weights are loaded over it)
-    # instead of paying PEFT's adapter injection again.
-    free_adapters: dict[tuple[Any, ...], list[str]] = field(default_factory=dict)
+    lora_slots: dict[tuple[Any, ...], _LoraSlot] = field(default_factory=dict)  # by LoRA shape
     # Likewise a released full fine-tune's model: the next full run swapped in loads its weights over it
     # instead of deep-copying the base again.
     free_full_copies: list[Any] = field(default_factory=list)
@@ -124,7 +158,7 @@ class _RunState:
     run_id: int
     base_key: str
     model: Any  # what to call: the shared LoRA host, or the run's own full copy
-    adapter_name: str | None  # the run's adapter inside the LoRA host; None for a full fine-tune
+    slot: _LoraSlot | None  # the LoRA host's adapter the run trains in; None for a full fine-tune
     trainable: dict[str, torch.nn.Parameter]  # checkpoint key -> parameter, in the optimizer's order
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -146,7 +180,7 @@ class _RunState:
 
     @property
     def is_lora(self) -> bool:
-        return self.adapter_name is not None
+        return self.slot is not None
 
 
 @dataclass(frozen=True)
@@ -221,8 +255,8 @@ class SlotTrainer:
         self._bases: dict[str, _BaseEntry] = {}
         self._tokenized: dict[tuple[Any, ...], TokenizedData | PreferenceData | PromptData] = {}
         self._runs: dict[int, _RunState] = {}
-        self._adapters: dict[int, tuple[str, str, tuple[Any, ...]]] = {}  # run -> (base, adapter, LoRA shape)
         self._adapters_made = 0
+        self._binds = 0  # a clock for the slots' least-recently-used eviction
         # DPO references other than the base, by (base, reference key): an adapter's name in the LoRA host, or a
         # frozen full copy. Runs anchored to the same weights share one.
         self._reference_adapters: dict[tuple[str, str], str] = {}
@@ -285,20 +319,6 @@ class SlotTrainer:
                 base.free_full_copies.append(state.model)
         if state is not None and state.reference is not None:
             self._drop_unused_reference(state.base_key, state.reference["key"])
-        held = self._adapters.pop(run_id, None)
-        if held is None:
-            return
-        base_key, adapter_name, shape = held
-        base = self._bases[base_key]
-        free = base.free_adapters.setdefault(shape, [])
-        if len(free) < MAX_FREE_ADAPTERS:
-            free.append(adapter_name)  # frozen and inactive until a run of the same shape takes it over
-            return
-        assert base.lora_host is not None
-        # PEFT warns when the deleted adapter was the active one; each chunk activates its own anyway.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
-            base.lora_host.delete_adapter(adapter_name)
 
     # --------------------------------------------------------------------------------------- the chunk loop
 
@@ -496,7 +516,8 @@ class SlotTrainer:
     def _export_recipe(self, base: _BaseEntry, state: _RunState, config: dict[str, Any]) -> ExportRecipe:
         base_name = str(getattr(base.model.config, "_name_or_path", "") or config["model_name_or_path"])
         if state.is_lora:
-            return ExportRecipe.for_lora(base.tokenizer, state.model.peft_config[state.adapter_name], base_name)
+            assert state.slot is not None
+            return ExportRecipe.for_lora(base.tokenizer, state.model.peft_config[state.slot.name], base_name)
         return ExportRecipe(tokenizer=base.tokenizer, model_config=state.model.config)
 
     # ---------------------------------------------------------------------------------------- run state
@@ -549,11 +570,11 @@ class SlotTrainer:
             if writes:
                 self._save(state, task.config, init_checkpoint_path(task.run_dir))
         else:
-            state = self._new_state(task, base, seed, run_total_steps, weights_follow=deepspeed)
+            # A DeepSpeed full fine-tune trains its private copy of the base as it is: nothing to initialise.
+            fresh_copy = deepspeed and not task.config["use_peft"]
+            state = self._new_state(task, base, seed, run_total_steps, weights_follow=fresh_copy)
             state.rng = capture_rng_state()
-        if deepspeed:
-            self._adapters.pop(task.run_id, None)  # the adapter is the private copy's, gone with the chunk
-        else:
+        if not deepspeed:  # a DeepSpeed run's state is the private copy's, gone with the chunk
             self._runs[task.run_id] = state
         return state
 
@@ -629,25 +650,22 @@ class SlotTrainer:
     ) -> _RunState:
         """A run with its adapter (or full copy), optimizer and LR schedule.
 
-        `weights_follow`: the caller loads every trainable weight next (a swap in, a warm start), so a released
-        adapter of the same shape may be reused as is. Otherwise the adapter is new and initialised from the seed.
+        `weights_follow`: the caller loads every trainable weight next (a swap in, a warm start), so a LoRA run's
+        parameters need no init. Otherwise they are initialised from the seed, as PEFT initialises a new adapter.
         """
         config = task.config
+        slot: _LoraSlot | None = None
         if config["use_peft"]:
-            shape = _lora_shape(config)
-            free = base.free_adapters.get(shape) if weights_follow else None
-            if free:
-                adapter_name, model = free.pop(), base.lora_host
+            slot = self._lora_slot(base, config)
+            model = base.lora_host
+            if weights_follow:
+                trainable = {
+                    key: torch.nn.Parameter(torch.empty_like(parameter)) for key, parameter in slot.parameters().items()
+                }
             else:
-                _seed_everything(seed)  # adapter init draws random numbers: seed first so it is the same everywhere
-                self._adapters_made += 1
-                adapter_name = f"adapter-{self._adapters_made}"
-                model = self._add_adapter(base, adapter_name, config)
-            self._adapters[task.run_id] = (_base_key(config), adapter_name, shape)
-            trainable = _adapter_parameters(model, adapter_name)
+                trainable = self._seeded_adapter_parameters(base, config, seed)
         else:
             _seed_everything(seed)
-            adapter_name = None
             model = base.free_full_copies.pop() if weights_follow and base.free_full_copies else self._full_copy(base)
             trainable = dict(model.named_parameters())
         optimizer = torch.optim.AdamW(
@@ -668,7 +686,7 @@ class SlotTrainer:
             run_id=task.run_id,
             base_key=_base_key(config),
             model=model,
-            adapter_name=adapter_name,
+            slot=slot,
             trainable=trainable,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -697,7 +715,11 @@ class SlotTrainer:
     def _activate(self, state: _RunState) -> Any:
         """Make `state` the one that trains: its adapter active and alone trainable, train mode, its RNG."""
         model = state.model
-        if state.is_lora:
+        if state.slot is not None:
+            if state.slot.evicted:  # other shapes took turns since: the run's shape gets a slot again
+                state.slot = self._lora_slot(self._bases[state.base_key], state.config)
+            self._binds += 1
+            state.slot.bind(state.trainable, self._binds)
             _train_only(state)
         model.train()
         restore_rng_state(state.rng)
@@ -822,11 +844,9 @@ class SlotTrainer:
             return
         self._reference_copies.pop((base_key, reference_key), None)
         adapter_name = self._reference_adapters.pop((base_key, reference_key), None)
-        host = self._bases[base_key].lora_host
-        if adapter_name is not None and host is not None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
-                host.delete_adapter(adapter_name)
+        base = self._bases[base_key]
+        if adapter_name is not None and base.lora_host is not None:
+            self._delete_adapter(base, adapter_name)
 
     def _reference_payload(self, reference: dict[str, str]) -> dict[str, Any]:
         path = Path(reference["path"])
@@ -1051,6 +1071,41 @@ class SlotTrainer:
                 base.lora_host.add_adapter(adapter_name, lora_config)
         return base.lora_host
 
+    def _lora_slot(self, base: _BaseEntry, config: dict[str, Any]) -> _LoraSlot:
+        """The slot for the config's LoRA shape, added to the host when missing (its own weights are never trained:
+        a run's are bound over them). Past MAX_LORA_SLOTS the slot used longest ago leaves the host."""
+        shape = _lora_shape(config)
+        if shape not in base.lora_slots:
+            if len(base.lora_slots) >= MAX_LORA_SLOTS:
+                oldest = min(base.lora_slots, key=lambda key: base.lora_slots[key].last_bound)
+                evicted = base.lora_slots.pop(oldest)
+                evicted.evicted = True
+                self._delete_adapter(base, evicted.name)
+            self._adapters_made += 1
+            name = f"slot-{self._adapters_made}"
+            base.lora_slots[shape] = _LoraSlot.of(self._add_adapter(base, name, config), name)
+        return base.lora_slots[shape]
+
+    def _seeded_adapter_parameters(
+        self, base: _BaseEntry, config: dict[str, Any], seed: int
+    ) -> dict[str, torch.nn.Parameter]:
+        """A new run's adapter parameters as PEFT initialises a new adapter after the seed, wherever it trains: made
+        by a passing adapter of the host, which leaves it again and lets the run keep them."""
+        self._adapters_made += 1
+        name = f"init-{self._adapters_made}"
+        _seed_everything(seed)  # adapter init draws random numbers: seed first so it is the same everywhere
+        parameters = _adapter_parameters(self._add_adapter(base, name, config), name)
+        self._delete_adapter(base, name)
+        return parameters
+
+    @staticmethod
+    def _delete_adapter(base: _BaseEntry, name: str) -> None:
+        assert base.lora_host is not None
+        # PEFT warns when the deleted adapter was the active one; each chunk activates its own anyway.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+            base.lora_host.delete_adapter(name)
+
     def _full_copy(self, base: _BaseEntry) -> Any:
         if base.lora_host is None:
             model = copy.deepcopy(base.model)
@@ -1259,6 +1314,8 @@ def _lora_shape(config: Mapping[str, Any]) -> tuple[Any, ...]:
         config["lora_alpha"],
         config["lora_dropout"],
         modules if isinstance(modules, str) else tuple(sorted(modules)) if modules is not None else None,
+        config["bias"],
+        config["task_type"],
     )
 
 
@@ -1304,7 +1361,8 @@ def _set_dropout(model: Any, enabled: bool) -> None:
 def _train_only(state: _RunState) -> None:
     """The run's adapter active in its LoRA host, and its parameters alone trainable."""
     model = state.model
-    model.set_adapter(state.adapter_name)
+    assert state.slot is not None
+    model.set_adapter(state.slot.name)
     trainable_ids = {id(parameter) for parameter in state.trainable.values()}
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in trainable_ids)

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from rf_core.chunks import plan_chunks
 from rf_core.messages import ChunkOutcome, WarmStart
 from rf_core.training import staging
+from rf_core.training import trainer as trainer_module
 from rf_core.training.artifacts import BEST, EXPORT_INFO_NAME, LATEST, export_dir, prune_checkpoints
 from rf_core.training.checkpoints import CheckpointError, checkpoints_dir, load_checkpoint, step_checkpoint_path
 from rf_core.training.models import load_base_model
@@ -126,21 +127,45 @@ def test_warm_start_from_memory_is_the_same_as_from_disk_and_never_reads_it(make
     assert follow.step == parent.step + parent_plan[2].num_steps
 
 
-def test_a_released_adapter_is_reused_by_the_next_run_of_its_shape_and_results_do_not_change(
+def test_runs_of_one_lora_shape_take_turns_in_one_slot_and_results_do_not_change(
     make_trainer, references, tmp_path
 ) -> None:
     config = config_of(LORA)
     trainer, recorder = make_trainer(), Recorder()
-    other = config_of(LORA, learning_rate=1e-3, seed=5)
-    train_ok(trainer, task_for(2, other, plan_chunks(64, other, 3)[0], tmp_path / "other"), Recorder())
-    trainer.release(2)  # run 2's adapter is now free
-    base = trainer._bases["rf-tiny-llama"]
+    others = [config_of(LORA, learning_rate=1e-3, seed=5 + index) for index in range(4)]
     for chunk in plan_chunks(64, config, 3):
+        for index, other in enumerate(others, start=2):  # four more runs of the same shape stay in memory
+            other_task = task_for(index, other, plan_chunks(64, other, 3)[chunk.index], tmp_path / f"o{index}")
+            train_ok(trainer, other_task, Recorder())
         last = train_ok(trainer, task_for(1, config, chunk, tmp_path / "run"), recorder)
-        trainer.release(1)  # every later chunk is swapped in from its saved state, onto a free adapter
+        if chunk.index == 2:
+            trainer.release(1)  # the next chunk is swapped in from its saved state
     assert_matches_reference(references["lora"], recorder, last)
-    # Run 1's first chunk needed a new adapter (its seeded init); its five swaps in made none.
-    assert trainer._adapters_made == 2 and len(base.lora_host.peft_config) == 2
+    host = trainer._bases["rf-tiny-llama"].lora_host
+    assert len(trainer._runs) == 5 and list(host.peft_config) == [trainer._runs[1].slot.name]
+    # Each run owns its parameters; the slot holds the last one trained.
+    key = next(iter(trainer._runs[1].trainable))
+    assert len({id(state.trainable[key]) for state in trainer._runs.values()}) == 5
+
+
+def test_lora_shapes_beyond_the_slot_limit_evict_each_other_and_results_do_not_change(
+    make_trainer, references, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(trainer_module, "MAX_LORA_SLOTS", 1)
+    trainer = make_trainer()
+    kinds = ("lora", "lora_all_linear")
+    configs = {kind: config_of(CONFIGS[kind]) for kind in kinds}
+    plans = {kind: plan_chunks(64, configs[kind], 3) for kind in kinds}
+    recorders = {kind: Recorder() for kind in kinds}
+    last: dict[str, ChunkOutcome] = {}
+    for chunk_index in range(len(plans["lora"])):
+        for run_id, kind in enumerate(kinds, start=1):  # each chunk takes the one slot from the other shape
+            last[kind] = train_ok(
+                trainer, task_for(run_id, configs[kind], plans[kind][chunk_index], tmp_path / kind), recorders[kind]
+            )
+            assert len(trainer._bases["rf-tiny-llama"].lora_host.peft_config) == 1
+    for kind in kinds:
+        assert_matches_reference(references[kind], recorders[kind], last[kind])
 
 
 def test_a_released_full_copy_is_reused_by_the_next_full_run_swapped_in(make_trainer, references, tmp_path) -> None:

@@ -182,9 +182,9 @@ def test_chunked_in_memory_interleaved_equals_straight_through(make_trainer, ref
             last[kind] = train_ok(trainer, task, recorders[kind])
     for kind in configs:
         assert_matches_reference(references[kind], recorders[kind], last[kind])
-    host = trainer._bases["rf-tiny-llama"].lora_host
-    assert host is not None and len(host.peft_config) == 2  # one adapter per LoRA run, on one shared base
-    assert {trainer._adapters[1][1], trainer._adapters[3][1]} == set(host.peft_config)
+    base = trainer._bases["rf-tiny-llama"]
+    assert base.lora_host is not None and len(base.lora_host.peft_config) == 2  # one slot per LoRA shape, one base
+    assert {trainer._runs[1].slot.name, trainer._runs[3].slot.name} == set(base.lora_host.peft_config)
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -371,13 +371,13 @@ def test_missing_resume_checkpoint_and_bad_config_fail_without_raising(make_trai
     assert outcome.status == "failed" and "nowhere" in outcome.error
 
 
-def test_release_drops_the_adapter_and_the_run_resumes_from_disk(make_trainer, references, tmp_path) -> None:
+def test_release_drops_the_run_state_and_the_run_resumes_from_disk(make_trainer, references, tmp_path) -> None:
     config = config_of(LORA)
     trainer, recorder = make_trainer(), Recorder()
     for chunk in plan_chunks(64, config, 3):
         last = train_ok(trainer, task_for(1, config, chunk, tmp_path), recorder)
         trainer.release(1)
-        assert 1 not in trainer._runs and 1 not in trainer._adapters
+        assert 1 not in trainer._runs
     assert_matches_reference(references["lora"], recorder, last)
 
 
