@@ -749,10 +749,20 @@ def varying_knobs(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     varying = []
     for key in [*KNOBS, *unknown]:
         default = KNOBS[key].default if key in KNOBS else None
-        seen = {_canonical(config.get(key, default)) for config in configs}
-        if len(seen) > 1:
+        if any(_differs(config.get(key, default), configs[0].get(key, default)) for config in configs[1:]):
             varying.append(key)
     return varying
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _differs(value: Any, other: Any) -> bool:
+    """`_canonical(value) != _canonical(other)`, without writing JSON for scalars of one type (a snapshot asks this
+    of every knob of every run)."""
+    if type(value) is type(other) and isinstance(value, _SCALARS):
+        return value != other and value == value  # NaN: equal to another NaN here, as in JSON text
+    return _canonical(value) != _canonical(other)
 
 
 def knob_table_markdown() -> str:

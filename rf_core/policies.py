@@ -224,7 +224,12 @@ class ExperimentSnapshot:
         )
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def _frozen(value: Any) -> Any:
+    if type(value) in _PLAIN:  # most of a config; the ABC checks below cost more than the freezing
+        return value
     if isinstance(value, Mapping):
         return MappingProxyType({key: _frozen(item) for key, item in value.items()})
     if isinstance(value, list | tuple):

@@ -448,6 +448,11 @@ def test_apply_overrides_returns_a_new_dict() -> None:
         ([{"r": 8}, {}], []),  # a missing key counts as its default
         ([{"target_modules": ["q"]}, {"target_modules": ["q", "v"]}], ["target_modules"]),
         ([{"zz": 1}, {"zz": 2, "r": 4}], ["r", "zz"]),
+        ([{"zz": True}, {"zz": 1}], ["zz"]),  # a flag is not a number
+        ([{"zz": float("nan")}, {"zz": float("nan")}], []),
+        ([{"zz": [1, 2]}, {"zz": [1.0, 2]}, {"zz": [1, 2]}], []),
+        ([{"zz": {"a": 1}}, {"zz": {"a": 1}}, {"zz": {"a": 2}}], ["zz"]),
+        ([{"r": 8}, {"r": 8}, {"r": 8}, {"r": 4}], ["r"]),  # the last run alone differs
     ],
 )
 def test_varying_knobs_in_table_order(configs: list[dict[str, Any]], expected: list[str]) -> None:

@@ -202,6 +202,21 @@ def test_a_metric_batch_sent_twice_is_stored_once(server: tuple[RFClient, dict[s
     assert client.get_metrics("exp", run_ids=[2], since=max(row["time"] for row in stored)) == []
 
 
+def test_a_diverged_metric_comes_back_as_null_in_strict_json(server: tuple[RFClient, dict[str, Any], Path]) -> None:
+    client, info, _ = server
+    client.create_experiment("diverged", [CONFIG], num_chunks=2)
+    values = [2.5, float("nan"), float("inf")]
+    rows = [
+        {"experiment": "diverged", "run_id": 1, "step": step, "name": "train_loss", "value": value}
+        for step, value in enumerate(values, start=1)
+    ]
+    client.log_metrics("diverged-batch", rows)
+    with urllib.request.urlopen(info["url"] + "/api/experiments/diverged/metrics?name=train_loss") as response:
+        text = response.read().decode()
+    assert "NaN" not in text and "Infinity" not in text  # a browser's JSON.parse refuses them
+    assert [row["value"] for row in json.loads(text)] == [2.5, None, None]
+
+
 def test_metric_writer_spools_while_the_server_is_down_and_replays_after_a_restart(tmp_path: Path) -> None:
     home = tmp_path / "home"
     process, info = start_server(home)
