@@ -175,6 +175,7 @@ def orchestration_case(
         boundary_seconds: list[float] = []
         loop = FitLoop(_TimedClient(client, boundary_seconds), EXPERIMENT, spec, SLOTS, home)
         policies = build_policies([POLICY])
+        readers: dict[int, Any] = {}  # the fit keeps one PolicyReader per policy across boundaries
         timings: dict[str, list[float]] = {name: [] for name in (
             "plan", "policy", "get_runs", "snapshot", "cli_runs_table", "dashboard_table", "dashboard_refresh", "op",
         )}  # fmt: skip
@@ -195,7 +196,7 @@ def orchestration_case(
                 signatures = answer["response"]["chart-signatures"]["data"]
             if ended:
                 loop.record(ended)  # policies read the table with the chunks that ended in it, as in the fit
-            timed(timings["policy"], boundary_policies, client, EXPERIMENT, policies, boundaries)
+            timed(timings["policy"], boundary_policies, client, EXPERIMENT, policies, boundaries, readers)
             busy = {slot: task.run_id for slot, (task, _) in in_flight.items()}
             plan = timed(timings["plan"], loop.plan, busy, [])
             ended = []

@@ -245,6 +245,24 @@ def register_routes(server: Flask, store: Store) -> None:
             )
         )
 
+    @api.get("/experiments/<name>/policy-view")
+    def policy_view(name: str) -> Response:
+        names = [item for value in request.args.getlist("name") for item in value.split(",") if item]
+        since = _number_arg("since", "a time in epoch seconds")
+        after_row = _number_arg("after_row", "a row number", integer=True)
+        after_decision = _number_arg("after_decision", "a decision id", integer=True)
+        return _json(
+            decisions.policy_view(
+                store,
+                name,
+                request.args.get("policy", ""),
+                names,
+                since=since,
+                after_row=-1 if after_row is None else int(after_row),
+                after_decision=0 if after_decision is None else int(after_decision),
+            )
+        )
+
     @api.post("/experiments/<name>/policy-decisions/<int:decision_id>/<action>")
     def resolve_proposal(name: str, decision_id: int, action: str) -> Response:
         if action not in ("approve", "dismiss"):
@@ -354,6 +372,19 @@ def _require(body: dict[str, Any], *names: str) -> None:
     missing = [name for name in names if name not in body]
     if missing:
         raise errors.InvalidRequest([f"missing field {name!r}" for name in missing])
+
+
+def _number_arg(name: str, what: str, integer: bool = False) -> float | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or (integer and not value.is_integer()):
+        raise errors.InvalidRequest([f"{name} must be {what}, got {raw!r}"])
+    return value
 
 
 def _flag(name: str) -> bool:

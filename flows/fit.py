@@ -23,7 +23,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.lease import FitLease, mark_flow_run_crashed
-from flows.policy import Policy, boundary_policies, build_policies
+from flows.policy import Policy, PolicyReader, boundary_policies, build_policies
 from rf_core import paths
 from rf_core.client import RFClient
 from rf_core.data_forms import check_fit_data
@@ -299,6 +299,7 @@ def _drive(
     crashes: dict[int, int] = {}  # run -> chunks whose training task failed
     ended: list[EndedChunk] = []  # chunks done since the last plan; the next plan records them
     chunk_lines: list[str] = []
+    policy_readers: dict[int, PolicyReader] = {}  # each policy reads what changed since the last boundary
     tick = 0
     need_plan = True
     idle_since: float | None = None
@@ -312,7 +313,7 @@ def _drive(
                 if policies:  # policies decide first, so their ops apply at the boundary that was just reached
                     loop.record(ended)  # on the table they read
                     ended = []
-                    boundary_policies(client, experiment, policies, tick)
+                    boundary_policies(client, experiment, policies, tick, policy_readers)
                 plan = plan_step(loop, slots.runs_in_flight(), ended, slots.finishing_runs())
                 ended = []
                 for op in plan.applied_ops:

@@ -24,6 +24,7 @@ from rf_core.errors import NotFound
 from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp
 from rf_core.policies_runner import (
     DecisionOutcome,
+    PolicyReader,
     PolicySpec,
     apply_policy,
     decide,
@@ -102,14 +103,25 @@ def rf_policy(
 
 @task(task_run_name="policies-{experiment}-{tick}", cache_policy=NONE)
 def boundary_policies(
-    client: RFClient, experiment: str, policies: Sequence[tuple[Policy, str]], tick: int
+    client: RFClient,
+    experiment: str,
+    policies: Sequence[tuple[Policy, str]],
+    tick: int,
+    readers: dict[int, PolicyReader] | None = None,
 ) -> list[DecisionOutcome]:
     """The fit flow's chunk-boundary hook: every attached policy decides once. A policy that raises is reported
-    and skipped: a bug in a policy must not stop the runs it watches."""
+    and skipped: a bug in a policy must not stop the runs it watches. `readers`, kept by the caller from one
+    boundary to the next (keyed by the policy object's id), lets each policy read only what changed since
+    (`PolicyReader`)."""
     outcomes: list[DecisionOutcome] = []
     for policy, mode in policies:
         try:
-            decided = apply_policy(client, experiment, policy, mode=mode, who="flow:rf-fit")
+            reader = None
+            if readers is not None:
+                if id(policy) not in readers:
+                    readers[id(policy)] = PolicyReader(client, experiment, policy)
+                reader = readers[id(policy)]
+            decided = apply_policy(client, experiment, policy, mode=mode, who="flow:rf-fit", reader=reader)
         except Exception as exc:
             print(f"policy {policy.name} failed at tick {tick}, the fit goes on without it this time: {exc!r}")
             continue

@@ -409,6 +409,25 @@ class RFClient:
             "GET", self._experiment_path(experiment, "/policy-decisions"), query=query, idempotent=True
         )
 
+    def policy_view(
+        self,
+        experiment: str,
+        policy: str,
+        names: Iterable[str],
+        since: float | None = None,
+        after_row: int = -1,
+        after_decision: int = 0,
+    ) -> dict[str, Any]:
+        """What changed for a policy since its last view (`rf_core.control.decisions.policy_view`)."""
+        query = {
+            "policy": policy,
+            "name": list(names),
+            "since": since,
+            "after_row": after_row,
+            "after_decision": after_decision,
+        }
+        return self._request("GET", self._experiment_path(experiment, "/policy-view"), query=query, idempotent=True)
+
     def resolve_proposal(self, experiment: str, decision_id: int, approve: bool, who: str) -> dict[str, Any]:
         """Approve (queues the op, `who` recorded as its submitter) or dismiss a policy's proposal."""
         action = "approve" if approve else "dismiss"

@@ -200,7 +200,7 @@ class ExperimentSnapshot:
                 RunView(
                     run_id=run_id,
                     status=RunStatus(run["status"]),
-                    config=_frozen(run["config"]),
+                    config=frozen(run["config"]),
                     chunks_done=int(run.get("chunks_done") or 0),
                     total_chunks=run.get("total_chunks"),
                     step=int(run.get("step") or 0),
@@ -227,13 +227,17 @@ class ExperimentSnapshot:
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
-def _frozen(value: Any) -> Any:
+def frozen(value: Any) -> Any:
+    """JSON data made read-only (mappings become mapping proxies, lists tuples); a mapping proxy is taken as
+    frozen already, so a config frozen once (`PolicyReader` does it per run changed) is not walked again."""
     if type(value) in _PLAIN:  # most of a config; the ABC checks below cost more than the freezing
         return value
+    if type(value) is MappingProxyType:
+        return value
     if isinstance(value, Mapping):
-        return MappingProxyType({key: _frozen(item) for key, item in value.items()})
+        return MappingProxyType({key: frozen(item) for key, item in value.items()})
     if isinstance(value, list | tuple):
-        return tuple(_frozen(item) for item in value)
+        return tuple(frozen(item) for item in value)
     return value
 
 

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rf_core.client import RFClient
-from rf_core.policies import ExperimentSnapshot, Policy, PolicyOp, Promote, build_policy, illegal_op_problems
+from rf_core.policies import (
+    ExperimentSnapshot,
+    Policy,
+    PolicyOp,
+    Promote,
+    build_policy,
+    frozen,
+    illegal_op_problems,
+)
 from rf_core.states import DECISION_MODES, decision_family
 
 
@@ -106,6 +114,61 @@ def read_snapshot(client: RFClient, experiment: str, policy: Policy, now: float 
     return ExperimentSnapshot.from_api(raw, rows, time.time() if now is None else now, decided)
 
 
+READ_ALL_EVERY_S = 60.0  # a reader takes a whole view this often, whatever it merged meanwhile
+CHANGES_MARGIN_S = 2.0  # a run updated just before a view may commit just after it: ask again for a while
+
+
+class PolicyReader:
+    """A policy's view of a live experiment kept across chunk boundaries.
+
+    `read` gives what `read_snapshot` gives, but asks the rf server only for what changed since its last read (runs
+    updated, metric rows stored, decisions made) and merges it, so a boundary of a thousand-run fit costs what changed
+    rather than the whole experiment. Every READ_ALL_EVERY_S it takes a whole view again.
+    """
+
+    def __init__(self, client: RFClient, experiment: str, policy: Policy) -> None:
+        self._client, self._experiment, self._policy = client, experiment, policy
+        self._names: list[str] | None = None
+        self._runs: dict[int, dict[str, Any]] = {}
+        self._rows: dict[int, list[dict[str, Any]]] = {}  # run -> its metric rows, in the order they were stored
+        self._decisions: list[dict[str, Any]] = []
+        self._as_of: float | None = None
+        self._whole_at = 0.0
+        self._last_row = -1
+
+    def read(self, now: float | None = None) -> ExperimentSnapshot:
+        if self._names is None:
+            metric = str(self._client.get_experiment(self._experiment)["metric"])
+            self._names = sorted(self._policy.metric_names(metric))
+        started = time.time()
+        whole = self._as_of is None or started - self._whole_at >= READ_ALL_EVERY_S
+        if whole:
+            self._runs, self._rows, self._decisions, self._last_row = {}, {}, [], -1
+            self._whole_at = started
+        view = self._client.policy_view(
+            self._experiment,
+            self._policy.name,
+            self._names,
+            since=None if whole or self._as_of is None else self._as_of - CHANGES_MARGIN_S,
+            after_row=self._last_row,
+            after_decision=int(self._decisions[-1]["decision_id"]) if self._decisions else 0,
+        )
+        for run in view["runs"]:  # a run that changed comes with all its rows (some may have been dropped)
+            run["config"] = frozen(run["config"])
+            self._runs[int(run["run_id"])] = run
+            self._rows[int(run["run_id"])] = []
+        for row in view["metrics"]:
+            self._rows.setdefault(int(row["run_id"]), []).append(row)
+        pending = view["pending_op_kinds"]
+        for run_id, run in self._runs.items():
+            run["pending_op_kinds"] = pending.get(str(run_id), [])
+        self._decisions.extend(view["decisions"])
+        self._last_row, self._as_of = int(view["last_row"]), float(view["as_of"])
+        raw = {"experiment": view["experiment"], "runs": [self._runs[run_id] for run_id in sorted(self._runs)]}
+        rows = (row for run_rows in self._rows.values() for row in run_rows)
+        return ExperimentSnapshot.from_api(raw, rows, time.time() if now is None else now, self._decisions)
+
+
 def decide(policy: Policy, snapshot: ExperimentSnapshot) -> list[PolicyOp]:
     ops = policy.decisions(snapshot)
     if not isinstance(ops, list) or not all(isinstance(op, PolicyOp) for op in ops):
@@ -162,9 +225,11 @@ def apply_policy(
     mode: str = "act",
     dry_run: bool = False,
     who: str | None = None,
+    reader: PolicyReader | None = None,
 ) -> list[DecisionOutcome]:
-    """Read the snapshot, decide, and record the decisions (nothing is written in a dry run)."""
-    snapshot = read_snapshot(client, experiment, policy)
+    """Read the snapshot (through `reader` when given), decide, and record the decisions (nothing is written in a
+    dry run)."""
+    snapshot = reader.read() if reader is not None else read_snapshot(client, experiment, policy)
     return submit_decisions(
         client, experiment, policy, snapshot, decide(policy, snapshot), mode=mode, dry_run=dry_run, who=who
     )

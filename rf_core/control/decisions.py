@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from rf_core.control.checks import is_int, registered_functions, require_experiment, type_name
+from rf_core.control.leases import with_fit_state
 from rf_core.control.ops import check_op, submit_op
 from rf_core.errors import InvalidRequest, NotFound, OpRejected
 from rf_core.paths import check_name
@@ -166,3 +167,58 @@ def resolve_proposal(store: Store, experiment: str, decision_id: int, approve: b
             )
             fields.update(status="approved", op_id=int(op["op_id"]))
         return {"decision": store.update_policy_decision(decision_id, fields), "op": op}
+
+
+def policy_view(
+    store: Store,
+    experiment: str,
+    policy: str,
+    metric_names: list[str],
+    since: float | None = None,
+    after_row: int = -1,
+    after_decision: int = 0,
+) -> dict[str, Any]:
+    """What a policy reads at a chunk boundary, in one transaction, from where its reader's last view left off.
+
+    Returns the experiment; the runs updated since `since` (every run without it), Deleted included; the queued op
+    kinds of every run that has some; the rows of `metric_names`: every row of the runs returned, and the rows of the
+    others stored after row number `after_row` (rows are only dropped with an update of their run: a retried
+    chunk's abandoned attempt); the last row number read; the policy's decisions after `after_decision`; and
+    `as_of`, the time the view was taken (`rf_core.policies_runner.PolicyReader` keeps the rest, so a boundary costs
+    what changed, not the experiment).
+    """
+    problems = []
+    if not isinstance(policy, str) or not policy:
+        problems.append(f"policy must be a policy's name, got {policy!r}")
+    if not isinstance(metric_names, list) or not all(isinstance(name, str) and name for name in metric_names):
+        problems.append(f"metric names must be a list of names, got {metric_names!r}")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+        problems.append(f"since must be a time in epoch seconds, got {since!r}")
+    for label, value in (("after_row", after_row), ("after_decision", after_decision)):
+        if not is_int(value):
+            problems.append(f"{label} must be an integer, got {value!r}")
+    if problems:
+        raise InvalidRequest(problems)
+    as_of = time.time()
+    with store.transaction():
+        row = with_fit_state(store, require_experiment(store, experiment))
+        runs = store.list_runs(experiment, updated_since=since)
+        pending = store.list_ops(experiment, statuses=["pending"])
+        rows, last_row = store.metric_rows_after(experiment, metric_names, after_row)
+        if since is not None and runs:
+            changed = {int(run["run_id"]) for run in runs}
+            rows = [row for row in rows if int(row["run_id"]) not in changed]
+            rows += store.query_metrics(experiment, run_ids=sorted(changed), names=metric_names)
+        decided = store.list_policy_decisions(experiment, policies=[policy], after_id=after_decision)
+    pending_kinds: dict[int, list[str]] = {}
+    for op in pending:
+        pending_kinds.setdefault(int(op["run_id"]), []).append(str(op["kind"]))
+    return {
+        "experiment": row,
+        "runs": runs,
+        "pending_op_kinds": {str(run_id): kinds for run_id, kinds in pending_kinds.items()},
+        "metrics": rows,
+        "last_row": last_row,
+        "decisions": decided,
+        "as_of": as_of,
+    }

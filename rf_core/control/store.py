@@ -193,6 +193,11 @@ class Store(ABC):
         """Rows ordered by run_id, name, step, time."""
 
     @abstractmethod
+    def metric_rows_after(self, experiment: str, names: Iterable[str], after_row: int = -1) -> tuple[list[Row], int]:
+        """Rows (run_id, step, name, value, chunk, time) of `names` stored after row number `after_row` (see
+        `metric_buckets`), in the order they were stored, and the last row number read."""
+
+    @abstractmethod
     def metric_names(self, experiment: str) -> list[str]:
         """The distinct metric names logged in the experiment, sorted."""
 
@@ -259,8 +264,9 @@ class Store(ABC):
         policies: Iterable[str] | None = None,
         run_ids: Iterable[int] | None = None,
         statuses: Iterable[str] | None = None,
+        after_id: int = 0,
     ) -> list[Row]:
-        """Decisions in the order they were made (decision_id ascending)."""
+        """Decisions in the order they were made (decision_id ascending); with `after_id`, those made after it."""
 
     @abstractmethod
     def update_policy_decision(self, decision_id: int, fields: Mapping[str, Any]) -> Row: ...
@@ -574,6 +580,14 @@ class DuckDBStore(Store):
             params.append(float(since_time))
         return self._query(None, sql + " ORDER BY run_id, name, step, time", params)
 
+    def metric_rows_after(self, experiment: str, names: Iterable[str], after_row: int = -1) -> tuple[list[Row], int]:
+        # The row range is fixed first: rows committed meanwhile are left for the next call, not lost.
+        last_row = int(self._query(None, "SELECT coalesce(max(rowid), -1) AS last FROM metrics", [])[0]["last"])
+        params: list[Any] = [int(after_row), last_row, experiment]
+        sql = "SELECT run_id, step, name, value, chunk, time FROM metrics "
+        sql += "WHERE rowid > ? AND rowid <= ? AND experiment = ?" + _in_list("name", "VARCHAR", names, str, params)
+        return self._query(None, sql + " ORDER BY rowid", params), max(last_row, int(after_row))
+
     def metric_names(self, experiment: str) -> list[str]:
         rows = self._query(None, "SELECT DISTINCT name FROM metrics WHERE experiment = ? ORDER BY name", [experiment])
         return [row["name"] for row in rows]
@@ -703,9 +717,10 @@ class DuckDBStore(Store):
         policies: Iterable[str] | None = None,
         run_ids: Iterable[int] | None = None,
         statuses: Iterable[str] | None = None,
+        after_id: int = 0,
     ) -> list[Row]:
-        sql = "SELECT * FROM policy_decisions WHERE experiment = ?"
-        params: list[Any] = [experiment]
+        sql = "SELECT * FROM policy_decisions WHERE experiment = ? AND decision_id > ?"
+        params: list[Any] = [experiment, int(after_id)]
         sql += _in_list("policy", "VARCHAR", policies, str, params)
         sql += _in_list("run_id", "INTEGER", run_ids, int, params)
         sql += _in_list("status", "VARCHAR", statuses, str, params)
