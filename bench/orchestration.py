@@ -290,6 +290,60 @@ def _endpoint(path: str) -> str:
     return "/".join("{id}" if part.isdigit() else part for part in parts) or "/"
 
 
+class PrefectApiProbe:
+    """Prefect's side of the fit, through its own API from a thread of this process: every `interval` seconds the
+    latency of a round trip (`hello`) and of counting the task runs (a query over a table the fit keeps growing),
+    then the flow-run and task-run counts at the end (the fit's flow run and one task run per chunk)."""
+
+    def __init__(self, interval: float = 2.0) -> None:
+        from prefect import get_client
+
+        self.interval = interval
+        self.hello_seconds: list[float] = []
+        self.count_seconds: list[float] = []
+        self.errors = 0
+        self.counts: dict[str, int] = {}
+        self._client = get_client(sync_client=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prefect-api-probe", daemon=True)
+
+    def __enter__(self) -> PrefectApiProbe:
+        self._client.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.counts = {
+                "flow_runs": int(self._client._client.post("/flow_runs/count", json={}).json()),
+                "task_runs": int(self._client._client.post("/task_runs/count", json={}).json()),
+            }
+        finally:
+            self._client.__exit__(None, None, None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                started = time.perf_counter()
+                self._client.hello()
+                self.hello_seconds.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                self._client._client.post("/task_runs/count", json={})
+                self.count_seconds.append(time.perf_counter() - started)
+            except Exception:  # a probe must not stop the benchmark; the count of failures is reported
+                self.errors += 1
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "hello": describe(self.hello_seconds),
+            "count_task_runs": describe(self.count_seconds),
+            "probe_errors": self.errors,
+            **self.counts,
+        }
+
+
 class ForeignLoadMonitor:
     """CPU seconds used, while the benchmark runs, by processes that are not this one or its descendants.
 
@@ -794,6 +848,13 @@ def print_summary(results: dict[str, Any]) -> None:
         f"during the fit ({results['other_processes']['cpu_share_of_machine_during_fit']:.1%} of the machine): "
         + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in results["other_processes"]["top_commands"].items()),
     ]
+    prefect_api = results.get("prefect_api")
+    if prefect_api:
+        lines.append(
+            f"Prefect API through the fit (median / p95 / max): hello {_triple(prefect_api['hello'])}, counting task "
+            f"runs {_triple(prefect_api['count_task_runs'])}; at the end {prefect_api.get('flow_runs')} flow runs, "
+            f"{prefect_api.get('task_runs')} task runs ({prefect_api['probe_errors']} probe errors)"
+        )
     print("\n".join(lines))
 
 
@@ -857,7 +918,7 @@ def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any
         load_before = os.getloadavg()
         flow_started = time.time()
         try:
-            with ForeignLoadMonitor() as foreign_load:
+            with ForeignLoadMonitor() as foreign_load, PrefectApiProbe() as prefect_api:
                 rf_fit(
                     EXPERIMENT,
                     entrypoint=ENTRYPOINT,
@@ -906,6 +967,7 @@ def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any
             "load_average_before": load_before,
         },
         "figures": figures,
+        "prefect_api": prefect_api.figures(),
     }
 
 

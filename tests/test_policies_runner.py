@@ -116,7 +116,7 @@ def test_a_policy_must_return_policy_ops() -> None:
 
 def test_the_boundary_hook_skips_a_failing_policy_and_runs_the_others(capsys: pytest.CaptureFixture[str]) -> None:
     client = FakeClient({1: 1.0, 2: 3.0})
-    outcomes = boundary_policies.fn(client, "exp", [(Explodes(), "act"), (StopBottomFraction(0.5), "propose")], 7)
+    outcomes = boundary_policies(client, "exp", [(Explodes(), "act"), (StopBottomFraction(0.5), "propose")], 7)
     assert [(o.op.run_id, o.status) for o in outcomes] == [(2, "proposed")]
     printed = capsys.readouterr().out
     assert "policy explodes failed at tick 7" in printed and "a bug in a user policy" in printed

@@ -121,8 +121,11 @@ def test_the_incremental_view_equals_the_whole_one_through_a_fit(client: RFClien
         if chunk == 0:
             client.submit_op("x", "stop", 2)  # queued: the run's kinds change though the run does not
             check()
-    whole_runs, _ = counting.views[0]
-    assert whole_runs == num_runs
+            client.submit_op("x", "clone", 1, {"overrides": {"learning_rate": 1e-3}})
+            client.boundary_view("x", busy_run_ids=[])  # the clone is a new run; the stop applies
+            check()
+            num_runs += 1
+    assert counting.views[0][0] == 12  # the first view is whole
     # After the first, views carry the runs that changed, not all of them.
     assert max(runs for runs, _ in counting.views[1:]) < num_runs
     assert sum(runs for runs, _ in counting.views[1:]) < len(counting.views[1:]) * num_runs / 4
