@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -288,6 +289,63 @@ def _endpoint(path: str) -> str:
     elif parts[:1] == ["api"]:
         parts = parts[1:]
     return "/".join("{id}" if part.isdigit() else part for part in parts) or "/"
+
+
+class OpSender:
+    """Submits `count` IC Ops through the rf server's API during the fit, one every `interval` seconds, in turn: stop
+    a run that trains or waits, resume a stopped one, clone one (warm-started from its weights every other time).
+    An op the server refuses (the run moved on meanwhile) is counted, not retried; each submission is timed."""
+
+    def __init__(self, url: str, count: int, interval: float, seed: int = 3) -> None:
+        from rf_core.client import RFClient
+
+        self.count, self.interval = count, interval
+        self.submit_seconds: list[float] = []
+        self.sent: dict[str, int] = {}
+        self.refused = 0
+        self._client = RFClient(url)
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="op-sender", daemon=True)
+
+    def __enter__(self) -> OpSender:
+        if self.count:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        from rf_core.errors import InvalidRequest, NotFound
+
+        for index in range(self.count):
+            if self._stop.wait(self.interval):
+                return
+            kind = ("stop", "resume", "clone")[index % 3]
+            try:
+                runs = self._client.list_runs(EXPERIMENT)
+                wanted = {"stop": ("New", "Ongoing"), "resume": ("Stopped",), "clone": ("Ongoing", "Completed")}[kind]
+                candidates = [run for run in runs if run["status"] in wanted]
+                if not candidates:
+                    continue
+                run = self._rng.choice(candidates)
+                payload: dict[str, Any] = {}
+                if kind == "clone":
+                    payload = {"overrides": {"learning_rate": float(run["config"]["learning_rate"]) * 0.5}}
+                    if index % 2 and run.get("checkpoint"):
+                        payload["warm_start"] = "weights"
+                started = time.perf_counter()
+                self._client.submit_op(EXPERIMENT, kind, int(run["run_id"]), payload, source="bench", who="bench")
+                self.submit_seconds.append(time.perf_counter() - started)
+                self.sent[kind] = self.sent.get(kind, 0) + 1
+            except (InvalidRequest, NotFound):  # refused: the run moved on between the read and the op
+                self.refused += 1
+
+    def figures(self) -> dict[str, Any]:
+        return {"sent": self.sent, "refused": self.refused, "submit": describe(self.submit_seconds)}
 
 
 class PrefectApiProbe:
@@ -848,6 +906,11 @@ def print_summary(results: dict[str, Any]) -> None:
         f"during the fit ({results['other_processes']['cpu_share_of_machine_during_fit']:.1%} of the machine): "
         + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in results["other_processes"]["top_commands"].items()),
     ]
+    ops = results.get("ops")
+    if ops and results["settings"].get("ops"):
+        lines.append(
+            f"IC Ops during the fit: sent {ops['sent']}, refused {ops['refused']}; submission " + _triple(ops["submit"])
+        )
     prefect_api = results.get("prefect_api")
     if prefect_api:
         lines.append(
@@ -865,6 +928,10 @@ def _triple(stats: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------------- main
 
 
+def _policy_argument(text: str) -> Any:
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=8, help="configs (runs) in the experiment")
@@ -872,6 +939,14 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-seconds", type=float, default=5.0, help="target training seconds per chunk")
     parser.add_argument("--slots", type=int, default=2, help="CPU slots (slot worker processes)")
     parser.add_argument("--steps-per-chunk", type=int, default=None, help="skip calibration: steps per chunk")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        type=_policy_argument,
+        help="a policy attached to the fit, as `rf fit --policy` takes it (a template name or JSON); repeatable",
+    )
+    parser.add_argument("--ops", type=int, default=0, help="IC Ops submitted through the API during the fit")
+    parser.add_argument("--op-interval", type=float, default=3.0, help="seconds between two of those ops")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="2 runs x 2 chunks of 5 steps: checks the script")
     parser.add_argument("--keep-files", action="store_true", help="keep the temporary RF_HOME / PREFECT_HOME")
@@ -918,13 +993,18 @@ def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any
         load_before = os.getloadavg()
         flow_started = time.time()
         try:
-            with ForeignLoadMonitor() as foreign_load, PrefectApiProbe() as prefect_api:
+            with (
+                ForeignLoadMonitor() as foreign_load,
+                PrefectApiProbe() as prefect_api,
+                OpSender(server_url, arguments.ops, arguments.op_interval) as op_sender,
+            ):
                 rf_fit(
                     EXPERIMENT,
                     entrypoint=ENTRYPOINT,
                     cpu_slots=arguments.slots,
                     idle_timeout=1,
                     server_url=server_url,
+                    policies=arguments.policy or None,
                 )
         finally:
             flow_ended = time.time()
@@ -951,6 +1031,8 @@ def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any
             "calibrated_steps_per_second": [round(rate, 2) for rate in calibration] or None,
             "smoke": arguments.smoke,
             "entrypoint": ENTRYPOINT,
+            "policies": arguments.policy,
+            "ops": arguments.ops,
         },
         "targets": {"utilisation": TARGET_UTILISATION, "median_overhead_seconds": TARGET_MEDIAN_OVERHEAD_S},
         "timings": {
@@ -968,6 +1050,7 @@ def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any
         },
         "figures": figures,
         "prefect_api": prefect_api.figures(),
+        "ops": op_sender.figures(),
     }
 
 

@@ -26,12 +26,13 @@ def run_smoke(script: str, tmp_path: Path, timeout: float = 600, extra: tuple[st
 
 
 def test_orchestration_benchmark_smoke(tmp_path):
-    results = run_smoke("bench/orchestration.py", tmp_path)
+    results = run_smoke("bench/orchestration.py", tmp_path, extra=("--policy", "noop"))
     figures = results["figures"]
     assert figures["chunks"] == 4  # 2 runs x 2 chunks, every one recorded in the store
     assert 0 < figures["utilisation"]["overall"] <= 1
     # Prefect's side, counted through its API: the fit's flow run, and a task run per chunk.
     assert results["prefect_api"]["flow_runs"] >= 1 and results["prefect_api"]["task_runs"] >= 4
+    assert results["settings"]["policies"] == ["noop"] and results["ops"]["sent"] == {}
 
 
 def test_swapping_benchmark_smoke(tmp_path):
