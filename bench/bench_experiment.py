@@ -6,6 +6,8 @@ sets the sizes through environment variables (read when `spec()` is called, in t
 
 - RF_BENCH_MODEL_CACHE: folder the base model is built into once (required).
 - RF_BENCH_RUNS, RF_BENCH_CHUNKS, RF_BENCH_STEPS_PER_CHUNK: configs, chunks per run, optimizer steps per chunk.
+- RF_BENCH_SHUFFLE: when "1", the learning rates come in a seeded random order (a policy that ranks runs sees
+  better and worse ones arrive in turn, not each run better than the last).
 - RF_BENCH_PROBE_DIR: when set, each slot worker process times the phases of every chunk it trains (setup,
   training loop, evaluation, checkpoint, metric hand-over) and appends them as JSON lines to a file in that folder.
   The probe only wraps methods to read the clock around them; what they do is unchanged.
@@ -20,6 +22,7 @@ import functools
 import json
 import multiprocessing
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +37,7 @@ RUNS_ENV = "RF_BENCH_RUNS"
 CHUNKS_ENV = "RF_BENCH_CHUNKS"
 STEPS_PER_CHUNK_ENV = "RF_BENCH_STEPS_PER_CHUNK"
 PROBE_DIR_ENV = "RF_BENCH_PROBE_DIR"
+SHUFFLE_ENV = "RF_BENCH_SHUFFLE"
 
 MODEL_NAME = "rf-tiny-llama"
 BATCH_SIZE = 8
@@ -53,10 +57,13 @@ def learning_rates(count: int) -> list[float]:
     return [10 ** (-4 + 2 * index / (count - 1)) for index in range(count)]
 
 
-def bench_configs(num_runs: int) -> dict[str, Any]:
+def bench_configs(num_runs: int, shuffled: bool = False) -> dict[str, Any]:
+    rates = learning_rates(num_runs)
+    if shuffled:
+        random.Random(5).shuffle(rates)
     return {
         "model_name_or_path": MODEL_NAME,
-        "learning_rate": List(learning_rates(num_runs)),
+        "learning_rate": List(rates),
         "r": 8,
         "lora_alpha": 16,
         "per_device_train_batch_size": BATCH_SIZE,
@@ -97,7 +104,7 @@ def spec() -> ExperimentSpec:
     num_chunks = _env_int(CHUNKS_ENV, DEFAULT_CHUNKS)
     steps_per_chunk = _env_int(STEPS_PER_CHUNK_ENV, DEFAULT_STEPS_PER_CHUNK)
     return ExperimentSpec(
-        config_group=bench_configs(num_runs),
+        config_group=bench_configs(num_runs, shuffled=os.environ.get(SHUFFLE_ENV) == "1"),
         create_model_fn=create_model_fn,
         train_dataset=examples(num_chunks * steps_per_chunk * BATCH_SIZE, 0),
         eval_dataset=examples(EVAL_EXAMPLES, 1_000_000),

@@ -303,6 +303,7 @@ class OpSender:
         self.submit_seconds: list[float] = []
         self.sent: dict[str, int] = {}
         self.refused = 0
+        self.last_refusal: str | None = None
         self._client = RFClient(url)
         self._rng = random.Random(seed)
         self._stop = threading.Event()
@@ -338,14 +339,23 @@ class OpSender:
                     if index % 2 and run.get("checkpoint"):
                         payload["warm_start"] = "weights"
                 started = time.perf_counter()
-                self._client.submit_op(EXPERIMENT, kind, int(run["run_id"]), payload, source="bench", who="bench")
+                self._client.submit_op(EXPERIMENT, kind, int(run["run_id"]), payload, source="api", who="bench")
                 self.submit_seconds.append(time.perf_counter() - started)
                 self.sent[kind] = self.sent.get(kind, 0) + 1
-            except (InvalidRequest, NotFound):  # refused: the run moved on between the read and the op
+            except (InvalidRequest, NotFound) as refusal:  # the run moved on between the read and the op
                 self.refused += 1
+                self.last_refusal = str(refusal)
+            except Exception as error:  # a sender must not stop the benchmark; the failure is reported
+                self.refused += 1
+                self.last_refusal = repr(error)
 
     def figures(self) -> dict[str, Any]:
-        return {"sent": self.sent, "refused": self.refused, "submit": describe(self.submit_seconds)}
+        return {
+            "sent": self.sent,
+            "refused": self.refused,
+            "last_refusal": self.last_refusal,
+            "submit": describe(self.submit_seconds),
+        }
 
 
 class PrefectApiProbe:
@@ -928,8 +938,8 @@ def _triple(stats: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------------- main
 
 
-def _policy_argument(text: str) -> Any:
-    return json.loads(text) if text.lstrip().startswith("{") else text
+def _policy_argument(text: str) -> dict[str, Any]:
+    return json.loads(text) if text.lstrip().startswith("{") else {"template": text}
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -977,6 +987,8 @@ def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any
         steps_per_chunk = arguments.steps_per_chunk
         model_build = start_base_model_build()
     os.environ["RF_BENCH_STEPS_PER_CHUNK"] = str(steps_per_chunk)
+    if arguments.policy:  # a policy that ranks runs should not see each run better than the last
+        os.environ["RF_BENCH_SHUFFLE"] = "1"
 
     from rf_core.client import RFClient
     from rf_core.server_process import ensure_server, stop_server

@@ -32,7 +32,7 @@ def test_orchestration_benchmark_smoke(tmp_path):
     assert 0 < figures["utilisation"]["overall"] <= 1
     # Prefect's side, counted through its API: the fit's flow run, and a task run per chunk.
     assert results["prefect_api"]["flow_runs"] >= 1 and results["prefect_api"]["task_runs"] >= 4
-    assert results["settings"]["policies"] == ["noop"] and results["ops"]["sent"] == {}
+    assert results["settings"]["policies"] == [{"template": "noop"}] and results["ops"]["sent"] == {}
 
 
 def test_swapping_benchmark_smoke(tmp_path):
