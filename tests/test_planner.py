@@ -19,6 +19,7 @@ class FakeClient:
         self.due_ops = due_ops or {}
         self.apply_calls: list[list[int]] = []
         self.boundary_calls: list[dict[str, Any]] = []
+        self.chunk_end_calls: list[int] = []
         self.next_timeline_id = 100
 
     def list_runs(self, experiment: str, include_deleted: bool = False) -> list[dict[str, Any]]:
@@ -60,6 +61,16 @@ class FakeClient:
                 refused[start["run_id"]] = "no longer legal"
         runs = self.list_runs(experiment, include_deleted=True)
         return {"applied_ops": applied, "runs": runs, "started": started, "refused": refused}
+
+    def log_metrics(self, batch_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"inserted": True}
+
+    def chunk_end(self, experiment: str, timeline_id: int, outcome: dict[str, Any]) -> dict[str, Any]:
+        self.chunk_end_calls.append(timeline_id)
+        run = self.runs[outcome["run_id"]]
+        if outcome["status"] == "ok":
+            run["chunks_done"] = outcome["chunk_index"] + 1
+        return dict(run)
 
 
 def make_run(run_id: int, status: str = "New", done: int = 0, **extra: Any) -> dict[str, Any]:
@@ -256,6 +267,21 @@ def test_a_boundary_records_the_ended_chunk_and_starts_the_run_picked_for_its_sl
     assert len(client.boundary_calls) == 2
     ((_, picked),) = second.tasks
     assert picked.run_id == 2 and picked.attempt == 101 and picked.chunk.index == 0
+
+
+def test_a_chunk_recorded_apart_for_the_policies_moves_the_next_pick_on():
+    client = FakeClient([make_run(1)])
+    loop = make_loop(client, slots=1)
+    (_, task) = loop.plan(in_flight={}).tasks[0]
+
+    loop.record([ended_chunk(task, attempt=7)])  # policies read the table now, then the step plans
+    plan = loop.plan(in_flight={})
+
+    assert client.chunk_end_calls == [7] and client.boundary_calls[-1]["ended"] == []
+    # The pick is the run's next chunk, so the boundary's request starts it (no chunk-start of its own).
+    assert client.boundary_calls[-1]["starts"] == [{"run_id": 1, "chunk_index": 1, "slot": 0, "total_chunks": 4}]
+    ((_, picked),) = plan.tasks
+    assert (picked.run_id, picked.chunk.index, picked.attempt) == (1, 1, 101)
 
 
 def test_a_pick_that_an_op_made_illegal_at_the_boundary_is_planned_again():
