@@ -83,6 +83,11 @@ def refresh_request(tick: int, sent: Any = None) -> dict[str, Any]:
             {"id": "experiment-select", "property": "value", "value": EXPERIMENT},
             {"id": "chart-signatures", "property": "data", "value": sent},
             {"id": "url", "property": "search", "value": f"?experiment={EXPERIMENT}"},
+            [{"id": {**graph_id, "type": "y-scale"}, "property": "value", "value": None} for graph_id in graph_ids],
+            [
+                {"id": {**graph_id, "type": "y-scale"}, "property": "id", "value": {**graph_id, "type": "y-scale"}}
+                for graph_id in graph_ids
+            ],  # fmt: skip
         ],
     }
 

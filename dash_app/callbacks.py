@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dash import ALL, ClientsideFunction, Dash, Input, Output, Patch, State, ctx, html, no_update
@@ -16,7 +16,7 @@ from dash.exceptions import MissingCallbackContextException
 
 from dash_app import data, figures, routes, run_page, sweep
 from dash_app.downsample import M4Cache
-from dash_app.layout import chart_cell, chart_cells
+from dash_app.layout import FirstView, chart_cell, chart_cells, metric_graph_id
 from rf_core.control.store import Store
 from rf_core.report import experiment_metric, runs_table
 
@@ -26,10 +26,11 @@ ALL_GRAPHS = {"type": "metric-graph", "metric": ALL, "experiment": ALL, "cells":
 ALL_Y_SCALES = {"type": "y-scale", "metric": ALL, "experiment": ALL, "cells": ALL}
 
 
-def register_callbacks(app: Dash, store: Store) -> Callbacks:
-    """Register every dashboard callback on `app`, reading and writing `store`; returns them by name."""
+def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) -> Callbacks:
+    """Register every dashboard callback on `app`, reading and writing `store` (the charts' points through `cache`,
+    shared with the page's layout); returns them by name."""
     callbacks: Callbacks = {}
-    cache = data.chart_cache(store)
+    cache = cache if cache is not None else data.chart_cache(store)
 
     def register(*dependencies: Any, **kwargs: Any) -> Any:
         def wrap(function: Any) -> Any:
@@ -118,8 +119,16 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("experiment-select", "value"),
         Input("refresh", "n_intervals"),
         State("metric-names", "data"),
+        State(ALL_Y_SCALES, "value"),
+        State(ALL_Y_SCALES, "id"),
     )
-    def refresh_chart_list(experiment: str | None, _: int | None, shown: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    def refresh_chart_list(
+        experiment: str | None,
+        _: int | None,
+        shown: Mapping[str, Any] | None,
+        scale_values: list[str | None] | None = None,
+        scale_ids: list[dict[str, Any]] | None = None,
+    ) -> tuple[Any, Any]:
         names = data.chart_names(store, experiment)
         if shown and (shown.get("experiment"), shown.get("names")) == (experiment, names):
             return no_update, no_update
@@ -128,13 +137,16 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
             message = "no metrics yet" if experiment else "no experiment yet: start one with rf demo or run_fit"
             return [html.Div(message, className="rf-label")], {"experiment": experiment, "names": names, "cells": cells}
         inserts = chart_inserts(shown, experiment, names)
+        # A chart drawn anew keeps the y scale its metric was shown on.
+        scales = y_scales_by_metric(scale_ids, scale_values)
         if inserts is None:
             cells += 1
-            return chart_cells(names, experiment, cells), {"experiment": experiment, "names": names, "cells": cells}
+            shown_now = {"experiment": experiment, "names": names, "cells": cells}
+            return chart_cells(names, experiment, cells, scales), shown_now
         # A new metric (eval_loss after the first chunk) joins the charts already drawn: they keep their zoom.
         children = Patch()
         for index, name in inserts:
-            children.insert(index, chart_cell(name, experiment, cells))
+            children.insert(index, chart_cell(name, experiment, cells, scales.get(name)))
         return children, {"experiment": experiment, "names": names, "cells": cells}
 
     @register(
@@ -150,6 +162,8 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         State("experiment-select", "value"),
         State("chart-signatures", "data"),
         State("url", "search"),
+        State(ALL_Y_SCALES, "value"),
+        State(ALL_Y_SCALES, "id"),
     )
     def refresh_charts(
         graph_ids: list[dict[str, Any]],
@@ -162,8 +176,11 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         experiment: str | None,
         sent: Mapping[str, Any] | None,
         search: str | None = None,
+        scale_values: list[str | None] | None = None,
+        scale_ids: list[dict[str, Any]] | None = None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        view = ChartView(bool(show_deleted), smoothing, visible, x_axis or "step")
+        scales = y_scales_by_metric(scale_ids, scale_values, experiment)
+        view = ChartView(bool(show_deleted), smoothing, visible, x_axis or "step", scales)
         # A link's zoom applies to the charts' first drawing of its experiment (after that, the user's zoom rules).
         first_look = (sent or {}).get("experiment") != experiment and data.experiment_in_query(search) == experiment
         zoom = data.zoom_in_query(search) if first_look else {}
@@ -411,15 +428,16 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         toasts = [html.Div(text, className=f"rf-toast rf-toast-{kind}") for kind, text in events]
         return (toasts if toasts else no_update), now_seen
 
-    @register(Output("smoothing", "value"), Input("url", "search"))
-    def restore_smoothing(search: str | None) -> Any:
+    # A page loaded from a URL has these from its layout already: a change only for a link followed in the page.
+    @register(Output("smoothing", "value"), Input("url", "search"), State("smoothing", "value"))
+    def restore_smoothing(search: str | None, current: float | None = None) -> Any:
         smoothing = data.smoothing_in_query(search)
-        return no_update if smoothing is None else smoothing
+        return no_update if smoothing is None or smoothing == current else smoothing
 
-    @register(Output("x-axis", "value"), Input("url", "search"))
-    def restore_x_axis(search: str | None) -> Any:
+    @register(Output("x-axis", "value"), Input("url", "search"), State("x-axis", "value"))
+    def restore_x_axis(search: str | None, current: str | None = None) -> Any:
         x_axis = data.x_axis_in_query(search)
-        return no_update if x_axis is None else x_axis
+        return no_update if x_axis is None or x_axis == current else x_axis
 
     @register(
         Output("runs-grid", "selectedRows"),
@@ -472,7 +490,10 @@ def register_callbacks(app: Dash, store: Store) -> Callbacks:
         Input("x-axis", "value"),
         Input("runs-grid", "selectedRows"),
         Input(ALL_GRAPHS, "relayoutData"),
+        Input(ALL_Y_SCALES, "value"),
         State(ALL_GRAPHS, "id"),
+        State(ALL_Y_SCALES, "id"),
+        State("log-y-metrics", "data"),
         prevent_initial_call=True,
     )
 
@@ -589,6 +610,47 @@ class ChartView:
     smoothing: float | None = 0.0
     visible: Sequence[int] | None = None  # the runs the table keeps; None: all
     x_axis: str = "step"  # a key of figures.X_AXIS_TITLES
+    y_scales: Mapping[str, str] = field(default_factory=dict)  # metric -> "linear" | "log"; else its default
+
+
+def y_scales_by_metric(
+    ids: Sequence[Mapping[str, Any]] | None, values: Sequence[str | None] | None, experiment: str | None = None
+) -> dict[str, str]:
+    """The y scale each chart's lin/log switch shows, by metric (of `experiment`'s charts, when given)."""
+    return {
+        str(switch["metric"]): value
+        for switch, value in zip(ids or [], values or [], strict=False)
+        if value in ("linear", "log") and (experiment is None or switch.get("experiment") == experiment)
+    }
+
+
+def first_view(store: Store, cache: M4Cache, experiment: str | None, names: Sequence[str], search: str) -> FirstView:
+    """The view a page URL asks for (`search`, its query string), with the first figures of `experiment`'s charts
+    built into the page: the figure callback's first call then finds them drawn (same signatures) and sends
+    nothing."""
+    view = ChartView(
+        smoothing=data.smoothing_in_query(search) or 0.0,
+        x_axis=data.x_axis_in_query(search) or "step",
+        y_scales=data.y_scales_in_query(search),
+    )
+    if not experiment or not names:
+        return FirstView(smoothing=float(view.smoothing or 0), x_axis=view.x_axis, y_scales=view.y_scales)
+    ticked = data.ticks_in_query(search) if data.experiment_in_query(search) == experiment else []
+    runs = data.chart_runs(store, experiment, False)
+    present = {int(run["run_id"]) for run in runs[0]} if runs else set()
+    visible = [run_id for run_id in ticked if run_id in present] or None
+    view = ChartView(view.include_deleted, view.smoothing, visible, view.x_axis, view.y_scales)
+    zoom = data.zoom_in_query(search) if data.experiment_in_query(search) == experiment else {}
+    graph_ids = [metric_graph_id(name, experiment, 0) for name in names]
+    updates, signatures = chart_updates(store, cache, experiment, graph_ids, view, None, zoom)
+    return FirstView(
+        smoothing=float(view.smoothing or 0),
+        x_axis=view.x_axis,
+        y_scales=view.y_scales,
+        visible=visible,
+        figures=dict(zip(names, updates, strict=True)),
+        signatures=signatures,
+    )
 
 
 def chart_updates(
@@ -624,6 +686,8 @@ def chart_updates(
             updates.append(no_update)
         elif not same_cells or graph_id.get("cells") != cells or drawn.get(name) is None:
             figure = built[name]
+            if name in view.y_scales:
+                figure["layout"]["yaxis"]["type"] = view.y_scales[name]
             if zoom and name in zoom:
                 figure["layout"]["xaxis"].update(range=list(zoom[name]), autorange=False)
             updates.append(figure)

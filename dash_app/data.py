@@ -79,6 +79,17 @@ def zoom_in_query(search: str | None) -> dict[str, tuple[float, float]]:
     return {name: bounds for name, bounds in ranges.items() if name}
 
 
+def y_scales_in_query(search: str | None) -> dict[str, str]:
+    """Each chart's y scale a page URL keeps (`?y=train_loss:log;learning_rate:linear`: the ones people changed)."""
+    values = urllib.parse.parse_qs((search or "").lstrip("?")).get("y")
+    scales: dict[str, str] = {}
+    for item in values[0].split(";") if values else []:
+        name, _, scale = item.rpartition(":")
+        if name and scale in ("linear", "log"):
+            scales[name] = scale
+    return scales
+
+
 def smoothing_in_query(search: str | None) -> float | None:
     """The smoothing a page URL asks for (`?smoothing=0.6`), within the slider's range; None if none or invalid."""
     values = urllib.parse.parse_qs((search or "").lstrip("?")).get("smoothing")
@@ -167,6 +178,7 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
     rows = [
         {
             "run": row.run_id,
+            "row_id": str(row.run_id),  # AG Grid's row ids are strings (a number is cast, with a warning)
             "page": run_page_path(snap["experiment"]["name"], row.run_id),
             "color": run_color(row.run_id),
             "name": row.name,
@@ -418,6 +430,7 @@ def ops_log(store: Store, experiment: str | None) -> list[dict[str, Any]]:
     return [
         {
             "op": op["op_id"],
+            "row_id": str(op["op_id"]),
             "run": op["run_id"],
             "kind": op["kind"],
             "source": op["source"],

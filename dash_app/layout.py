@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import dash_ag_grid as dag
 from dash import dcc, html
 
 from dash_app.data import MAX_SMOOTHING, OPS_LOG_COLUMNS
-from dash_app.figures import default_y_scale
+from dash_app.figures import LOG_Y_METRICS, default_y_scale
 from rf_core.states import WARM_START_MODES
 
 REFRESH_MS = 2000
@@ -31,16 +33,32 @@ def chart_id(name: str) -> str:
     return f"chart-{name}"
 
 
+@dataclass(frozen=True)
+class FirstView:
+    """What the page shows before any callback: the view its URL asks for, and the charts' first figures with the
+    signatures the figure callback keeps (so its first call on the page sends nothing it already has)."""
+
+    smoothing: float = 0.0
+    x_axis: str = "step"
+    y_scales: Mapping[str, str] = field(default_factory=dict)  # metric -> "linear" | "log", where not the default
+    visible: list[int] | None = None
+    figures: Mapping[str, Any] = field(default_factory=dict)  # metric -> figure
+    signatures: Mapping[str, Any] | None = None
+
+
 def build_layout(
     experiment_options: list[dict[str, str]] | None = None,
     experiment: str | None = None,
     metric_names: list[str] | None = None,
+    first: FirstView | None = None,
 ) -> html.Div:
-    """The page. Given the experiment to open and its metrics, the charts exist from the start and their figures
-    come with the first callback round trip, instead of three (experiment, then chart list, then figures)."""
+    """The page. Given the experiment to open and its metrics, the charts exist from the start; given `first`, they
+    are drawn from the start too: the first curves cost no callback round trip (several, as the page's first
+    callbacks wait on each other and on the scripts)."""
+    first = first or FirstView()
     dashboard = html.Div(
         [
-            _top_bar(experiment_options or [], experiment),
+            _top_bar(experiment_options or [], experiment, first),
             html.Div(id="header", className="rf-header"),
             html.Div(
                 [
@@ -51,7 +69,9 @@ def build_layout(
                 className="rf-row",
             ),
             html.Div(
-                chart_cells(metric_names, experiment, 0) if metric_names and experiment else [],
+                chart_cells(metric_names, experiment, 0, first.y_scales, first.figures)
+                if metric_names and experiment
+                else [],
                 id="charts",
                 className="rf-charts",
             ),
@@ -68,7 +88,7 @@ def build_layout(
                 id="runs-grid",
                 rowData=[],
                 columnDefs=[],
-                getRowId="params.data.run",
+                getRowId="params.data.row_id",
                 defaultColDef={"sortable": True, "resizable": True, "filter": True, "floatingFilter": True},
                 dashGridOptions={
                     "animateRows": False,
@@ -96,7 +116,7 @@ def build_layout(
                 id="ops-grid",
                 rowData=[],
                 columnDefs=OPS_LOG_COLUMNS,
-                getRowId="params.data.op",
+                getRowId="params.data.row_id",
                 defaultColDef={"sortable": True, "resizable": True, "filter": True},
                 dashGridOptions={"animateRows": False, "tooltipShowDelay": 300},
                 style={"height": "260px"},
@@ -133,7 +153,8 @@ def build_layout(
             dcc.Store(id="ticks-restored", data=None),
             dcc.Store(id="events-seen", data=None),  # the ops and failures the toasts have told of
             html.Div(id="toasts", className="rf-toasts"),  # the live check's verdict on the Clone-Modify request
-            dcc.Store(id="visible-runs", data=None),  # run ids the table's filter or ticks keep; None: every run
+            # The run ids the table's filter or ticks keep; None: every run.
+            dcc.Store(id="visible-runs", data=first.visible),
             dcc.Store(id="row-highlighted", data=None),
             dcc.Store(id="ops-changed", data=0),
             # The charts the page shows ({"experiment", "names"}), and what each one's figure was last built from.
@@ -141,10 +162,13 @@ def build_layout(
                 id="metric-names",
                 data={"experiment": experiment, "names": metric_names, "cells": 0} if metric_names else None,
             ),
-            dcc.Store(id="chart-signatures", data=None),
+            dcc.Store(id="chart-signatures", data=first.signatures),
+            # Which charts read best on a log y by default (the URL keeps only the scales people changed).
+            dcc.Store(id="log-y-metrics", data=sorted(LOG_Y_METRICS)),
             dcc.Interval(id="refresh", interval=REFRESH_MS),
-            # ?experiment=NAME&run=ID&smoothing=S: the view (what a fit prints, what a reload restores); the page
-            # keeps it current with history.replaceState (assets/page.js), which changes none of url's props.
+            # ?experiment=NAME&run=ID&smoothing=S&x=&runs=&zoom=&y=: the view (what a fit prints, what a reload
+            # restores); the page keeps it current with history.replaceState (assets/page.js), which changes none
+            # of url's props.
             dcc.Location(id="url", refresh=False),
             dcc.Store(id="url-written", data=None),
         ],
@@ -152,7 +176,7 @@ def build_layout(
     )
 
 
-def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -> html.Div:
+def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None, first: FirstView) -> html.Div:
     return html.Div(
         [
             html.H2("rf"),
@@ -175,7 +199,7 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
                     {"label": " minutes", "value": "relative"},
                     {"label": " time", "value": "wall"},
                 ],
-                value="step",
+                value=first.x_axis,
                 inline=True,
                 className="rf-x-axis",
             ),
@@ -187,7 +211,7 @@ def _top_bar(experiment_options: list[dict[str, str]], experiment: str | None) -
                         min=0,
                         max=MAX_SMOOTHING,
                         step=0.05,
-                        value=0,
+                        value=first.smoothing,
                         marks={0: "0", 0.5: "0.5", 0.9: "0.9"},
                         updatemode="mouseup",
                     ),
@@ -290,21 +314,30 @@ def _ic_ops_panel() -> html.Div:
     )
 
 
-def chart_cells(names: list[str], experiment: str, cells: int) -> list[Any]:
-    """One chart per metric; the figures are filled by the figure callback."""
-    return [chart_cell(name, experiment, cells) for name in names]
+def chart_cells(
+    names: list[str],
+    experiment: str,
+    cells: int,
+    y_scales: Mapping[str, str] | None = None,
+    figures: Mapping[str, Any] | None = None,
+) -> list[Any]:
+    """One chart per metric, on the y scale `y_scales` names (else its default); the figures are filled by the
+    figure callback unless given."""
+    y_scales, figures = y_scales or {}, figures or {}
+    return [chart_cell(name, experiment, cells, y_scales.get(name), figures.get(name)) for name in names]
 
 
 def y_scale_id(name: str, experiment: str, cells: int) -> dict[str, Any]:
     return {"type": "y-scale", "metric": name, "experiment": experiment, "cells": cells}
 
 
-def chart_cell(name: str, experiment: str, cells: int) -> html.Div:
-    graph = dcc.Graph(id=metric_graph_id(name, experiment, cells), config=GRAPH_CONFIG)
+def chart_cell(name: str, experiment: str, cells: int, y_scale: str | None = None, figure: Any = None) -> html.Div:
+    graph_id = metric_graph_id(name, experiment, cells)
+    graph = dcc.Graph(id=graph_id, config=GRAPH_CONFIG, **({"figure": figure} if figure is not None else {}))
     scale = dcc.RadioItems(
         id=y_scale_id(name, experiment, cells),
         options=[{"label": " lin", "value": "linear"}, {"label": " log", "value": "log"}],
-        value=default_y_scale(name),
+        value=y_scale if y_scale in ("linear", "log") else default_y_scale(name),
         inline=True,
         className="rf-y-scale",
     )

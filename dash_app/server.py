@@ -15,17 +15,20 @@ import os
 import signal
 import sys
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+import flask
 from dash import Dash, html
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from dash_app import data
 from dash_app.api import register_routes
 from dash_app.auth import binding_problem, configured_token, require_token
-from dash_app.callbacks import register_callbacks
+from dash_app.callbacks import first_view, register_callbacks
+from dash_app.downsample import M4Cache
 from dash_app.layout import build_layout
 from rf_core import paths
 from rf_core.control.store import DuckDBStore, Store, StoreError
@@ -56,19 +59,38 @@ def build_app(store: Store, token: str | None = None) -> Dash:
         # Named explicitly: under `python -m dash_app.server` the module is __main__.
         assets_folder=str(Path(__file__).with_name("assets")),
     )
-    app.layout = functools.partial(layout_for, store)
-    register_callbacks(app, store)
+    cache = data.chart_cache(store)
+    app.layout = functools.partial(layout_for, store, cache)
+    register_callbacks(app, store, cache)
     register_routes(app.server, store)
     if token is not None:
         require_token(app.server, token)
     return app
 
 
-def layout_for(store: Store) -> html.Div:
-    """The page for a new visitor: the newest experiment open, with a chart per metric it has logged."""
+def layout_for(store: Store, cache: M4Cache) -> html.Div:
+    """The page as its URL asks for it (the experiment, else the newest; smoothing, x and y scales, ticked runs,
+    zoom), with a chart per metric logged, drawn from the start."""
+    path, search = page_location()
     options = data.experiment_options(store)
-    experiment = options[0]["value"] if options else None
-    return build_layout(options, experiment, data.chart_names(store, experiment))
+    names = [option["value"] for option in options]
+    asked = data.experiment_in_query(search)
+    experiment = asked if asked in names else (names[0] if names else None)
+    metric_names = data.chart_names(store, experiment)
+    # A run page shows none of the dashboard's charts: they are drawn when the user goes there.
+    first = first_view(store, cache, experiment, [] if path.startswith("/run/") else metric_names, search)
+    return build_layout(options, experiment, metric_names, first)
+
+
+def page_location() -> tuple[str, str]:
+    """The path and query string of the page asking for its layout. Dash fetches the layout from the page, so the
+    request's Referer is the page's own URL; another origin's, or none, counts as a bare visit."""
+    if not flask.has_request_context() or not flask.request.referrer:
+        return "/", ""
+    page = urllib.parse.urlsplit(flask.request.referrer)
+    if page.netloc != flask.request.host:
+        return "/", ""
+    return page.path or "/", page.query
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

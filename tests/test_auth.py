@@ -21,10 +21,10 @@ import pytest
 from dash_app.auth import binding_problem, is_loopback
 from rf_core.client import RFClient, ServerError
 from rf_core.server_process import TOKEN_ENV, health_ok
+from tests.e2e.browser.chromium import needs_chromium, watched_page
 from tests.test_server_api import CONFIG, start_server, stop
 
 TOKEN = "correct-horse-battery-staple-42"
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -130,29 +130,20 @@ def test_browsers_sign_in_once_and_carry_a_cookie(token_server: str) -> None:
     assert http(f"{token_server}/_dash-layout", headers=carried)[0] == 200
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
-def test_the_dashboard_asks_for_the_token_in_a_browser(token_server: str) -> None:
-    from playwright.sync_api import sync_playwright
-
-    from tests.e2e.browser.test_dashboard_browser import CHROMIUM_ARGS
-
+@needs_chromium
+def test_the_dashboard_asks_for_the_token_in_a_browser(token_server: str, browser: Any) -> None:
     RFClient(token_server, token=TOKEN).create_experiment("in-browser", [CONFIG], num_chunks=2)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(token_server)
-            assert "/login" in page.url
-            page.fill("#token", "a wrong guess, surely")
-            page.click("#sign-in")
-            page.wait_for_selector("text=That token is not right.")
-            page.fill("#token", TOKEN)
-            page.click("#sign-in")
-            # The dashboard's own callbacks (POSTs with the cookie) fill the experiment picker.
-            page.wait_for_selector("#experiment-select", timeout=30_000)
-            page.wait_for_function(
-                "() => document.querySelector('#experiment-select').innerText.includes('in-browser')",
-                timeout=30_000,
-            )
-        finally:
-            browser.close()
+    with watched_page(browser) as page:
+        page.goto(token_server)
+        assert "/login" in page.url
+        page.fill("#token", "a wrong guess, surely")
+        page.click("#sign-in")
+        page.wait_for_selector("text=That token is not right.")
+        page.fill("#token", TOKEN)
+        page.click("#sign-in")
+        # The dashboard's own callbacks (POSTs with the cookie) fill the experiment picker.
+        page.wait_for_selector("#experiment-select", timeout=30_000)
+        page.wait_for_function(
+            "() => document.querySelector('#experiment-select').innerText.includes('in-browser')",
+            timeout=30_000,
+        )

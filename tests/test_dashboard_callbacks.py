@@ -312,3 +312,86 @@ def test_brushing_the_parallel_coordinates_ticks_the_runs_inside_every_range(cal
     assert ticked == {"ids": ["3"]} and brush == {"1": [[0, 2.5]]}
     ticked, brush = callbacks["brush_ticks"]([{"dimensions[1].constraintrange": None}, [0]], brush, "exp")
     assert ticked == [] and brush == {}  # no brush left: nothing ticked, every run shows
+
+
+def test_the_page_comes_with_its_url_s_view_and_its_first_charts_drawn(store):
+    """The layout a page gets is built from its URL (the Referer of Dash's layout request): the experiment, its
+    charts' figures on the URL's x, y scales, ticks and zoom, and the signatures that make the figure callback's
+    first call send nothing the page already has."""
+    from dash_app.server import build_app
+
+    client = build_app(store).server.test_client()
+    page = "http://localhost/?experiment=older&x=relative&runs=2,9&y=train_loss:log;learning_rate:linear"
+    layout = client.get("/_dash-layout", headers={"Referer": page}).get_json()
+
+    def find(node: Any, wanted: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("props", {}).get("id") == wanted:
+                return node["props"]
+            node = list(node.values())
+        if isinstance(node, list):
+            return next((found for item in node if (found := find(item, wanted)) is not None), None)
+        return None
+
+    assert find(layout, "experiment-select")["value"] == "older"
+    assert find(layout, "x-axis")["value"] == "relative"
+    assert find(layout, "visible-runs")["data"] == [2]  # run 9 is not one of its runs
+    graph_id = {"type": "metric-graph", "metric": "train_loss", "experiment": "older", "cells": 0}
+    figure = find(layout, graph_id)["figure"]
+    assert [trace["name"] for trace in figure["data"]] == ["run 2"]
+    assert figure["layout"]["yaxis"]["type"] == "log"
+    assert figure["layout"]["xaxis"]["title"]["text"] == "minutes since the run's first step"
+    scale_id = {"type": "y-scale", "metric": "learning_rate", "experiment": "older", "cells": 0}
+    assert find(layout, scale_id)["value"] == "linear"  # the URL's, not the metric's default (log)
+    signatures = find(layout, "chart-signatures")["data"]
+    assert signatures["experiment"] == "older"
+    assert set(signatures["charts"]) == {"train_loss", "learning_rate", "eval_loss"}
+
+    # The figure callback's first call on that page finds every chart drawn: nothing is sent.
+    app = Dash(__name__)
+    app.layout = build_layout()
+    callbacks = register_callbacks(app, store)
+    graph_ids = [{**graph_id, "metric": name} for name in ("train_loss", "learning_rate", "eval_loss")]
+    updates, _ = callbacks["refresh_charts"](graph_ids, None, [], 0.0, 0, [2], "relative", "older", signatures)
+    assert updates == [no_update] * 3
+
+    # A bare visit, or a Referer of another site, opens the newest experiment with the default view.
+    for headers in ({}, {"Referer": "http://elsewhere.example/?experiment=older"}):
+        layout = client.get("/_dash-layout", headers=headers).get_json()
+        assert find(layout, "experiment-select")["value"] == "exp"
+        assert find(layout, "visible-runs")["data"] is None
+        assert find(layout, {**graph_id, "experiment": "exp"})["figure"]["layout"]["yaxis"]["type"] == "linear"
+
+
+def test_charts_drawn_anew_keep_the_y_scale_their_metric_was_shown_on(callbacks):
+    scale_ids = [{"type": "y-scale", "metric": name, "experiment": "exp", "cells": 4} for name in ("train_loss",)]
+    children, _ = callbacks["refresh_chart_list"]("older", 1, {"experiment": "exp", "cells": 4}, ["log"], scale_ids)
+    scales = {child.children[0].id["metric"]: child.children[0].value for child in children}
+    assert scales == {"train_loss": "log", "learning_rate": "log", "eval_loss": "linear"}  # lr: its default
+    graph_ids = [child.children[1].id for child in children]
+    new_scale_ids = [child.children[0].id for child in children]
+    figures, _ = callbacks["refresh_charts"](
+        graph_ids, 1, [], 0.0, 0, None, "step", "older", None, None, list(scales.values()), new_scale_ids
+    )
+    assert [figure["layout"]["yaxis"]["type"] for figure in figures] == ["log", "log", "linear"]
+
+
+def test_the_page_s_plotly_is_the_partial_bundle_of_the_plotly_js_dash_would_load(store):
+    """dash_app/assets/plotly-rf.min.js (scatter, bar, parcoords: see dash_app/plotly_bundle) is the plotly.js
+    version the installed plotly package ships, and the page loads it instead of the full bundle."""
+    import re
+    from pathlib import Path
+
+    import plotly
+
+    from dash_app.server import build_app
+
+    shipped = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text()[:300]
+    bundle = Path(__file__).parents[1] / "dash_app" / "assets" / "plotly-rf.min.js"
+    banner = bundle.read_text()[:300]
+    version = re.search(r"plotly\.js v(\d+\.\d+\.\d+)", shipped).group(1)
+    assert re.search(r"plotly\.js v(\d+\.\d+\.\d+)", banner).group(1) == version, (
+        "rebuild dash_app/assets/plotly-rf.min.js for the installed plotly (dash_app/plotly_bundle/README.md)"
+    )
+    page = build_app(store).server.test_client().get("/").data.decode()
+    assert "plotly-rf.min.js" in page

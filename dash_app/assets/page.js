@@ -136,7 +136,8 @@
     );
   };
 
-  // The URL records the view (experiment, open run, smoothing), so a reload or a shared link shows the same.
+  // The URL records the view (experiment, open run, smoothing, x, ticks, zoom, y scales), so a reload or a shared
+  // link shows the same.
   window.dash_clientside = Object.assign({}, window.dash_clientside, {
     rf: {
       // A curve hovered: its run's row in the table scrolls into view and flashes.
@@ -154,7 +155,7 @@
         }
         return node ? node.id : null;
       },
-      write_url: function (experiment, run, smoothing, xAxis, ticked, relayouts, graphIds) {
+      write_url: function (experiment, run, smoothing, xAxis, ticked, relayouts, yScales, graphIds, scaleIds, logY) {
         if (window.location.pathname.indexOf("/run/") === 0) {
           return window.dash_clientside.no_update; // a run page's URL names its run already
         }
@@ -200,6 +201,16 @@
           }
         });
         set("zoom", Array.from(zoom, function (entry) { return entry[0] + ":" + entry[1]; }).join(";"));
+        // Each chart's y scale where it is not the metric's default, "metric:log" (a reload builds the page with it).
+        const changed = [];
+        (yScales || []).forEach(function (scale, index) {
+          const metric = scaleIds && scaleIds[index] ? scaleIds[index].metric : null;
+          const usual = (logY || []).indexOf(metric) !== -1 ? "log" : "linear";
+          if (metric && scale && scale !== usual) {
+            changed.push(metric + ":" + scale);
+          }
+        });
+        set("y", changed.join(";"));
         const query = params.toString();
         const url = window.location.pathname + (query ? "?" + query : "");
         if (url !== window.location.pathname + window.location.search) {

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,12 @@ import pytest
 from rf_core import paths
 from rf_core.client import RFClient
 from rf_core.training.worker import STEP_DELAY_ENV
+from tests.e2e.browser.chromium import PROJECT_ROOT, needs_chromium, shot, wait_until, watched_page
 from tests.e2e_experiment import MODEL_CACHE_ENV
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "dashboard"
 EXPERIMENT = "browser"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = needs_chromium
 
 
 # -- the live system --------------------------------------------------------------------------------------
@@ -120,42 +109,11 @@ def _end_fit(fit: subprocess.Popen[bytes], url: str) -> None:
 # -- the browser --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser: Any, live: Live) -> Iterator[Any]:
-    page = browser.new_page(viewport={"width": 1500, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.set_default_timeout(20_000)
-    page.goto(live.url)
-    yield page
-    page.close()
-    assert errors == [], f"JavaScript errors in the page: {errors}"
-
-
-def shot(page: Any, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(every_s)
+    with watched_page(browser) as page:
+        page.goto(live.url)
+        yield page
 
 
 def graph_selector(metric: str) -> str:

@@ -24,18 +24,12 @@ from rf_core.client import RFClient
 from rf_core.control import ops
 from rf_core.control.store import DuckDBStore
 from tests.dashboard_sample import more_points, seed_experiment
-from tests.e2e.browser.test_dashboard_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    PROJECT_ROOT,
-    shot,
-    wait_until,
-)
+from tests.e2e.browser.chromium import PROJECT_ROOT, needs_chromium, shot, wait_until, watched_page
 
 EXPERIMENT = "view"
 POINTS = 300
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = needs_chromium
 
 
 class Server:
@@ -79,25 +73,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             process.wait(15)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser: Any, server: Server) -> Iterator[Any]:
-    page = browser.new_page(viewport={"width": 1500, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.set_default_timeout(20_000)
-    yield page
-    page.close()
-    assert errors == [], f"JavaScript errors in the page: {errors}"
+    with watched_page(browser) as page:
+        yield page
 
 
 def graph_selector(metric: str, experiment: str = EXPERIMENT) -> str:
@@ -239,6 +218,86 @@ def test_esc_closes_the_ic_ops_panel_and_the_url_restores_the_view(page: Any, se
     restored = x_range(page)
     assert restored == pytest.approx(zoomed, rel=1e-4)
 
+    # Each chart's y scale, where it is not its metric's default, goes into the URL and comes back with it.
+    page.locator("#chart-train_loss .rf-y-scale input[value='log']").check()
+    page.locator("#chart-learning_rate .rf-y-scale input[value='linear']").check()
+    page.wait_for_function("() => window.location.search.includes('y=')")
+    shared = page.url
+    assert "train_loss%3Alog" in shared and "learning_rate%3Alinear" in shared
+    page.goto(shared)
+    wait_until(lambda: y_type(page, "train_loss") == "log" and y_type(page, "learning_rate") == "linear", 20,
+               "the link's y scales")  # fmt: skip
+    assert page.locator("#chart-train_loss .rf-y-scale input[value='log']").is_checked()
+    assert x_range(page) == pytest.approx(zoomed, rel=1e-4)
+    shot(page, "view-04-y-scales-restored")
+
+
+def y_type(page: Any, metric: str) -> str | None:
+    return page.evaluate(
+        "(s) => { const gd = document.querySelector(s); return gd && gd._fullLayout && gd._fullLayout.yaxis.type; }",
+        graph_selector(metric),
+    )
+
+
+def test_the_first_curves_come_with_the_page_itself(browser: Any, server: Server) -> None:
+    """The charts are drawn from the page's layout: with every callback request held back, the URL's experiment
+    shows its curves, on the URL's scales and ticks (so first paint waits on no callback round trip)."""
+    with watched_page(browser) as page:
+        fetched: list[str] = []
+        page.on("request", lambda request: fetched.append(request.url))
+        page.route("**/_dash-update-component", lambda route: route.abort())
+        page.goto(f"{server.url}/?experiment={EXPERIMENT}&runs=2,3&y=train_loss:log")
+        page.wait_for_function(
+            "(s) => { const gd = document.querySelector(s); return gd && gd.data && gd.data.length; }",
+            arg=graph_selector("train_loss"),
+        )
+        assert curve_runs(page) == [2, 3]
+        assert y_type(page, "train_loss") == "log" and y_type(page, "learning_rate") == "log"
+        shot(page, "view-08-first-curves-without-callbacks")
+        # The page's plotly.js is the partial bundle from its assets, not Dash's 4.8 MB full one.
+        assert any("plotly-rf.min.js" in url for url in fetched)
+        assert not any(url.split("?")[0].endswith("/plotly.min.js") for url in fetched)
+        page.unroute("**/_dash-update-component")
+
+
+def test_hovering_a_curve_brings_its_row_into_view_and_flashes_it(page: Any, server: Server) -> None:
+    open_view(page, server)
+    # AG Grid's flash is a class on the row's cells for about a second: note every row that gets it.
+    page.evaluate(
+        """() => { window.flashedRows = new Set();
+            new MutationObserver(changes => changes.forEach(change => {
+                const cell = change.target;
+                if (cell.className && String(cell.className).includes('ag-cell-data-changed')) {
+                    window.flashedRows.add(cell.closest('.ag-row').getAttribute('row-id'));
+                }
+            })).observe(document.querySelector('#runs-grid'), {subtree: true, attributes: true,
+                                                               attributeFilter: ['class']}); }"""
+    )
+    # A real mouse on one of run 3's points (Plotly sends no hover event for its own programmatic hover). The
+    # page may redraw under it while loaded: the mouse comes back until the row flashes.
+    selector = graph_selector("train_loss")
+    page.locator(selector).scroll_into_view_if_needed()
+
+    def hover_run_3() -> bool:
+        point = page.evaluate(
+            """(s) => { const gd = document.querySelector(s);
+                const trace = gd._fullData.find(trace => trace.name === 'run 3');
+                const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
+                const index = Math.floor(trace.x.length / 2);
+                return {x: box.left + gd._fullLayout.xaxis.l2p(trace.x[index]),
+                        y: box.top + gd._fullLayout.yaxis.l2p(trace.y[index])}; }""",
+            selector,
+        )
+        page.mouse.move(point["x"] - 3, point["y"])
+        page.mouse.move(point["x"], point["y"], steps=3)
+        page.wait_for_timeout(400)
+        return page.evaluate("() => window.flashedRows.has('3')")
+
+    wait_until(hover_run_3, 15, "run 3's row to flash")
+    assert len(page.evaluate("() => [...window.flashedRows]")) < 4  # the hovered run's row, not every row
+    assert page.locator("#runs-grid .ag-row[row-id='3']").first.is_visible()
+    shot(page, "view-09-hover-flashes-the-row")
+
 
 def grid_ticks(page: Any) -> set[int]:
     ids = page.eval_on_selector_all(
@@ -258,16 +317,16 @@ def curve_runs(page: Any, metric: str = "train_loss") -> list[int]:
 
 def test_the_table_s_ticks_and_filters_decide_which_curves_show(page: Any, server: Server) -> None:
     open_view(page, server)
-    wait_until(lambda: curve_runs(page) == [1, 2, 3, 4], 10, "every run's curve")
+    wait_until(lambda: curve_runs(page) == [1, 2, 3, 4], 20, "every run's curve")
     assert "rf-run-ongoing" in page.locator("#runs-grid .ag-row[row-id='2'] [col-id='status']").first.get_attribute(
         "class"
     )  # the status is coloured as in the lineage
     page.locator("#runs-grid .ag-row[row-id='2'] .ag-selection-checkbox input").first.check()
-    wait_until(lambda: curve_runs(page) == [2], 10, "run 2's curve alone")
-    wait_until(lambda: curve_runs(page, "eval_loss") == [2], 10, "run 2 alone on every chart")
+    wait_until(lambda: curve_runs(page) == [2], 20, "run 2's curve alone")
+    wait_until(lambda: curve_runs(page, "eval_loss") == [2], 20, "run 2 alone on every chart")
     shot(page, "view-05-ticked-run")
     page.locator("#runs-grid .ag-row[row-id='2'] .ag-selection-checkbox input").first.uncheck()
-    wait_until(lambda: curve_runs(page) == [1, 2, 3, 4], 10, "every run's curve again")
+    wait_until(lambda: curve_runs(page) == [1, 2, 3, 4], 20, "every run's curve again")
 
 
 def test_the_sweep_views_draw_the_knobs_against_the_metric_and_a_point_opens_its_run(page: Any, server: Server) -> None:
@@ -350,7 +409,7 @@ def test_a_dark_page_for_a_dark_browser_and_a_toast_when_a_run_fails(browser: An
         server.client.fail_run(EXPERIMENT, 4, "CUDA out of memory at step 12")
         toast = page.locator(".rf-toast-bad", has_text="run 4 failed: CUDA out of memory at step 12")
         toast.wait_for()
-        shot(page, "view-08-dark-and-toast")
+        shot(page, "view-10-dark-and-toast")
     finally:
         page.close()
     assert errors == []
