@@ -6,6 +6,7 @@ them as functions, with Dash's callback context set where they read it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         scale_values: list[str | None] | None = None,
         scale_ids: list[dict[str, Any]] | None = None,
     ) -> tuple[Any, Any]:
-        names = data.chart_names(store, experiment)
+        names = data.chart_keys(store, experiment)
         if shown and (shown.get("experiment"), shown.get("names")) == (experiment, names):
             return no_update, no_update
         cells = int((shown or {}).get("cells") or 0)
@@ -205,15 +206,33 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         Output("timeline-graph", "figure"),
         Output("lineage-graph", "figure"),
         Output("ops-grid", "rowData"),
+        Output("history-signature", "data"),
         Input("experiment-select", "value"),
         Input("refresh", "n_intervals"),
         Input("show-deleted", "value"),
         Input("ops-changed", "data"),
         Input("visible-runs", "data"),
+        State("history-signature", "data"),
     )
     def refresh_history(
-        experiment: str | None, _: int | None, show_deleted: list[str] | None, __: int | None, visible: Any
-    ) -> tuple[Any, Any, Any]:
+        experiment: str | None,
+        _: int | None,
+        show_deleted: list[str] | None,
+        __: int | None,
+        visible: Any,
+        sent: list[str] | None = None,
+    ) -> tuple[Any, Any, Any, Any]:
+        """The timeline, the lineage and the ops log; each is sent only when it changed (a finished experiment's
+        page redraws nothing on its refresh ticks)."""
+        answer = history_views(experiment, show_deleted, visible)
+        signatures = [figures.digest(part) for part in answer]
+        sent = sent if isinstance(sent, list) and len(sent) == len(answer) else [None] * len(answer)
+        changed = [
+            part if digest != seen else no_update for part, digest, seen in zip(answer, signatures, sent, strict=True)
+        ]
+        return *changed, signatures
+
+    def history_views(experiment: str | None, show_deleted: list[str] | None, visible: Any) -> tuple[Any, Any, Any]:
         snap = data.runs_view(store, cache, experiment, include_deleted=bool(show_deleted))
         if snap is None:
             empty = figures.empty_figure("no experiment")
@@ -529,9 +548,11 @@ def metric_figures(
     experiment: str | None,
     names: Sequence[str],
     view: ChartView,
+    snap_runs: tuple[list[dict[str, Any]], list[str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The figure of each chart in `names`: the refresh every chart gets (the benchmarked callback)."""
-    snap_runs = data.chart_runs(store, experiment, view.include_deleted)
+    """The figure of each chart in `names`: the refresh every chart gets (the benchmarked callback). `snap_runs`:
+    `data.chart_runs`'s answer, when the caller has it."""
+    snap_runs = snap_runs if snap_runs is not None else data.chart_runs(store, experiment, view.include_deleted)
     if not experiment or not snap_runs:
         return [figures.empty_figure("no runs") for _ in names]
     runs, knobs = snap_runs
@@ -541,22 +562,29 @@ def metric_figures(
         if not runs:
             return [figures.empty_figure("no run is ticked or kept by the table's filters") for _ in names]
     run_ids = [int(run["run_id"]) for run in runs]
-    series = data.chart_series(cache, experiment, run_ids, names)
+    charts = [data.chart_metric(name) for name in names]
+    series = data.chart_series(cache, experiment, run_ids, list(dict.fromkeys(metric for metric, _ in charts)))
     if view.x_axis != "step":
         series = data.chart_x(store, experiment, runs, series, view.x_axis)
     labels = data.hover_labels(runs, knobs)
     deleted = frozenset(int(run["run_id"]) for run in runs if run["status"] == "Deleted")
+    run_types = {int(run["run_id"]): data.run_trainer_type(run) for run in runs}
     return [
         figures.metric_figure(
-            name,
-            series.get(name, {}),
+            metric,
+            {
+                run_id: points
+                for run_id, points in series.get(metric, {}).items()
+                if trainer_type is None or run_types.get(run_id) == trainer_type
+            },
             labels,
             smoothing=float(view.smoothing or 0),
             uirevision=f"{experiment}:{name}",
             deleted=deleted,
             x_axis=view.x_axis,
+            runs_of=trainer_type,
         )
-        for name in names
+        for name, (metric, trainer_type) in zip(names, charts, strict=True)
     ]
 
 
@@ -672,13 +700,23 @@ def chart_updates(
     """
     mine = [graph_id for graph_id in graph_ids if graph_id.get("experiment") == experiment]
     names = [graph_id["metric"] for graph_id in mine]
-    built = dict(zip(names, metric_figures(store, cache, experiment, names, view), strict=True))
-    signatures = {name: figures.traces_signature(figure) for name, figure in built.items()}
     cells = max((int(graph_id.get("cells") or 0) for graph_id in mine), default=0)
     drawn = (sent or {}).get("charts") or {}
     # Another x (step, time...) is another axis: the charts are drawn whole again.
     same_cells = (sent or {}).get("experiment") == experiment and (sent or {}).get("cells") == cells
     same_cells = same_cells and (sent or {}).get("x_axis", "step") == view.x_axis
+    snap_runs = data.chart_runs(store, experiment, view.include_deleted)
+    # What every trace is built from: while it holds, no figure is built (the refresh tick of an idle page).
+    inputs = charts_inputs_signature(cache, experiment, names, view, snap_runs)
+    if (
+        same_cells
+        and sent
+        and sent.get("inputs") == inputs
+        and all(int(graph_id.get("cells") or 0) == cells and drawn.get(graph_id["metric"]) for graph_id in mine)
+    ):
+        return [no_update] * len(graph_ids), dict(sent)
+    built = dict(zip(names, metric_figures(store, cache, experiment, names, view, snap_runs), strict=True))
+    signatures = {name: figures.traces_signature(figure) for name, figure in built.items()}
     updates: list[Any] = []
     for graph_id in graph_ids:
         name = graph_id["metric"]
@@ -697,7 +735,32 @@ def chart_updates(
             traces = Patch()
             traces["data"] = built[name]["data"]
             updates.append(traces)
-    return updates, {"experiment": experiment, "cells": cells, "x_axis": view.x_axis, "charts": signatures}
+    shown = {"experiment": experiment, "cells": cells, "x_axis": view.x_axis, "charts": signatures, "inputs": inputs}
+    return updates, shown
+
+
+def charts_inputs_signature(
+    cache: M4Cache,
+    experiment: str | None,
+    names: Sequence[str],
+    view: ChartView,
+    snap_runs: tuple[list[dict[str, Any]], list[str]] | None,
+) -> str | None:
+    """A digest of what the charts' traces are built from: the points read (the cache's last row and width), the
+    runs shown with what their traces show of them (config for the hover, Deleted for the dash, parent for the
+    lineage x), the charts and the view. None when there is nothing to draw from."""
+    if not experiment or not snap_runs:
+        return None
+    runs, _ = snap_runs
+    state = [
+        cache.version(experiment),
+        list(names),
+        [view.include_deleted, view.smoothing, list(view.visible) if view.visible is not None else None, view.x_axis],
+        [[run["run_id"], run["status"] == "Deleted", run["config"], run.get("parent_id"), run.get("warm_start"),
+          run.get("parent_step")] for run in runs],
+    ]  # fmt: skip
+    encoded = json.dumps(state, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.blake2b(encoded, digest_size=12).hexdigest()
 
 
 def chart_inserts(

@@ -22,7 +22,7 @@ from dash_app.downsample import CACHE_BUCKETS, M4Cache, Series, width_for
 from dash_app.figures import run_color
 from dash_app.routes import run_page_path
 from rf_core import errors, states
-from rf_core.config import varying_knobs
+from rf_core.config import KNOBS, TRAINER_TYPES, varying_knobs
 from rf_core.control import continuation, experiments, metrics, ops
 from rf_core.control import timeline as chunk_timeline
 from rf_core.control.store import Store
@@ -34,7 +34,26 @@ PIXEL_BUCKETS = 400  # about a chart's width in pixels on a laptop screen, two c
 POINTS_PER_CHART = 48_000  # beyond this the browser redraws slowly: fewer buckets per run when runs are many
 MIN_BUCKETS = 100
 # Metrics shown first, in this order; any other metric follows alphabetically.
-METRIC_ORDER = (states.TRAIN_LOSS_METRIC, states.LEARNING_RATE_METRIC, states.EVAL_LOSS_METRIC)
+# The charts' order: the losses and the schedule, then what DPO and GRPO runs are judged by, then the rest by name.
+METRIC_ORDER = (
+    states.TRAIN_LOSS_METRIC,
+    states.LEARNING_RATE_METRIC,
+    states.EVAL_LOSS_METRIC,
+    states.LOGGED_LOSS_METRIC,
+    "rewards/margins",
+    "rewards/accuracies",
+    "eval_rewards/margins",
+    "eval_rewards/accuracies",
+    "rewards/chosen",
+    "rewards/rejected",
+    "reward",
+    "eval_reward",
+    "reward_std",
+    "kl",
+)
+# A loss means another thing for each trainer type (SFT's cross-entropy, DPO's preference loss): where an
+# experiment mixes types, each type's runs get their own chart of it ("train_loss@dpo").
+CHART_TYPE_SEPARATOR = "@"
 IC_OPS_CELL = "IC Ops ▸"
 MAX_SMOOTHING = 0.95  # the smoothing slider's top: an EMA weight of 1 would draw a flat line
 
@@ -328,6 +347,45 @@ def chart_names(store: Store, experiment: str | None) -> list[str]:
         return ordered_metrics(metrics.metric_names(store, experiment))
     except errors.NotFound:
         return []
+
+
+def chart_keys(store: Store, experiment: str | None) -> list[str]:
+    """The dashboard's charts, in display order: one per metric logged, and one per trainer type for each loss
+    when the experiment's runs are of more than one type."""
+    names = chart_names(store, experiment)
+    types = trainer_types(store, experiment) if names else []
+    if len(types) < 2:
+        return names
+    return [
+        f"{name}{CHART_TYPE_SEPARATOR}{trainer_type}" if is_loss(name) else name
+        for name in names
+        for trainer_type in (types if is_loss(name) else types[:1])
+    ]
+
+
+def chart_metric(key: str) -> tuple[str, str | None]:
+    """(metric, trainer type) a chart key stands for; the type is None where the chart shows every run."""
+    metric, _, trainer_type = key.partition(CHART_TYPE_SEPARATOR)
+    return metric, trainer_type or None
+
+
+def is_loss(metric: str) -> bool:
+    return metric == states.LOGGED_LOSS_METRIC or metric.endswith("_loss")
+
+
+def trainer_types(store: Store, experiment: str | None) -> list[str]:
+    """The trainer types of the experiment's runs, deleted ones too (their curves can be shown), in TRAINER_TYPES
+    order."""
+    try:
+        runs = experiments.list_runs(store, experiment, include_deleted=True) if experiment else []
+    except errors.NotFound:
+        return []
+    present = {run_trainer_type(run) for run in runs}
+    return [trainer_type for trainer_type in TRAINER_TYPES if trainer_type in present]
+
+
+def run_trainer_type(run: Mapping[str, Any]) -> str:
+    return str((run.get("config") or {}).get("trainer_type") or KNOBS["trainer_type"].default).lower()
 
 
 def chart_runs(

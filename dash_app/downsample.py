@@ -239,6 +239,13 @@ class M4Cache:
             self._entries[experiment] = _Entry(width, last_row, rows)
             return rows, width
 
+    def version(self, experiment: str) -> tuple[int, int]:
+        """(the last metric row read, the bucket width) once up to date: while both hold, every series reads the
+        same."""
+        _, width = self.read(experiment)
+        with self._lock:
+            return self._entries[experiment].after_row, width
+
     def series(
         self, experiment: str, names: Sequence[str], run_ids: Iterable[int], buckets: int
     ) -> dict[str, dict[int, Series]]:

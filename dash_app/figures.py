@@ -85,6 +85,7 @@ def metric_figure(
     uirevision: str = "",
     deleted: frozenset[int] = frozenset(),
     x_axis: str = "step",
+    runs_of: str | None = None,
 ) -> dict[str, Any]:
     """One metric's chart: a curve per run (x as `x_axis` says: X_AXIS_TITLES), hover naming the run and the knobs
     that vary.
@@ -92,7 +93,8 @@ def metric_figure(
     `uirevision` stays the same across refreshes so Plotly keeps the user's hidden curves (zoom is kept by
     refreshing the traces only: see `dash_app.callbacks`). `smoothing` applies to per-step training losses only;
     the raw curve stays as a faint line under the smoothed one. Each point carries its run id as customdata, which
-    is how a click on a curve opens that run's IC Ops panel. The learning rate is on a log axis.
+    is how a click on a curve opens that run's IC Ops panel. The learning rate is on a log axis. `runs_of` names
+    the trainer type of the runs shown, where the experiment's charts of this metric are one per type.
     """
     smoothing = smoothing if name in SMOOTHED_METRICS else 0.0
     traces: list[dict[str, Any]] = []
@@ -134,7 +136,11 @@ def metric_figure(
             }
         )
     layout: dict[str, Any] = {
-        "title": {"text": metric_title(name), "x": 0.01, "font": {"size": 14}},
+        "title": {
+            "text": metric_title(name) + (f" ({runs_of.upper()} runs)" if runs_of else ""),
+            "x": 0.01,
+            "font": {"size": 14},
+        },  # fmt: skip
         "uirevision": uirevision or name,
         "margin": MARGIN,
         "height": 300,
@@ -161,7 +167,12 @@ def metric_figure(
 
 def traces_signature(figure: Mapping[str, Any]) -> str:
     """A short digest of a figure's traces: equal digests, nothing to redraw."""
-    encoded = json.dumps(figure.get("data", []), sort_keys=True, separators=(",", ":")).encode()
+    return digest(figure.get("data", []))
+
+
+def digest(value: Any) -> str:
+    """A short digest of a JSON-able value (a figure, table rows): equal digests, nothing to send again."""
+    encoded = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.blake2b(encoded, digest_size=12).hexdigest()
 
 

@@ -76,7 +76,7 @@ def layout_for(store: Store, cache: M4Cache) -> html.Div:
     names = [option["value"] for option in options]
     asked = data.experiment_in_query(search)
     experiment = asked if asked in names else (names[0] if names else None)
-    metric_names = data.chart_names(store, experiment)
+    metric_names = data.chart_keys(store, experiment)
     # A run page shows none of the dashboard's charts: they are drawn when the user goes there.
     first = first_view(store, cache, experiment, [] if path.startswith("/run/") else metric_names, search)
     return build_layout(options, experiment, metric_names, first)

@@ -22,7 +22,7 @@ from dash_app.figures import decode_typed_array
 from dash_app.layout import build_layout
 from rf_core.control import experiments, ops
 from rf_core.control.store import DuckDBStore
-from tests.dashboard_sample import SAMPLE_START, seed_experiment
+from tests.dashboard_sample import SAMPLE_START, append_points, seed_experiment
 
 BUTTONS = [{"type": "op-btn", "op": kind} for kind in ("stop", "resume", "delete", "clone")]
 
@@ -126,17 +126,22 @@ def test_the_table_s_ticks_or_filters_decide_which_runs_the_charts_and_history_s
     graph_ids = [child.children[1].id for child in children]
     figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, [1, 3], "step", "exp", None)
     assert [trace["name"] for trace in figures[0]["data"]] == ["run 1", "run 3"]
-    timeline, lineage, _ = callbacks["refresh_history"]("exp", 1, [], 0, [2])
+    timeline, lineage, _, _ = callbacks["refresh_history"]("exp", 1, [], 0, [2])
     assert [trace["name"] for trace in timeline["data"]] == ["run 2"] and lineage["data"][-1]["customdata"] == [2]
 
 
 def test_history_panels_show_timeline_lineage_and_ops(callbacks, store):
     ops.submit_op(store, "exp", "clone", 1, payload={"overrides": {"learning_rate": 5e-4}})
     ops.apply_due_ops(store, "exp", [1])
-    timeline, lineage, log = callbacks["refresh_history"]("exp", 1, [], 0, None)
+    timeline, lineage, log, sent = callbacks["refresh_history"]("exp", 1, [], 0, None)
     assert sorted(trace["name"] for trace in timeline["data"]) == ["run 1", "run 2", "run 3"]
     assert lineage["data"][-1]["customdata"] == [1, 4, 2, 3]  # the clone sits under its parent
     assert [row["kind"] for row in log] == ["clone"]
+    # A tick with nothing new sends none of them; a new op sends the log alone.
+    assert callbacks["refresh_history"]("exp", 2, [], 0, None, sent)[:3] == (no_update,) * 3
+    ops.submit_op(store, "exp", "stop", 3)
+    timeline, lineage, log, _ = callbacks["refresh_history"]("exp", 3, [], 0, None, sent)
+    assert (timeline, lineage) == (no_update, no_update) and [row["kind"] for row in log] == ["stop", "clone"]
 
 
 def select(trigger: str, value: Any, callbacks: Any, search: str = "", experiment: str = "exp") -> Any:
@@ -395,3 +400,56 @@ def test_the_page_s_plotly_is_the_partial_bundle_of_the_plotly_js_dash_would_loa
     )
     page = build_app(store).server.test_client().get("/").data.decode()
     assert "plotly-rf.min.js" in page
+
+
+def test_an_experiment_mixing_trainer_types_gets_a_chart_of_each_loss_per_type(callbacks, store):
+    """SFT's cross-entropy and DPO's preference loss are not one quantity: each type's runs get their own chart
+    of each loss, while the rest (the learning rate) stays one chart of every run."""
+    run = next(run for run in experiments.list_runs(store, "exp") if run["run_id"] == 2)
+    store.update_run("exp", 2, {"config": {**run["config"], "trainer_type": "dpo"}})
+    assert data.chart_keys(store, "exp") == [
+        "train_loss@sft", "train_loss@dpo", "learning_rate", "eval_loss@sft", "eval_loss@dpo"]  # fmt: skip
+    assert data.chart_keys(store, "older") == ["train_loss", "learning_rate", "eval_loss"]  # one type: as before
+    children, _ = callbacks["refresh_chart_list"]("exp", 1, None)
+    graph_ids = [child.children[1].id for child in children]
+    figures, _ = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "step", "exp", None)
+    shown = {graph_id["metric"]: [trace["name"] for trace in figure["data"]]
+             for graph_id, figure in zip(graph_ids, figures, strict=True)}  # fmt: skip
+    assert shown["train_loss@sft"] == ["run 1", "run 3"] and shown["train_loss@dpo"] == ["run 2"]
+    assert shown["learning_rate"] == ["run 1", "run 2", "run 3"]
+    titles = [figure["layout"]["title"]["text"] for figure in figures]
+    assert "(DPO runs)" in titles[1] and "(SFT runs)" in titles[0] and "runs)" not in titles[2]
+
+
+def test_dpo_and_grpo_charts_come_in_the_order_they_are_read():
+    logged = ["rewards/rejected", "eval_rewards/accuracies", "logps/chosen", "rewards/margins", "train_loss",
+              "rewards/accuracies", "kl", "eval_loss", "reward"]  # fmt: skip
+    assert data.ordered_metrics(logged) == [
+        "train_loss", "eval_loss", "rewards/margins", "rewards/accuracies", "eval_rewards/accuracies",
+        "rewards/rejected", "reward", "kl", "logps/chosen"]  # fmt: skip
+
+
+def test_an_idle_refresh_builds_no_figure(callbacks, store, monkeypatch):
+    """While the points read, the runs shown and the view are what the last answer was built from, a refresh
+    tick answers without building a figure; a new point builds them again."""
+    import dash_app.callbacks as module
+
+    children, _ = callbacks["refresh_chart_list"]("exp", 1, None)
+    graph_ids = [child.children[1].id for child in children]
+    _, sent = callbacks["refresh_charts"](graph_ids, 1, [], 0.0, 0, None, "step", "exp", None)
+    built = module.metric_figures
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a figure was built for a tick with nothing new")
+
+    monkeypatch.setattr(module, "metric_figures", refuse)
+    updates, again = callbacks["refresh_charts"](graph_ids, 2, [], 0.0, 0, None, "step", "exp", sent)
+    assert updates == [no_update] * 3 and again == sent
+    with pytest.raises(AssertionError, match="nothing new"):  # another view is another build
+        callbacks["refresh_charts"](graph_ids, 3, [], 0.5, 0, None, "step", "exp", sent)
+    append_points(store, "exp", 1, np.arange(301, 311))
+    with pytest.raises(AssertionError, match="nothing new"):  # so is a new point
+        callbacks["refresh_charts"](graph_ids, 4, [], 0.0, 0, None, "step", "exp", sent)
+    monkeypatch.setattr(module, "metric_figures", built)
+    updates, _ = callbacks["refresh_charts"](graph_ids, 5, [], 0.0, 0, None, "step", "exp", sent)
+    assert isinstance(updates[0], Patch) and updates[1] is not no_update  # train_loss and learning_rate grew
