@@ -12,8 +12,9 @@ For each run count:
    whole answer (Dash dispatch, reading the store, M4 downsampling, figure building, JSON encoding), without the
    network. "cold": the first request after start (it aggregates every stored point once); "static": later
    ticks with nothing new; "live": ticks after every run logged 25 more steps (written untimed, as training
-   would). Each request carries what the previous answer stored (chart-signatures), as the page does, so a tick
-   with nothing new is answered with no figure at all. The runs table's callback ("table") is timed on the same ticks.
+   would); then the answer's size when two runs log (a fit on two slots). Each request carries what the
+   previous answer stored (chart-signatures), as the page does, so a tick with nothing new is answered with no
+   figure at all. The runs table's callback ("table") is timed on the same ticks.
 3. Unless `--no-browser`: starts `python -m dash_app.server` on the store and opens the page in headless Chromium
    (Playwright, /usr/bin/chromium) `--page-loads` times, each in a fresh browser context (empty caches): time
    from navigation to the first chart's first curve drawn, and to every run's curve drawn in the loss chart;
@@ -124,6 +125,11 @@ def _summary(timings: list[float]) -> dict[str, float]:
     return {"median_ms": round(statistics.median(timings), 1), "max_ms": round(max(timings), 1)}
 
 
+def _kept(response: Any, sent: Any) -> Any:
+    """The chart signatures the page holds after `response` (an answer leaves them as they were when unchanged)."""
+    return response.get_json()["response"].get("chart-signatures", {}).get("data", sent)
+
+
 def time_refresh(store: DuckDBStore, runs: int, points: int, repeats: int) -> dict[str, Any]:
     """Chart refresh requests: cold (first after start), then `repeats` with no new points, then `repeats` each
     after every run logged 25 more steps (untimed), as during training."""
@@ -147,9 +153,19 @@ def time_refresh(store: DuckDBStore, runs: int, points: int, repeats: int) -> di
         for run_id in range(1, runs + 1):
             append_points(store, EXPERIMENT, run_id, new_steps)
         elapsed, response = _post(client, refresh_request(tick, sent))
-        sent = response.get_json()["response"]["chart-signatures"]["data"]
+        sent = _kept(response, sent)
         live.append(elapsed)
         live_sizes.append(len(response.data))
+    # As in a fit on two slots: two runs train at a time, the others' curves stand still.
+    two_sizes = []
+    for tick in range(2 * repeats + 1, 3 * repeats + 1):
+        new_steps = np.arange(step + 1, step + 26)
+        step += 25
+        for run_id in (1, 2):
+            append_points(store, EXPERIMENT, run_id, new_steps)
+        _, response = _post(client, refresh_request(tick, sent))
+        sent = _kept(response, sent)
+        two_sizes.append(len(response.data))
     return {
         "cold_ms": round(cold_ms, 1),
         "static": _summary(static),
@@ -157,6 +173,7 @@ def time_refresh(store: DuckDBStore, runs: int, points: int, repeats: int) -> di
         "table": _summary(table),
         "response_kb": round(statistics.median(sizes) / 1024, 1),
         "live_response_kb": round(statistics.median(live_sizes) / 1024, 1),
+        "two_training_response_kb": round(statistics.median(two_sizes) / 1024, 1),
         "requests": 1 + 3 * repeats,
     }
 
@@ -278,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{case['runs']:>3} runs x {case['points_per_run_and_metric']:,} points: chart refresh median "
             f"{refresh['live']['median_ms']} ms with new points (max {refresh['live']['max_ms']}), "
             f"{refresh['static']['median_ms']} ms without, cold {refresh['cold_ms']} ms; "
-            f"answer {refresh['response_kb']} KB without new points, {refresh['live_response_kb']} KB with; "
+            f"answer {refresh['response_kb']} KB without new points, {refresh['live_response_kb']} KB with "
+            f"({refresh['two_training_response_kb']} KB when 2 runs train); "
             f"table {refresh['table']['median_ms']} ms"
         )
         if "page_load" in case:

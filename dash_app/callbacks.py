@@ -185,7 +185,8 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         # A link's zoom applies to the charts' first drawing of its experiment (after that, the user's zoom rules).
         first_look = (sent or {}).get("experiment") != experiment and data.experiment_in_query(search) == experiment
         zoom = data.zoom_in_query(search) if first_look else {}
-        return chart_updates(store, cache, experiment, graph_ids, view, sent, zoom)
+        updates, shown = chart_updates(store, cache, experiment, graph_ids, view, sent, zoom)
+        return updates, (no_update if shown == sent else shown)
 
     @register(
         Output(ALL_GRAPHS, "figure", allow_duplicate=True),
@@ -696,7 +697,8 @@ def chart_updates(
     Plotly keeps the user's zoom: Dash's Graph writes a zoom into the figure's layout, and a whole new layout
     would reset it. A chart whose traces did not change gets nothing at all: a finished experiment costs a refresh
     tick a few bytes. Graphs of another experiment (the page is switching) are left to their new cells.
-    `sent` is what the last call returned: {"experiment", "cells", "charts": {metric: signature}}.
+    `sent` is what the last call returned: {"experiment", "cells", "x_axis", "charts": {metric: [a signature per
+    trace]}, "inputs": what the traces were built from}.
     """
     mine = [graph_id for graph_id in graph_ids if graph_id.get("experiment") == experiment]
     names = [graph_id["metric"] for graph_id in mine]
@@ -716,7 +718,8 @@ def chart_updates(
     ):
         return [no_update] * len(graph_ids), dict(sent)
     built = dict(zip(names, metric_figures(store, cache, experiment, names, view, snap_runs), strict=True))
-    signatures = {name: figures.traces_signature(figure) for name, figure in built.items()}
+    # A digest per trace: a live fit changes the curves of the runs that train now, and only those are sent.
+    signatures = {name: [figures.digest(trace) for trace in figure["data"]] for name, figure in built.items()}
     updates: list[Any] = []
     for graph_id in graph_ids:
         name = graph_id["metric"]
@@ -733,7 +736,13 @@ def chart_updates(
             updates.append(no_update)
         else:
             traces = Patch()
-            traces["data"] = built[name]["data"]
+            before = drawn[name] if isinstance(drawn[name], list) else []
+            if len(before) == len(signatures[name]):
+                for index, (seen, now) in enumerate(zip(before, signatures[name], strict=True)):
+                    if seen != now:
+                        traces["data"][index] = built[name]["data"][index]
+            else:  # curves came or went: every trace
+                traces["data"] = built[name]["data"]
             updates.append(traces)
     shown = {"experiment": experiment, "cells": cells, "x_axis": view.x_axis, "charts": signatures, "inputs": inputs}
     return updates, shown

@@ -165,11 +165,6 @@ def metric_figure(
     return {"data": traces, "layout": layout}
 
 
-def traces_signature(figure: Mapping[str, Any]) -> str:
-    """A short digest of a figure's traces: equal digests, nothing to redraw."""
-    return digest(figure.get("data", []))
-
-
 def digest(value: Any) -> str:
     """A short digest of a JSON-able value (a figure, table rows): equal digests, nothing to send again."""
     encoded = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()

@@ -444,7 +444,7 @@ def test_an_idle_refresh_builds_no_figure(callbacks, store, monkeypatch):
 
     monkeypatch.setattr(module, "metric_figures", refuse)
     updates, again = callbacks["refresh_charts"](graph_ids, 2, [], 0.0, 0, None, "step", "exp", sent)
-    assert updates == [no_update] * 3 and again == sent
+    assert updates == [no_update] * 3 and again is no_update  # the signatures the page holds still hold
     with pytest.raises(AssertionError, match="nothing new"):  # another view is another build
         callbacks["refresh_charts"](graph_ids, 3, [], 0.5, 0, None, "step", "exp", sent)
     append_points(store, "exp", 1, np.arange(301, 311))
@@ -452,4 +452,8 @@ def test_an_idle_refresh_builds_no_figure(callbacks, store, monkeypatch):
         callbacks["refresh_charts"](graph_ids, 4, [], 0.0, 0, None, "step", "exp", sent)
     monkeypatch.setattr(module, "metric_figures", built)
     updates, _ = callbacks["refresh_charts"](graph_ids, 5, [], 0.0, 0, None, "step", "exp", sent)
-    assert isinstance(updates[0], Patch) and updates[1] is not no_update  # train_loss and learning_rate grew
+    # Run 1 alone trained: its curves alone are sent (train_loss and learning_rate), eval_loss not at all.
+    for update in updates[:2]:
+        (operation,) = update.to_plotly_json()["operations"]
+        assert operation["location"] == ["data", 0] and operation["params"]["value"]["name"] == "run 1"
+    assert updates[2] is no_update
