@@ -255,6 +255,7 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         Input("lineage-graph", "clickData"),
         Input("timeline-graph", "clickData"),
         Input("sweep-scatter", "clickData"),
+        Input("sweep-line", "data"),
         Input("panel-close", "n_clicks"),
         Input("experiment-select", "value"),
         Input("url", "search"),
@@ -276,6 +277,8 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
             return None
         if trigger == "runs-grid":
             run_id = run_from_cell(value)
+        elif trigger == "sweep-line":
+            run_id = int(value["run"]) if isinstance(value, Mapping) and isinstance(value.get("run"), int) else None
         else:
             run_id = run_from_click(value)
         return run_id if run_id is not None else no_update

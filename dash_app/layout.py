@@ -258,6 +258,8 @@ def _sweep_section() -> html.Div:
                 className="rf-row",
             ),
             dcc.Store(id="sweep-signature", data=None),
+            # {"run", "at"}: the parallel coordinates' line clicked (assets/page.js: Plotly gives parcoords no click)
+            dcc.Store(id="sweep-line", data=None),
             dcc.Store(id="sweep-brush", data=None),  # {dimension index: [[low, high], ...]} brushed on the axes
         ],
         id="sweep",

@@ -145,8 +145,13 @@ def test_history_panels_show_timeline_lineage_and_ops(callbacks, store):
 
 
 def select(trigger: str, value: Any, callbacks: Any, search: str = "", experiment: str = "exp") -> Any:
-    """select_run as Dash calls it: its seven inputs (only the trigger's value matters), the URL and experiment."""
-    return triggered_by(trigger, value, callbacks["select_run"], *[None] * 6, search, experiment)
+    """select_run as Dash calls it: its eight inputs (only the trigger's value matters), the URL and experiment."""
+    return triggered_by(trigger, value, callbacks["select_run"], *[None] * 7, search, experiment)
+
+
+def test_a_line_of_the_parallel_coordinates_clicked_selects_its_run(callbacks):
+    assert select("sweep-line.data", {"run": 3, "at": 1.0}, callbacks) == 3
+    assert select("sweep-line.data", {"run": "3; drop"}, callbacks) is no_update
 
 
 def test_a_click_on_a_curve_a_grid_cell_or_the_close_button_selects_the_run(callbacks):

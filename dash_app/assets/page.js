@@ -110,6 +110,37 @@
     }
   });
 
+  // The sweep's parallel coordinates: Plotly emits a line's hover with its index and no points, which dcc.Graph's
+  // hover handler cannot read (it throws), and no click at all. The hovered line is kept here instead, and a click
+  // on it opens its run's panel.
+  let hoveredLine = null;
+  function watchParallelCoordinates(event) {
+    const container = event.target instanceof Element ? event.target.closest("#sweep-parcoords") : null;
+    const gd = container ? container.querySelector(".js-plotly-plot") : null;
+    if (!gd || !gd.emit || gd.rfLineWatch) {
+      return gd;
+    }
+    const emit = gd.emit;
+    gd.emit = function (name, data) {
+      if ((name === "plotly_hover" || name === "plotly_unhover") && data && !data.points) {
+        hoveredLine = name === "plotly_hover" && typeof data.curveNumber === "number" ? data.curveNumber : null;
+        return undefined;
+      }
+      return emit.apply(this, arguments);
+    };
+    gd.rfLineWatch = true;
+    return gd;
+  }
+  document.addEventListener("mousemove", watchParallelCoordinates, true);
+  document.addEventListener("click", function (event) {
+    const gd = watchParallelCoordinates(event);
+    const runs = gd && gd.layout && gd.layout.meta ? gd.layout.meta.run_ids : null;
+    if (hoveredLine === null || !runs || runs[hoveredLine] === undefined || !window.dash_clientside.set_props) {
+      return;
+    }
+    window.dash_clientside.set_props("sweep-line", { data: { run: runs[hoveredLine], at: Date.now() } });
+  });
+
   setInterval(checkHealth, HEALTH_EVERY_MS);
 
   // AG Grid's built-in theme follows the page: dark when the browser prefers it (dashboard.css does the rest).

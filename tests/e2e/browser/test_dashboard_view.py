@@ -360,6 +360,19 @@ def test_the_sweep_views_draw_the_knobs_against_the_metric_and_a_point_opens_its
     shot(page, "view-06-sweep")
     page.keyboard.press("Escape")
 
+    # A line of the parallel coordinates clicked opens its run. Plotly finds the line under the mouse by WebGL
+    # picking, which headless Chromium here (no GPU) does not give: the hover is the event Plotly's parcoords emits
+    # for a line (its index, no points; dcc.Graph's own handler used to throw on it), then a real click.
+    page.locator(parcoords).hover(position={"x": 300, "y": 120})
+    page.evaluate(
+        "(s) => document.querySelector(s).emit('plotly_hover', {x: 300, y: 120, clientX: 300, clientY: 120, "
+        "dataIndex: 0, curveNumber: 1})",
+        parcoords,
+    )  # line 1 is run 2 (layout.meta.run_ids)
+    page.locator(parcoords).click(position={"x": 300, "y": 120})
+    page.wait_for_function("() => document.querySelector('#panel-title')?.innerText === 'Run 2'")
+    page.keyboard.press("Escape")
+
     # Brushing an axis of the parallel coordinates ticks the runs inside it: every view follows; clearing it
     # unticks them. (Plotly's restyle is what a drag on the axis does.)
     brush = "(range) => window.Plotly.restyle(document.querySelector('#sweep-parcoords .js-plotly-plot'), " \
