@@ -106,6 +106,7 @@ def table_request(tick: int) -> dict[str, Any]:
             {"id": "show-deleted", "property": "value", "value": []},
             {"id": "ops-changed", "property": "data", "value": 0},
             {"id": "hidden-columns", "property": "value", "value": []},
+            {"id": "charts-drawn", "property": "data", "value": True},
         ],
         "changedPropIds": ["refresh.n_intervals"],
         "state": [{"id": "runs-grid", "property": "columnDefs", "value": None}],

@@ -73,6 +73,7 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         Input("show-deleted", "value"),
         Input("ops-changed", "data"),
         Input("hidden-columns", "value"),
+        Input("charts-drawn", "data"),
         State("runs-grid", "columnDefs"),
     )
     def refresh_runs(
@@ -81,6 +82,7 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         show_deleted: list[str] | None,
         __: int | None,
         hidden: list[str] | None,
+        charts_drawn: bool | None,
         current_columns: list[dict[str, Any]] | None,
     ) -> tuple[Any, ...]:
         snap = data.runs_view(store, cache, experiment, include_deleted=bool(show_deleted))
@@ -95,6 +97,10 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         summary = data.header_summary(snap, data.timeline(store, experiment))
         continuable = HIDDEN if summary["status"] == "running" else {}
         height = {"height": data.grid_height(len(rows))}
+        if not charts_drawn and _triggered_id() is None:
+            # The page's first call: the table's rows wait until the first charts are drawn (assets/page.js says
+            # when), as rendering them first would hold the charts back by most of a second on a busy machine.
+            return header_children(summary), continuable, no_update, no_update, options, height
         return header_children(summary), continuable, rows, columns_out, options, height
 
     @register(
@@ -265,7 +271,8 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         search, experiment = inputs[-2], inputs[-1]
         trigger = _triggered_id()
         value = ctx.triggered[0]["value"] if trigger is not None and ctx.triggered else None
-        if trigger is None or trigger == "url":
+        # On the page's first call a Store (sweep-line) counts as triggered beside the URL: the URL decides.
+        if trigger is None or trigger == "url" or "url.search" in _triggered_props():
             # The page's first call, or a link followed: the run the URL names, if it is of this experiment. If the
             # page still shows another one, leave the choice to the switch to the URL's experiment (its answer may
             # come first under load: "nothing" here must not undo it).
@@ -816,6 +823,14 @@ def _triggered_id() -> Any:
         return ctx.triggered_id
     except MissingCallbackContextException:
         return None
+
+
+def _triggered_props() -> set[str]:
+    """The "<id>.<property>" of every input that triggered the running callback (empty outside one)."""
+    try:
+        return set(ctx.triggered_prop_ids)
+    except MissingCallbackContextException:
+        return set()
 
 
 def header_children(summary: Mapping[str, Any] | None) -> list[Any]:

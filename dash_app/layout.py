@@ -163,6 +163,7 @@ def build_layout(
                 data={"experiment": experiment, "names": metric_names, "cells": 0} if metric_names else None,
             ),
             dcc.Store(id="chart-signatures", data=first.signatures),
+            dcc.Store(id="charts-drawn", data=False),  # set by assets/page.js once the first charts are on screen
             dcc.Store(id="history-signature", data=None),  # digests of the timeline, lineage and ops log sent
             # Which charts read best on a log y by default (the URL keeps only the scales people changed).
             dcc.Store(id="log-y-metrics", data=sorted(LOG_Y_METRICS)),

@@ -69,7 +69,7 @@ def test_experiment_picker_lists_every_experiment_and_keeps_the_choice(callbacks
 
 def test_runs_table_and_header_refresh(callbacks, store):
     header, continue_button, rows, columns, options, style = callbacks["refresh_runs"](
-        "exp", 1, [], 0, ["source"], None
+        "exp", 1, [], 0, ["source"], True, None
     )
     assert style == {"height": f"{100 + 42 * 3}px"}  # every row shown, up to 15
     assert continue_button == {"display": "none"}, "a running experiment offers no Continue"
@@ -78,7 +78,13 @@ def test_runs_table_and_header_refresh(callbacks, store):
     assert {"label": "learning_rate", "value": "knob:learning_rate"} in options
     assert "3 Ongoing" in _render(header[1])
     # Unchanged columns are not re-sent (that would undo the user's widths and order).
-    assert callbacks["refresh_runs"]("exp", 2, [], 0, ["source"], columns)[3] is no_update
+    assert callbacks["refresh_runs"]("exp", 2, [], 0, ["source"], True, columns)[3] is no_update
+    # The page's first call leaves the rows for after its first charts are drawn (they would hold them back).
+    header, _, rows, columns, _, _ = callbacks["refresh_runs"]("exp", None, [], 0, [], False, None)
+    assert rows is no_update and columns is no_update and "3 Ongoing" in _render(header[1])
+    _, _, rows, _, _, _ = triggered_by("charts-drawn.data", True, callbacks["refresh_runs"], "exp", None, [], 0, [],
+                                       True, None)  # fmt: skip
+    assert [row["run"] for row in rows] == [1, 2, 3]
 
 
 def test_chart_list_follows_the_metrics_and_figures_follow_the_runs(callbacks, store):
@@ -152,6 +158,20 @@ def select(trigger: str, value: Any, callbacks: Any, search: str = "", experimen
 def test_a_line_of_the_parallel_coordinates_clicked_selects_its_run(callbacks):
     assert select("sweep-line.data", {"run": 3, "at": 1.0}, callbacks) == 3
     assert select("sweep-line.data", {"run": "3; drop"}, callbacks) is no_update
+
+    # The page's first call counts the Store as triggered beside the URL: the URL's run still opens.
+    def first_call() -> Any:
+        context_value.set(
+            AttributeDict(
+                triggered_inputs=[
+                    {"prop_id": "sweep-line.data", "value": None},
+                    {"prop_id": "url.search", "value": "?experiment=exp&run=2"},
+                ]
+            )
+        )
+        return callbacks["select_run"](*[None] * 7, "?experiment=exp&run=2", "exp")
+
+    assert copy_context().run(first_call) == 2
 
 
 def test_a_click_on_a_curve_a_grid_cell_or_the_close_button_selects_the_run(callbacks):
@@ -231,7 +251,7 @@ def test_stop_from_the_panel_and_a_rejected_second_stop(callbacks, store):
 
 def test_an_ended_experiment_stays_browsable(callbacks, store):
     experiments.set_experiment_status(store, "older", "finished")
-    header, continue_button, rows, *_ = callbacks["refresh_runs"]("older", 1, [], 0, [], None)
+    header, continue_button, rows, *_ = callbacks["refresh_runs"]("older", 1, [], 0, [], True, None)
     assert continue_button == {}, "an ended experiment offers Continue experiment"
     rendered = _render(header[0]) + _render(header[-1])
     assert "finished" in rendered and "ended" in rendered

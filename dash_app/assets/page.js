@@ -141,6 +141,25 @@
     window.dash_clientside.set_props("sweep-line", { data: { run: runs[hoveredLine], at: Date.now() } });
   });
 
+  // The runs table fills once the first charts are drawn (or, at the latest, after CHARTS_WAIT_MS): drawn first,
+  // its rows would hold the charts back (see dash_app.callbacks.refresh_runs).
+  const CHARTS_WAIT_MS = 4000;
+  const pageStart = Date.now();
+  const chartsWatch = setInterval(function () {
+    const charts = document.getElementById("charts");
+    const graph = charts ? charts.querySelector(".js-plotly-plot") : null;
+    // Drawn: the first chart plotted, or no chart to draw (the experiment has no metric yet).
+    const cells = charts ? charts.querySelectorAll(".rf-chart").length : 0;
+    const drawn = graph ? Boolean(graph._fullLayout) : Boolean(charts && charts.children.length && !cells);
+    if (!window.dash_clientside || !window.dash_clientside.set_props) {
+      return;
+    }
+    if (drawn || Date.now() - pageStart > CHARTS_WAIT_MS) {
+      clearInterval(chartsWatch);
+      window.dash_clientside.set_props("charts-drawn", { data: true });
+    }
+  }, 50);
+
   setInterval(checkHealth, HEALTH_EVERY_MS);
 
   // AG Grid's built-in theme follows the page: dark when the browser prefers it (dashboard.css does the rest).

@@ -85,11 +85,13 @@ def graph_selector(metric: str, experiment: str = EXPERIMENT) -> str:
 
 
 def open_view(page: Any, server: Server, query: str = f"?experiment={EXPERIMENT}") -> None:
+    """The page, once its charts are drawn and then its runs table filled (the table waits for the charts)."""
     page.goto(f"{server.url}/{query}")
     page.wait_for_function(
         "(selector) => { const gd = document.querySelector(selector); return gd && gd.data && gd.data.length; }",
         arg=graph_selector("train_loss"),
     )
+    page.wait_for_selector("#runs-grid .ag-row[row-id='1'] [col-id='ic_ops']")
 
 
 def x_range(page: Any, metric: str = "train_loss") -> list[float]:
