@@ -563,7 +563,8 @@ def metric_figures(
 ) -> list[dict[str, Any]]:
     """The figure of each chart in `names`: the refresh every chart gets (the benchmarked callback). `snap_runs`:
     `data.chart_runs`'s answer, when the caller has it."""
-    snap_runs = snap_runs if snap_runs is not None else data.chart_runs(store, experiment, view.include_deleted)
+    snap_given = snap_runs is not None
+    snap_runs = snap_runs if snap_given else data.chart_runs(store, experiment, view.include_deleted)
     if not experiment or not snap_runs:
         return [figures.empty_figure("no runs") for _ in names]
     runs, knobs = snap_runs
@@ -574,7 +575,9 @@ def metric_figures(
             return [figures.empty_figure("no run is ticked or kept by the table's filters") for _ in names]
     run_ids = [int(run["run_id"]) for run in runs]
     charts = [data.chart_metric(name) for name in names]
-    series = data.chart_series(cache, experiment, run_ids, list(dict.fromkeys(metric for metric, _ in charts)))
+    metrics = list(dict.fromkeys(metric for metric, _ in charts))
+    # Given the runs, the caller has just brought the cache up to date (charts_inputs_signature).
+    series = data.chart_series(cache, experiment, run_ids, metrics, up_to_date=snap_given)
     if view.x_axis != "step":
         series = data.chart_x(store, experiment, runs, series, view.x_axis)
     labels = data.hover_labels(runs, knobs)
@@ -729,7 +732,7 @@ def chart_updates(
         return [no_update] * len(graph_ids), dict(sent)
     built = dict(zip(names, metric_figures(store, cache, experiment, names, view, snap_runs), strict=True))
     # A digest per trace: a live fit changes the curves of the runs that train now, and only those are sent.
-    signatures = {name: [figures.digest(trace) for trace in figure["data"]] for name, figure in built.items()}
+    signatures = {name: [figures.trace_digest(trace) for trace in figure["data"]] for name, figure in built.items()}
     updates: list[Any] = []
     for graph_id in graph_ids:
         name = graph_id["metric"]

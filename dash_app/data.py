@@ -331,12 +331,12 @@ def chart_cache(store: Store) -> M4Cache:
 
 
 def chart_series(
-    cache: M4Cache, experiment: str, run_ids: Sequence[int], names: Sequence[str]
+    cache: M4Cache, experiment: str, run_ids: Sequence[int], names: Sequence[str], up_to_date: bool = False
 ) -> dict[str, dict[int, Series]]:
-    """Per metric (in display order), each listed run's downsampled points."""
+    """Per metric (in display order), each listed run's downsampled points (`up_to_date`: see M4Cache.series)."""
     if not run_ids:
         return {}
-    return cache.series(experiment, ordered_metrics(names), run_ids, buckets_for(len(run_ids)))
+    return cache.series(experiment, ordered_metrics(names), run_ids, buckets_for(len(run_ids)), up_to_date)
 
 
 def chart_names(store: Store, experiment: str | None) -> list[str]:

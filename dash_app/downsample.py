@@ -247,10 +247,13 @@ class M4Cache:
             return self._entries[experiment].after_row, width
 
     def series(
-        self, experiment: str, names: Sequence[str], run_ids: Iterable[int], buckets: int
+        self, experiment: str, names: Sequence[str], run_ids: Iterable[int], buckets: int, up_to_date: bool = False
     ) -> dict[str, dict[int, Series]]:
-        """Per metric in `names`, each of `run_ids`' points downsampled to at most `buckets` buckets a run."""
-        rows, width = self.read(experiment)
+        """Per metric in `names`, each of `run_ids`' points downsampled to at most `buckets` buckets a run.
+        `up_to_date`: the caller has just read (`version`), so the store is not asked again."""
+        with self._lock:
+            entry = self._entries.get(experiment) if up_to_date else None
+        rows, width = (entry.rows, entry.width) if entry is not None else self.read(experiment)
         shown = select_rows(rows, np.isin(rows["run_id"], np.fromiter(run_ids, dtype=np.int64)))
         if len(shown["bucket"]):
             # Coarsen the cached resolution to the chart's: whole powers of two, so the merge stays exact.
