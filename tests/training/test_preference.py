@@ -170,9 +170,18 @@ def gradients(model: Any) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_close_relative(ours_value: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+# A gradient is a float32 sum over the batch of terms larger than itself: the two implementations order the sums
+# differently, which leaves differences of about one float32 ulp of those terms (1.2e-7 seen on a LoRA gradient of
+# largest entry 0.09, so 1.3e-6 relative, under load). The loss is compared at 1e-6, gradients at 1e-5 (as GRPO's).
+LOSS_RELATIVE = 1e-6
+GRADIENT_RELATIVE = 1e-5
+
+
+def assert_close_relative(
+    ours_value: torch.Tensor, theirs: torch.Tensor, what: str, tolerance: float = LOSS_RELATIVE
+) -> None:
     scale = theirs.abs().max().clamp(min=1e-12)
-    assert ((ours_value - theirs).abs().max() / scale).item() <= 1e-6, what
+    assert ((ours_value - theirs).abs().max() / scale).item() <= tolerance, what
 
 
 @pytest.mark.parametrize(
@@ -200,7 +209,7 @@ def test_lora_dpo_loss_rewards_and_gradients_equal_trls(settings, model_cache, t
     assert trl_gradients and gradients(policy).keys() == trl_gradients.keys()
     assert_close_relative(loss.detach(), trl_loss.detach(), "loss")
     for name, gradient in gradients(policy).items():
-        assert_close_relative(gradient, trl_gradients[name], name)
+        assert_close_relative(gradient, trl_gradients[name], name, GRADIENT_RELATIVE)
     for name in ("logps/chosen", "logps/rejected", "rewards/accuracies"):
         assert metrics[name] == pytest.approx(trl_metrics[name], rel=1e-6), name
     # A reward is beta * (logps - reference logps): two float32 sums of ~40 in magnitude whose difference is ~0.2,
@@ -230,7 +239,7 @@ def test_full_fine_tune_dpo_against_a_frozen_reference_equals_trls(model_cache, 
     loss.backward()
     assert_close_relative(loss.detach(), trl_loss.detach(), "loss")
     for name, gradient in gradients(policy).items():
-        assert_close_relative(gradient, trl_gradients[name], name)
+        assert_close_relative(gradient, trl_gradients[name], name, GRADIENT_RELATIVE)
 
 
 # ------------------------------------------------------------------------------------- the engine's contract
