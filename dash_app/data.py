@@ -375,12 +375,11 @@ def is_loss(metric: str) -> bool:
 
 def trainer_types(store: Store, experiment: str | None) -> list[str]:
     """The trainer types of the experiment's runs, deleted ones too (their curves can be shown), in TRAINER_TYPES
-    order."""
-    try:
-        runs = experiments.list_runs(store, experiment, include_deleted=True) if experiment else []
-    except errors.NotFound:
+    order. One distinct-values query: the chart list asks on every refresh tick."""
+    if not experiment:
         return []
-    present = {run_trainer_type(run) for run in runs}
+    values = store.config_values(experiment, "trainer_type")
+    present = {str(value or KNOBS["trainer_type"].default).lower() for value in values}
     return [trainer_type for trainer_type in TRAINER_TYPES if trainer_type in present]
 
 

@@ -161,6 +161,11 @@ class Store(ABC):
     def update_run(self, experiment: str, run_id: int, fields: Mapping[str, Any]) -> Row:
         """Change a run's fields; `updated_at` is set to now unless given."""
 
+    @abstractmethod
+    def config_values(self, experiment: str, key: str) -> list[str | None]:
+        """The distinct values (as text) that the experiment's runs, deleted ones too, give the top-level config
+        key `key`; None stands for runs whose config lacks it."""
+
     # ops
     @abstractmethod
     def insert_op(self, row: Mapping[str, Any]) -> Row: ...
@@ -501,6 +506,11 @@ class DuckDBStore(Store):
             return self._query("runs", "SELECT * FROM runs WHERE experiment = ? ORDER BY run_id", [experiment])
         sql = "SELECT * FROM runs WHERE experiment = ? AND updated_at >= ? ORDER BY run_id"
         return self._query("runs", sql, [experiment, updated_since])
+
+    def config_values(self, experiment: str, key: str) -> list[str | None]:
+        path = "$." + json.dumps(key)  # quoted: a key is a name, never a path
+        sql = "SELECT DISTINCT json_extract_string(config, ?) AS value FROM runs WHERE experiment = ?"
+        return [row["value"] for row in self._query(None, sql, [path, experiment])]
 
     def update_run(self, experiment: str, run_id: int, fields: Mapping[str, Any]) -> Row:
         fields = {"updated_at": time.time(), **fields}  # a fit reads the rows changed since its last look
