@@ -19,12 +19,13 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import flask
 from dash import Dash, html
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from dash_app import data
+from dash_app import data, page_shell
 from dash_app.api import register_routes
 from dash_app.auth import binding_problem, configured_token, require_token
 from dash_app.callbacks import first_view, register_callbacks
@@ -35,6 +36,7 @@ from rf_core.control.store import DuckDBStore, Store, StoreError
 from rf_core.server_process import is_process_alive, read_server_info, write_server_info
 
 PARENT_POLL_S = 1.0
+logger = logging.getLogger(__name__)
 
 
 class _NoDelayRequestHandler(WSGIRequestHandler):
@@ -50,7 +52,10 @@ def build_app(store: Store, token: str | None = None) -> Dash:
     # page stayed blank. Imported here, before any request.
     import pandas  # noqa: F401
 
-    app = Dash(
+    cache = data.chart_cache(store)
+    app = DashboardApp(
+        store,
+        cache,
         __name__,
         title="rf",
         serve_locally=True,
@@ -58,8 +63,8 @@ def build_app(store: Store, token: str | None = None) -> Dash:
         compress=True,  # brotli or gzip, as the browser accepts: the scripts shrink about 4x
         # Named explicitly: under `python -m dash_app.server` the module is __main__.
         assets_folder=str(Path(__file__).with_name("assets")),
+        assets_ignore=page_shell.ASSETS_LOADED_FIRST,
     )
-    cache = data.chart_cache(store)
     app.layout = functools.partial(layout_for, store, cache)
     register_callbacks(app, store, cache)
     register_routes(app.server, store)
@@ -68,18 +73,56 @@ def build_app(store: Store, token: str | None = None) -> Dash:
     return app
 
 
+class DashboardApp(Dash):
+    """Dash, with a page whose HTML loads plotly.js ahead of Dash's scripts and draws the first chart from the
+    figure it carries (dash_app.page_shell): the first curves need none of Dash's scripts."""
+
+    def __init__(self, store: Store, cache: M4Cache, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._store, self._cache = store, cache
+
+    def interpolate_index(self, **kwargs: Any) -> str:
+        metric, figure = None, None
+        if flask.has_request_context():
+            path, search = flask.request.path, flask.request.query_string.decode()
+            try:
+                experiment, names = page_charts(self._store, path, search)
+                if names:
+                    metric = names[0]
+                    figure = first_view(self._store, self._cache, experiment, [metric], search).figures[metric]
+            except Exception:  # the picture is a head start only: the page must load without it
+                logger.exception("the first chart's picture could not be built; the page loads without it")
+                metric, figure = None, None
+        kwargs["app_entry"] += page_shell.shell_html(self._asset_url, metric, figure)
+        return super().interpolate_index(**kwargs)
+
+    def _asset_url(self, name: str) -> str:
+        modified = int(Path(self.config.assets_folder, name).stat().st_mtime)
+        return f"{self.get_asset_url(name)}?m={modified}"  # as Dash's own asset URLs: a new file, a new URL
+
+
 def layout_for(store: Store, cache: M4Cache) -> html.Div:
     """The page as its URL asks for it (the experiment, else the newest; smoothing, x and y scales, ticked runs,
     zoom), with a chart per metric logged, drawn from the start."""
     path, search = page_location()
     options = data.experiment_options(store)
-    names = [option["value"] for option in options]
+    experiment, drawn = page_charts(store, path, search, options)
+    metric_names = drawn or data.chart_keys(store, experiment)
+    first = first_view(store, cache, experiment, drawn, search)
+    return build_layout(options, experiment, metric_names, first)
+
+
+def page_charts(
+    store: Store, path: str, search: str, options: list[dict[str, str]] | None = None
+) -> tuple[str | None, list[str]]:
+    """The experiment a page URL shows (the one it names, else the newest) and the charts drawn with the page: none
+    on a run page (its charts are drawn when the user goes back to the dashboard)."""
+    names = [option["value"] for option in (options if options is not None else data.experiment_options(store))]
     asked = data.experiment_in_query(search)
     experiment = asked if asked in names else (names[0] if names else None)
-    metric_names = data.chart_keys(store, experiment)
-    # A run page shows none of the dashboard's charts: they are drawn when the user goes there.
-    first = first_view(store, cache, experiment, [] if path.startswith("/run/") else metric_names, search)
-    return build_layout(options, experiment, metric_names, first)
+    if experiment is None or path.startswith("/run/"):
+        return experiment, []
+    return experiment, data.chart_keys(store, experiment)
 
 
 def page_location() -> tuple[str, str]:

@@ -427,6 +427,38 @@ def test_the_page_s_plotly_is_the_partial_bundle_of_the_plotly_js_dash_would_loa
     assert "plotly-rf.min.js" in page
 
 
+def test_the_page_s_html_carries_its_first_chart_and_plotly_ahead_of_dash_s_scripts(store):
+    """The page's HTML draws its first chart before Dash's scripts run (dash_app/page_shell.py): plotly.js and
+    the picture's script come first, once each, with the first chart's figure of the URL's view; a run page and
+    an empty store get plotly.js only."""
+    import re
+
+    from dash_app.page_shell import shell_html
+    from dash_app.server import build_app
+
+    client = build_app(store).server.test_client()
+    page = client.get("/?experiment=older&runs=2&y=train_loss:log").data.decode()
+    scripts = re.findall(r'<script src="([^"]+)"', page)
+    names = [src.split("?")[0].rsplit("/", 1)[-1] for src in scripts]
+    assert names[:2] == ["plotly-rf.min.js", "first_chart.js"]
+    assert names.count("plotly-rf.min.js") == 1 and names.count("first_chart.js") == 1
+    assert any("dash_renderer" in src for src in scripts[2:])
+    shown = json.loads(re.search(r'id="first-chart-figure">(.*?)</script>', page).group(1))
+    assert shown["chart"] == "chart-train_loss"
+    assert [trace["name"] for trace in shown["figure"]["data"]] == ["run 2"]
+    assert shown["figure"]["layout"]["yaxis"]["type"] == "log"
+    assert page.index('id="first-chart-preview"') < page.index(scripts[0])
+    for asset in scripts[:2]:
+        assert client.get(asset).status_code == 200
+
+    for bare in ("/run/older/1", "/run/older/1?experiment=older"):
+        page = client.get(bare).data.decode()
+        assert "plotly-rf.min.js" in page and "first-chart-figure" not in page
+    # Text from a run (a name, a knob) cannot end the script element that carries the figure.
+    html = shell_html(lambda name: f"/assets/{name}", "train_loss", {"data": [{"name": "</script><b>x"}]})
+    assert "</script><b>" not in html and json.loads(re.search(r">(\{.*?\})</script>", html).group(1))
+
+
 def test_an_experiment_mixing_trainer_types_gets_a_chart_of_each_loss_per_type(callbacks, store):
     """SFT's cross-entropy and DPO's preference loss are not one quantity: each type's runs get their own chart
     of each loss, while the rest (the learning rate) stays one chart of every run."""

@@ -24,7 +24,7 @@ from rf_core.client import RFClient
 from rf_core.control import ops
 from rf_core.control.store import DuckDBStore
 from tests.dashboard_sample import more_points, seed_experiment
-from tests.e2e.browser.chromium import PROJECT_ROOT, needs_chromium, shot, wait_until, watched_page
+from tests.e2e.browser.chromium import PROJECT_ROOT, VIEWPORT, needs_chromium, shot, wait_until, watched_page
 
 EXPERIMENT = "view"
 POINTS = 300
@@ -260,6 +260,34 @@ def test_the_first_curves_come_with_the_page_itself(browser: Any, server: Server
         assert any("plotly-rf.min.js" in url for url in fetched)
         assert not any(url.split("?")[0].endswith("/plotly.min.js") for url in fetched)
         page.unroute("**/_dash-update-component")
+
+
+def test_the_page_s_html_draws_the_first_chart_before_dash_s_scripts_and_gives_way_to_it(
+    browser: Any, server: Server
+) -> None:
+    """With none of Dash's scripts loaded, the page's HTML still draws the first chart (a picture: the URL's runs
+    on its y scale); on a normal load the picture goes once the dashboard's own chart is drawn where it stood."""
+    page = browser.new_page(viewport=VIEWPORT)
+    try:
+        page.route("**/_dash-component-suites/**", lambda route: route.abort())
+        page.goto(f"{server.url}/?experiment={EXPERIMENT}&runs=2,3&y=train_loss:log")
+        page.wait_for_function("window.rfFirstChartPaintedAt !== undefined")
+        names = page.evaluate("() => document.getElementById('first-chart-preview').data.map(trace => trace.name)")
+        assert sorted(names) == ["run 2", "run 3"]
+        assert page.evaluate("() => document.getElementById('first-chart-preview')._fullLayout.yaxis.type") == "log"
+        assert page.locator("#first-chart-preview .scatterlayer .trace").count() == 2
+        shot(page, "view-09-first-chart-picture-without-dash-scripts")
+    finally:
+        page.close()
+
+    with watched_page(browser) as page:
+        page.goto(f"{server.url}/?experiment={EXPERIMENT}")
+        page.wait_for_function("window.rfFirstChartPaintedAt !== undefined")
+        page.wait_for_selector(graph_selector("train_loss") + " .scatterlayer .trace")
+        page.wait_for_selector("#first-chart-preview", state="detached")
+        assert sorted(curve_runs(page)) == [1, 2, 3, 4]
+        assert page.locator(".js-plotly-plot").filter(has=page.locator(".scatterlayer")).count() >= 3
+        shot(page, "view-10-first-chart-picture-gave-way")
 
 
 def test_hovering_a_curve_brings_its_row_into_view_and_flashes_it(page: Any, server: Server) -> None:

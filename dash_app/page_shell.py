@@ -1,0 +1,38 @@
+"""The page's HTML before Dash's scripts run: plotly.js ahead of them, and the first chart drawn from a figure the
+HTML carries (assets/first_chart.js).
+
+On a 2-core machine Dash's scripts take about two seconds to load, build the page and draw its first chart. The
+picture drawn here shows the same curves within about a second; the dashboard's own chart replaces it once drawn.
+It is a picture only (no hover, no zoom): it never outlives the scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from plotly.utils import PlotlyJSONEncoder
+
+from dash_app.layout import chart_id
+
+PLOTLY_ASSET = "plotly-rf.min.js"
+FIRST_CHART_ASSET = "first_chart.js"
+# Left out of the scripts Dash lists itself: the shell loads them ahead of those.
+ASSETS_LOADED_FIRST = r"(plotly-rf\.min|first_chart)\.js$"
+
+
+def shell_html(asset_url: Callable[[str], str], metric: str | None = None, figure: Any = None) -> str:
+    """HTML to follow the page's app entry: plotly.js, and with a `figure`, the first chart (`metric`'s) drawn
+    from it."""
+    parts = []
+    if metric is not None and figure is not None:
+        shown = json.dumps({"chart": chart_id(metric), "figure": figure}, cls=PlotlyJSONEncoder)
+        # Inside <script>, "</" could end the element early; "<\/" means the same to JSON.
+        shown = shown.replace("</", "<\\/")
+        parts.append('<div id="first-chart-preview" class="rf-first-chart" aria-hidden="true"></div>')
+        parts.append(f'<script type="application/json" id="first-chart-figure">{shown}</script>')
+    parts.append(f'<script src="{asset_url(PLOTLY_ASSET)}"></script>')
+    if len(parts) > 1:
+        parts.append(f'<script src="{asset_url(FIRST_CHART_ASSET)}"></script>')
+    return "".join(parts)
