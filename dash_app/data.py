@@ -194,6 +194,10 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
         return [], []
     metric = experiment_metric(snap)
     knobs, runs = table_rows(snap)
+    # SFT's eval loss and DPO's are not one quantity: where types mix, each type gets its own metric columns, so a
+    # sort ranks runs of one type.
+    types = _row_types(runs) if "trainer_type" in knobs else {}
+    type_order = [trainer_type for trainer_type in TRAINER_TYPES if trainer_type in set(types.values())]
     rows = [
         {
             "run": row.run_id,
@@ -212,6 +216,7 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
             "pending_ops": ", ".join(row.pending_op_kinds),
             "ic_ops": IC_OPS_CELL,
             **{f"knob:{knob}": _display(row.knobs[knob]) for knob in knobs},
+            **_typed_metrics(row, types),
         }
         for row in runs
     ]
@@ -237,8 +242,16 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
             "cellClass": "ic-ops-cell",
         },
         {"field": "status", "width": 115, "cellClassRules": STATUS_CELL_CLASSES},
-        {"field": "latest_metric", "headerName": metric, "width": 120, **number},
-        {"field": "best_metric", "headerName": f"best {metric}", "width": 130, **number},
+        *(
+            column
+            for suffix in ([f"@{trainer_type}" for trainer_type in type_order] or [""])
+            for column in (
+                {"field": f"latest_metric{suffix}", "headerName": f"{metric}{_type_label(suffix)}", "width": 120,
+                 **number},
+                {"field": f"best_metric{suffix}", "headerName": f"best {metric}{_type_label(suffix)}", "width": 130,
+                 **number},
+            )
+        ),
         *({"field": f"knob:{knob}", "headerName": knob, "width": 140} for knob in knobs),
         {"field": "progress", "minWidth": 270, "flex": 1},
         {"field": "train_loss", "headerName": "last train loss", "width": 130, **number,
@@ -249,6 +262,22 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
         {"field": "warm_start", "headerName": "warm start", "width": 240},
     ]  # fmt: skip
     return rows, columns
+
+
+def _row_types(runs: Sequence[RunRow]) -> dict[int, str]:
+    return {row.run_id: str(row.knobs.get("trainer_type") or KNOBS["trainer_type"].default).lower() for row in runs}
+
+
+def _typed_metrics(row: RunRow, types: Mapping[int, str]) -> dict[str, Any]:
+    """The run's metric under its own trainer type's columns (none where the experiment has one type)."""
+    if row.run_id not in types:
+        return {}
+    suffix = f"@{types[row.run_id]}"
+    return {f"latest_metric{suffix}": row.latest_metric, f"best_metric{suffix}": row.best_metric}
+
+
+def _type_label(suffix: str) -> str:
+    return f" ({suffix[1:].upper()})" if suffix else ""
 
 
 # One CSS class per run status (dashboard.css colours them as the lineage does).

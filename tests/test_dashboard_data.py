@@ -37,6 +37,24 @@ def test_runs_table_has_a_row_per_run_and_a_column_per_varying_knob(store):
     assert "name" not in fields  # no run has a run_name
 
 
+def test_runs_of_several_trainer_types_get_their_metric_in_columns_of_their_own_type(store):
+    """An SFT run's eval loss and a DPO run's are not one quantity: a sort of the table ranks runs of one type."""
+    for run_id in (2, 4):
+        run = next(run for run in experiments.list_runs(store, "exp") if run["run_id"] == run_id)
+        store.update_run("exp", run_id, {"config": {**run["config"], "trainer_type": "dpo"}})
+    rows, columns = data.runs_table(store, "exp")
+    headers = {column["field"]: column.get("headerName") for column in columns}
+    assert "best_metric" not in headers and "latest_metric" not in headers
+    assert headers["best_metric@sft"] == "best eval_loss (SFT)" and headers["best_metric@dpo"] == "best eval_loss (DPO)"
+    fields = list(headers)
+    assert fields.index("latest_metric@sft") < fields.index("latest_metric@dpo")
+    by_run = {row["run"]: row for row in rows}
+    assert by_run[1]["best_metric@sft"] == by_run[1]["best_metric"] is not None
+    assert by_run[1].get("best_metric@dpo") is None and by_run[2].get("best_metric@sft") is None
+    assert by_run[2]["best_metric@dpo"] == by_run[2]["best_metric"] is not None
+    assert "knob:trainer_type" in headers  # and the type is a column to sort and filter by
+
+
 def test_a_run_name_gets_a_pinned_column(store):
     ops.submit_op(store, "exp", "clone", 1, {"overrides": {"run_name": "lower lr", "learning_rate": 1e-4}})
     (applied,) = ops.apply_due_ops(store, "exp", [1])
