@@ -18,6 +18,7 @@ from dash.exceptions import MissingCallbackContextException
 from dash_app import data, figures, routes, run_page, sweep
 from dash_app.downsample import M4Cache
 from dash_app.layout import FirstView, chart_cell, chart_cells, metric_graph_id
+from rf_core.config import TRAINER_TYPES, varying_knobs
 from rf_core.control.store import Store
 from rf_core.report import experiment_metric, runs_table
 
@@ -491,16 +492,20 @@ def register_callbacks(app: Dash, store: Store, cache: M4Cache | None = None) ->
         Input("sweep-parcoords", "restyleData"),
         State("sweep-brush", "data"),
         State("experiment-select", "value"),
+        State("visible-runs", "data"),
         prevent_initial_call=True,
     )
-    def brush_ticks(restyle: Any, brush: Mapping[str, Any] | None, experiment: str | None) -> Any:
+    def brush_ticks(
+        restyle: Any, brush: Mapping[str, Any] | None, experiment: str | None, visible: Sequence[int] | None = None
+    ) -> Any:
         """Brushing the parallel coordinates ticks the runs inside every brushed range (clearing it unticks)."""
         brush = sweep.brush_update(brush, restyle)
         snap = data.runs_view(store, cache, experiment)
         if snap is None:
             return no_update, brush
-        knobs, rows = runs_table(snap)
-        figure = sweep.parallel_coordinates_figure(knobs, rows, experiment_metric(snap), snap["experiment"]["mode"])
+        drawn, _, metric = sweep_runs(snap, visible)
+        knobs, rows = runs_table(drawn)
+        figure = sweep.parallel_coordinates_figure(knobs, rows, metric, snap["experiment"]["mode"])
         inside = sweep.runs_in_brush(figure, brush)
         return {"ids": [str(run_id) for run_id in inside]} if brush else [], brush
 
@@ -611,9 +616,9 @@ def sweep_views(
     if snap is None:
         empty = figures.empty_figure("no experiment")
         return empty, empty, empty, [], None, None
-    metric, mode = experiment_metric(snap), snap["experiment"]["mode"]
+    mode = snap["experiment"]["mode"]
+    snap, kept, metric = sweep_runs(snap, visible)
     every_knob, every_row = runs_table(snap)
-    kept = snap if visible is None else {**snap, "runs": [r for r in snap["runs"] if int(r["run_id"]) in visible]}
     knobs, rows = runs_table(kept)
     signatures = {
         "all": _sweep_signature(metric, mode, None, every_row),
@@ -637,6 +642,26 @@ def sweep_views(
         else figures.empty_figure("no knob varies between the runs")
     )
     return parallel, scatter, sweep.importance_figure(importances), options, chosen, signatures
+
+
+def sweep_runs(
+    snap: Mapping[str, Any], visible: Sequence[int] | None
+) -> tuple[Mapping[str, Any], Mapping[str, Any], str]:
+    """The snapshot the sweep's parallel coordinates draw, the one its other views draw (the runs the table keeps),
+    and the metric's label. SFT's eval loss and DPO's are not one quantity: where trainer types mix, both hold one
+    type's runs (the first type among the kept runs; filtering the table by trainer_type picks another)."""
+    metric = experiment_metric(snap)
+    kept = snap if visible is None else {**snap, "runs": [r for r in snap["runs"] if int(r["run_id"]) in visible]}
+    types = {int(run["run_id"]): data.run_trainer_type(run) for run in snap["runs"]}
+    if len(set(types.values())) < 2:
+        return snap, kept, metric
+    kept_types = {types[int(run["run_id"])] for run in kept["runs"]}
+    shown = next((name for name in TRAINER_TYPES if name in kept_types), None) or min(types.values())
+    runs = [run for run in snap["runs"] if types[int(run["run_id"])] == shown]
+    knobs = varying_knobs([run["config"] for run in runs])  # those that vary between this type's runs
+    snap = {**snap, "runs": runs, "varying_knobs": knobs}
+    kept = {**kept, "runs": [run for run in kept["runs"] if types[int(run["run_id"])] == shown], "varying_knobs": knobs}
+    return snap, kept, f"{metric} of {shown.upper()} runs"
 
 
 def _sweep_signature(metric: str, mode: str, knob: str | None, rows: Sequence[Any]) -> str:

@@ -284,6 +284,23 @@ def test_the_sweep_views_follow_the_runs_and_are_not_rebuilt_while_nothing_chang
     assert select("sweep-scatter.clickData", click, callbacks) == 3
 
 
+def test_the_sweep_views_show_one_trainer_type_s_runs_where_types_mix(callbacks, store):
+    """An SFT run's eval loss and a DPO run's are not one quantity: the sweep shows one type's runs, the first the
+    table keeps, and brushing its axes ticks runs of that type."""
+    run = next(run for run in experiments.list_runs(store, "exp") if run["run_id"] == 3)
+    store.update_run("exp", 3, {"config": {**run["config"], "trainer_type": "dpo"}})
+    parallel, scatter, *_ = callbacks["refresh_sweep"]("exp", 1, None, None, ["show"], None)
+    assert parallel["layout"]["meta"]["run_ids"] == [1, 2] and scatter["data"][0]["customdata"] == [1, 2]
+    assert "of SFT runs" in parallel["layout"]["title"]["text"]
+    parallel, scatter, *_ = callbacks["refresh_sweep"]("exp", 2, None, [3], ["show"], None)  # the table keeps run 3
+    # One DPO run, no knob varying between DPO runs: nothing to draw, and no SFT run drawn instead.
+    assert parallel["data"] == [] and scatter["data"] == []
+    # Dimension 0 is the learning rate (trainer_type no longer varies): runs 1 and 2 are at 1e-4 and 1e-3; run 3,
+    # at 1e-2, is not drawn, so a brush over every rate ticks SFT runs only.
+    ticked, _ = callbacks["brush_ticks"]([{"dimensions[0].constraintrange": [[0, 0.1]]}, [0]], None, "exp", None)
+    assert ticked == {"ids": ["1", "2"]}
+
+
 def test_warm_clones_can_continue_their_parent_s_curve_and_a_chart_switches_its_y_scale(callbacks, store):
     runs = [
         {"run_id": 1, "parent_id": None, "warm_start": "off", "parent_step": None},
