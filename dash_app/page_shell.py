@@ -19,7 +19,7 @@ from dash_app.layout import chart_id
 PLOTLY_ASSET = "plotly-rf.min.js"
 FIRST_CHART_ASSET = "first_chart.js"
 # Left out of the scripts Dash lists itself: the shell loads them ahead of those.
-ASSETS_LOADED_FIRST = r"(plotly-rf\.min|first_chart)\.js$"
+ASSETS_LOADED_FIRST = r"^(plotly-rf\.min|first_chart)\.js$"  # Dash matches it against each file's name
 
 
 def shell_html(asset_url: Callable[[str], str], metric: str | None = None, figure: Any = None) -> str:
@@ -27,12 +27,17 @@ def shell_html(asset_url: Callable[[str], str], metric: str | None = None, figur
     from it."""
     parts = []
     if metric is not None and figure is not None:
-        shown = json.dumps({"chart": chart_id(metric), "figure": figure}, cls=PlotlyJSONEncoder)
-        # Inside <script>, "</" could end the element early; "<\/" means the same to JSON.
-        shown = shown.replace("</", "<\\/")
+        shown = script_safe(json.dumps({"chart": chart_id(metric), "figure": figure}, cls=PlotlyJSONEncoder))
         parts.append('<div id="first-chart-preview" class="rf-first-chart" aria-hidden="true"></div>')
         parts.append(f'<script type="application/json" id="first-chart-figure">{shown}</script>')
     parts.append(f'<script src="{asset_url(PLOTLY_ASSET)}"></script>')
     if len(parts) > 1:
         parts.append(f'<script src="{asset_url(FIRST_CHART_ASSET)}"></script>')
     return "".join(parts)
+
+
+def script_safe(text: str) -> str:
+    """JSON text that cannot end or change the <script> element holding it: a metric's or a run's name can hold
+    "</script>" or "<!--<script>" (which makes the parser ignore the element's own end tag). JSON reads the
+    escapes as the same characters."""
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

@@ -82,19 +82,24 @@ class DashboardApp(Dash):
         self._store, self._cache = store, cache
 
     def interpolate_index(self, **kwargs: Any) -> str:
-        metric, figure = None, None
-        if flask.has_request_context():
-            path, search = flask.request.path, flask.request.query_string.decode()
-            try:
-                experiment, names = page_charts(self._store, path, search)
-                if names:
-                    metric = names[0]
-                    figure = first_view(self._store, self._cache, experiment, [metric], search).figures[metric]
-            except Exception:  # the picture is a head start only: the page must load without it
-                logger.exception("the first chart's picture could not be built; the page loads without it")
-                metric, figure = None, None
-        kwargs["app_entry"] += page_shell.shell_html(self._asset_url, metric, figure)
+        kwargs["app_entry"] += self._shell()
         return super().interpolate_index(**kwargs)
+
+    def _shell(self) -> str:
+        """plotly.js, and the first chart's picture when the page's URL shows charts."""
+        plotly_only = page_shell.shell_html(self._asset_url)
+        if not flask.has_request_context():
+            return plotly_only
+        try:
+            path, search = flask.request.path, flask.request.query_string.decode("utf-8", "replace")
+            experiment, names = page_charts(self._store, path, search)
+            if not names:
+                return plotly_only
+            figure = first_view(self._store, self._cache, experiment, names[:1], search).figures[names[0]]
+            return page_shell.shell_html(self._asset_url, names[0], figure)
+        except Exception:  # the picture is a head start only: the page must load without it
+            logger.exception("the first chart's picture could not be built; the page loads without it")
+            return plotly_only
 
     def _asset_url(self, name: str) -> str:
         modified = int(Path(self.config.assets_folder, name).stat().st_mtime)

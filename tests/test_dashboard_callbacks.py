@@ -471,9 +471,14 @@ def test_the_page_s_html_carries_its_first_chart_and_plotly_ahead_of_dash_s_scri
     for bare in ("/run/older/1", "/run/older/1?experiment=older"):
         page = client.get(bare).data.decode()
         assert "plotly-rf.min.js" in page and "first-chart-figure" not in page
-    # Text from a run (a name, a knob) cannot end the script element that carries the figure.
-    html = shell_html(lambda name: f"/assets/{name}", "train_loss", {"data": [{"name": "</script><b>x"}]})
-    assert "</script><b>" not in html and json.loads(re.search(r">(\{.*?\})</script>", html).group(1))
+    # Text from a run or a metric's name cannot end or change the script element that carries the figure.
+    for name in ("</script><b>x", "<!--<script>", "a & b"):
+        html = shell_html(lambda asset: f"/assets/{asset}", "train_loss", {"data": [{"name": name}]})
+        assert name not in html and html.count("<script") == 3 and html.count("</script>") == 3
+        carried = json.loads(re.search(r'id="first-chart-figure">(.*?)</script>', html).group(1))
+        assert carried["figure"]["data"][0]["name"] == name
+    # A query string that is not UTF-8 still gets the page.
+    assert client.get("/", environ_overrides={"QUERY_STRING": "experiment=\xff"}).status_code == 200
 
 
 def test_an_experiment_mixing_trainer_types_gets_a_chart_of_each_loss_per_type(callbacks, store):

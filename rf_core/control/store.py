@@ -508,7 +508,7 @@ class DuckDBStore(Store):
         return self._query("runs", sql, [experiment, updated_since])
 
     def config_values(self, experiment: str, key: str) -> list[str | None]:
-        path = "$." + json.dumps(key)  # quoted: a key is a name, never a path
+        path = "$." + json.dumps(key, ensure_ascii=False)  # quoted: a key is a name, never a path
         sql = "SELECT DISTINCT json_extract_string(config, ?) AS value FROM runs WHERE experiment = ?"
         return [row["value"] for row in self._query(None, sql, [path, experiment])]
 
