@@ -311,7 +311,10 @@ def _drive(
                 need_plan = False
                 tick += 1
                 if policies:  # policies decide first, so their ops apply at the boundary that was just reached
-                    loop.record(ended)  # on the table they read
+                    # on the table they read
+                    busy = set(slots.runs_in_flight().values()) | slots.finishing_runs()
+                    for op in loop.record(ended, busy):
+                        print(format_op_line(op))
                     ended = []
                     boundary_policies(client, experiment, policies, tick, policy_readers)
                 plan = plan_step(loop, slots.runs_in_flight(), ended, slots.finishing_runs())
@@ -373,7 +376,7 @@ def _drive(
         raise  # the experiment is another fit's now: this one writes nothing more
     except BaseException:
         with contextlib.suppress(Exception):  # what was trained before the fit broke stays trained
-            loop.record(ended)
+            loop.record(ended, set(slots.runs_in_flight().values()) | slots.finishing_runs())
         raise
 
 
