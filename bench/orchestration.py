@@ -64,7 +64,7 @@ TRANSITION_STEPS: dict[str, str] = {
     "checkpoint": "worker: checkpoint of the finished chunk (torch.save + fsync + rename)",
     "metric_flush": "worker: earlier metric batches sent, the last ones taken to travel with the result",
     "result_pipe": "worker -> fit loop: result through the slot pipe",
-    "chunk_end_http": "fit loop: POST chunk-end, when the chunk is recorded apart (policies read the table first)",
+    "chunk_end_http": "fit loop: the chunk recorded apart, when policies read the table first (FitLoop.record)",
     "completion_detection": "fit loop: Prefect train task finishes + the loop notices it",
     "plan_start": "fit loop: results handled, planning starts (after the policies, when attached)",
     "boundary_http": "fit loop: POST boundary (record the ended chunk, apply due ops, start the picked chunk)",
@@ -201,6 +201,7 @@ class FlowProbe:
         original_chunk_end = RFClient.chunk_end
         original_request = RFClient._request
         original_plan = FitLoop.plan
+        original_record = FitLoop.record
         # Where the loop learns of finished chunks: `collect(timeout) -> the chunks that ended`.
         original_detector = flows.fit._SlotsInFlight.collect
 
@@ -251,6 +252,15 @@ class FlowProbe:
                 probe.plans.append(PlanRecord(started, time.time(), tasks))
             return result
 
+        @functools.wraps(original_record)
+        def record_apart(self: FitLoop, ended: Any, *args: Any, **kwargs: Any) -> Any:
+            started = time.time()
+            result = original_record(self, ended, *args, **kwargs)
+            with probe._lock:
+                for chunk in ended:
+                    probe.chunk_ends[(int(chunk.run_id), int(chunk.chunk_index))] = CallRecord(started, time.time())
+            return result
+
         @functools.wraps(original_detector)
         def detector(*args: Any, **kwargs: Any) -> Any:
             result = original_detector(*args, **kwargs)
@@ -264,6 +274,7 @@ class FlowProbe:
         RFClient.chunk_end = chunk_end  # type: ignore[method-assign]
         RFClient._request = request  # type: ignore[method-assign]
         FitLoop.plan = plan  # type: ignore[method-assign]
+        FitLoop.record = record_apart  # type: ignore[method-assign]
         flows.fit._SlotsInFlight.collect = detector  # type: ignore[method-assign]
 
         def restore() -> None:
@@ -272,6 +283,7 @@ class FlowProbe:
             RFClient.chunk_end = original_chunk_end  # type: ignore[method-assign]
             RFClient._request = original_request  # type: ignore[method-assign]
             FitLoop.plan = original_plan  # type: ignore[method-assign]
+            FitLoop.record = original_record  # type: ignore[method-assign]
             flows.fit._SlotsInFlight.collect = original_detector  # type: ignore[method-assign]
 
         self._restore.append(restore)
