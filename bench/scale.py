@@ -177,8 +177,7 @@ def orchestration_case(
         policies = build_policies([POLICY])
         readers: dict[int, Any] = {}  # the fit keeps one PolicyReader per policy across boundaries
         timings: dict[str, list[float]] = {name: [] for name in (
-            "plan", "record", "policy", "get_runs", "snapshot", "cli_runs_table", "dashboard_table",
-            "dashboard_refresh", "op",
+            "plan", "policy", "get_runs", "snapshot", "cli_runs_table", "dashboard_table", "dashboard_refresh", "op",
         )}  # fmt: skip
         in_flight: dict[int, Any] = {}  # slot -> (task, attempt)
         ended: list[Any] = []
@@ -196,11 +195,7 @@ def orchestration_case(
                 answer = timed(timings["dashboard_refresh"], dashboard_request, url, refresh)
                 signatures = answer["response"]["chart-signatures"]["data"]
             if ended:
-                # Policies read the table with the chunks that ended in it, as in the fit: one boundary request that
-                # starts nothing, timed as "record" (boundary_seconds keeps the planning steps' requests).
-                busy_runs = {task.run_id for task, _ in in_flight.values()}
-                timed(timings["record"], loop.record, ended, busy_runs)
-                del boundary_seconds[-1]
+                loop.record(ended)  # policies read the table with the chunks that ended in it, as in the fit
             timed(timings["policy"], boundary_policies, client, EXPERIMENT, policies, boundaries, readers)
             busy = {slot: task.run_id for slot, (task, _) in in_flight.items()}
             plan = timed(timings["plan"], loop.plan, busy, [])

@@ -311,10 +311,7 @@ def _drive(
                 need_plan = False
                 tick += 1
                 if policies:  # policies decide first, so their ops apply at the boundary that was just reached
-                    # on the table they read
-                    busy = set(slots.runs_in_flight().values()) | slots.finishing_runs()
-                    for op in loop.record(ended, busy):
-                        print(format_op_line(op))
+                    loop.record(ended)  # on the table they read
                     ended = []
                     boundary_policies(client, experiment, policies, tick, policy_readers)
                 plan = plan_step(loop, slots.runs_in_flight(), ended, slots.finishing_runs())
@@ -376,7 +373,7 @@ def _drive(
         raise  # the experiment is another fit's now: this one writes nothing more
     except BaseException:
         with contextlib.suppress(Exception):  # what was trained before the fit broke stays trained
-            loop.record(ended, set(slots.runs_in_flight().values()) | slots.finishing_runs())
+            loop.record(ended)
         raise
 
 

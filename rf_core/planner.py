@@ -307,21 +307,16 @@ class FitLoop:
             gang=_gang(run["config"], assignment.slots if assignment else (0,)),
         )
 
-    def record(self, ended: Sequence[EndedChunk], busy_runs: Collection[int] = ()) -> list[dict[str, Any]]:
-        """Record ended chunks before the planning step (policies read the table in between), in one boundary
-        request that starts nothing: the chunks, their last metric rows and the due ops of the runs not in
-        `busy_runs` (on a slot) go in one transaction. The rows it answers join the loop's table, so the next step
-        picks from the progress just recorded. Returns the ops it applied."""
-        if not ended:
-            return []
-        view = self.client.boundary_view(
-            self.experiment,
-            sorted({int(run_id) for run_id in busy_runs}),
-            ended=[chunk.record() for chunk in ended],
-            since=(since := self._changes_since(time.monotonic())),
-        )
-        self._merge(view, partial=since is not None)
-        return list(view["applied_ops"])
+    def record(self, ended: Sequence[EndedChunk]) -> None:
+        """Record ended chunks on their own, before the planning step (policies read the table in between). The run
+        rows the store answers replace the loop's, so the next step picks from the progress just recorded."""
+        for chunk in ended:
+            record = chunk.record()
+            for batch in record["metrics"]:
+                self.client.log_metrics(batch["batch_id"], batch["rows"])
+            run = self.client.chunk_end(self.experiment, record["timeline_id"], record["outcome"])
+            if self._runs is not None and isinstance(run, Mapping) and "run_id" in run:
+                self._runs = [run if int(row["run_id"]) == int(run["run_id"]) else row for row in self._runs]
 
     def forget(self, run_id: int) -> None:
         """The run's worker died or failed: its warm copy, if any, is gone."""

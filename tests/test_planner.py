@@ -274,17 +274,10 @@ def test_a_chunk_recorded_apart_for_the_policies_moves_the_next_pick_on():
     loop = make_loop(client, slots=1)
     (_, task) = loop.plan(in_flight={}).tasks[0]
 
-    client.due_ops[1] = [{"op_id": 3, "kind": "resume", "new_status": "Ongoing"}]
-    # Policies read the table now, then the step plans. One boundary request records the chunk (and applies the
-    # due ops of the runs off the slots) and starts nothing.
-    applied = loop.record([ended_chunk(task, attempt=7)], busy_runs=[])
-    assert applied == [{"op_id": 3, "kind": "resume", "new_status": "Ongoing"}]
-    recorded = client.boundary_calls[-1]
-    assert [chunk["timeline_id"] for chunk in recorded["ended"]] == [7] and recorded["starts"] == []
-    assert loop.record([]) == [] and client.boundary_calls[-1] is recorded  # nothing ended: no request
+    loop.record([ended_chunk(task, attempt=7)])  # policies read the table now, then the step plans
     plan = loop.plan(in_flight={})
 
-    assert client.chunk_end_calls == [] and client.boundary_calls[-1]["ended"] == []
+    assert client.chunk_end_calls == [7] and client.boundary_calls[-1]["ended"] == []
     # The pick is the run's next chunk, so the boundary's request starts it (no chunk-start of its own).
     assert client.boundary_calls[-1]["starts"] == [{"run_id": 1, "chunk_index": 1, "slot": 0, "total_chunks": 4}]
     ((_, picked),) = plan.tasks
