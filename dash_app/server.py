@@ -93,7 +93,8 @@ class DashboardApp(Dash):
         try:
             path, search = flask.request.path, flask.request.query_string.decode("utf-8", "replace")
             experiment, names = page_charts(self._store, path, search)
-            if not names:
+            shown = data.chart_runs(self._store, experiment, False) if names else None
+            if not names or not shown or len(shown[0]) > page_shell.PICTURE_MAX_TRACES:
                 return plotly_only
             figure = first_view(self._store, self._cache, experiment, names[:1], search).figures[names[0]]
             return page_shell.shell_html(self._asset_url, names[0], figure)

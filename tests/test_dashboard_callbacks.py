@@ -450,7 +450,7 @@ def test_the_page_s_html_carries_its_first_chart_and_plotly_ahead_of_dash_s_scri
     an empty store get plotly.js only."""
     import re
 
-    from dash_app.page_shell import shell_html
+    from dash_app.page_shell import PICTURE_MAX_TRACES, shell_html
     from dash_app.server import build_app
 
     client = build_app(store).server.test_client()
@@ -477,6 +477,10 @@ def test_the_page_s_html_carries_its_first_chart_and_plotly_ahead_of_dash_s_scri
         assert name not in html and html.count("<script") == 3 and html.count("</script>") == 3
         carried = json.loads(re.search(r'id="first-chart-figure">(.*?)</script>', html).group(1))
         assert carried["figure"]["data"][0]["name"] == name
+    # Past PICTURE_MAX_TRACES curves the picture would hold the dashboard's chart back: plotly.js only.
+    many = {"data": [{"name": f"run {run_id}"} for run_id in range(PICTURE_MAX_TRACES + 1)]}
+    html = shell_html(lambda asset: f"/assets/{asset}", "train_loss", many)
+    assert "first-chart-figure" not in html and "plotly-rf.min.js" in html
     # A query string that is not UTF-8 still gets the page.
     assert client.get("/", environ_overrides={"QUERY_STRING": "experiment=\xff"}).status_code == 200
 
