@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import EvalPrediction, get_scheduler
 
 from rf_core import chunks
@@ -114,8 +115,10 @@ class _LoraSlot:
 
     name: str
     places: dict[str, tuple[torch.nn.Module, str]]  # parameter key -> (the module holding it, its attribute)
+    layers: list[Any] = field(default_factory=list)  # PEFT's LoRA layers holding it: scaling and dropout per run
     last_bound: int = 0  # when a run last trained in it, to evict the slot used longest ago
     evicted: bool = False
+    scaling_knobs: tuple[float, float] | None = None  # (lora_alpha, lora_dropout) its layers are set to
 
     @classmethod
     def of(cls, host: PeftModel, name: str) -> _LoraSlot:
@@ -127,14 +130,26 @@ class _LoraSlot:
                 places[key] = (host.get_submodule(".".join(parts[:-1])), parts[-1])
         if not places:
             raise ValueError(f"adapter {name!r} has no parameters: do its target_modules match the model?")
-        return cls(name=name, places=places)
+        layers = [module for module in host.modules() if isinstance(module, LoraLayer) and name in module.lora_A]
+        return cls(name=name, places=places, layers=layers)
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         return {key: module._parameters[attribute] for key, (module, attribute) in self.places.items()}
 
-    def bind(self, parameters: Mapping[str, torch.nn.Parameter], clock: int) -> None:
+    def bind(self, parameters: Mapping[str, torch.nn.Parameter], clock: int, config: Mapping[str, Any]) -> None:
+        """Put a run's parameters into the slot, with its own alpha and dropout: runs that differ only in those
+        share the slot, and each trains as in an adapter of its own (PEFT's scaling alpha / r and dropout)."""
         for key, (module, attribute) in self.places.items():
             module._parameters[attribute] = parameters[key]
+        knobs = (float(config["lora_alpha"]), float(config["lora_dropout"]))
+        if knobs != self.scaling_knobs:
+            alpha, dropout = knobs
+            for layer in self.layers:
+                layer.lora_alpha[self.name] = alpha
+                layer.scaling[self.name] = alpha / layer.r[self.name]
+                # As PEFT builds it; a module without parameters, so replacing it leaves optimizers untouched.
+                layer.lora_dropout[self.name] = torch.nn.Dropout(p=dropout) if dropout > 0.0 else torch.nn.Identity()
+            self.scaling_knobs = knobs
         self.last_bound = clock
 
 
@@ -517,7 +532,10 @@ class SlotTrainer:
         base_name = str(getattr(base.model.config, "_name_or_path", "") or config["model_name_or_path"])
         if state.is_lora:
             assert state.slot is not None
-            return ExportRecipe.for_lora(base.tokenizer, state.model.peft_config[state.slot.name], base_name)
+            # The slot's config, with the run's own alpha and dropout (runs differing in those share the slot).
+            lora_config = copy.copy(state.model.peft_config[state.slot.name])
+            lora_config.lora_alpha, lora_config.lora_dropout = config["lora_alpha"], config["lora_dropout"]
+            return ExportRecipe.for_lora(base.tokenizer, lora_config, base_name)
         return ExportRecipe(tokenizer=base.tokenizer, model_config=state.model.config)
 
     # ---------------------------------------------------------------------------------------- run state
@@ -719,7 +737,7 @@ class SlotTrainer:
             if state.slot.evicted:  # other shapes took turns since: the run's shape gets a slot again
                 state.slot = self._lora_slot(self._bases[state.base_key], state.config)
             self._binds += 1
-            state.slot.bind(state.trainable, self._binds)
+            state.slot.bind(state.trainable, self._binds, state.config)
             _train_only(state)
         model.train()
         restore_rng_state(state.rng)
@@ -1307,12 +1325,11 @@ def _run_seed(task: TrainTask) -> int:
 
 
 def _lora_shape(config: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What makes two adapters interchangeable once their weights are overwritten."""
+    """What makes two adapters interchangeable once their weights are overwritten (alpha and dropout are set for
+    each run when it binds the slot)."""
     modules = config["target_modules"]
     return (
         config["r"],
-        config["lora_alpha"],
-        config["lora_dropout"],
         modules if isinstance(modules, str) else tuple(sorted(modules)) if modules is not None else None,
         config["bias"],
         config["task_type"],

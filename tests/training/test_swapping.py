@@ -8,6 +8,7 @@ its state travelled through the RAM staging area or through disk. Dropout stays 
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from tests.training.test_trainer import (
     assert_same_weights,
     config_of,
     final_weights,
+    straight_through,
     task_for,
     train_ok,
 )
@@ -146,6 +148,33 @@ def test_runs_of_one_lora_shape_take_turns_in_one_slot_and_results_do_not_change
     # Each run owns its parameters; the slot holds the last one trained.
     key = next(iter(trainer._runs[1].trainable))
     assert len({id(state.trainable[key]) for state in trainer._runs.values()}) == 5
+
+
+def test_runs_differing_in_lora_alpha_and_dropout_share_a_slot_and_train_as_alone(make_trainer, tmp_path) -> None:
+    """Alpha and dropout are set on the slot's layers when a run binds it: a sweep over them uses one slot, and
+    each run's losses, weights and export are those of the same run trained alone."""
+    variants = [
+        config_of(LORA, lora_alpha=32, lora_dropout=0.0, seed=7),
+        config_of(LORA, lora_alpha=4, lora_dropout=0.2, seed=8),
+        config_of(LORA),
+    ]
+    alone = [
+        straight_through(make_trainer, config, tmp_path / f"alone{index}") for index, config in enumerate(variants)
+    ]
+    trainer = make_trainer()
+    recorders = [Recorder() for _ in variants]
+    last: list[ChunkOutcome] = [None] * len(variants)  # type: ignore[list-item]
+    plans = [plan_chunks(64, config, 3) for config in variants]
+    for chunk_index in range(len(plans[0])):
+        for index, config in enumerate(variants):  # interleaved: each chunk binds the slot with other knobs
+            chunk = plans[index][chunk_index]
+            run_dir = tmp_path / f"shared{index}"
+            last[index] = train_ok(trainer, task_for(index + 1, config, chunk, run_dir), recorders[index])
+    assert len(trainer._bases["rf-tiny-llama"].lora_host.peft_config) == 1
+    for index, config in enumerate(variants):
+        assert_matches_reference(alone[index], recorders[index], last[index])
+        exported = json.loads((export_dir(tmp_path / f"shared{index}", LATEST) / "adapter_config.json").read_text())
+        assert (exported["lora_alpha"], exported["lora_dropout"]) == (config["lora_alpha"], config["lora_dropout"])
 
 
 def test_lora_shapes_beyond_the_slot_limit_evict_each_other_and_results_do_not_change(
