@@ -299,6 +299,37 @@ def memory_child(base_path: Path, runs: int, work: Path) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------- 4. an alpha sweep
+
+
+def measure_alpha_sweep(base_path: Path, work: Path, rounds: int, steps: int) -> dict:
+    """One worker training 12 LoRA runs of one rank in turn, over lora_alpha {8, 16, 32, 64} x lora_dropout
+    {0, 0.05, 0.1}: each chunk call's wall time after the first round (setup, training, checkpoint, eval-free),
+    and how many adapters the host holds at the end."""
+    train, _ = demo_datasets(eval_size=16)
+    train = train[: rounds * steps * BATCH]
+    trainer = SlotTrainer(_loader(base_path), train, None, num_threads=THREADS)
+    knobs = [(alpha, dropout) for alpha in (8, 16, 32, 64) for dropout in (0.0, 0.05, 0.1)]
+    configs = [_config(base_path, True, lora_alpha=alpha, lora_dropout=dropout) for alpha, dropout in knobs]
+    plans = [plan_chunks(len(train), config, rounds) for config in configs]
+    chunk_s: list[float] = []
+    for chunk_index in range(rounds):
+        for run_id, (config, plan) in enumerate(zip(configs, plans, strict=True), start=1):
+            started = time.perf_counter()
+            _ok(trainer.train(_task(run_id, config, plan[chunk_index], work), lambda rows: None))
+            if chunk_index:  # the first round creates each run
+                chunk_s.append(time.perf_counter() - started)
+    trainer.flush()
+    host = next(iter(trainer._bases.values())).lora_host
+    return {
+        "runs": len(configs),
+        "steps_per_chunk": steps,
+        "chunk_call_median_ms": round(statistics.median(chunk_s) * 1000, 1),
+        "chunk_call_p95_ms": round(sorted(chunk_s)[int(0.95 * (len(chunk_s) - 1))] * 1000, 1),
+        "adapters_in_host": len(host.peft_config) if host is not None else 0,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -308,7 +339,9 @@ def main() -> None:
     parser.add_argument("--steps-per-chunk", type=int, default=50)
     parser.add_argument("--swaps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5, help="engine vs HF Trainer repeats")
-    parser.add_argument("--parts", default="swap,hf,memory", help="which measurements: swap, hf, memory")
+    parser.add_argument(
+        "--parts", default="swap,hf,memory", help="which measurements: swap, hf, memory, alpha (an alpha sweep)"
+    )
     parser.add_argument("--cases", default="", help="only swap cases whose name contains this, e.g. 'full'")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
@@ -353,6 +386,9 @@ def main() -> None:
                     work = root / name.replace(" ", "-")
                     results["swap"][name] = measure_swap(bases[shape], shape, use_peft, shm, chunks, steps, work)
                     print(name, json.dumps(results["swap"][name]), flush=True)
+            if "alpha" in parts:
+                results["alpha_sweep"] = measure_alpha_sweep(bases["tiny"], root / "alpha", 3 if args.smoke else 5, 5)
+                print("alpha sweep", json.dumps(results["alpha_sweep"]), flush=True)
             if "hf" in parts:
                 results["vs_hf_trainer"] = measure_engine_vs_hf(
                     bases["tiny"], 64 if args.smoke else 1600, 1 if args.smoke else args.repeats, root / "hf"
