@@ -265,7 +265,7 @@ def runs_grid(snap: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], lis
 
 
 def _row_types(runs: Sequence[RunRow]) -> dict[int, str]:
-    return {row.run_id: str(row.knobs.get("trainer_type") or KNOBS["trainer_type"].default).lower() for row in runs}
+    return {row.run_id: trainer_type_name(row.knobs.get("trainer_type")) for row in runs}
 
 
 def _typed_metrics(row: RunRow, types: Mapping[int, str]) -> dict[str, Any]:
@@ -408,12 +408,17 @@ def trainer_types(store: Store, experiment: str | None) -> list[str]:
     if not experiment:
         return []
     values = store.config_values(experiment, "trainer_type")
-    present = {str(value or KNOBS["trainer_type"].default).lower() for value in values}
+    present = {trainer_type_name(value) for value in values}
     return [trainer_type for trainer_type in TRAINER_TYPES if trainer_type in present]
 
 
 def run_trainer_type(run: Mapping[str, Any]) -> str:
-    return str((run.get("config") or {}).get("trainer_type") or KNOBS["trainer_type"].default).lower()
+    return trainer_type_name((run.get("config") or {}).get("trainer_type"))
+
+
+def trainer_type_name(value: Any) -> str:
+    """A config's trainer_type as the dashboard keys it: lower case, the knob's default where unset."""
+    return str(value or KNOBS["trainer_type"].default).lower()
 
 
 def chart_runs(
