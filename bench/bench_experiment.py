@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,19 +118,32 @@ def spec() -> ExperimentSpec:
 
 
 class _ChunkProbe:
-    """Per-process clock readings of the chunk being trained; one JSON line per chunk when it is flushed."""
+    """Per-process clock readings of the chunk being trained; one JSON line per chunk when it is flushed.
+
+    Per thread: a boundary evaluated beside training is finished, and flushed, by the evaluating thread while the
+    next chunk trains in the worker's main thread."""
 
     def __init__(self, output: Path, slot: int) -> None:
         self.output = output
         self.slot = slot
-        self.current: dict[str, Any] | None = None  # the chunk trained last, until its metrics are flushed
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        """This thread's chunk: the one it trained or finished last, until its metrics are flushed."""
+        return getattr(self._local, "current", None)
+
+    @current.setter
+    def current(self, record: dict[str, Any] | None) -> None:
+        self._local.current = record
 
     def add_seconds(self, key: str, seconds: float) -> None:
         if self.current is not None:
             self.current[key] = self.current.get(key, 0.0) + seconds
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.output, "a", encoding="utf-8") as file:
+        with self._write_lock, open(self.output, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
 
 
@@ -151,17 +165,18 @@ def _install_worker_probe(probe_dir: Path) -> None:
     if not process_name.startswith(WORKER_PROCESS_PREFIX):
         return
     from rf_core.metric_writer import MetricWriter
-    from rf_core.training.trainer import SlotTrainer
+    from rf_core.training.trainer import EvaluationBeside, SlotTrainer
 
     if getattr(SlotTrainer.train, "_bench_probe", False):
         return
     probe_dir.mkdir(parents=True, exist_ok=True)
     probe = _ChunkProbe(probe_dir / f"{process_name}-{os.getpid()}.jsonl", int(process_name.split("-")[-1]))
     original_train = SlotTrainer.train
+    original_leaving = SlotTrainer.train_leaving_evaluation
     original_hand_over = MetricWriter.hand_over
 
-    def train(self: SlotTrainer, task: Any, emit: Any, on_trained: Any = None) -> Any:
-        probe.current = {
+    def timed_chunk(trainer: Callable[[], Any], task: Any) -> Any:
+        record = probe.current = {
             "slot": probe.slot,
             "pid": os.getpid(),
             "run_id": task.run_id,
@@ -169,12 +184,32 @@ def _install_worker_probe(probe_dir: Path) -> None:
             "trainer_start": time.time(),
         }
         started = time.perf_counter()
-        outcome = original_train(self, task, emit, on_trained)
-        probe.current["trainer_seconds"] = time.perf_counter() - started
-        probe.current["trainer_end"] = time.time()
-        probe.current["train_seconds"] = outcome.train_seconds
-        probe.current["status"] = outcome.status
-        return outcome
+
+        def ended(outcome: Any) -> Any:
+            record["trainer_seconds"] = time.perf_counter() - started
+            record["trainer_end"] = time.time()
+            record["train_seconds"] = outcome.train_seconds
+            record["status"] = outcome.status
+            return outcome
+
+        outcome = trainer()
+        if not isinstance(outcome, EvaluationBeside):
+            return ended(outcome)
+        probe.current = None  # finished, and flushed, by the evaluating thread
+        record["evaluated_beside"] = True
+        record["handed_seconds"] = time.perf_counter() - started  # the main thread is free for the next chunk
+
+        def finish() -> Any:
+            probe.current = record
+            return ended(outcome.finish())
+
+        return EvaluationBeside(outcome.run_id, finish)
+
+    def train(self: SlotTrainer, task: Any, emit: Any, on_trained: Any = None) -> Any:
+        return timed_chunk(lambda: original_train(self, task, emit, on_trained), task)
+
+    def train_leaving_evaluation(self: SlotTrainer, task: Any, emit: Any, on_trained: Any = None) -> Any:
+        return timed_chunk(lambda: original_leaving(self, task, emit, on_trained), task)
 
     def hand_over(self: MetricWriter) -> list[dict[str, Any]]:
         started = time.perf_counter()
@@ -188,6 +223,7 @@ def _install_worker_probe(probe_dir: Path) -> None:
 
     train._bench_probe = True  # type: ignore[attr-defined]
     SlotTrainer.train = train  # type: ignore[method-assign]
+    SlotTrainer.train_leaving_evaluation = train_leaving_evaluation  # type: ignore[method-assign]
     MetricWriter.hand_over = hand_over  # type: ignore[method-assign]
     SlotTrainer._evaluate = _timed(probe, "eval_seconds", SlotTrainer._evaluate)  # type: ignore[method-assign]
     SlotTrainer._save = _timed(probe, "checkpoint_seconds", SlotTrainer._save)  # type: ignore[method-assign]

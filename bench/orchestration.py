@@ -60,6 +60,7 @@ TARGET_MEDIAN_OVERHEAD_S = 0.100
 # Non-training steps between the end of one chunk's training loop and the start of the next one's on the same slot,
 # in the order they happen. They are differences of consecutive clock readings, so they sum to the whole gap.
 TRANSITION_STEPS: dict[str, str] = {
+    "handover": "worker: the boundary handed to the thread that evaluates it beside the next chunk (evaluate-beside)",
     "eval": "worker: evaluation of the finished chunk (eval set forward passes)",
     "checkpoint": "worker: checkpoint of the finished chunk (torch.save + fsync + rename)",
     "metric_flush": "worker: earlier metric batches sent, the last ones taken to travel with the result",
@@ -144,6 +145,7 @@ class ChunkRecord:
     tokenize_seconds: float
     run_state_seconds: float
     state_source: str = ""  # "new run", "warm on this slot", "moved from another slot"
+    handed_over: float | None = None  # evaluated beside the next chunk: when the worker's main thread was free
 
     @property
     def loop_start(self) -> float:
@@ -555,6 +557,11 @@ def build_chunk_records(
         eval_seconds = float(worker.get("eval_seconds", 0.0))
         checkpoint_seconds = float(worker.get("checkpoint_seconds", 0.0))
         trainer_seconds = float(worker["trainer_seconds"])
+        setup_seconds = trainer_seconds - train_call.train_seconds - eval_seconds - checkpoint_seconds
+        handed_over = None
+        if worker.get("evaluated_beside"):
+            setup_seconds = float(worker["handed_seconds"]) - train_call.train_seconds
+            handed_over = float(worker["trainer_start"]) + float(worker["handed_seconds"])
         records.append(
             ChunkRecord(
                 run_id=key[0],
@@ -581,12 +588,13 @@ def build_chunk_records(
                 trainer_start=float(worker["trainer_start"]),
                 trainer_end=float(worker["trainer_end"]),
                 flush_end=float(worker["flush_end"]),
-                setup_seconds=trainer_seconds - train_call.train_seconds - eval_seconds - checkpoint_seconds,
+                setup_seconds=setup_seconds,
                 eval_seconds=eval_seconds,
                 checkpoint_seconds=checkpoint_seconds,
                 base_model_seconds=float(worker.get("base_model_seconds", 0.0)),
                 tokenize_seconds=float(worker.get("tokenize_seconds", 0.0)),
                 run_state_seconds=float(worker.get("run_state_seconds", 0.0)),
+                handed_over=handed_over,
             )
         )
     records.sort(key=lambda record: record.timeline_start)
@@ -620,7 +628,22 @@ def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transit
         # Planned, started and sent while the previous chunk evaluated: none of it is between the two chunks.
         detected = plan_start = plan_end = dispatched = handed = recorded
         boundary = 0.0
+    if previous.handed_over is not None:
+        # Evaluated beside the next chunk: once handed over, the worker takes up the chunk already in its pipe.
+        steps = dict.fromkeys(TRANSITION_STEPS, 0.0)
+        steps["handover"] = previous.handed_over - previous.loop_end
+        steps["task_pipe"] = following.trainer_start - previous.handed_over
+        steps["setup"] = following.setup_seconds
+        return Transition(
+            slot=following.slot,
+            previous=(previous.run_id, previous.chunk_index),
+            next=(following.run_id, following.chunk_index),
+            steps=steps,
+            total_seconds=following.loop_start - previous.loop_end,
+            timeline_gap_seconds=following.timeline_start - previous.timeline_end,
+        )
     steps = {
+        "handover": 0.0,
         "eval": previous.eval_seconds,
         "checkpoint": previous.checkpoint_seconds,
         "metric_flush": previous.flush_end - previous.trainer_end,
@@ -960,6 +983,15 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, default=8, help="chunks per run")
     parser.add_argument("--chunk-seconds", type=float, default=5.0, help="target training seconds per chunk")
     parser.add_argument("--slots", type=int, default=2, help="CPU slots (slot worker processes)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per slot (default: the cores shared among the slots)"
+    )
+    parser.add_argument(
+        "--evaluate-beside",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="evaluate each boundary beside the next chunk's training (rf_fit's evaluate_beside_training)",
+    )
     parser.add_argument("--steps-per-chunk", type=int, default=None, help="skip calibration: steps per chunk")
     parser.add_argument(
         "--policy",
@@ -976,8 +1008,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     if arguments.smoke:
         arguments.runs, arguments.chunks = SMOKE_RUNS, SMOKE_CHUNKS
         arguments.steps_per_chunk = arguments.steps_per_chunk or SMOKE_STEPS_PER_CHUNK
-    for name in ("runs", "chunks", "slots"):
-        if getattr(arguments, name) < 1:
+    for name in ("runs", "chunks", "slots", "threads"):
+        if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if arguments.chunk_seconds <= 0:
         parser.error("--chunk-seconds must be > 0")
@@ -985,7 +1017,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    threads = max(1, (os.cpu_count() or 1) // arguments.slots)  # what rf_fit gives each slot worker
+    threads = arguments.threads or max(1, (os.cpu_count() or 1) // arguments.slots)  # as rf_fit sizes them
+    evaluate_beside = {"auto": None, "on": True, "off": False}[arguments.evaluate_beside]
     home = prepare_environment(scratch, arguments.runs, arguments.chunks, arguments.steps_per_chunk or 1)
     calibration: list[float] = []
     started = time.time()
@@ -1029,6 +1062,8 @@ def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any
                     idle_timeout=1,
                     server_url=server_url,
                     policies=arguments.policy or None,
+                    cpu_threads_per_slot=threads,
+                    evaluate_beside_training=evaluate_beside,
                 )
         finally:
             flow_ended = time.time()
@@ -1050,6 +1085,7 @@ def run_benchmark(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any
             "chunks": arguments.chunks,
             "slots": arguments.slots,
             "threads_per_slot": threads,
+            "evaluate_beside": arguments.evaluate_beside,
             "chunk_seconds_target": arguments.chunk_seconds,
             "steps_per_chunk": steps_per_chunk,
             "calibrated_steps_per_second": [round(rate, 2) for rate in calibration] or None,

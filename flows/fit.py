@@ -9,6 +9,7 @@ request starts the slot's next chunk, which the worker takes up as soon as it ha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import time
@@ -37,7 +38,15 @@ from rf_core.server_process import TemporaryServer, ensure_server, stop_server
 from rf_core.services import dashboard_url, describe, ephemeral_requested, revive_rf_server, up
 from rf_core.states import FAILED_CHUNK_OUTCOMES
 from rf_core.training.staging import default_staging_root, persist_staged
-from rf_core.training.worker import Slot, SlotPool, SpecSource, WorkerDied, slot_devices, train_with_retry
+from rf_core.training.worker import (
+    Slot,
+    SlotPool,
+    SpecSource,
+    WorkerDied,
+    evaluates_beside_by_default,
+    slot_devices,
+    train_with_retry,
+)
 
 # Specs handed to run_fit from Python (possibly defined in a notebook) never pass through Prefect parameters.
 _IN_MEMORY_SPECS: dict[str, ExperimentSpec] = {}
@@ -137,6 +146,8 @@ def rf_fit(
     ray_slots: int | None = None,
     ray_gpus_per_slot: int = 0,
     force_takeover: bool = False,
+    cpu_threads_per_slot: int | None = None,
+    evaluate_beside_training: bool | None = None,
 ) -> dict[str, Any]:
     """Train an experiment's runs in chunks until every run is final, or all are stopped and `idle_timeout` passes.
 
@@ -160,6 +171,12 @@ def rf_fit(
         ray_gpus_per_slot: 1 gives each Ray slot a GPU; 0 makes CPU slots.
         force_takeover: take the experiment even from a fit whose lease is live (a crashed fit's is taken without
             it); only for a lease that cannot be trusted, e.g. a store shared by machines whose clocks disagree.
+        cpu_threads_per_slot: torch threads each local slot worker trains with (default: the CPU's cores shared
+            evenly among the slots).
+        evaluate_beside_training: with no policy attached, a slot evaluates a chunk's boundary in a thread of its
+            own while its next chunk trains, instead of between the two (LoRA SFT runs on CPU slots whose metric
+            draws no random numbers; see `SlotTrainer.evaluates_beside`). Default: where the slots' training
+            threads leave a core per slot free.
     """
     attached = build_policies(policies) + _IN_MEMORY_POLICIES.get(experiment, [])
     if entrypoint:
@@ -210,7 +227,9 @@ def rf_fit(
             print(f"experiment {experiment!r} continues: its runs, metrics and queued ops are kept")
         try:
             return _train(lease, client, experiment, spec, entrypoint, attached, idle_timeout, home, server_url,
-                          cpu_slots, ray_address, ray_slots, ray_gpus_per_slot)  # fmt: skip
+                          cpu_slots, ray_address, ray_slots, ray_gpus_per_slot,
+                          threads_per_slot=cpu_threads_per_slot,
+                          evaluate_beside=evaluate_beside_training)  # fmt: skip
         finally:
             lease.release()  # a fit that raised (in a notebook that lives on) must not keep renewing
     finally:
@@ -232,6 +251,8 @@ def _train(
     ray_address: str | None,
     ray_slots: int | None,
     ray_gpus_per_slot: int,
+    threads_per_slot: int | None = None,
+    evaluate_beside: bool | None = None,
 ) -> dict[str, Any]:
     """The fit once it holds its experiment: start the slots, drive the loop, end the fit and print the results."""
     if takeover := lease.describe_takeover():
@@ -246,7 +267,12 @@ def _train(
         devices, threads, worker_class = size_ray_slots(ray_address, ray_slots, ray_gpus_per_slot)
     else:
         devices, worker_class = slot_devices(cpu_slots), None
-        threads = max(1, (os.cpu_count() or 1) // len(devices))
+        if threads_per_slot is not None and threads_per_slot < 1:
+            raise ValueError(f"cpu_threads_per_slot must be >= 1, got {threads_per_slot}")
+        threads = threads_per_slot or max(1, (os.cpu_count() or 1) // len(devices))
+    if evaluate_beside is None:
+        evaluate_beside = not ray_address and evaluates_beside_by_default(devices, threads, os.cpu_count() or 1)
+    evaluate_beside = evaluate_beside and not attached  # policies rank by the boundary's evaluation
     source = SpecSource.for_spec(spec, entrypoint)
     cuda = any(str(device or "").startswith("cuda") for device in devices)
     loop = FitLoop(client, experiment, spec, len(devices), home, cuda=cuda)
@@ -256,11 +282,12 @@ def _train(
     persist_staged(staging_root, paths.experiment_dir(experiment, home))
     superseded = False
     try:
-        with SlotPool(devices, source, server_url, spool, threads, worker_class) as pool:
+        with SlotPool(devices, source, server_url, spool, threads, worker_class, evaluate_beside) as pool:
             where = ", ".join(device or "cpu" for device in devices)
             nodes = sorted({str(getattr(worker, "node", "")) for worker in pool.workers})
             on_ray = f" on Ray nodes {', '.join(nodes)}" if ray_address else ""
-            print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each){on_ray}")
+            beside = "; boundaries evaluated beside training" if evaluate_beside else ""
+            print(f"{len(devices)} slot workers ready ({where}; {threads} CPU threads each{beside}){on_ray}")
             if attached:
                 print("policies at every chunk boundary: " + ", ".join(f"{p.name} ({m})" for p, m in attached))
             _drive(loop, pool, client, experiment, idle_timeout, attached, lease)
@@ -394,6 +421,8 @@ class _SlotsInFlight:
         self.events: queue.Queue[tuple[str, int]] = queue.Queue()  # ("done" | "trained", slot), as they happen
         self.trained: set[int] = set()  # slots whose only chunk is evaluating: free to plan
         self.deferred_releases: dict[int, list[int]] = {}  # runs a busy slot may forget once it is free
+        # Without policies nothing reads a boundary's evaluation before the next plan: a worker may answer later.
+        self.early_planning = early_planning
         if early_planning:
             for member in range(loop.num_slots):
                 pool[member].on_trained = lambda slot: self.events.put(("trained", slot))
@@ -425,6 +454,7 @@ class _SlotsInFlight:
             self.deferred_releases.setdefault(slot, []).extend(run_ids)
 
     def dispatch(self, slot: int, train_task: TrainTask) -> None:
+        train_task = dataclasses.replace(train_task, evaluation_may_wait=self.early_planning)
         members = _slots_of(slot, train_task)
         releases = {}
         for member in members:
@@ -524,6 +554,8 @@ def run_fit(
     policies: Sequence[Any] | None = None,
     resume: bool = False,
     ephemeral: bool | None = None,
+    cpu_threads_per_slot: int | None = None,
+    evaluate_beside_training: bool | None = None,
 ) -> dict[str, Any]:
     """Run the fit flow for an in-memory spec (the `Experiment.run_fit` path); `resume` trains an existing
     experiment on (`rf_fit`'s `continue_experiment`); `ephemeral` as in `run_flow`.
@@ -545,6 +577,8 @@ def run_fit(
             server_url=server_url,
             policies=specs or None,
             continue_experiment=resume,
+            cpu_threads_per_slot=cpu_threads_per_slot,
+            evaluate_beside_training=evaluate_beside_training,
         )
     finally:
         _IN_MEMORY_SPECS.pop(experiment, None)

@@ -134,6 +134,8 @@ class Experiment:
         resume: bool = False,
         ephemeral: bool | None = None,
         trust_remote_code: bool = False,
+        cpu_threads_per_slot: int | None = None,
+        evaluate_beside_training: bool | None = None,
     ) -> dict[str, Any]:
         """Train every config of `config_group` in `num_chunks` chunks per epoch; returns the final snapshot.
 
@@ -163,6 +165,9 @@ class Experiment:
         The fit runs on the services that stay up (`rf up`'s rf server and Prefect server, started now when none
         answers and left running, so the dashboard outlives the fit); `ephemeral=True` (or RF_EPHEMERAL=1) uses
         temporary ones that exit with the fit instead.
+
+        `cpu_threads_per_slot` and `evaluate_beside_training` are the fit flow's (`flows.fit.rf_fit`): how many
+        torch threads each CPU slot trains with, and whether a slot evaluates a boundary while its next chunk trains.
         """
         spec = ExperimentSpec(
             config_group=config_group,
@@ -189,6 +194,8 @@ class Experiment:
                 policies=policies,
                 resume=resume,
                 ephemeral=ephemeral,
+                cpu_threads_per_slot=cpu_threads_per_slot,
+                evaluate_beside_training=evaluate_beside_training,
             )
         except ExperimentExists as exc:
             hint = (

@@ -69,6 +69,9 @@ class TrainTask:
     pinned_steps: tuple[int, ...] = ()  # checkpoints a pending warm-started clone still needs
     gang: Gang | None = None  # set when the run trains on several processes (or through DeepSpeed)
     attempt: int | None = None  # the timeline entry of this try at the chunk; its metric rows carry it
+    # Nothing waits for this boundary's evaluation before the next plan (no policy reads it): a worker that can
+    # evaluate beside training answers once it has, while its next chunk already trains.
+    evaluation_may_wait: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +94,7 @@ class TrainTask:
             pinned_steps=tuple(data.get("pinned_steps") or ()),
             gang=Gang(**{**gang, "slots": tuple(gang["slots"])}) if gang else None,
             attempt=data.get("attempt"),
+            evaluation_may_wait=bool(data.get("evaluation_may_wait", False)),
         )
 
 

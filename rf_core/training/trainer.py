@@ -68,6 +68,7 @@ from rf_core.training.checkpoints import (
 )
 from rf_core.training.data import IGNORE_INDEX, GenerationSet, TokenizedData, generation_set, tokenize_examples
 from rf_core.training.evaluation import (
+    BUILTIN_METRICS,
     call_metrics,
     evaluates_after_step,
     evaluates_at_boundary,
@@ -209,6 +210,42 @@ class _ParentState:
     source: str  # where it came from, for error messages
 
 
+@dataclass(frozen=True)
+class EvaluationBeside:
+    """A chunk whose steps are done and whose boundary evaluation waits to be run beside the next chunk's training.
+
+    `finish()` evaluates the boundary, keeps the run's best, saves its state and returns the chunk's outcome (a
+    failure comes back as status "failed", as from `SlotTrainer.train`). Until it has, the run must not train."""
+
+    run_id: int
+    finish: Callable[[], ChunkOutcome]
+
+
+@dataclass(frozen=True)
+class _TrainedChunk:
+    """A chunk whose optimizer steps are done: what evaluating and saving its boundary need."""
+
+    task: TrainTask
+    base: _BaseEntry
+    state: _RunState
+    seed: int
+    run_total_steps: int
+    swap_in_seconds: float
+    train_seconds: float
+    last_train_loss: float | None
+    device: torch.device
+    truncated_rows: int
+
+
+@dataclass
+class _EvaluationTwin:
+    """A second LoRA host over the same base weights (shared, not copied): it evaluates one run while the first
+    host trains another."""
+
+    host: Any
+    slots: dict[str, _LoraSlot] = field(default_factory=dict)
+
+
 def reference_path(run_dir: Path) -> Path:
     """The weights a DPO run is anchored to when they are not the base (written once, at its warm start)."""
     return run_dir / "reference.ckpt"
@@ -232,6 +269,8 @@ class SlotTrainer:
         staging_root: RAM-backed folder for state snapshots (`rf_core.training.staging.default_staging_root()`);
             None snapshots into this process's memory. Either way disk writes happen in the background.
         max_pending_writes: how many states may wait for the disk before a save blocks.
+        evaluates_beside: `train_leaving_evaluation` may leave a boundary's evaluation to be run in another thread,
+            beside the next chunk's training (see `evaluates_beside`).
     """
 
     def __init__(
@@ -247,6 +286,7 @@ class SlotTrainer:
         device: str | None = None,
         staging_root: Path | None = None,
         max_pending_writes: int = 2,
+        evaluates_beside: bool = False,
     ) -> None:
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"{num_threads=} must be >= 1")
@@ -278,6 +318,8 @@ class SlotTrainer:
         self._reference_copies: dict[tuple[str, str], Any] = {}
         self._writer = StateWriter(staging_root, max_pending_writes)
         self._staging_root = staging_root
+        self._evaluates_beside = evaluates_beside
+        self._twins: dict[str, _EvaluationTwin] = {}  # by base key
 
     # ----------------------------------------------------------------------------------------------- public
 
@@ -286,8 +328,22 @@ class SlotTrainer:
 
         `on_trained` is called when the chunk's optimizer steps are done, before its evaluation and checkpoint, for a
         run that trains alone: the fit can plan this slot's next chunk meanwhile."""
+        outcome = self._guarded(task, lambda: self._train_chunk(task, emit, on_trained, may_leave_evaluation=False))
+        assert isinstance(outcome, ChunkOutcome)
+        return outcome
+
+    def train_leaving_evaluation(
+        self, task: TrainTask, emit: EmitFn, on_trained: Callable[[], None] | None = None
+    ) -> ChunkOutcome | EvaluationBeside:
+        """As `train`, but a boundary whose evaluation may be run beside the next chunk (`evaluates_beside`) comes
+        back unevaluated and unsaved: the caller runs its `finish()` in another thread and trains on meanwhile."""
+        return self._guarded(task, lambda: self._train_chunk(task, emit, on_trained, may_leave_evaluation=True))
+
+    def _guarded(
+        self, task: TrainTask, work: Callable[[], ChunkOutcome | EvaluationBeside]
+    ) -> ChunkOutcome | EvaluationBeside:
         try:
-            return self._train_chunk(task, emit, on_trained)
+            return work()
         except Exception as error:
             state = self._runs.get(task.run_id)
             samples = 0  # unknown unless the chunk got as far as starting
@@ -337,12 +393,20 @@ class SlotTrainer:
 
     # --------------------------------------------------------------------------------------- the chunk loop
 
-    def _train_chunk(self, task: TrainTask, emit: EmitFn, on_trained: Callable[[], None] | None) -> ChunkOutcome:
+    def _train_chunk(
+        self,
+        task: TrainTask,
+        emit: EmitFn,
+        on_trained: Callable[[], None] | None,
+        may_leave_evaluation: bool = False,
+    ) -> ChunkOutcome | EvaluationBeside:
         gang = task.gang
         if gang is None and task.config["strategy"] == "deepspeed":
             gang = Gang(rank=0, world_size=1, address=free_address(), slots=(0,), strategy="deepspeed")
         with gang_session(gang, self._device or torch.device("cpu")) as session:
-            return self._train_chunk_in(task, emit, session, on_trained if gang is None else None)
+            if session is not None:
+                return self._train_chunk_in(task, emit, session)
+            return self._train_chunk_in(task, emit, None, on_trained, may_leave_evaluation)
 
     def _train_chunk_in(
         self,
@@ -350,7 +414,8 @@ class SlotTrainer:
         emit: EmitFn,
         session: GangSession | None,
         on_trained: Callable[[], None] | None = None,
-    ) -> ChunkOutcome:
+        may_leave_evaluation: bool = False,
+    ) -> ChunkOutcome | EvaluationBeside:
         """The chunk loop; `session` is this process's gang for multi-process runs (None: trains alone)."""
         config, chunk = task.config, task.chunk
         leads = session is None or session.is_leader  # evaluates, logs and checkpoints
@@ -453,13 +518,83 @@ class SlotTrainer:
         if on_trained is not None:
             on_trained()
 
-        # 3. Evaluate, then checkpoint the boundary.
+        trained = _TrainedChunk(
+            task, base, state, seed, run_total_steps, swap_in_seconds, train_seconds, last_train_loss, device,
+            train_data.truncated,
+        )  # fmt: skip
+        if may_leave_evaluation and self.evaluates_beside(task, state, run_total_steps):
+            evaluator = self._evaluation_twin(base, state)
+            # Read now: the host's adapters may change while the boundary is evaluated beside the next chunk.
+            recipe = self._export_recipe(base, state, config)
+
+            def finish() -> ChunkOutcome:
+                outcome = self._guarded(task, lambda: self._finish_chunk(trained, evaluator, emit, None, recipe))
+                assert isinstance(outcome, ChunkOutcome)
+                return outcome
+
+            return EvaluationBeside(task.run_id, finish)
+        return self._finish_chunk(trained, model, emit, session)
+
+    def evaluates_beside(self, task: TrainTask, state: _RunState, run_total_steps: int) -> bool:
+        """Whether this chunk's boundary may be evaluated in another thread while the slot trains its next chunk.
+
+        Only where that thread can neither slow nor change the training beside it: the fit does not wait for the
+        result (`task.evaluation_may_wait`), a LoRA SFT run alone on a CPU slot, a loss and metrics that draw no
+        random numbers (a built-in one or none: torch's generator is the training thread's), and not the run's last
+        boundary, whose result ends the run."""
+        config = task.config
+        metric_name = config.get("compute_metrics")
+        draws_nothing = metric_name in BUILTIN_METRICS or (metric_name is None and self._compute_metrics is None)
+        return (
+            self._evaluates_beside
+            and task.evaluation_may_wait
+            and state.is_lora
+            and state.engine is None
+            and _model_device(state.model).type == "cpu"
+            and config["trainer_type"] == "sft"
+            and not config["predict_with_generate"]
+            and draws_nothing
+            and task.chunk.end_step < run_total_steps
+            and evaluates_at_boundary(config, task.chunk, run_total_steps)
+            and self._has_eval(config)
+        )
+
+    def _evaluation_twin(self, base: _BaseEntry, state: _RunState) -> Any:
+        """The base's evaluation twin with the run's adapter in it, ready to evaluate while the host trains on."""
+        assert state.slot is not None and base.lora_host is not None
+        name = state.slot.name
+        twin = self._twins.get(state.base_key)
+        if twin is None or name not in twin.host.peft_config:
+            host = base.lora_host
+            # The frozen base weights are shared; the adapters, small, and the modules are the twin's own.
+            shared = {id(parameter): parameter for parameter in host.parameters() if not parameter.requires_grad}
+            twin = self._twins[state.base_key] = _EvaluationTwin(copy.deepcopy(host, memo=shared))
+        if name not in twin.slots:
+            twin.slots[name] = _LoraSlot.of(twin.host, name)
+        twin.slots[name].bind(state.trainable, 0, state.config)
+        twin.host.set_adapter(name)
+        return twin.host
+
+    def _finish_chunk(
+        self,
+        trained: _TrainedChunk,
+        model: Any,
+        emit: EmitFn,
+        session: GangSession | None,
+        recipe: ExportRecipe | None = None,
+    ) -> ChunkOutcome:
+        """Evaluate the chunk's boundary, then checkpoint it. `session` None and `recipe` given: evaluated beside the
+        next chunk's training, whose random numbers are then left alone."""
+        task, base, state = trained.task, trained.base, trained.state
+        config, chunk = task.config, task.chunk
+        leads = session is None or session.is_leader
         eval_started = time.perf_counter()
         eval_metrics = {}
-        if evaluates_at_boundary(config, chunk, run_total_steps):
-            eval_metrics = self._evaluate_and_log(model, base, task, state, session, seed, emit)
+        if evaluates_at_boundary(config, chunk, trained.run_total_steps):
+            eval_metrics = self._evaluate_and_log(model, base, task, state, session, trained.seed, emit)
         eval_seconds = time.perf_counter() - eval_started
-        restore_rng_state(state.rng)
+        if recipe is None:
+            restore_rng_state(state.rng)
         improved = _improves(state.best, eval_metrics.get(task.metric), task.mode)
         if improved:
             state.best = {"value": float(eval_metrics[task.metric]), "step": state.step}
@@ -470,23 +605,24 @@ class SlotTrainer:
         readable = list(state.trainable.values()) if state.is_lora else list(state.model.parameters())
         with zero.gathered(state.engine, readable):  # ZeRO-3 holds a shard of each weight per member
             if leads:
-                self._save(state, config, checkpoint, self._follow_ups(task, base, state, improved))
-        state_seconds = swap_in_seconds + time.perf_counter() - swap_out_started
+                follow_ups = self._follow_ups(task, base, state, improved, recipe)
+                self._save(state, config, checkpoint, follow_ups)
+        state_seconds = trained.swap_in_seconds + time.perf_counter() - swap_out_started
         exports = {LATEST: str(export_dir(task.run_dir, LATEST))}
         if state.best is not None:
             exports[BEST] = str(export_dir(task.run_dir, BEST))
-
+        device = trained.device
         return ChunkOutcome(
             run_id=task.run_id,
             chunk_index=chunk.index,
-            status="completed" if chunk.end_step == run_total_steps else "ok",
+            status="completed" if chunk.end_step == trained.run_total_steps else "ok",
             step=state.step,
             epoch=state.epoch,
             samples=state.samples,
             checkpoint=str(checkpoint),
             eval_metrics=eval_metrics,
-            last_train_loss=last_train_loss,
-            train_seconds=train_seconds,
+            last_train_loss=trained.last_train_loss,
+            train_seconds=trained.train_seconds,
             state_seconds=state_seconds,
             eval_seconds=eval_seconds,
             exports=exports,
@@ -494,7 +630,7 @@ class SlotTrainer:
             best_value=None if state.best is None else float(state.best["value"]),
             device=str(device),
             device_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-            truncated_rows=train_data.truncated,
+            truncated_rows=trained.truncated_rows,
         )
 
     def _stepper(self, task: TrainTask, state: _RunState, model: Any, session: GangSession | None) -> PlainStep:
@@ -510,9 +646,11 @@ class SlotTrainer:
         stepper.scaler = state.scaler
         return stepper
 
-    def _follow_ups(self, task: TrainTask, base: _BaseEntry, state: _RunState, improved: bool) -> list[AfterPersist]:
+    def _follow_ups(
+        self, task: TrainTask, base: _BaseEntry, state: _RunState, improved: bool, recipe: ExportRecipe | None = None
+    ) -> list[AfterPersist]:
         """Once the boundary's state is on disk: export it as the latest (and best), prune old checkpoints."""
-        recipe = self._export_recipe(base, state, task.config)
+        recipe = recipe or self._export_recipe(base, state, task.config)
         latest, best = export_dir(task.run_dir, LATEST), export_dir(task.run_dir, BEST)
         info = {"run_id": task.run_id, "metric": task.metric, "best": state.best}
 

@@ -1,7 +1,9 @@
 """Persistent slot workers: one process per device slot, alive for the whole fit.
 
 A worker imports torch/transformers once, caches base models, and keeps the runs it trained warm in memory.
-The fit loop talks to it through a pipe with three messages: train a chunk, release runs, stop. Experiments
+The fit loop talks to it through a pipe with three messages: train a chunk, release runs, stop. Answers come in the
+order of the requests; a worker that evaluates beside training answers a chunk once its boundary is evaluated,
+while the next chunk, sent before that answer, already trains. Experiments
 travel by import path (`module:function`) or, for functions defined in a notebook, by cloudpickle.
 """
 
@@ -16,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -67,7 +69,14 @@ class SlotService:
     once, a SlotTrainer for the slot's device, and a metric writer to the rf server."""
 
     def __init__(
-        self, slot: int, source: SpecSource, server_url: str, spool_dir: str, num_threads: int, device: str | None
+        self,
+        slot: int,
+        source: SpecSource,
+        server_url: str,
+        spool_dir: str,
+        num_threads: int,
+        device: str | None,
+        evaluates_beside: bool = False,
     ) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
         # Spinning OpenMP threads slow every other slot's worker several-fold on a shared CPU.
@@ -94,16 +103,42 @@ class SlotService:
             step_delay_s=float(os.environ.get(STEP_DELAY_ENV, "0") or 0),
             device=device,
             staging_root=default_staging_root(),
+            evaluates_beside=evaluates_beside,
         )
         # Base models and tokenized data are ready before the first chunk, not paid for inside it.
         with contextlib.suppress(Exception):  # a config that cannot load fails its own run, with the reason
             self.trainer.prepare(_initial_configs(spec))
         self.writer = MetricWriter(server_url, spool_dir=Path(spool_dir))
+        # One thread evaluates a boundary beside the next chunk's training; a run waits for its boundary's answer.
+        self._beside = ThreadPoolExecutor(1, thread_name_prefix="rf-eval-beside") if evaluates_beside else None
+        self._evaluating: tuple[int, Future[None]] | None = None  # (run, its boundary's evaluation and answer)
 
     def train(self, payload: dict[str, Any], on_trained: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Train one chunk and return its answer, evaluated."""
+        answers: list[dict[str, Any]] = []
+        self._train(payload, on_trained, answers.append, leave_evaluation=False)
+        return answers[0]
+
+    def train_answering(
+        self, payload: dict[str, Any], on_trained: Callable[[], None], answer: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """Train one chunk; `answer` gets its answer, from this thread or, when its boundary is evaluated beside the
+        next chunk's training, from the evaluating thread. Answers keep the order of the chunks."""
+        self._train(payload, on_trained, answer, leave_evaluation=self._beside is not None)
+
+    def _train(
+        self,
+        payload: dict[str, Any],
+        on_trained: Callable[[], None] | None,
+        answer: Callable[[dict[str, Any]], None],
+        leave_evaluation: bool,
+    ) -> None:
+        from rf_core.training.trainer import EvaluationBeside
+
         started_at = time.time()
         task = TrainTask.from_dict(payload)
-
+        if self._evaluating is not None and self._evaluating[0] == task.run_id:
+            self.settle()  # its state is final only once its last boundary is evaluated and saved
         tags = {"experiment": task.experiment, "run_id": task.run_id}
         if task.attempt is not None:
             tags["attempt"] = task.attempt  # a batch replayed after this attempt was abandoned is dropped
@@ -111,18 +146,47 @@ class SlotService:
         def emit(rows: list[dict[str, Any]]) -> None:
             self.writer.add([{**tags, **row} for row in rows])
 
-        outcome = self.trainer.train(task, emit, on_trained)
+        def trained() -> None:
+            self.settle()  # the last chunk's answer goes first
+            if on_trained is not None:
+                on_trained()
+
+        if leave_evaluation:
+            outcome = self.trainer.train_leaving_evaluation(task, emit, trained)
+        else:
+            outcome = self.trainer.train(task, emit, trained)
+        if isinstance(outcome, EvaluationBeside):
+            assert self._beside is not None
+            finish = outcome.finish
+            future = self._beside.submit(lambda: answer(self._answer(finish(), started_at)))
+            self._evaluating = (task.run_id, future)
+            return
+        self.settle()
+        answer(self._answer(outcome, started_at))
+
+    def _answer(self, outcome: ChunkOutcome, started_at: float) -> dict[str, Any]:
         # The chunk's last metric rows travel with its outcome and are stored by the request that records the chunk
         # as done, before it: one round trip less between two chunks.
         batches = self.writer.hand_over()
         return {**outcome.to_dict(), "started_at": started_at, "ended_at": time.time(), "metric_batches": batches}
 
+    def settle(self) -> None:
+        """Wait for the boundary being evaluated beside training, and its answer."""
+        evaluating, self._evaluating = self._evaluating, None
+        if evaluating is not None:
+            evaluating[1].result()
+
     def release(self, run_ids: Sequence[int]) -> None:
+        self.settle()
         for run_id in run_ids:
             self.trainer.release(run_id)
 
     def close(self) -> None:
         try:
+            with contextlib.suppress(Exception):
+                self.settle()
+            if self._beside is not None:
+                self._beside.shutdown()
             self.trainer.close()  # every state on disk before the worker goes
         finally:
             self.writer.close()
@@ -136,25 +200,33 @@ def _serve(
     spool_dir: str,
     num_threads: int,
     device: str | None,
+    evaluates_beside: bool = False,
 ) -> None:
     """Worker process main loop."""
     _exit_with_parent()
     try:
-        service = SlotService(slot, source, server_url, spool_dir, num_threads, device)
+        service = SlotService(slot, source, server_url, spool_dir, num_threads, device, evaluates_beside)
     except Exception as exc:  # report start-up failures instead of dying silently
         conn.send(("error", f"slot {slot} worker failed to start: {exc}", traceback.format_exc()))
         return
     conn.send(("ready", None, None))
+    send_lock = threading.Lock()  # an answer may leave from the evaluating thread
+
+    def send(message: tuple[str, Any, Any]) -> None:
+        with send_lock:
+            conn.send(message)
+
     try:
         while True:
             kind, payload = conn.recv()
             if kind == "train":
                 # "trained": the chunk's steps are done and its evaluation begins; the fit may plan the slot.
-                result = service.train(payload, lambda: conn.send(("trained", None, None)))
-                conn.send(("result", result, None))
+                service.train_answering(
+                    payload, lambda: send(("trained", None, None)), lambda result: send(("result", result, None))
+                )
             elif kind == "release":
                 service.release(payload)
-                conn.send(("released", None, None))
+                send(("released", None, None))
             elif kind == "stop":
                 break
     except (EOFError, KeyboardInterrupt):
@@ -222,6 +294,7 @@ class Slot:
         spool_dir: Path,
         num_threads: int,
         device: str | None = None,
+        evaluates_beside: bool = False,
     ) -> None:
         self.slot = slot
         self.device = device
@@ -229,6 +302,7 @@ class Slot:
         self._server_url = server_url
         self._spool_dir = spool_dir
         self._num_threads = num_threads
+        self._evaluates_beside = evaluates_beside
         self._lock = threading.Lock()
         self.restarts = 0
         # Told (with the slot) when a chunk's steps are done, before its evaluation; workers that cannot tell
@@ -262,12 +336,19 @@ class Slot:
 
 
 class SlotWorker(Slot):
-    """One slot's worker as a child process of the fit, spoken to through a pipe. One caller at a time."""
+    """One slot's worker as a child process of the fit, spoken to through a pipe.
+
+    Several callers may have requests out at once (a chunk sent while the last one is still being evaluated): the
+    worker answers in order, and each caller reads its answer in its turn."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._process: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._turns = threading.Condition(threading.RLock())  # sending, whose turn it is to read, restarting
+        self._next_ticket = 0
+        self._serving = 0
+        self._generation = 0  # a restarted worker never answers what was sent to the one before
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -282,6 +363,7 @@ class SlotWorker(Slot):
                 str(self._spool_dir),
                 self._num_threads,
                 self.device,
+                self._evaluates_beside,
             ),
             name=f"rf-slot-{self.slot}",
             daemon=True,
@@ -300,36 +382,59 @@ class SlotWorker(Slot):
             raise WorkerDied(f"{message}\n{trace or ''}")
 
     def _recv(self) -> tuple[str, Any, Any]:
-        assert self._conn is not None and self._process is not None
-        while not self._conn.poll(1.0):
-            if not self._process.is_alive():
-                raise WorkerDied(f"slot {self.slot} worker exited with code {self._process.exitcode}")
+        conn, process = self._conn, self._process
+        if conn is None or process is None:
+            raise WorkerDied(f"slot {self.slot} worker is not running")
+        while not conn.poll(1.0):
+            if not process.is_alive():
+                raise WorkerDied(f"slot {self.slot} worker exited with code {process.exitcode}")
         try:
-            return self._conn.recv()
-        except (EOFError, ConnectionResetError) as exc:
+            return conn.recv()
+        except (EOFError, ConnectionResetError, OSError) as exc:
             raise WorkerDied(f"slot {self.slot} worker closed its pipe: {exc}") from exc
 
-    def train_once(self, task: TrainTask) -> ChunkOutcome:
-        with self._lock:
-            if self._conn is None or self._process is None:
-                raise WorkerDied(f"slot {self.slot} worker is not running")
+    @contextlib.contextmanager
+    def _request(self, message: tuple[str, Any]) -> Any:
+        """Send `message` now; the body runs in this request's turn to read the worker's answers."""
+        with self._turns:
+            ticket, generation = self._next_ticket, self._generation
+            self._next_ticket += 1
+            failure: Exception | None = None
             try:
-                self._conn.send(("train", task.to_dict()))
+                if self._conn is None:
+                    raise WorkerDied(f"slot {self.slot} worker is not running")
+                self._conn.send(message)
+            except (WorkerDied, BrokenPipeError, OSError) as exc:
+                failure = exc
+            while self._serving != ticket:
+                self._turns.wait()
+        try:
+            if failure is not None:
+                raise WorkerDied(f"slot {self.slot} worker is gone: {failure}") from failure
+            if generation != self._generation:
+                raise WorkerDied(f"slot {self.slot} worker was restarted before it answered")
+            yield
+        finally:
+            with self._turns:
+                self._serving += 1
+                self._turns.notify_all()
+
+    def train_once(self, task: TrainTask) -> ChunkOutcome:
+        with self._request(("train", task.to_dict())):
+            kind, payload, _ = self._recv()
+            while kind == "trained":
+                if self.on_trained is not None:
+                    self.on_trained(self.slot)
                 kind, payload, _ = self._recv()
-                while kind == "trained":
-                    if self.on_trained is not None:
-                        self.on_trained(self.slot)
-                    kind, payload, _ = self._recv()
-                return ChunkOutcome(**payload)
-            except (BrokenPipeError, OSError) as exc:
-                raise WorkerDied(f"slot {self.slot} worker is gone: {exc}") from exc
+            return ChunkOutcome(**payload)
 
     def restart(self) -> None:
-        with self._lock:
+        with self._turns:
             self._restart()
 
     def _restart(self) -> None:
         self.restarts += 1
+        self._generation += 1
         self._kill()
         self.start()
         self.wait_ready()
@@ -337,16 +442,11 @@ class SlotWorker(Slot):
     def release(self, run_ids: list[int]) -> None:
         if not run_ids:
             return
-        with self._lock:
-            try:
-                assert self._conn is not None
-                self._conn.send(("release", list(run_ids)))
-                self._recv()
-            except (WorkerDied, BrokenPipeError, OSError):
-                pass  # a dead worker holds no state to release
+        with contextlib.suppress(WorkerDied), self._request(("release", list(run_ids))):
+            self._recv()  # a dead worker holds no state to release
 
     def close(self, timeout: float = 10.0) -> None:
-        with self._lock:
+        with self._turns:
             if self._process is None:
                 return
             try:
@@ -455,6 +555,15 @@ def slot_devices(cpu_slots: int | None, default_cpu_slots: int = 2) -> list[str 
     return [f"cuda:{index}" for index in range(gpus)] if gpus else [None] * default_cpu_slots
 
 
+def evaluates_beside_by_default(devices: Sequence[str | None], threads_per_slot: int, cpu_count: int) -> bool:
+    """Evaluating a boundary beside the next chunk's training pays only where it takes nothing from training: CPU
+    slots whose training threads leave a core per slot free. (GPU slots evaluate between chunks for now: the
+    evaluation's kernels would queue on the training's stream.)"""
+    if any(device is not None for device in devices):
+        return False
+    return cpu_count >= len(devices) * (threads_per_slot + 1)
+
+
 def _gpu_driver_present() -> bool:
     """An NVIDIA or AMD GPU driver is loaded (Linux device files), so torch may see a GPU; elsewhere, ask torch."""
     if not sys.platform.startswith("linux"):
@@ -473,13 +582,16 @@ class SlotPool:
         spool_root: Path,
         threads_per_slot: int,
         worker_class: type[Slot] | None = None,
+        evaluates_beside: bool = False,
     ):
-        """`worker_class`: what runs each slot: SlotWorker (a child process, the default) or RaySlotWorker."""
+        """`worker_class`: what runs each slot: SlotWorker (a child process, the default) or RaySlotWorker.
+        `evaluates_beside`: each worker evaluates a boundary in a thread of its own while its next chunk trains,
+        where nothing waits for the result (see `SlotTrainer.evaluates_beside`)."""
         if not devices:
             raise ValueError("need at least one slot")
         make = worker_class or SlotWorker
         self.workers: list[Slot] = [
-            make(slot, source, server_url, spool_root / f"slot-{slot}", threads_per_slot, device)  # type: ignore[call-arg]
+            make(slot, source, server_url, spool_root / f"slot-{slot}", threads_per_slot, device, evaluates_beside)  # type: ignore[call-arg]
             for slot, device in enumerate(devices)
         ]
 

@@ -987,3 +987,52 @@ def test_an_ended_experiment_continues_from_the_server_as_the_dashboard_does(pre
     assert runs[2]["status"] == "Completed" and runs[2]["parent_id"] == 1
     assert client.get_experiment("continued")["fit_epoch"] > first_epoch  # a new fit (reserved, then taken)
     assert "experiment 'continued' continues" in Path(started["log"]).read_text()
+
+
+def test_boundaries_evaluated_beside_training_in_a_real_fit_store_the_numbers_evaluated_between_chunks(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Through Prefect, a slot worker process and the store server: with a core to spare, a slot trains its next
+    chunk while the last one's boundary is evaluated in a thread of its own. Every eval_loss row is stored, equal to
+    the one the same chunks give evaluated between chunks in this process, and so are the runs' best chunks."""
+    from rf_core import Experiment
+    from rf_core.chunks import plan_chunks
+    from rf_core.config import normalize_config
+    from rf_core.control import timeline
+    from rf_core.control.store import DuckDBStore
+    from rf_core.messages import TrainTask
+    from rf_core.training.trainer import SlotTrainer
+    from tests import e2e_experiment
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.delenv("RF_SERVER_URL", raising=False)
+    data = e2e_experiment.spec()
+    snapshot = Experiment("beside").run_fit(
+        data.config_group, e2e_experiment.create_model_fn, data.train_dataset, data.eval_dataset,
+        num_chunks=4, seed=data.seed, cpu_slots=1, cpu_threads_per_slot=1, evaluate_beside_training=True,
+        idle_timeout=1,
+    )  # fmt: skip
+    runs = {run["run_id"]: run for run in snapshot["runs"]}
+    assert all(run["status"] == "Completed" for run in runs.values())
+    store = DuckDBStore(paths.db_path(tmp_path / "home"))  # the fit's temporary server is gone
+    try:
+        entries = sorted(timeline.timeline(store, "beside"), key=lambda entry: entry["start"])
+        stored = store.query_metrics("beside", names=["eval_loss"])
+    finally:
+        store.close()
+    # A chunk's entry ends when its answer left the worker: after the next chunk began, for those evaluated beside.
+    assert any(earlier["end"] > later["start"] for earlier, later in zip(entries, entries[1:], strict=False))
+    trainer = SlotTrainer(e2e_experiment.create_model_fn, data.train_dataset, data.eval_dataset, num_threads=1)
+    for run_id, run in runs.items():
+        config = normalize_config(run["config"])
+        emitted: list[dict[str, Any]] = []
+        for chunk in plan_chunks(len(data.train_dataset), config, 4):
+            task = TrainTask("reference", run_id, config, chunk, str(tmp_path / f"ref-{run_id}"), seed=data.seed)
+            reference = trainer.train(task, emitted.extend)
+            assert reference.status != "failed", reference.traceback
+        expected = [(row["step"], row["value"]) for row in emitted if row["name"] == "eval_loss"]
+        got = [(row["step"], row["value"]) for row in stored if row["run_id"] == run_id]
+        assert len(got) == 4 and got == expected, run_id
+        assert (run["best_step"], run["best_value"]) == (reference.best_step, reference.best_value)
+    trainer.close()
