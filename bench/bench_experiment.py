@@ -226,6 +226,13 @@ def _install_worker_probe(probe_dir: Path) -> None:
     SlotTrainer.train_leaving_evaluation = train_leaving_evaluation  # type: ignore[method-assign]
     MetricWriter.hand_over = hand_over  # type: ignore[method-assign]
     SlotTrainer._evaluate = _timed(probe, "eval_seconds", SlotTrainer._evaluate)  # type: ignore[method-assign]
+    # What the main thread does to hand a boundary over to the evaluating thread (used for those records only).
+    SlotTrainer._evaluation_twin = _timed(  # type: ignore[method-assign]
+        probe, "handover_seconds", SlotTrainer._evaluation_twin
+    )
+    SlotTrainer._export_recipe = _timed(  # type: ignore[method-assign]
+        probe, "handover_seconds", SlotTrainer._export_recipe
+    )
     SlotTrainer._save = _timed(probe, "checkpoint_seconds", SlotTrainer._save)  # type: ignore[method-assign]
     SlotTrainer._base = _timed(probe, "base_model_seconds", SlotTrainer._base)  # type: ignore[method-assign]
     SlotTrainer._tokenized_data = _timed(  # type: ignore[method-assign]

@@ -560,7 +560,8 @@ def build_chunk_records(
         setup_seconds = trainer_seconds - train_call.train_seconds - eval_seconds - checkpoint_seconds
         handed_over = None
         if worker.get("evaluated_beside"):
-            setup_seconds = float(worker["handed_seconds"]) - train_call.train_seconds
+            handover_seconds = float(worker.get("handover_seconds", 0.0))
+            setup_seconds = float(worker["handed_seconds"]) - train_call.train_seconds - handover_seconds
             handed_over = float(worker["trainer_start"]) + float(worker["handed_seconds"])
         records.append(
             ChunkRecord(

@@ -691,10 +691,17 @@ def y_scales_by_metric(
     }
 
 
-def first_view(store: Store, cache: M4Cache, experiment: str | None, names: Sequence[str], search: str) -> FirstView:
+def first_view(
+    store: Store,
+    cache: M4Cache,
+    experiment: str | None,
+    names: Sequence[str],
+    search: str,
+    runs: tuple[list[dict[str, Any]], list[str]] | None = None,
+) -> FirstView:
     """The view a page URL asks for (`search`, its query string), with the first figures of `experiment`'s charts
     built into the page: the figure callback's first call then finds them drawn (same signatures) and sends
-    nothing."""
+    nothing. `runs`: `data.chart_runs(store, experiment, False)`'s answer, when the caller has it."""
     view = ChartView(
         smoothing=data.smoothing_in_query(search) or 0.0,
         x_axis=data.x_axis_in_query(search) or "step",
@@ -703,13 +710,13 @@ def first_view(store: Store, cache: M4Cache, experiment: str | None, names: Sequ
     if not experiment or not names:
         return FirstView(smoothing=float(view.smoothing or 0), x_axis=view.x_axis, y_scales=view.y_scales)
     ticked = data.ticks_in_query(search) if data.experiment_in_query(search) == experiment else []
-    runs = data.chart_runs(store, experiment, False)
+    runs = runs if runs is not None else data.chart_runs(store, experiment, False)
     present = {int(run["run_id"]) for run in runs[0]} if runs else set()
     visible = [run_id for run_id in ticked if run_id in present] or None
     view = ChartView(view.include_deleted, view.smoothing, visible, view.x_axis, view.y_scales)
     zoom = data.zoom_in_query(search) if data.experiment_in_query(search) == experiment else {}
     graph_ids = [metric_graph_id(name, experiment, 0) for name in names]
-    updates, signatures = chart_updates(store, cache, experiment, graph_ids, view, None, zoom)
+    updates, signatures = chart_updates(store, cache, experiment, graph_ids, view, None, zoom, runs)
     return FirstView(
         smoothing=float(view.smoothing or 0),
         x_axis=view.x_axis,
@@ -728,6 +735,7 @@ def chart_updates(
     view: ChartView,
     sent: Mapping[str, Any] | None,
     zoom: Mapping[str, tuple[float, float]] | None = None,
+    snap_runs: tuple[list[dict[str, Any]], list[str]] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """What each chart gets on a refresh, and the signatures of what the page then shows.
 
@@ -736,7 +744,8 @@ def chart_updates(
     would reset it. A chart whose traces did not change gets nothing at all: a finished experiment costs a refresh
     tick a few bytes. Graphs of another experiment (the page is switching) are left to their new cells.
     `sent` is what the last call returned: {"experiment", "cells", "x_axis", "charts": {metric: [a signature per
-    trace]}, "inputs": what the traces were built from}.
+    trace]}, "inputs": what the traces were built from}. `snap_runs`: `data.chart_runs`'s answer for the view, when
+    the caller has it.
     """
     mine = [graph_id for graph_id in graph_ids if graph_id.get("experiment") == experiment]
     names = [graph_id["metric"] for graph_id in mine]
@@ -745,7 +754,8 @@ def chart_updates(
     # Another x (step, time...) is another axis: the charts are drawn whole again.
     same_cells = (sent or {}).get("experiment") == experiment and (sent or {}).get("cells") == cells
     same_cells = same_cells and (sent or {}).get("x_axis", "step") == view.x_axis
-    snap_runs = data.chart_runs(store, experiment, view.include_deleted)
+    if snap_runs is None:
+        snap_runs = data.chart_runs(store, experiment, view.include_deleted)
     # What every trace is built from: while it holds, no figure is built (the refresh tick of an idle page).
     inputs = charts_inputs_signature(cache, experiment, names, view, snap_runs)
     if (

@@ -96,7 +96,7 @@ class DashboardApp(Dash):
             shown = data.chart_runs(self._store, experiment, False) if names else None
             if not names or not shown or len(shown[0]) > page_shell.PICTURE_MAX_TRACES:
                 return plotly_only
-            figure = first_view(self._store, self._cache, experiment, names[:1], search).figures[names[0]]
+            figure = first_view(self._store, self._cache, experiment, names[:1], search, shown).figures[names[0]]
             return page_shell.shell_html(self._asset_url, names[0], figure)
         except Exception:  # the picture is a head start only: the page must load without it
             logger.exception("the first chart's picture could not be built; the page loads without it")

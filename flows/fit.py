@@ -272,7 +272,8 @@ def _train(
         threads = threads_per_slot or max(1, (os.cpu_count() or 1) // len(devices))
     if evaluate_beside is None:
         evaluate_beside = not ray_address and evaluates_beside_by_default(devices, threads, os.cpu_count() or 1)
-    evaluate_beside = evaluate_beside and not attached  # policies rank by the boundary's evaluation
+    # Policies rank by the boundary's evaluation; Ray's slot workers answer a chunk in one call.
+    evaluate_beside = bool(evaluate_beside) and not attached and not ray_address
     source = SpecSource.for_spec(spec, entrypoint)
     cuda = any(str(device or "").startswith("cuda") for device in devices)
     loop = FitLoop(client, experiment, spec, len(devices), home, cuda=cuda)
@@ -420,6 +421,9 @@ class _SlotsInFlight:
         self.running: dict[int, deque[TrainTask]] = {}  # every busy slot -> its chunks' tasks, the one training first
         self.events: queue.Queue[tuple[str, int]] = queue.Queue()  # ("done" | "trained", slot), as they happen
         self.trained: set[int] = set()  # slots whose only chunk is evaluating: free to plan
+        # Slots whose second chunk's steps were done before the first one's end was noticed (that one was evaluated
+        # beside the second): free to plan once it is.
+        self.trained_behind: set[int] = set()
         self.deferred_releases: dict[int, list[int]] = {}  # runs a busy slot may forget once it is free
         # Without policies nothing reads a boundary's evaluation before the next plan: a worker may answer later.
         self.early_planning = early_planning
@@ -490,16 +494,24 @@ class _SlotsInFlight:
         ended, trained = [], []
         for kind, slot in events:
             if kind == "trained":
-                if len(self.running.get(slot) or ()) == 1:  # its only chunk: nothing is lined up behind it yet
+                lined_up = len(self.running.get(slot) or ())
+                if lined_up == 1:  # its only chunk: nothing is lined up behind it yet
                     self.trained.add(slot)
                     trained.append(slot)
+                elif lined_up == 2:
+                    self.trained_behind.add(slot)
                 continue
             future, train_task = self.futures[slot].popleft(), self.running[slot][0]
             for member in _slots_of(slot, train_task):
                 self.running[member].popleft()
                 if not self.running[member]:
                     self.trained.discard(member)
+                    self.trained_behind.discard(member)
                     self._flush_releases(member)
+            if slot in self.trained_behind and len(self.running.get(slot) or ()) == 1:
+                self.trained_behind.discard(slot)
+                self.trained.add(slot)
+                trained.append(slot)
             ended.append((slot, train_task, future))
         return ended, trained
 

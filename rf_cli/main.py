@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="temporary rf and Prefect servers that exit with the fit (default: the services `rf up` keeps up)",
     )
     _add_ray_arguments(fit)
+    _add_slot_arguments(fit)
     fit.set_defaults(handler=cmd_fit)
 
     resume_fit = commands.add_parser(
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="temporary rf and Prefect servers that exit with the fit (default: the services `rf up` keeps up)",
     )
     _add_ray_arguments(resume_fit)
+    _add_slot_arguments(resume_fit)
     resume_fit.set_defaults(handler=cmd_continue)
 
     policy = commands.add_parser("policy", help="policies: apply a template, list decisions, approve proposals")
@@ -512,6 +514,24 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_slot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads-per-slot", type=int, default=None, help="torch threads per CPU slot (default: cores / slots)"
+    )
+    parser.add_argument(
+        "--evaluate-beside",
+        choices=("on", "off"),
+        default=None,
+        help="evaluate a chunk's boundary in a thread of its own while the slot's next chunk trains (no policy "
+        "attached; default: on where the slots' training threads leave a core per slot free)",
+    )
+
+
+def _slot_options(args: argparse.Namespace) -> dict[str, Any]:
+    beside = {"on": True, "off": False, None: None}[args.evaluate_beside]
+    return {"cpu_threads_per_slot": args.threads_per_slot, "evaluate_beside_training": beside}
+
+
 def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
     if not args.ray_address:
         return {}
@@ -523,6 +543,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         args.experiment,
         entrypoint=args.entrypoint,
         **_ray_options(args),
+        **_slot_options(args),
         cpu_slots=args.cpu_slots,
         idle_timeout=args.idle_timeout,
         server_url=args.server,
@@ -566,6 +587,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
             entrypoint=experiment.get("spec_ref"),  # none: the spec kept when a script or notebook ran it
             num_chunks=int(experiment["num_chunks"]),
             **_ray_options(args),
+            **_slot_options(args),
             cpu_slots=args.cpu_slots,
             idle_timeout=args.idle_timeout,
             server_url=fit_server,

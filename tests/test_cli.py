@@ -280,3 +280,19 @@ def test_an_ended_experiment_is_renamed_with_its_folder_and_stored_paths(served:
     assert run["checkpoint"] == str(new_folder / "runs" / "1" / "chunk-0") and Path(run["checkpoint"]).is_dir()
     assert [row["value"] for row in client.get_metrics("after")] == [1.0]
     assert len(client.timeline("after")) == 1
+
+
+def test_fit_and_continue_hand_the_slot_options_to_the_fit_flow(monkeypatch) -> None:
+    from rf_cli import main as cli
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(cli, "_run_fit_flow", lambda experiment, **options: calls.append(options))
+    fit = ["fit", "e", "--entrypoint", "m:f"]
+    args = build_parser().parse_args([*fit, "--threads-per-slot", "1", "--evaluate-beside", "on"])
+    args.handler(args)
+    assert (calls[0]["cpu_threads_per_slot"], calls[0]["evaluate_beside_training"]) == (1, True)
+    args = build_parser().parse_args(fit)
+    args.handler(args)
+    assert (calls[1]["cpu_threads_per_slot"], calls[1]["evaluate_beside_training"]) == (None, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*fit, "--evaluate-beside", "maybe"])

@@ -125,7 +125,7 @@ class RaySlotWorker(Slot):
             except ray.exceptions.RayError as exc:
                 raise WorkerDied(f"slot {self.slot} Ray worker is gone: {exc}") from exc
 
-    def restart(self) -> None:
+    def restart(self, died: WorkerDied | None = None) -> None:
         with self._lock:
             self.restarts += 1
             self._kill()

@@ -336,7 +336,9 @@ class SlotTrainer:
         self, task: TrainTask, emit: EmitFn, on_trained: Callable[[], None] | None = None
     ) -> ChunkOutcome | EvaluationBeside:
         """As `train`, but a boundary whose evaluation may be run beside the next chunk (`evaluates_beside`) comes
-        back unevaluated and unsaved: the caller runs its `finish()` in another thread and trains on meanwhile."""
+        back unevaluated and unsaved: the caller runs its `finish()` in another thread and trains on meanwhile. For
+        such a chunk `on_trained` is called as its last optimizer step begins, so the next one is planned and on its
+        way by the time the step is done."""
         return self._guarded(task, lambda: self._train_chunk(task, emit, on_trained, may_leave_evaluation=True))
 
     def _guarded(
@@ -444,6 +446,7 @@ class SlotTrainer:
         _set_dropout(model, enabled=config["trainer_type"] != "dpo")  # as TRL's DPO (disable_dropout)
         parameters = list(state.trainable.values())
         stepper = self._stepper(task, state, model, session)
+        leaves_evaluation = may_leave_evaluation and self.evaluates_beside(task, state, run_total_steps)
 
         # 2. Train: this chunk's slice of the epoch's order, in optimizer steps of accumulated micro-batches
         # (a gang member trains its share of each step's micro-batches; DDP or DeepSpeed averages the gradients).
@@ -459,6 +462,12 @@ class SlotTrainer:
         loop_started = time.perf_counter()
         for micro_batches in step_batches:
             step_number = state.step + 1  # 1-based number of the update being computed
+            if leaves_evaluation and step_number == chunk.end_step and on_trained is not None:
+                # Nothing after the last step waits for the fit: it plans the slot's next chunk during that step.
+                told = time.perf_counter()
+                on_trained()  # may wait for the last boundary evaluated beside: not training time
+                loop_started += time.perf_counter() - told
+                on_trained = None
             state.optimizer.zero_grad(set_to_none=True)
             mine = micro_batches if session is None else session.my_micro_batches(micro_batches)
             if grpo:
@@ -522,8 +531,11 @@ class SlotTrainer:
             task, base, state, seed, run_total_steps, swap_in_seconds, train_seconds, last_train_loss, device,
             train_data.truncated,
         )  # fmt: skip
-        if may_leave_evaluation and self.evaluates_beside(task, state, run_total_steps):
-            evaluator = self._evaluation_twin(base, state)
+        if leaves_evaluation:
+            # A full fine-tune's model is its own; LoRA runs take turns in the host, so theirs is evaluated in a twin.
+            evaluator = self._evaluation_twin(base, state) if state.is_lora else state.model
+            # Tokenized here: a tokenizer must not be used by two threads at once.
+            self._tokenized_data("eval", base.tokenizer, config)
             # Read now: the host's adapters may change while the boundary is evaluated beside the next chunk.
             recipe = self._export_recipe(base, state, config)
 
@@ -539,16 +551,15 @@ class SlotTrainer:
         """Whether this chunk's boundary may be evaluated in another thread while the slot trains its next chunk.
 
         Only where that thread can neither slow nor change the training beside it: the fit does not wait for the
-        result (`task.evaluation_may_wait`), a LoRA SFT run alone on a CPU slot, a loss and metrics that draw no
-        random numbers (a built-in one or none: torch's generator is the training thread's), and not the run's last
-        boundary, whose result ends the run."""
+        result (`task.evaluation_may_wait`), an SFT run alone on a CPU slot (LoRA or full), a loss and metrics that
+        draw no random numbers (a built-in one or none: torch's generator is the training thread's), and not the
+        run's last boundary, whose result ends the run."""
         config = task.config
         metric_name = config.get("compute_metrics")
         draws_nothing = metric_name in BUILTIN_METRICS or (metric_name is None and self._compute_metrics is None)
         return (
             self._evaluates_beside
             and task.evaluation_may_wait
-            and state.is_lora
             and state.engine is None
             and _model_device(state.model).type == "cpu"
             and config["trainer_type"] == "sft"

@@ -31,6 +31,7 @@ STEP_DELAY_ENV = "RF_TEST_STEP_DELAY_S"  # test-only slow-down so IC Ops reliabl
 WORKER_START_TIMEOUT_S = 180.0
 PARENT_POLL_S = 0.5
 EXIT_PARENT_GONE = 70
+EXIT_PIPE_BROKEN = 71
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,12 @@ class SpecSource:
 
 
 class WorkerDied(RuntimeError):
-    pass
+    """A slot's worker died (or was restarted) before it answered. `generation`: which of the slot's worker
+    processes it was, where the slot counts them, so that several callers who saw it die restart it once."""
+
+    def __init__(self, message: str, generation: int | None = None) -> None:
+        super().__init__(message)
+        self.generation = generation
 
 
 class SlotService:
@@ -158,8 +164,19 @@ class SlotService:
         if isinstance(outcome, EvaluationBeside):
             assert self._beside is not None
             finish = outcome.finish
-            future = self._beside.submit(lambda: answer(self._answer(finish(), started_at)))
-            self._evaluating = (task.run_id, future)
+
+            def evaluate_and_answer() -> None:
+                try:
+                    result = self._answer(finish(), started_at)
+                except Exception as error:  # the chunk fails with the reason; the fit must get an answer
+                    failed = died_outcome(task, f"its evaluation beside training failed: {error}")
+                    result = {**failed.to_dict(), "started_at": started_at, "ended_at": time.time()}
+                try:
+                    answer(result)
+                except BaseException:
+                    os._exit(EXIT_PIPE_BROKEN)  # answers are read in order: without this one, none can follow
+
+            self._evaluating = (task.run_id, self._beside.submit(evaluate_and_answer))
             return
         self.settle()
         answer(self._answer(outcome, started_at))
@@ -177,7 +194,8 @@ class SlotService:
             evaluating[1].result()
 
     def release(self, run_ids: Sequence[int]) -> None:
-        self.settle()
+        if self._evaluating is not None and self._evaluating[0] in run_ids:
+            self.settle()  # a run's state goes once its last boundary is evaluated and saved
         for run_id in run_ids:
             self.trainer.release(run_id)
 
@@ -224,9 +242,8 @@ def _serve(
                 service.train_answering(
                     payload, lambda: send(("trained", None, None)), lambda result: send(("result", result, None))
                 )
-            elif kind == "release":
+            elif kind == "release":  # not answered: it is done before anything sent after it
                 service.release(payload)
-                send(("released", None, None))
             elif kind == "stop":
                 break
     except (EOFError, KeyboardInterrupt):
@@ -319,7 +336,8 @@ class Slot:
         """Train one chunk; raises WorkerDied if the worker dies meanwhile (it stays dead)."""
         raise NotImplementedError
 
-    def restart(self) -> None:
+    def restart(self, died: WorkerDied | None = None) -> None:
+        """Start the worker again (`died`: what the caller saw; a worker restarted since is left alone)."""
         raise NotImplementedError
 
     def release(self, run_ids: list[int]) -> None:
@@ -385,12 +403,12 @@ class SlotWorker(Slot):
         conn, process = self._conn, self._process
         if conn is None or process is None:
             raise WorkerDied(f"slot {self.slot} worker is not running")
-        while not conn.poll(1.0):
-            if not process.is_alive():
-                raise WorkerDied(f"slot {self.slot} worker exited with code {process.exitcode}")
-        try:
+        try:  # the pipe may also be closed under this caller by another's restart of the worker
+            while not conn.poll(1.0):
+                if not process.is_alive():
+                    raise WorkerDied(f"slot {self.slot} worker exited with code {process.exitcode}")
             return conn.recv()
-        except (EOFError, ConnectionResetError, OSError) as exc:
+        except (EOFError, OSError, ValueError) as exc:
             raise WorkerDied(f"slot {self.slot} worker closed its pipe: {exc}") from exc
 
     @contextlib.contextmanager
@@ -410,17 +428,26 @@ class SlotWorker(Slot):
                 self._turns.wait()
         try:
             if failure is not None:
-                raise WorkerDied(f"slot {self.slot} worker is gone: {failure}") from failure
+                raise WorkerDied(f"slot {self.slot} worker is gone: {failure}", generation) from failure
             if generation != self._generation:
-                raise WorkerDied(f"slot {self.slot} worker was restarted before it answered")
-            yield
+                raise WorkerDied(f"slot {self.slot} worker was restarted before it answered", generation)
+            try:
+                yield
+            except WorkerDied as died:
+                died.generation = generation
+                raise
         finally:
             with self._turns:
                 self._serving += 1
                 self._turns.notify_all()
 
+    def _in_turn(self) -> Any:
+        """Requests may be sent before the last one is answered only to a worker that evaluates beside training:
+        elsewhere a chunk lined up behind another would share that one's fate if the worker died under it."""
+        return contextlib.nullcontext() if self._evaluates_beside else self._lock
+
     def train_once(self, task: TrainTask) -> ChunkOutcome:
-        with self._request(("train", task.to_dict())):
+        with self._in_turn(), self._request(("train", task.to_dict())):
             kind, payload, _ = self._recv()
             while kind == "trained":
                 if self.on_trained is not None:
@@ -428,8 +455,10 @@ class SlotWorker(Slot):
                 kind, payload, _ = self._recv()
             return ChunkOutcome(**payload)
 
-    def restart(self) -> None:
+    def restart(self, died: WorkerDied | None = None) -> None:
         with self._turns:
+            if died is not None and died.generation is not None and died.generation != self._generation:
+                return  # another caller that saw the same worker die has restarted it
             self._restart()
 
     def _restart(self) -> None:
@@ -440,10 +469,15 @@ class SlotWorker(Slot):
         self.wait_ready()
 
     def release(self, run_ids: list[int]) -> None:
+        """Sent, not answered: the worker forgets the runs before it takes up anything sent after."""
         if not run_ids:
             return
-        with contextlib.suppress(WorkerDied), self._request(("release", list(run_ids))):
-            self._recv()  # a dead worker holds no state to release
+        with self._turns:
+            try:
+                if self._conn is not None:
+                    self._conn.send(("release", list(run_ids)))
+            except (BrokenPipeError, OSError):
+                pass  # a dead worker holds no state to release
 
     def close(self, timeout: float = 10.0) -> None:
         with self._turns:
@@ -477,8 +511,8 @@ def train_attempt(workers: Sequence[Slot], task: TrainTask) -> ChunkOutcome:
     if task.gang is None:
         try:
             return workers[0].train_once(task)
-        except WorkerDied:
-            workers[0].restart()
+        except WorkerDied as died:
+            workers[0].restart(died)
             raise
     assert len(workers) == task.gang.world_size
     # Rank 0's worker hosts the rendezvous, on its own machine when workers are spread over several.
@@ -495,8 +529,8 @@ def train_attempt(workers: Sequence[Slot], task: TrainTask) -> ChunkOutcome:
             except WorkerDied as exc:
                 results.append(exc)
     deaths = [(worker, died) for worker, died in zip(workers, results, strict=True) if isinstance(died, WorkerDied)]
-    for worker, _ in deaths:
-        worker.restart()
+    for worker, died in deaths:
+        worker.restart(died)
     if deaths:
         raise WorkerDied(f"a gang member died: {deaths[0][1]}")
     outcomes = [result for result in results if isinstance(result, ChunkOutcome)]
@@ -557,11 +591,12 @@ def slot_devices(cpu_slots: int | None, default_cpu_slots: int = 2) -> list[str 
 
 def evaluates_beside_by_default(devices: Sequence[str | None], threads_per_slot: int, cpu_count: int) -> bool:
     """Evaluating a boundary beside the next chunk's training pays only where it takes nothing from training: CPU
-    slots whose training threads leave a core per slot free. (GPU slots evaluate between chunks for now: the
+    slots whose training threads leave as many cores again free. (GPU slots evaluate between chunks for now: the
     evaluation's kernels would queue on the training's stream.)"""
     if any(device is not None for device in devices):
         return False
-    return cpu_count >= len(devices) * (threads_per_slot + 1)
+    # The evaluating thread computes with as many threads as training does (the same sums, bit for bit).
+    return cpu_count >= 2 * len(devices) * threads_per_slot
 
 
 def _gpu_driver_present() -> bool:

@@ -16,17 +16,29 @@ from rf_core.training.artifacts import BEST, LATEST, export_dir
 from rf_core.training.checkpoints import load_checkpoint
 from rf_core.training.trainer import EvaluationBeside, SlotTrainer
 from tests.training import test_trainer
-from tests.training.test_trainer import LORA, LORA_ALL_LINEAR, Recorder, assert_same_weights, config_of, task_for
+from tests.training.test_trainer import (
+    FULL_FT,
+    FULL_FT_LLAMA,
+    LORA,
+    LORA_ALL_LINEAR,
+    Recorder,
+    assert_same_weights,
+    config_of,
+    task_for,
+)
 
 model_cache = test_trainer.model_cache
 datasets = test_trainer.datasets
 make_trainer = test_trainer.make_trainer
 
-# Two runs sharing one LoRA slot (they differ in alpha and dropout only) and one of another shape.
+# Two runs sharing one LoRA slot (they differ in alpha and dropout only), one of another shape, and two full
+# fine-tunes (GPT-2 keeps its dropout on), one of them of the LoRA runs' base.
 VARIANTS = [
     config_of(LORA),
     config_of(LORA, lora_alpha=32, lora_dropout=0.0, seed=8),
     config_of(LORA_ALL_LINEAR),
+    config_of(FULL_FT),
+    config_of(FULL_FT_LLAMA),
 ]
 
 
@@ -85,15 +97,17 @@ def test_a_boundary_evaluated_beside_the_next_chunk_gives_what_it_gives_between_
     for left, right in zip(sorted(between_outcomes, key=key), sorted(beside_outcomes, key=key), strict=True):
         assert (left.step, left.status, left.eval_metrics) == (right.step, right.status, right.eval_metrics)
         assert (left.best_step, left.best_value) == (right.best_step, right.best_value)
-        assert_same_weights(
-            load_checkpoint(left.checkpoint)["trainable"], load_checkpoint(right.checkpoint)["trainable"]
-        )
-        assert load_checkpoint(left.checkpoint)["best"] == load_checkpoint(right.checkpoint)["best"]
+        saved_left, saved_right = load_checkpoint(left.checkpoint), load_checkpoint(right.checkpoint)
+        assert_same_weights(saved_left["trainable"], saved_right["trainable"])
+        assert saved_left["best"] == saved_right["best"]
     for index in range(len(VARIANTS)):
         for export in (LATEST, BEST):
-            left = export_dir(tmp_path / "between" / f"run{index}", export) / "adapter_model.safetensors"
-            right = export_dir(tmp_path / "beside" / f"run{index}", export) / "adapter_model.safetensors"
-            assert left.read_bytes() == right.read_bytes(), (index, export)
+            left = export_dir(tmp_path / "between" / f"run{index}", export)
+            right = export_dir(tmp_path / "beside" / f"run{index}", export)
+            weights = sorted(path.name for path in left.glob("*.safetensors"))
+            assert weights and weights == sorted(path.name for path in right.glob("*.safetensors"))
+            for name in weights:
+                assert (left / name).read_bytes() == (right / name).read_bytes(), (index, export, name)
 
 
 def test_only_a_boundary_nothing_waits_for_is_left_to_evaluate_beside(make_trainer, tmp_path) -> None:
@@ -112,3 +126,14 @@ def test_only_a_boundary_nothing_waits_for_is_left_to_evaluate_beside(make_train
     outcome = left.finish()
     assert outcome.status == "ok" and "eval_loss" in outcome.eval_metrics
     assert torch.isfinite(torch.tensor(outcome.eval_metrics["eval_loss"]))
+
+
+def test_evaluating_beside_training_is_on_by_default_only_where_cores_are_left_for_it() -> None:
+    from rf_core.training.worker import evaluates_beside_by_default
+
+    # The evaluating thread computes with as many threads as the slot trains with.
+    assert evaluates_beside_by_default([None, None], threads_per_slot=1, cpu_count=2) is False  # every core trains
+    assert evaluates_beside_by_default([None], threads_per_slot=1, cpu_count=2) is True
+    assert evaluates_beside_by_default([None, None], threads_per_slot=2, cpu_count=8) is True
+    assert evaluates_beside_by_default([None, None], threads_per_slot=3, cpu_count=8) is False
+    assert evaluates_beside_by_default(["cuda:0"], threads_per_slot=1, cpu_count=64) is False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from rf_core.chunks import plan_chunks
 from rf_core.config import normalize_config
-from rf_core.messages import TrainTask
+from rf_core.messages import ChunkOutcome, TrainTask
 from rf_core.training.checkpoints import load_checkpoint
 from rf_core.training.worker import STEP_DELAY_ENV, SlotWorker, SpecSource, train_with_retry
 from tests import e2e_experiment
@@ -67,3 +68,54 @@ def test_a_worker_killed_mid_chunk_is_restarted_and_the_chunk_retried_exactly(wo
     assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
     # Metric rows were kept on disk while the server was unreachable, not dropped.
     assert any((worker_env / "spool-1").iterdir())
+
+
+def test_chunks_sent_before_the_last_is_answered_are_answered_in_order_and_one_death_restarts_once(worker_env) -> None:
+    """A worker that evaluates beside training: the next chunk, sent while the last one is still unanswered, trains
+    while that one's boundary is evaluated, and the answers keep their order. A worker killed with two chunks out is
+    restarted once, and both chunks are trained again."""
+    spec = e2e_experiment.spec()
+    rates = {1: 1e-3, 2: 3e-3}
+    configs = {run_id: normalize_config({**spec.config_group, "learning_rate": rate}) for run_id, rate in rates.items()}
+
+    def task(run_id: int, chunk_index: int) -> TrainTask:
+        config = configs[run_id]
+        chunk = plan_chunks(len(spec.train_dataset), config, spec.num_chunks)[chunk_index]
+        folder = str(worker_env / f"run{run_id}")
+        return replace(
+            TrainTask("worker-test", run_id, config, chunk, folder, seed=spec.seed), evaluation_may_wait=True
+        )
+
+    worker = SlotWorker(
+        0, SpecSource(entrypoint="tests.e2e_experiment:spec"), UNREACHABLE_SERVER, worker_env / "spool", 1,
+        evaluates_beside=True,
+    )  # fmt: skip
+    worker.start()
+    worker.wait_ready()
+    outcomes: dict[tuple[int, int], ChunkOutcome] = {}
+
+    def both(chunk_index: int, kill_after: float | None = None) -> None:
+        def train(run_id: int) -> None:
+            outcomes[(run_id, chunk_index)] = train_with_retry([worker], task(run_id, chunk_index))
+
+        callers = [threading.Thread(target=train, args=(run_id,)) for run_id in (1, 2)]
+        callers[0].start()
+        time.sleep(0.2)  # the second is sent while the first trains
+        callers[1].start()
+        if kill_after is not None:
+            time.sleep(kill_after)
+            worker._process.kill()
+        for caller in callers:
+            caller.join()
+
+    try:
+        both(0)
+        both(1, kill_after=0.6)
+    finally:
+        worker.close()
+    assert all(outcome.status == "ok" for outcome in outcomes.values()), [o.error for o in outcomes.values()]
+    first, second = outcomes[(1, 0)], outcomes[(2, 0)]
+    assert "eval_loss" in first.eval_metrics
+    assert first.ended_at > second.started_at  # run 1's boundary was evaluated while run 2's chunk trained
+    assert first.ended_at <= second.ended_at
+    assert worker.restarts == 1
