@@ -167,13 +167,7 @@ def register_routes(server: Flask, store: Store) -> None:
         _require(body, "busy_run_ids")
         return _json(
             ops.boundary_view(
-                store,
-                name,
-                body["busy_run_ids"],
-                body.get("ended", []),
-                body.get("starts", []),
-                body.get("since"),
-                body.get("apply_ops", True),
+                store, name, body["busy_run_ids"], body.get("ended", []), body.get("starts", []), body.get("since")
             )
         )
 

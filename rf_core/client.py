@@ -308,11 +308,9 @@ class RFClient:
         ended: Sequence[Mapping[str, Any]] = (),
         starts: Sequence[Mapping[str, Any]] = (),
         since: float | None = None,
-        apply_ops: bool = True,
     ) -> dict[str, Any]:
         """A chunk boundary in one request (`ops.boundary_view`): record the chunks that ended, apply the due ops of
-        runs not in flight (unless `apply_ops` is False), start the chunks picked in advance that are still legal;
-        returns the runs table too.
+        runs not in flight, start the chunks picked in advance that are still legal; returns the runs table too.
 
         Safe to retry: an end recorded twice changes nothing, and a start made twice is refused the second time
         (the run is in flight), so the loop plans it again and that start closes the first as abandoned. With
@@ -324,8 +322,6 @@ class RFClient:
         }
         if since is not None:
             body["since"] = since
-        if not apply_ops:
-            body["apply_ops"] = False
         view = self._request("POST", self._experiment_path(experiment, "/boundary"), body, idempotent=True)
         view["started"] = {int(run_id): int(tid) for run_id, tid in (view.get("started") or {}).items()}
         return view

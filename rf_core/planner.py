@@ -308,16 +308,15 @@ class FitLoop:
         )
 
     def record(self, ended: Sequence[EndedChunk]) -> None:
-        """Record ended chunks, with their last metric rows, in one request before the planning step (policies read
-        the table in between; the boundary's ops apply after they decide). The run rows the store answers replace the
-        loop's, so the next step picks from the progress just recorded."""
-        if not ended:
-            return
-        since = self._changes_since(time.monotonic()) if self._runs is not None else None
-        view = self.client.boundary_view(
-            self.experiment, [], ended=[chunk.record() for chunk in ended], since=since, apply_ops=False
-        )
-        self._merge(view, partial=since is not None)
+        """Record ended chunks on their own, before the planning step (policies read the table in between). The run
+        rows the store answers replace the loop's, so the next step picks from the progress just recorded."""
+        for chunk in ended:
+            record = chunk.record()
+            for batch in record["metrics"]:
+                self.client.log_metrics(batch["batch_id"], batch["rows"])
+            run = self.client.chunk_end(self.experiment, record["timeline_id"], record["outcome"])
+            if self._runs is not None and isinstance(run, Mapping) and "run_id" in run:
+                self._runs = [run if int(row["run_id"]) == int(run["run_id"]) else row for row in self._runs]
 
     def forget(self, run_id: int) -> None:
         """The run's worker died or failed: its warm copy, if any, is gone."""

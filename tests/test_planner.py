@@ -41,18 +41,15 @@ class FakeClient:
         ended: list[dict[str, Any]] = (),  # type: ignore[assignment]
         starts: list[dict[str, Any]] = (),  # type: ignore[assignment]
         since: float | None = None,
-        apply_ops: bool = True,
     ) -> dict[str, Any]:
-        self.boundary_calls.append(
-            {"busy": list(busy_run_ids), "ended": list(ended), "starts": list(starts), "apply_ops": apply_ops}
-        )
+        self.boundary_calls.append({"busy": list(busy_run_ids), "ended": list(ended), "starts": list(starts)})
         for chunk in ended:
             outcome = chunk["outcome"]
             run = self.runs[outcome["run_id"]]
             if outcome["status"] == "ok":
                 run["chunks_done"] = outcome["chunk_index"] + 1
         idle = [run_id for run_id in self.runs if run_id not in set(busy_run_ids)]
-        applied = self.apply_due_ops(experiment, idle) if idle and apply_ops else []
+        applied = self.apply_due_ops(experiment, idle) if idle else []
         started, refused = {}, {}
         for start in starts:
             run = self.runs[start["run_id"]]
@@ -273,19 +270,14 @@ def test_a_boundary_records_the_ended_chunk_and_starts_the_run_picked_for_its_sl
 
 
 def test_a_chunk_recorded_apart_for_the_policies_moves_the_next_pick_on():
-    client = FakeClient([make_run(1), make_run(2, status="Stopped")])
+    client = FakeClient([make_run(1)])
     loop = make_loop(client, slots=1)
     (_, task) = loop.plan(in_flight={}).tasks[0]
-    client.due_ops[2] = [{"op_id": 7, "kind": "resume", "new_status": "New"}]
 
     loop.record([ended_chunk(task, attempt=7)])  # policies read the table now, then the step plans
-    recorded = client.boundary_calls[-1]
-    assert [chunk["timeline_id"] for chunk in recorded["ended"]] == [7] and recorded["apply_ops"] is False
-    assert client.runs[2]["status"] == "Stopped"  # the boundary's ops wait for the policies' decisions
     plan = loop.plan(in_flight={})
 
-    assert client.runs[2]["status"] == "New"
-    assert client.chunk_end_calls == [] and client.boundary_calls[-1]["ended"] == []
+    assert client.chunk_end_calls == [7] and client.boundary_calls[-1]["ended"] == []
     # The pick is the run's next chunk, so the boundary's request starts it (no chunk-start of its own).
     assert client.boundary_calls[-1]["starts"] == [{"run_id": 1, "chunk_index": 1, "slot": 0, "total_chunks": 4}]
     ((_, picked),) = plan.tasks

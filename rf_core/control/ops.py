@@ -277,12 +277,10 @@ def boundary_view(
     ended: Sequence[Mapping[str, Any]] = (),
     starts: Sequence[Mapping[str, Any]] = (),
     since: float | None = None,
-    apply_ops: bool = True,
 ) -> dict[str, Any]:
     """The fit loop's whole chunk boundary, in one transaction: record the chunks that `ended`, apply the due ops of
     every run not in flight, start the chunks the loop picked in advance (`starts`) that are still legal, and return
-    the runs table as it is afterwards (deleted runs included). `apply_ops` False records the ended chunks only (and
-    makes the starts): the fit's policies read the table and decide before the boundary's ops apply.
+    the runs table as it is afterwards (deleted runs included).
 
     `ended`: [{"timeline_id", "outcome", "metrics"}]: an attempt and its outcome as `timeline.record_chunk_end`
     takes them, and the chunk's last metric batches ([{"batch_id", "rows"}], stored first, as `log_metrics`).
@@ -305,8 +303,6 @@ def boundary_view(
         raise InvalidRequest(problems)
     if since is not None and not is_json_number(since):
         raise InvalidRequest([f"since must be a number (a previous answer's as_of), got {type_name(since)}"])
-    if not isinstance(apply_ops, bool):
-        raise InvalidRequest([f"apply_ops must be true or false, got {type_name(apply_ops)}"])
     started: dict[int, int] = {}
     refused: dict[int, str] = {}
     with store.transaction():
@@ -318,7 +314,7 @@ def boundary_view(
         now, in_flight = time.time(), set(busy)
         applied = [
             _apply_one(store, op, store.get_run(experiment, op["run_id"]), now)
-            for op in (store.list_ops(experiment, statuses=["pending"]) if apply_ops else [])
+            for op in store.list_ops(experiment, statuses=["pending"])
             if int(op["run_id"]) not in in_flight
         ]
         for start in starts:

@@ -271,24 +271,6 @@ def test_a_boundary_records_ends_then_applies_ops_then_starts_the_picks_still_le
     assert len(store.list_timeline("exp")) == 2
 
 
-def test_a_boundary_that_only_records_leaves_the_ops_for_after_the_policies(store: DuckDBStore, exp: str) -> None:
-    attempt = timeline.record_chunk_start(store, "exp", 1, 0, slot=0, total_chunks=4)
-    outcome = {"run_id": 1, "chunk_index": 0, "status": "ok", "step": 10, "epoch": 0, "samples": 80}
-    stop = submit(store, "stop", 2)
-    rows = [{"experiment": "exp", "run_id": 1, "step": 10, "name": "eval_loss", "value": 1.5, "attempt": attempt}]
-    ended = [{"timeline_id": attempt, "outcome": outcome, "metrics": [{"batch_id": "b-1", "rows": rows}]}]
-
-    view = ops.boundary_view(store, "exp", [], ended=ended, apply_ops=False)
-
-    assert view["applied_ops"] == [] and store.get_op(stop["op_id"])["status"] == "pending"
-    assert store.get_timeline(attempt)["outcome"] == "ok"
-    assert {run["run_id"]: run["chunks_done"] for run in view["runs"]}[1] == 1
-    assert [row["value"] for row in store.query_metrics("exp", names=["eval_loss"])] == [1.5]
-    assert [op["op_id"] for op in ops.boundary_view(store, "exp", [])["applied_ops"]] == [stop["op_id"]]
-    with pytest.raises(errors.InvalidRequest, match="apply_ops must be true or false"):
-        ops.boundary_view(store, "exp", [], apply_ops="no")  # type: ignore[arg-type]
-
-
 def test_a_boundary_since_an_earlier_answer_sends_only_the_runs_changed_since(store: DuckDBStore, exp: str) -> None:
     first = ops.boundary_view(store, "exp", [])
     assert [run["run_id"] for run in first["runs"]] == [1, 2, 3]
