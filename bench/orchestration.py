@@ -629,20 +629,6 @@ def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transit
         # Planned, started and sent while the previous chunk evaluated: none of it is between the two chunks.
         detected = plan_start = plan_end = dispatched = handed = recorded
         boundary = 0.0
-    if previous.handed_over is not None:
-        # Evaluated beside the next chunk: once handed over, the worker takes up the chunk already in its pipe.
-        steps = dict.fromkeys(TRANSITION_STEPS, 0.0)
-        steps["handover"] = previous.handed_over - previous.loop_end
-        steps["task_pipe"] = following.trainer_start - previous.handed_over
-        steps["setup"] = following.setup_seconds
-        return Transition(
-            slot=following.slot,
-            previous=(previous.run_id, previous.chunk_index),
-            next=(following.run_id, following.chunk_index),
-            steps=steps,
-            total_seconds=following.loop_start - previous.loop_end,
-            timeline_gap_seconds=following.timeline_start - previous.timeline_end,
-        )
     steps = {
         "handover": 0.0,
         "eval": previous.eval_seconds,
@@ -659,6 +645,12 @@ def transition_between(previous: ChunkRecord, following: ChunkRecord) -> Transit
         "task_pipe": following.trainer_start - handed,
         "setup": following.setup_seconds,
     }
+    if previous.handed_over is not None:
+        # Evaluated beside the next chunk: once handed over, the worker takes up the chunk already in its pipe.
+        steps = dict.fromkeys(TRANSITION_STEPS, 0.0)
+        steps["handover"] = previous.handed_over - previous.loop_end
+        steps["task_pipe"] = following.trainer_start - previous.handed_over
+        steps["setup"] = following.setup_seconds
     return Transition(
         slot=following.slot,
         previous=(previous.run_id, previous.chunk_index),
