@@ -58,6 +58,7 @@ def test_dashboard_benchmark_smoke(tmp_path):
     assert all(case["refresh"][kind]["median_ms"] > 0 for kind in ("static", "live", "table"))
 
 
+@pytest.mark.slow  # 2 minutes on CI's 2 cores; the analysis it feeds is tested on its own (test_head_to_head_analysis)
 def test_head_to_head_benchmark_smoke(tmp_path):
     """Ground truth, the time-sliced engine alone and with the ASHA and optuna templates, and HF Trainer on 4 tiny
     configs; Ray Tune is left out (it lives in the benchmark's own environment, not the project's)."""
