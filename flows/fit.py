@@ -178,6 +178,8 @@ def rf_fit(
             draws no random numbers; see `SlotTrainer.evaluates_beside`). Default: where the slots' training
             threads leave a core per slot free.
     """
+    if cpu_threads_per_slot is not None and cpu_threads_per_slot < 1:  # before any server, worker or row exists
+        raise ValueError(f"cpu_threads_per_slot must be >= 1, got {cpu_threads_per_slot}")
     attached = build_policies(policies) + _IN_MEMORY_POLICIES.get(experiment, [])
     if entrypoint:
         spec = load_entrypoint(entrypoint)
@@ -267,8 +269,6 @@ def _train(
         devices, threads, worker_class = size_ray_slots(ray_address, ray_slots, ray_gpus_per_slot)
     else:
         devices, worker_class = slot_devices(cpu_slots), None
-        if threads_per_slot is not None and threads_per_slot < 1:
-            raise ValueError(f"cpu_threads_per_slot must be >= 1, got {threads_per_slot}")
         threads = threads_per_slot or max(1, (os.cpu_count() or 1) // len(devices))
     if evaluate_beside is None:
         evaluate_beside = not ray_address and evaluates_beside_by_default(devices, threads, os.cpu_count() or 1)

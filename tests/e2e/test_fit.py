@@ -1036,3 +1036,12 @@ def test_boundaries_evaluated_beside_training_in_a_real_fit_store_the_numbers_ev
         assert len(got) == 4 and got == expected, run_id
         assert (run["best_step"], run["best_value"]) == (reference.best_step, reference.best_value)
     trainer.close()
+
+
+def test_a_fit_refuses_a_thread_count_below_one_before_anything_starts(tmp_path, monkeypatch):
+    from flows.fit import rf_fit
+
+    monkeypatch.setenv("RF_HOME", str(tmp_path / "home"))
+    with pytest.raises(ValueError, match="cpu_threads_per_slot must be >= 1, got 0"):
+        rf_fit.fn("refused", entrypoint="tests.e2e_experiment:spec", cpu_threads_per_slot=0)
+    assert not (tmp_path / "home").exists()  # no server, store or experiment was made
